@@ -1,0 +1,485 @@
+//! Building a snapshot file from merged records, off the request path.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use super::Kind;
+use super::format::{
+    COLD_REC, DOMAIN_REC, HEADER_LEN, Header, SECTIONS, SHARD_REC, Sec, SectionRef, domain_hash,
+    put_str,
+};
+
+/// "No string" / "no value" marker in every u32 reference.
+pub const NONE: u32 = u32::MAX;
+
+/// Interned strings (profiles, routes, customers, domain names).
+#[derive(Debug, Default, Clone)]
+pub struct Interner {
+    /// Index of each string in `list`.
+    ids: HashMap<Box<str>, u32>,
+    list: Vec<Box<str>>,
+}
+
+impl Interner {
+    pub fn intern(&mut self, s: &str) -> u32 {
+        if let Some(&id) = self.ids.get(s) {
+            return id;
+        }
+        let id = self.list.len() as u32;
+        self.list.push(s.into());
+        self.ids.insert(s.into(), id);
+        id
+    }
+
+    pub fn get(&self, id: u32) -> Option<&str> {
+        self.list.get(id as usize).map(|s| &**s)
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+}
+
+/// One accepted domain. `name` is normalized (see `address::normalize_domain`).
+#[derive(Debug, Clone)]
+pub struct DomainSpec {
+    pub name: String,
+    pub customer: u32,
+    /// Default profile and route for records that have none, and for accept-all answers.
+    pub profile: u32,
+    pub route: u32,
+    pub accept_all: bool,
+    pub keep_case: bool,
+}
+
+/// One address. `local` is already folded for its domain (see `address::fold_local_into`).
+#[derive(Debug, Clone)]
+pub struct RecordSpec {
+    /// Index into `BuildInput::domains`.
+    pub domain: u32,
+    pub local: Box<str>,
+    pub kind: Kind,
+    /// Interned, or `NONE` to inherit the domain's.
+    pub profile: u32,
+    pub route: u32,
+    /// Primary address of the owning object, when it is not this address.
+    pub owner: Option<Box<str>>,
+    /// Index into `BuildInput::sources`.
+    pub source: u32,
+    pub line: u32,
+    pub dn: Option<Box<str>>,
+    pub attributes: Option<Box<str>>,
+    /// Effective attribute set, assigned by the build.
+    attrs: u32,
+}
+
+impl RecordSpec {
+    /// A record with no profile, route, owner or diagnostics of its own.
+    pub fn new(domain: u32, local: impl Into<Box<str>>, kind: Kind) -> RecordSpec {
+        RecordSpec {
+            domain,
+            local: local.into(),
+            kind,
+            profile: NONE,
+            route: NONE,
+            owner: None,
+            source: 0,
+            line: 0,
+            dn: None,
+            attributes: None,
+            attrs: NONE,
+        }
+    }
+}
+
+/// Everything a snapshot is built from. Records must have unique (domain, local) keys.
+#[derive(Debug, Default)]
+pub struct BuildInput {
+    pub generation: u64,
+    pub created_unix: u64,
+    pub strings: Interner,
+    pub sources: Vec<String>,
+    pub domains: Vec<DomainSpec>,
+    pub records: Vec<RecordSpec>,
+    /// FST shards built in parallel (0 = one per core, capped by size).
+    pub shards: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    #[error("duplicate address {0:?} in build input (merge must deduplicate)")]
+    Duplicate(String),
+    #[error("record names domain #{0}, which does not exist")]
+    UnknownDomain(u32),
+    #[error("too many {0} for the snapshot format")]
+    TooMany(&'static str),
+    #[error("FST build failed: {0}")]
+    Fst(String),
+}
+
+/// What a build produced, for `compile` and the benchmarks.
+#[derive(Debug, Clone, Default)]
+pub struct BuildStats {
+    pub records: usize,
+    pub domains: usize,
+    pub shards: usize,
+    pub fst_bytes: usize,
+    pub hot_bytes: usize,
+    pub cold_bytes: usize,
+    pub file_bytes: usize,
+    pub sort_time: Duration,
+    pub fst_time: Duration,
+    pub total_time: Duration,
+}
+
+/// What one shard thread returns.
+struct ShardOut {
+    fst: Vec<u8>,
+    /// (ordinal, attribute set) for records that differ from their domain's common set.
+    overrides: Vec<(u32, u32)>,
+    /// (domain index, common attribute set, record count).
+    commons: Vec<(u32, u32, u32)>,
+    records: Vec<RecordSpec>,
+}
+
+/// Build a snapshot file image. Pure function of the input (plus timings).
+pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError> {
+    let t0 = Instant::now();
+    // Domains in name order; remap record domain indices.
+    let mut order: Vec<u32> = (0..input.domains.len() as u32).collect();
+    order.sort_by(|&a, &b| input.domains[a as usize].name.cmp(&input.domains[b as usize].name));
+    let mut remap = vec![0u32; input.domains.len()];
+    for (new, &old) in order.iter().enumerate() {
+        remap[old as usize] = new as u32;
+    }
+    let domains: Vec<DomainSpec> = order
+        .iter()
+        .map(|&o| input.domains[o as usize].clone())
+        .collect();
+    let key_width = match domains.len() {
+        0..=0x100 => 1,
+        0x101..=0x1_0000 => 2,
+        0x1_0001..=0x100_0000 => 3,
+        _ => 4,
+    };
+    if domains.len() > u32::MAX as usize - 1 {
+        return Err(BuildError::TooMany("domains"));
+    }
+    if input.records.len() >= (1usize << 32) {
+        return Err(BuildError::TooMany("records"));
+    }
+
+    // Attribute sets: the effective (profile, route) of every record and domain.
+    let mut sets: HashMap<(u32, u32), u32> = HashMap::new();
+    let mut set_list: Vec<(u32, u32)> = Vec::new();
+    let mut set_id = |p: u32, r: u32| {
+        *sets.entry((p, r)).or_insert_with(|| {
+            set_list.push((p, r));
+            set_list.len() as u32 - 1
+        })
+    };
+    let declared: Vec<u32> = domains.iter().map(|d| set_id(d.profile, d.route)).collect();
+    let mut per_domain = vec![0usize; domains.len()];
+    let mut last: Option<(u32, u32, u32)> = None;
+    for r in input.records.iter_mut() {
+        let d = *remap
+            .get(r.domain as usize)
+            .ok_or(BuildError::UnknownDomain(r.domain))?;
+        r.domain = d;
+        per_domain[d as usize] += 1;
+        let dom = &domains[d as usize];
+        let p = if r.profile == NONE { dom.profile } else { r.profile };
+        let ro = if r.route == NONE { dom.route } else { r.route };
+        // Consecutive records usually share a set: skip the hash lookup then.
+        let id = match last {
+            Some((lp, lr, id)) if (lp, lr) == (p, ro) => id,
+            _ => {
+                let id = set_id(p, ro);
+                last = Some((p, ro, id));
+                id
+            }
+        };
+        r.attrs = id;
+    }
+
+    // Shards: contiguous domain ranges of roughly equal record counts.
+    let threads = if input.shards > 0 {
+        input.shards
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    };
+    let nshards = if input.records.len() < 500_000 {
+        1
+    } else {
+        threads.clamp(1, 16)
+    };
+    let mut bounds = vec![0u32]; // first domain of each shard
+    let target = input.records.len().div_ceil(nshards.max(1));
+    let mut acc = 0;
+    for (i, &n) in per_domain.iter().enumerate() {
+        if acc >= target && bounds.len() < nshards {
+            bounds.push(i as u32);
+            acc = 0;
+        }
+        acc += n;
+    }
+    let shard_of_domain = |d: u32| bounds.partition_point(|&b| b <= d) - 1;
+    let mut parts: Vec<Vec<RecordSpec>> = (0..bounds.len()).map(|_| Vec::new()).collect();
+    for r in input.records.drain(..) {
+        parts[shard_of_domain(r.domain)].push(r);
+    }
+    let mut bases = Vec::with_capacity(parts.len());
+    let mut base = 0u32;
+    for p in &parts {
+        bases.push(base);
+        base += p.len() as u32;
+    }
+
+    let sort_fst = Instant::now();
+    let results: Vec<Result<(ShardOut, Duration), BuildError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = parts
+            .into_iter()
+            .zip(bases.iter().copied())
+            .map(|(part, base)| s.spawn(move || build_shard(part, base, key_width)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(BuildError::Fst("shard thread panicked".into())))
+            })
+            .collect()
+    });
+    let mut shards = Vec::with_capacity(results.len());
+    let mut sort_time = Duration::ZERO;
+    for r in results {
+        let (out, st) = r?;
+        sort_time = sort_time.max(st);
+        shards.push(out);
+    }
+    let fst_time = sort_fst.elapsed().saturating_sub(sort_time);
+
+    // Domain commons.
+    let mut common = declared.clone();
+    let mut counts = vec![0u32; domains.len()];
+    for s in &shards {
+        for &(d, set, n) in &s.commons {
+            common[d as usize] = set;
+            counts[d as usize] = n;
+        }
+    }
+
+    // Assemble sections.
+    let mut strings = input.strings;
+    let domain_name_ids: Vec<u32> = domains.iter().map(|d| strings.intern(&d.name)).collect();
+    let source_ids: Vec<u32> = input.sources.iter().map(|s| strings.intern(s)).collect();
+    let mut sec: Vec<Vec<u8>> = vec![Vec::new(); SECTIONS];
+    let mut shard_table = Vec::new();
+    for ((first, s), _) in bounds.iter().zip(&shards).zip(0..) {
+        let off = sec[Sec::Fst as usize].len() as u64;
+        sec[Sec::Fst as usize].extend_from_slice(&s.fst);
+        shard_table.extend_from_slice(&first.to_le_bytes());
+        shard_table.extend_from_slice(&off.to_le_bytes());
+        shard_table.extend_from_slice(&(s.fst.len() as u64).to_le_bytes());
+    }
+    debug_assert_eq!(shard_table.len(), bounds.len() * SHARD_REC);
+    let fst_bytes = sec[Sec::Fst as usize].len();
+    sec[Sec::Shards as usize] = shard_table;
+    {
+        let mut idx = Vec::with_capacity(strings.len() * 8);
+        let mut blob = Vec::new();
+        for s in &strings.list {
+            idx.extend_from_slice(&(blob.len() as u32).to_le_bytes());
+            idx.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            blob.extend_from_slice(s.as_bytes());
+        }
+        sec[Sec::StrIndex as usize] = idx;
+        sec[Sec::StrBlob as usize] = blob;
+    }
+    let mut dom = Vec::with_capacity(domains.len() * DOMAIN_REC);
+    for (i, d) in domains.iter().enumerate() {
+        let mut flags = 0u32;
+        if d.accept_all {
+            flags |= 1;
+        }
+        if d.keep_case {
+            flags |= 2;
+        }
+        flags |= (shard_of_domain(i as u32) as u32) << 8;
+        for v in [
+            domain_name_ids[i],
+            d.customer,
+            declared[i],
+            common[i],
+            flags,
+            counts[i],
+        ] {
+            dom.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    sec[Sec::Domains as usize] = dom;
+    let nslots = (domains.len() * 2).next_power_of_two().max(1);
+    let mut slots = vec![0u32; nslots];
+    for (i, d) in domains.iter().enumerate() {
+        let mut at = domain_hash(d.name.as_bytes()) as usize & (nslots - 1);
+        while slots[at] != 0 {
+            at = (at + 1) & (nslots - 1);
+        }
+        slots[at] = i as u32 + 1;
+    }
+    sec[Sec::DomainSlots as usize] = slots.iter().flat_map(|v| v.to_le_bytes()).collect();
+    sec[Sec::AttrSets as usize] = set_list
+        .iter()
+        .flat_map(|&(p, r)| p.to_le_bytes().into_iter().chain(r.to_le_bytes()))
+        .collect();
+    sec[Sec::Overrides as usize] = shards
+        .iter()
+        .flat_map(|s| s.overrides.iter())
+        .flat_map(|&(o, set)| o.to_le_bytes().into_iter().chain(set.to_le_bytes()))
+        .collect();
+    sec[Sec::Sources as usize] = source_ids.iter().flat_map(|v| v.to_le_bytes()).collect();
+
+    // Cold: owner, source, line, dn, attributes per record, in ordinal order.
+    let total_records: usize = shards.iter().map(|s| s.records.len()).sum();
+    let mut cold = Vec::with_capacity(total_records * COLD_REC);
+    let mut blob = Vec::new();
+    let mut owners: HashMap<Box<str>, u32> = HashMap::new();
+    for s in &shards {
+        for r in &s.records {
+            let owner = match &r.owner {
+                Some(o) => match owners.get(&**o) {
+                    Some(&off) => off,
+                    None => {
+                        let off = put_str(&mut blob, o);
+                        owners.insert(o.clone(), off);
+                        off
+                    }
+                },
+                None => NONE,
+            };
+            let dn = r.dn.as_deref().map_or(NONE, |d| put_str(&mut blob, d));
+            let attrs = r
+                .attributes
+                .as_deref()
+                .map_or(NONE, |a| put_str(&mut blob, a));
+            for v in [owner, r.source, r.line, dn, attrs] {
+                cold.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+    if blob.len() >= NONE as usize {
+        return Err(BuildError::TooMany("bytes of diagnostic strings"));
+    }
+    sec[Sec::ColdRecords as usize] = cold;
+    sec[Sec::ColdBlob as usize] = blob;
+
+    let mut header = Header {
+        generation: input.generation,
+        created_unix: input.created_unix,
+        records: total_records as u64,
+        domains: domains.len() as u32,
+        key_width,
+        sections: [SectionRef::default(); SECTIONS],
+    };
+    let mut off = HEADER_LEN as u64;
+    for (i, s) in sec.iter().enumerate() {
+        header.sections[i] = SectionRef {
+            off,
+            len: s.len() as u64,
+            crc: crc32fast::hash(s),
+        };
+        off += s.len() as u64;
+    }
+    let mut file = header.encode();
+    file.reserve(off as usize - HEADER_LEN);
+    for s in &sec {
+        file.extend_from_slice(s);
+    }
+    let cold_bytes = sec[Sec::ColdRecords as usize].len() + sec[Sec::ColdBlob as usize].len();
+    let stats = BuildStats {
+        records: total_records,
+        domains: domains.len(),
+        shards: shards.len(),
+        fst_bytes,
+        hot_bytes: file.len() - cold_bytes,
+        cold_bytes,
+        file_bytes: file.len(),
+        sort_time,
+        fst_time,
+        total_time: t0.elapsed(),
+    };
+    Ok((file, stats))
+}
+
+fn build_shard(
+    mut records: Vec<RecordSpec>,
+    base: u32,
+    key_width: u32,
+) -> Result<(ShardOut, Duration), BuildError> {
+    let t = Instant::now();
+    records.sort_unstable_by(|a, b| (a.domain, &*a.local).cmp(&(b.domain, &*b.local)));
+    let sort_time = t.elapsed();
+
+    // Most frequent attribute set per domain (records of a domain are contiguous).
+    let mut commons = Vec::new();
+    let mut i = 0;
+    while i < records.len() {
+        let d = records[i].domain;
+        let mut j = i;
+        let mut freq: HashMap<u32, u32> = HashMap::new();
+        while j < records.len() && records[j].domain == d {
+            *freq.entry(records[j].attrs).or_default() += 1;
+            j += 1;
+        }
+        let best = freq
+            .iter()
+            .max_by_key(|&(set, n)| (*n, std::cmp::Reverse(*set)))
+            .map_or(0, |(&set, _)| set);
+        commons.push((d, best, (j - i) as u32));
+        i = j;
+    }
+
+    let w = key_width as usize;
+    let mut builder = fst::MapBuilder::memory();
+    let mut key: Vec<u8> = Vec::with_capacity(300);
+    let mut overrides = Vec::new();
+    let mut ci = 0;
+    for (n, r) in records.iter().enumerate() {
+        while commons[ci].0 != r.domain {
+            ci += 1;
+        }
+        let ordinal = base + n as u32;
+        let over = r.attrs != commons[ci].1;
+        if over {
+            overrides.push((ordinal, r.attrs));
+        }
+        key.clear();
+        key.extend_from_slice(&r.domain.to_be_bytes()[4 - w..]);
+        key.extend_from_slice(r.local.as_bytes());
+        let value = (u64::from(ordinal) << 4) | (u64::from(over) << 3) | r.kind.code();
+        builder.insert(&key, value).map_err(|e| match e {
+            fst::Error::Fst(fst::raw::Error::DuplicateKey { got }) => {
+                BuildError::Duplicate(String::from_utf8_lossy(&got[w.min(got.len())..]).into())
+            }
+            other => BuildError::Fst(other.to_string()),
+        })?;
+    }
+    let mut fst = builder
+        .into_inner()
+        .map_err(|e| BuildError::Fst(e.to_string()))?;
+    fst.shrink_to_fit();
+    Ok((
+        ShardOut {
+            fst,
+            overrides,
+            commons,
+            records,
+        },
+        sort_time,
+    ))
+}

@@ -1,0 +1,648 @@
+//! A loaded, immutable snapshot and the lookup that runs on it (DESIGN.md §4 steps 2-5, 8).
+//!
+//! FST keys are domain-first: the domain's index as a fixed-width big-endian prefix, then the
+//! folded local part. The domain is found first through a persisted hash index (it has to be,
+//! to tell "not ours" apart), so the FST walk only covers the local part. FST values pack
+//! `ordinal << 4 | override << 3 | kind`; the profile and route of a record are its domain's
+//! common attribute set unless the override bit sends us to the sorted override table.
+
+use std::fmt;
+use std::fs::File;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use super::format::{
+    self, COLD_REC, DOMAIN_REC, Header, SHARD_REC, Sec, SnapshotError, domain_hash, get_str,
+    u32_at,
+};
+use super::{Hit, Kind, Match, Reject, Verdict};
+use crate::address::{self, AddrBuf};
+
+/// Largest key built on the stack: 4-byte domain prefix plus a folded local part.
+const KEY_MAX: usize = 4 + 4 * address::MAX_LOCAL;
+
+/// The bytes behind a snapshot: a read-only file mapping, or memory.
+enum Backing {
+    Mmap(memmap2::Mmap),
+    Heap(Vec<u8>),
+}
+
+impl Backing {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Backing::Mmap(m) => m,
+            Backing::Heap(v) => v,
+        }
+    }
+}
+
+/// One shard's FST bytes inside the backing (what `fst::Map` reads).
+struct FstBytes {
+    backing: Arc<Backing>,
+    /// In bounds of `backing`: checked when the snapshot is opened.
+    range: Range<usize>,
+}
+
+impl AsRef<[u8]> for FstBytes {
+    fn as_ref(&self) -> &[u8] {
+        self.backing.bytes().get(self.range.clone()).unwrap_or(&[])
+    }
+}
+
+/// Decoded domain record.
+#[derive(Debug, Clone, Copy)]
+struct DomainRec {
+    index: u32,
+    name: u32,
+    customer: u32,
+    declared: u32,
+    common: u32,
+    flags: u32,
+    records: u32,
+}
+
+const FLAG_ACCEPT_ALL: u32 = 1;
+const FLAG_KEEP_CASE: u32 = 2;
+
+impl DomainRec {
+    fn shard(&self) -> usize {
+        ((self.flags >> 8) & 0xff) as usize
+    }
+}
+
+/// A domain as the CLI and frontends see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainInfo<'a> {
+    pub name: &'a str,
+    pub customer: Option<&'a str>,
+    pub profile: Option<&'a str>,
+    pub route: Option<&'a str>,
+    pub accept_all: bool,
+    pub keep_case: bool,
+    pub records: u32,
+}
+
+/// Diagnostic data of one record, from the cold section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordInfo {
+    /// Primary address of the object this address belongs to (itself for a primary).
+    pub owner: Option<String>,
+    /// `source:line`, and the DN for directory entries.
+    pub origin: String,
+    pub attributes: Option<String>,
+}
+
+/// An immutable directory snapshot. Cheap to share (`Arc`), never modified after load.
+pub struct Snapshot {
+    backing: Arc<Backing>,
+    header: Header,
+    /// (first domain index, FST) per shard, in domain order.
+    shards: Vec<(u32, fst::Map<FstBytes>)>,
+    /// Byte ranges of the hot sections inside `backing`, all checked at load.
+    str_index: Range<usize>,
+    str_blob: Range<usize>,
+    domains: Range<usize>,
+    slots: Range<usize>,
+    attrsets: Range<usize>,
+    overrides: Range<usize>,
+    sources: Range<usize>,
+    cold_records: Range<usize>,
+    cold_blob: Range<usize>,
+    /// Result of the cold-section checksum, computed on first use.
+    cold_ok: OnceLock<Result<(), (Sec, u32, u32)>>,
+}
+
+impl fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("generation", &self.header.generation)
+            .field("records", &self.header.records)
+            .field("domains", &self.header.domains)
+            .finish()
+    }
+}
+
+#[allow(unsafe_code)]
+fn map_file(file: &File) -> std::io::Result<memmap2::Mmap> {
+    // SAFETY: a mapping is only sound while nobody modifies the file. rcptgate never writes a
+    // snapshot in place: `write_atomic` creates a new file and renames it over the old name,
+    // so the inode mapped here keeps its content for as long as we hold the mapping. The
+    // snapshot path must not be shared with tools that rewrite files in place.
+    unsafe { memmap2::Mmap::map(file) }
+}
+
+impl Snapshot {
+    /// Memory-map and check a persisted snapshot.
+    pub fn open(path: &Path) -> Result<Snapshot, SnapshotError> {
+        let io = |source| SnapshotError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::open(path).map_err(io)?;
+        let map = map_file(&file).map_err(io)?;
+        Snapshot::from_backing(Arc::new(Backing::Mmap(map)))
+    }
+
+    /// Check and load a snapshot held in memory.
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Snapshot, SnapshotError> {
+        Snapshot::from_backing(Arc::new(Backing::Heap(bytes)))
+    }
+
+    fn from_backing(backing: Arc<Backing>) -> Result<Snapshot, SnapshotError> {
+        let file = backing.bytes();
+        let header = Header::decode(file)?;
+        for sec in Sec::ALL {
+            header.section(file, sec)?;
+            if !sec.is_cold() {
+                header.check(file, sec)?;
+            }
+        }
+        let range = |sec: Sec| -> Range<usize> {
+            let r = header.sections[sec as usize];
+            r.off as usize..(r.off + r.len) as usize
+        };
+        let mut snap = Snapshot {
+            shards: Vec::new(),
+            str_index: range(Sec::StrIndex),
+            str_blob: range(Sec::StrBlob),
+            domains: range(Sec::Domains),
+            slots: range(Sec::DomainSlots),
+            attrsets: range(Sec::AttrSets),
+            overrides: range(Sec::Overrides),
+            sources: range(Sec::Sources),
+            cold_records: range(Sec::ColdRecords),
+            cold_blob: range(Sec::ColdBlob),
+            cold_ok: OnceLock::new(),
+            header,
+            backing: backing.clone(),
+        };
+        snap.validate_tables()?;
+        snap.shards = snap.load_shards(&backing)?;
+        Ok(snap)
+    }
+
+    fn bytes(&self, r: &Range<usize>) -> &[u8] {
+        self.backing.bytes().get(r.clone()).unwrap_or(&[])
+    }
+
+    fn validate_tables(&self) -> Result<(), SnapshotError> {
+        let bad = |sec: Sec, what| SnapshotError::Malformed {
+            section: sec.name(),
+            what,
+        };
+        let fixed = [
+            (Sec::StrIndex, 8),
+            (Sec::Domains, DOMAIN_REC),
+            (Sec::DomainSlots, 4),
+            (Sec::AttrSets, 8),
+            (Sec::Overrides, 8),
+            (Sec::Sources, 4),
+            (Sec::ColdRecords, COLD_REC),
+            (Sec::Shards, SHARD_REC),
+        ];
+        for (sec, width) in fixed {
+            let r = self.header.sections[sec as usize];
+            if r.len % width as u64 != 0 {
+                return Err(bad(sec, "length is not a whole number of records"));
+            }
+        }
+        let strings = self.string_count();
+        for i in 0..strings {
+            let (off, len) = (
+                u32_at(self.bytes(&self.str_index), 8, i, 0),
+                u32_at(self.bytes(&self.str_index), 8, i, 1),
+            );
+            let ok = matches!((off, len), (Some(o), Some(l))
+                if (o as usize).checked_add(l as usize).is_some_and(|e| e <= self.str_blob.len()));
+            if !ok || self.string(i as u32).is_none() {
+                return Err(bad(Sec::StrIndex, "string outside the string table or not UTF-8"));
+            }
+        }
+        let domains = self.domains.len() / DOMAIN_REC;
+        if domains != self.header.domains as usize {
+            return Err(bad(Sec::Domains, "count differs from the header"));
+        }
+        let shards = self.header.sections[Sec::Shards as usize].len as usize / SHARD_REC;
+        let attrsets = self.attrsets.len() / 8;
+        let key_cap = 1u64 << (8 * self.header.key_width);
+        if domains as u64 > key_cap || (shards == 0 && domains > 0) {
+            return Err(bad(Sec::Domains, "more domains than the key prefix can address"));
+        }
+        let opt_str = |id: u32| id == super::NONE || (id as usize) < strings;
+        for i in 0..domains {
+            let d = self.domain_rec(i as u32).ok_or(bad(Sec::Domains, "short record"))?;
+            if (d.name as usize) >= strings
+                || !opt_str(d.customer)
+                || d.declared as usize >= attrsets
+                || d.common as usize >= attrsets
+                || d.shard() >= shards
+            {
+                return Err(bad(Sec::Domains, "reference out of range"));
+            }
+        }
+        let slots = self.slots.len() / 4;
+        if domains > 0 && (!slots.is_power_of_two() || slots < domains) {
+            return Err(bad(Sec::DomainSlots, "slot count is not a power of two above the domain count"));
+        }
+        for i in 0..slots {
+            let v = u32_at(self.bytes(&self.slots), 4, i, 0).unwrap_or(0);
+            if v as usize > domains {
+                return Err(bad(Sec::DomainSlots, "slot names a domain that does not exist"));
+            }
+        }
+        for i in 0..attrsets {
+            let p = u32_at(self.bytes(&self.attrsets), 8, i, 0).unwrap_or(0);
+            let r = u32_at(self.bytes(&self.attrsets), 8, i, 1).unwrap_or(0);
+            if !opt_str(p) || !opt_str(r) {
+                return Err(bad(Sec::AttrSets, "string reference out of range"));
+            }
+        }
+        let mut last = None;
+        for i in 0..self.overrides.len() / 8 {
+            let ord = u32_at(self.bytes(&self.overrides), 8, i, 0).unwrap_or(0);
+            let set = u32_at(self.bytes(&self.overrides), 8, i, 1).unwrap_or(0);
+            if last.is_some_and(|l| l >= ord) || set as usize >= attrsets {
+                return Err(bad(Sec::Overrides, "not sorted, or attribute set out of range"));
+            }
+            last = Some(ord);
+        }
+        for i in 0..self.sources.len() / 4 {
+            let s = u32_at(self.bytes(&self.sources), 4, i, 0).unwrap_or(0);
+            if s as usize >= strings {
+                return Err(bad(Sec::Sources, "string reference out of range"));
+            }
+        }
+        Ok(())
+    }
+
+    fn load_shards(
+        &self,
+        backing: &Arc<Backing>,
+    ) -> Result<Vec<(u32, fst::Map<FstBytes>)>, SnapshotError> {
+        let table = self.header.section(backing.bytes(), Sec::Shards)?;
+        let fst_sec = self.header.sections[Sec::Fst as usize];
+        let mut shards = Vec::new();
+        let mut prev_first = None;
+        for chunk in table.chunks_exact(SHARD_REC) {
+            let mut r = format::Reader::new(chunk);
+            let (Some(first), Some(off), Some(len)) = (r.u32(), r.u64(), r.u64()) else {
+                continue;
+            };
+            let bad = SnapshotError::Malformed {
+                section: Sec::Shards.name(),
+                what: "shard outside the FST section or out of order",
+            };
+            let end = off.checked_add(len).ok_or_else(|| bad_clone(&bad))?;
+            if end > fst_sec.len || prev_first.is_some_and(|p| p >= first) {
+                return Err(bad);
+            }
+            prev_first = Some(first);
+            let start = (fst_sec.off + off) as usize;
+            let bytes = FstBytes {
+                backing: backing.clone(),
+                range: start..start + len as usize,
+            };
+            let map = fst::Map::new(bytes).map_err(|e| SnapshotError::Fst(e.to_string()))?;
+            shards.push((first, map));
+        }
+        Ok(shards)
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.header.generation
+    }
+
+    pub fn created_unix(&self) -> u64 {
+        self.header.created_unix
+    }
+
+    pub fn record_count(&self) -> u64 {
+        self.header.records
+    }
+
+    pub fn domain_count(&self) -> u32 {
+        self.header.domains
+    }
+
+    /// Size of the whole file.
+    pub fn file_bytes(&self) -> usize {
+        self.backing.bytes().len()
+    }
+
+    pub fn section_bytes(&self, sec: Sec) -> u64 {
+        self.header.sections[sec as usize].len
+    }
+
+    /// Bytes of the sections a verdict needs (everything but the cold sections).
+    pub fn hot_bytes(&self) -> u64 {
+        Sec::ALL
+            .iter()
+            .filter(|s| !s.is_cold())
+            .map(|&s| self.section_bytes(s))
+            .sum::<u64>()
+            + format::HEADER_LEN as u64
+    }
+
+    /// Bytes of the diagnostic (owner, origin) sections.
+    pub fn cold_bytes(&self) -> u64 {
+        self.section_bytes(Sec::ColdRecords) + self.section_bytes(Sec::ColdBlob)
+    }
+
+    fn string_count(&self) -> usize {
+        self.str_index.len() / 8
+    }
+
+    /// A hot-table string by id (`None` for `NONE` or out of range).
+    pub fn string(&self, id: u32) -> Option<&str> {
+        let idx = self.bytes(&self.str_index);
+        let off = u32_at(idx, 8, id as usize, 0)? as usize;
+        let len = u32_at(idx, 8, id as usize, 1)? as usize;
+        let b = self.bytes(&self.str_blob).get(off..off.checked_add(len)?)?;
+        std::str::from_utf8(b).ok()
+    }
+
+    fn string_bytes(&self, id: u32) -> Option<&[u8]> {
+        let idx = self.bytes(&self.str_index);
+        let off = u32_at(idx, 8, id as usize, 0)? as usize;
+        let len = u32_at(idx, 8, id as usize, 1)? as usize;
+        self.bytes(&self.str_blob).get(off..off.checked_add(len)?)
+    }
+
+    fn domain_rec(&self, index: u32) -> Option<DomainRec> {
+        let t = self.bytes(&self.domains);
+        let f = |field| u32_at(t, DOMAIN_REC, index as usize, field);
+        Some(DomainRec {
+            index,
+            name: f(0)?,
+            customer: f(1)?,
+            declared: f(2)?,
+            common: f(3)?,
+            flags: f(4)?,
+            records: f(5)?,
+        })
+    }
+
+    fn find_domain(&self, name: &str) -> Option<DomainRec> {
+        let slots = self.bytes(&self.slots);
+        let n = slots.len() / 4;
+        if n == 0 {
+            return None;
+        }
+        let mask = n - 1;
+        let mut at = domain_hash(name.as_bytes()) as usize & mask;
+        for _ in 0..n {
+            let v = u32_at(slots, 4, at, 0)?;
+            if v == 0 {
+                return None;
+            }
+            let d = self.domain_rec(v - 1)?;
+            if self.string_bytes(d.name) == Some(name.as_bytes()) {
+                return Some(d);
+            }
+            at = (at + 1) & mask;
+        }
+        None
+    }
+
+    /// Index of an accepted domain (normalized form), if it is one of ours.
+    pub fn domain_index(&self, normalized: &str) -> Option<u32> {
+        self.find_domain(normalized).map(|d| d.index)
+    }
+
+    pub fn domain_info(&self, index: u32) -> Option<DomainInfo<'_>> {
+        let d = self.domain_rec(index)?;
+        let (profile, route) = self.attrset(d.declared);
+        Some(DomainInfo {
+            name: self.string(d.name)?,
+            customer: self.string(d.customer),
+            profile,
+            route,
+            accept_all: d.flags & FLAG_ACCEPT_ALL != 0,
+            keep_case: d.flags & FLAG_KEEP_CASE != 0,
+            records: d.records,
+        })
+    }
+
+    fn attrset(&self, id: u32) -> (Option<&str>, Option<&str>) {
+        let t = self.bytes(&self.attrsets);
+        let p = u32_at(t, 8, id as usize, 0).and_then(|s| self.string(s));
+        let r = u32_at(t, 8, id as usize, 1).and_then(|s| self.string(s));
+        (p, r)
+    }
+
+    fn override_for(&self, ordinal: u32) -> Option<u32> {
+        let t = self.bytes(&self.overrides);
+        let (mut lo, mut hi) = (0usize, t.len() / 8);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let o = u32_at(t, 8, mid, 0)?;
+            match o.cmp(&ordinal) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return u32_at(t, 8, mid, 1),
+            }
+        }
+        None
+    }
+
+    fn shard_of(&self, d: &DomainRec) -> Option<&fst::Map<FstBytes>> {
+        self.shards.get(d.shard()).map(|(_, m)| m)
+    }
+
+    fn hit(&self, value: u64, d: &DomainRec, matched: Match) -> Hit {
+        let ordinal = (value >> 4) as u32;
+        let attrs = if value & 8 != 0 {
+            self.override_for(ordinal).unwrap_or(d.common)
+        } else {
+            d.common
+        };
+        Hit {
+            kind: Kind::from_code(value),
+            matched,
+            record: Some(ordinal),
+            domain: d.index,
+            attrs,
+            generation: self.header.generation,
+        }
+    }
+
+    /// Steps 2-5 and 8 of DESIGN.md §4 (the [`super::Directory`] adds 1 and 7).
+    pub fn lookup(&self, rcpt: &str, separators: &[u8], buf: &mut AddrBuf) -> Verdict {
+        let addr = match address::parse(rcpt, buf) {
+            Ok(a) => a,
+            Err(e) => return Verdict::Reject(Reject::Syntax(e)),
+        };
+        if addr.literal {
+            return Verdict::NotOurs;
+        }
+        let Some(d) = self.find_domain(addr.domain) else {
+            return Verdict::NotOurs;
+        };
+        let w = self.header.key_width as usize;
+        let prefix = d.index.to_be_bytes();
+        let mut key = [0u8; KEY_MAX];
+        key[..w].copy_from_slice(&prefix[4 - w..]);
+        let keep_case = d.flags & FLAG_KEEP_CASE != 0;
+        match address::fold_local_into_slice(addr.local, keep_case, &mut key[w..]) {
+            Some(n) => self.match_local(&key[..w + n], w, &d, separators),
+            None => {
+                let mut long = key[..w].to_vec();
+                address::fold_local_into(addr.local, keep_case, &mut long);
+                self.match_local(&long, w, &d, separators)
+            }
+        }
+    }
+
+    fn match_local(&self, key: &[u8], w: usize, d: &DomainRec, separators: &[u8]) -> Verdict {
+        let Some(fst) = self.shard_of(d) else {
+            return Verdict::Tempfail(super::Tempfail::Internal);
+        };
+        if let Some(v) = fst.get(key) {
+            return Verdict::Accept(self.hit(v, d, Match::Exact));
+        }
+        if let Some(p) = address::subaddress_split(&key[w..], separators)
+            && let Some(v) = fst.get(&key[..w + p])
+        {
+            return Verdict::Accept(self.hit(v, d, Match::Subaddress));
+        }
+        if d.flags & FLAG_ACCEPT_ALL != 0 {
+            return Verdict::Accept(Hit {
+                kind: Kind::CatchAll,
+                matched: Match::AcceptAll,
+                record: None,
+                domain: d.index,
+                attrs: d.declared,
+                generation: self.header.generation,
+            });
+        }
+        Verdict::Reject(Reject::UnknownUser)
+    }
+
+    fn same_generation(&self, hit: &Hit) -> bool {
+        hit.generation == self.header.generation
+    }
+
+    pub fn profile(&self, hit: &Hit) -> Option<&str> {
+        self.same_generation(hit)
+            .then(|| self.attrset(hit.attrs).0)
+            .flatten()
+    }
+
+    pub fn route(&self, hit: &Hit) -> Option<&str> {
+        self.same_generation(hit)
+            .then(|| self.attrset(hit.attrs).1)
+            .flatten()
+    }
+
+    pub fn customer(&self, hit: &Hit) -> Option<&str> {
+        let d = self.domain_rec(hit.domain)?;
+        self.same_generation(hit)
+            .then(|| self.string(d.customer))
+            .flatten()
+    }
+
+    fn check_cold(&self) -> Result<(), SnapshotError> {
+        let res = self.cold_ok.get_or_init(|| {
+            let file = self.backing.bytes();
+            for sec in [Sec::ColdRecords, Sec::ColdBlob] {
+                let expected = self.header.sections[sec as usize].crc;
+                let got = crc32fast::hash(self.header.section(file, sec).unwrap_or(&[]));
+                if expected != got {
+                    return Err((sec, expected, got));
+                }
+            }
+            Ok(())
+        });
+        res.map_err(|(sec, expected, got)| SnapshotError::SectionChecksum {
+            section: sec.name(),
+            expected,
+            got,
+        })
+    }
+
+    /// Owner, origin and attributes of a record, from the cold section (checked on first use).
+    pub fn record_info(&self, hit: &Hit) -> Result<Option<RecordInfo>, SnapshotError> {
+        let Some(ordinal) = hit.record.filter(|_| self.same_generation(hit)) else {
+            return Ok(None);
+        };
+        self.check_cold()?;
+        let t = self.bytes(&self.cold_records);
+        let blob = self.bytes(&self.cold_blob);
+        let f = |field| u32_at(t, COLD_REC, ordinal as usize, field);
+        let bad = || SnapshotError::Malformed {
+            section: Sec::ColdRecords.name(),
+            what: "record reference out of range",
+        };
+        let (owner, source, line, dn, attrs) = (
+            f(0).ok_or_else(bad)?,
+            f(1).ok_or_else(bad)?,
+            f(2).ok_or_else(bad)?,
+            f(3).ok_or_else(bad)?,
+            f(4).ok_or_else(bad)?,
+        );
+        let cold = |off: u32| {
+            if off == super::NONE {
+                Ok(None)
+            } else {
+                get_str(blob, off).map(|s| Some(s.to_owned())).ok_or_else(bad)
+            }
+        };
+        let source_name = u32_at(self.bytes(&self.sources), 4, source as usize, 0)
+            .and_then(|id| self.string(id))
+            .unwrap_or("?");
+        let mut origin = if line > 0 {
+            format!("{source_name}:{line}")
+        } else {
+            source_name.to_owned()
+        };
+        if let Some(dn) = cold(dn)? {
+            origin.push_str(" (");
+            origin.push_str(&dn);
+            origin.push(')');
+        }
+        Ok(Some(RecordInfo {
+            owner: cold(owner)?,
+            origin,
+            attributes: cold(attrs)?,
+        }))
+    }
+
+    /// Every address in key order with its verdict data (for `diff` and exports).
+    pub fn for_each_address(&self, mut f: impl FnMut(&str, Hit)) {
+        use fst::Streamer;
+        let w = self.header.key_width as usize;
+        let mut text = String::new();
+        for (_, map) in &self.shards {
+            let mut stream = map.stream();
+            while let Some((key, value)) = stream.next() {
+                let Some((prefix, local)) = key.split_at_checked(w) else {
+                    continue;
+                };
+                let mut idx = [0u8; 4];
+                idx[4 - w..].copy_from_slice(prefix);
+                let index = u32::from_be_bytes(idx);
+                let (Some(d), Ok(local)) = (self.domain_rec(index), std::str::from_utf8(local))
+                else {
+                    continue;
+                };
+                let domain = self.string(d.name).unwrap_or("");
+                text.clear();
+                text.push_str(local);
+                text.push('@');
+                text.push_str(domain);
+                f(&text, self.hit(value, &d, Match::Exact));
+            }
+        }
+    }
+}
+
+fn bad_clone(e: &SnapshotError) -> SnapshotError {
+    match e {
+        SnapshotError::Malformed { section, what } => SnapshotError::Malformed { section, what },
+        _ => SnapshotError::Malformed {
+            section: "snapshot",
+            what: "inconsistent",
+        },
+    }
+}

@@ -1,0 +1,423 @@
+//! The MAP format that directory-sync agents upload to email-security gateways.
+//!
+//! ```text
+//! 12345|contoso.com<TAB>DOMAIN:<TAB>contoso.com[<TAB>key=value...]
+//! 12345|contoso.com<TAB>DIR:<TAB>alice@contoso.com
+//! 12345|contoso.com<TAB>MAP:<TAB>al@contoso.com<TAB>alice@contoso.com
+//! 12345|contoso.com<TAB>PROFILE:<TAB>alice@contoso.com<TAB>executives
+//! 12345|contoso.com<TAB>UCFG:<TAB>alice@contoso.com<TAB>route=smtp:[mx.onprem.example]:25
+//! 12345|contoso.com<TAB>P13N:<TAB>alice@contoso.com<TAB>lang=de
+//! ++++
+//! ```
+//! Only addresses with a `DIR:` record are accepted. The last line must be `++++`; without it
+//! the file is an upload in progress or cut off, and it is refused as a whole.
+//!
+//! rcptgate extensions, all optional: `DOMAIN:` fields `accept_all=yes`, `keep_case=yes`,
+//! `profile=NAME`, `route=NEXTHOP`; `UCFG:` key `kind=group|shared|contact|public_folder`;
+//! lines starting with `#` are comments.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::{
+    Diagnostic, DomainDecl, Entry, Format, Location, SourceData, SourceError, directory_address,
+    join_key, parse_flag,
+};
+use crate::address;
+use crate::directory::Kind;
+
+/// The end-of-data marker.
+pub const TRAILER: &str = "++++";
+/// Longest line accepted (a line longer than this is an error, not a crash).
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// Per-address settings gathered from MAP:, PROFILE:, UCFG: and P13N: records.
+#[derive(Default)]
+struct Extra {
+    owner: Option<(String, Location)>,
+    profile: Option<String>,
+    route: Option<String>,
+    kind: Option<Kind>,
+    attributes: Vec<String>,
+    loc: Option<Location>,
+}
+
+struct Dir {
+    local: String,
+    domain: String,
+    loc: Location,
+}
+
+/// Parse a whole MAP file. `Err` when the file must be refused (no `++++` trailer).
+pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
+    let mut out = SourceData::new(name, Format::Map);
+    let mut dirs: Vec<Dir> = Vec::new();
+    let mut dir_index: HashMap<String, usize> = HashMap::new();
+    let mut extra: HashMap<String, Extra> = HashMap::new();
+    let mut declared: HashMap<String, usize> = HashMap::new();
+    let mut undeclared: HashMap<String, Location> = HashMap::new();
+    let mut trailer: Option<u32> = None;
+    let mut last_line = 0;
+
+    for (i, raw) in text.split('\n').enumerate() {
+        let lineno = i as u32 + 1;
+        let line = raw.strip_suffix('\r').unwrap_or(raw);
+        let at = |col: usize| Location::new(name, lineno, col as u32 + 1);
+        let whole = || Location::new(name, lineno, 0);
+        if line.trim().is_empty() {
+            continue;
+        }
+        last_line = lineno;
+        if let Some(t) = trailer {
+            out.diagnostics.push(Diagnostic::error(
+                whole(),
+                format!("data after the {TRAILER} end marker on line {t}; ignored"),
+            ));
+            continue;
+        }
+        if line.trim() == TRAILER {
+            trailer = Some(lineno);
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        if line.len() > MAX_LINE {
+            out.diagnostics.push(Diagnostic::error(
+                whole(),
+                format!("line of {} bytes is longer than {MAX_LINE}", line.len()),
+            ));
+            continue;
+        }
+        let fields = split_fields(line);
+        let (head, head_col) = fields[0];
+        let Some((customer, line_domain)) = head.split_once('|') else {
+            out.diagnostics.push(Diagnostic::error(
+                at(head_col),
+                "line does not start with CUSTOMERID|domain",
+            ));
+            continue;
+        };
+        let customer = customer.trim();
+        if customer.is_empty() {
+            out.diagnostics
+                .push(Diagnostic::error(at(head_col), "empty customer ID"));
+            continue;
+        }
+        let dom_col = head_col + customer.len() + 1;
+        let line_domain = match address::normalize_domain(line_domain) {
+            Ok(d) => d,
+            Err(e) => {
+                out.diagnostics.push(Diagnostic::error(
+                    at(dom_col),
+                    format!("invalid domain {line_domain:?}: {e}"),
+                ));
+                continue;
+            }
+        };
+        let Some(&(rtype, rcol)) = fields.get(1) else {
+            out.diagnostics.push(Diagnostic::error(
+                at(line.len()),
+                "missing record type (DOMAIN:, DIR:, MAP:, PROFILE:, UCFG:, P13N:)",
+            ));
+            continue;
+        };
+        let args = &fields[2..];
+        let arg = |n: usize| args.get(n).copied();
+        let need = |n: usize, what: &str| -> Result<(&str, usize), Diagnostic> {
+            match arg(n) {
+                Some((v, c)) if !v.is_empty() => Ok((v, c)),
+                _ => Err(Diagnostic::error(
+                    at(line.len()),
+                    format!("{rtype} record needs {what}"),
+                )),
+            }
+        };
+        // Parse an address field that must belong to the line's domain.
+        let addr = |(v, c): (&str, usize)| -> Result<(String, String), Diagnostic> {
+            let (local, domain) = directory_address(v).map_err(|(off, why)| {
+                Diagnostic::error(at(c + off), format!("invalid address {v:?}: {why}"))
+            })?;
+            if domain != line_domain {
+                return Err(Diagnostic::error(
+                    at(c),
+                    format!("address {v:?} is not in the line's domain {line_domain}"),
+                ));
+            }
+            Ok((local, domain))
+        };
+        let result: Result<(), Diagnostic> = (|| {
+            match rtype {
+                "DOMAIN:" => {
+                    let (v, c) = need(0, "the domain")?;
+                    let d = address::normalize_domain(v).map_err(|e| {
+                        Diagnostic::error(at(c), format!("invalid domain {v:?}: {e}"))
+                    })?;
+                    if d != line_domain {
+                        return Err(Diagnostic::error(
+                            at(c),
+                            format!("DOMAIN: {d} differs from the line's domain {line_domain}"),
+                        ));
+                    }
+                    if let Some(&first) = declared.get(&d) {
+                        let first_loc = &out.domains[first].loc;
+                        return Err(Diagnostic::warning(
+                            at(rcol),
+                            format!("domain {d} declared again (first on {first_loc}); ignored"),
+                        ));
+                    }
+                    let mut decl = DomainDecl::new(d.clone(), at(rcol));
+                    decl.customer = Some(customer.to_owned());
+                    for &(kv, c) in &args[1..] {
+                        domain_option(&mut decl, kv).map_err(|m| Diagnostic::warning(at(c), m))?;
+                    }
+                    declared.insert(d, out.domains.len());
+                    out.domains.push(decl);
+                }
+                "DIR:" => {
+                    let (local, domain) = addr(need(0, "an address")?)?;
+                    let key = join_key(&local, &domain);
+                    if let Some(&first) = dir_index.get(&key) {
+                        return Err(Diagnostic::warning(
+                            at(rcol),
+                            format!("{key} listed again (first on {}); ignored", dirs[first].loc),
+                        ));
+                    }
+                    dir_index.insert(key, dirs.len());
+                    if !declared.contains_key(&domain) {
+                        undeclared.entry(domain.clone()).or_insert_with(|| whole());
+                    }
+                    dirs.push(Dir {
+                        local,
+                        domain,
+                        loc: at(arg(0).map_or(rcol, |a| a.1)),
+                    });
+                }
+                "MAP:" => {
+                    let (al, ad) = addr(need(0, "an alias address")?)?;
+                    let (pv, pc) = need(1, "a primary address")?;
+                    let (pl, pd) = directory_address(pv).map_err(|(off, why)| {
+                        Diagnostic::error(at(pc + off), format!("invalid address {pv:?}: {why}"))
+                    })?;
+                    let e = extra.entry(join_key(&al, &ad)).or_default();
+                    e.owner = Some((join_key(&pl, &pd), at(pc)));
+                    e.loc.get_or_insert(at(rcol));
+                }
+                "PROFILE:" => {
+                    let (l, d) = addr(need(0, "an address")?)?;
+                    let (p, _) = need(1, "a profile name")?;
+                    let e = extra.entry(join_key(&l, &d)).or_default();
+                    e.profile = Some(p.to_owned());
+                    e.loc.get_or_insert(at(rcol));
+                }
+                "UCFG:" | "P13N:" => {
+                    let (l, d) = addr(need(0, "an address")?)?;
+                    let e = extra.entry(join_key(&l, &d)).or_default();
+                    e.loc.get_or_insert(at(rcol));
+                    for &(kv, c) in &args[1..] {
+                        let Some((k, v)) = kv.split_once('=') else {
+                            return Err(Diagnostic::error(
+                                at(c),
+                                format!("expected key=value, found {kv:?}"),
+                            ));
+                        };
+                        match (rtype, k.trim()) {
+                            ("UCFG:", "route") => e.route = Some(v.trim().to_owned()),
+                            ("UCFG:", "kind") => {
+                                e.kind = Some(Kind::parse(v.trim()).ok_or_else(|| {
+                                    Diagnostic::error(at(c), format!("unknown kind {v:?}"))
+                                })?)
+                            }
+                            _ => e.attributes.push(kv.to_owned()),
+                        }
+                    }
+                }
+                other => {
+                    return Err(Diagnostic::error(
+                        at(rcol),
+                        format!("unknown record type {other:?} (expected DOMAIN:, DIR:, MAP:, PROFILE:, UCFG: or P13N:)"),
+                    ));
+                }
+            }
+            Ok(())
+        })();
+        if let Err(d) = result {
+            out.diagnostics.push(d);
+        }
+    }
+
+    if trailer.is_none() {
+        return Err(SourceError::Refused(
+            Location::new(name, last_line, 0),
+            format!(
+                "no {TRAILER} end marker: the file is incomplete (upload in progress or cut off); refused"
+            ),
+        ));
+    }
+
+    for (domain, loc) in &undeclared {
+        if !declared.contains_key(domain) {
+            out.diagnostics.push(Diagnostic::error(
+                loc.clone(),
+                format!("domain {domain} has DIR: records but no DOMAIN: record; its addresses are ignored"),
+            ));
+        }
+    }
+
+    for d in dirs {
+        if !declared.contains_key(&d.domain) {
+            continue;
+        }
+        let key = join_key(&d.local, &d.domain);
+        let x = extra.remove(&key).unwrap_or_default();
+        let object = x.kind.unwrap_or(Kind::User);
+        let owner = x.owner.map(|(o, _)| o).filter(|o| *o != key);
+        let kind = if owner.is_some() { Kind::Alias } else { object };
+        out.entries.push(Entry {
+            local: d.local,
+            domain: d.domain,
+            kind,
+            object,
+            owner,
+            profile: x.profile,
+            route: x.route,
+            attributes: (!x.attributes.is_empty()).then(|| x.attributes.join("\t")),
+            loc: d.loc,
+            dn: None,
+        });
+    }
+    let orphans: Vec<(String, Location)> = extra
+        .into_iter()
+        .filter_map(|(k, x)| x.loc.map(|l| (k, l)))
+        .collect();
+    for (key, loc) in orphans {
+        out.diagnostics.push(Diagnostic::warning(
+            loc,
+            format!("{key} has no DIR: record, so it is not accepted; record ignored"),
+        ));
+    }
+    out.diagnostics
+        .sort_by_key(|d| (d.loc.line, d.loc.column));
+    Ok(out)
+}
+
+/// Split a line at TABs, keeping each field's 0-based byte column.
+fn split_fields(line: &str) -> Vec<(&str, usize)> {
+    let mut out = Vec::new();
+    let mut col = 0;
+    for f in line.split('\t') {
+        out.push((f.trim_end_matches(' '), col));
+        col += f.len() + 1;
+    }
+    out
+}
+
+fn domain_option(decl: &mut DomainDecl, kv: &str) -> Result<(), String> {
+    let Some((k, v)) = kv.split_once('=') else {
+        return Err(format!("expected key=value, found {kv:?}; ignored"));
+    };
+    let flag = |v: &str| parse_flag(v).ok_or_else(|| format!("{k}: expected yes or no, found {v:?}"));
+    match k.trim() {
+        "accept_all" => decl.accept_all = flag(v)?,
+        "keep_case" => decl.keep_case = flag(v)?,
+        "profile" => decl.profile = Some(v.trim().to_owned()),
+        "route" => decl.route = Some(v.trim().to_owned()),
+        other => return Err(format!("unknown DOMAIN: option {other:?}; ignored")),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sources::Severity;
+
+    fn name() -> Arc<str> {
+        Arc::from("test.map")
+    }
+
+    #[test]
+    fn every_record_type() {
+        let text = "\
+1|contoso.com\tDOMAIN:\tcontoso.com\troute=smtp:[mx.onprem.contoso.com]:25
+1|contoso.com\tDIR:\talice@contoso.com
+1|contoso.com\tDIR:\tal@contoso.com
+1|contoso.com\tMAP:\tal@contoso.com\talice@contoso.com
+1|contoso.com\tPROFILE:\talice@contoso.com\texecutives
+1|contoso.com\tUCFG:\talice@contoso.com\troute=smtp:[cloud.example]:25\tquota=5
+1|contoso.com\tP13N:\talice@contoso.com\tlang=de
+1|contoso.com\tDIR:\tsales@contoso.com
+1|contoso.com\tUCFG:\tsales@contoso.com\tkind=group
+++++
+";
+        let s = parse(&name(), text).expect("complete");
+        assert!(s.diagnostics.is_empty(), "{:?}", s.diagnostics);
+        assert_eq!(s.domains.len(), 1);
+        assert_eq!(s.domains[0].customer.as_deref(), Some("1"));
+        assert_eq!(s.domains[0].route.as_deref(), Some("smtp:[mx.onprem.contoso.com]:25"));
+        let alice = &s.entries[0];
+        assert_eq!((alice.local.as_str(), alice.kind), ("alice", Kind::User));
+        assert_eq!(alice.profile.as_deref(), Some("executives"));
+        assert_eq!(alice.route.as_deref(), Some("smtp:[cloud.example]:25"));
+        assert_eq!(alice.attributes.as_deref(), Some("quota=5\tlang=de"));
+        let al = &s.entries[1];
+        assert_eq!(al.kind, Kind::Alias);
+        assert_eq!(al.owner.as_deref(), Some("alice@contoso.com"));
+        assert_eq!(s.entries[2].kind, Kind::Group);
+        assert_eq!(alice.loc.to_string(), "test.map:2:20");
+    }
+
+    #[test]
+    fn missing_trailer_is_refused() {
+        let text = "1|contoso.com\tDOMAIN:\tcontoso.com\n1|contoso.com\tDIR:\ta@contoso.com\n";
+        match parse(&name(), text) {
+            Err(SourceError::Refused(loc, msg)) => {
+                assert_eq!(loc.line, 2);
+                assert!(msg.contains("++++"), "{msg}");
+            }
+            other => panic!("expected refusal, got {other:?}"),
+        }
+        // A cut-off upload: the marker is not alone on the last line.
+        assert!(parse(&name(), "1|contoso.com\tDOMAIN:\tcontoso.com\n++").is_err());
+    }
+
+    #[test]
+    fn malformed_lines_have_locations() {
+        let text = "\
+1|contoso.com\tDOMAIN:\tcontoso.com
+no pipe here\tDIR:\ta@contoso.com
+1|contoso.com\tDIR:\tbad address@contoso.com
+1|contoso.com\tDIR:\tb@other.example
+1|contoso.com\tBOGUS:\tx
+1|contoso.com\tDIR:\tc@contoso.com
+1|contoso.com\tDIR:\tC@contoso.com
+1|contoso.com\tMAP:\tnodir@contoso.com\tc@contoso.com
+2|fabrikam.com\tDIR:\tx@fabrikam.com
+++++
+1|contoso.com\tDIR:\tlate@contoso.com
+";
+        let s = parse(&name(), text).expect("complete");
+        let msgs: Vec<String> = s.diagnostics.iter().map(|d| d.to_string()).collect();
+        let has = |p: &str| msgs.iter().any(|m| m.starts_with(p));
+        assert!(has("test.map:2:1: error: line does not start"), "{msgs:#?}");
+        assert!(has("test.map:3:23: error: invalid address"), "{msgs:#?}");
+        assert!(has("test.map:4:20: error: address \"b@other.example\" is not in"), "{msgs:#?}");
+        assert!(has("test.map:5:15: error: unknown record type"), "{msgs:#?}");
+        assert!(has("test.map:7:15: warning: c@contoso.com listed again"), "{msgs:#?}");
+        assert!(has("test.map:8:15: warning: nodir@contoso.com has no DIR:"), "{msgs:#?}");
+        assert!(has("test.map:9: error: domain fabrikam.com has DIR: records but no DOMAIN:"), "{msgs:#?}");
+        assert!(has("test.map:11: error: data after the ++++"), "{msgs:#?}");
+        assert_eq!(s.entries.len(), 1);
+        assert!(s.diagnostics.iter().any(|d| d.severity == Severity::Warning));
+    }
+
+    #[test]
+    fn crlf_and_idn_domains() {
+        let text = "7|Bücher.example\tDOMAIN:\tbücher.example\r\n7|xn--bcher-kva.example\tDIR:\tJörg@BÜCHER.example\r\n++++\r\n";
+        let s = parse(&name(), text).expect("complete");
+        assert!(s.diagnostics.is_empty(), "{:?}", s.diagnostics);
+        assert_eq!(s.domains[0].name, "xn--bcher-kva.example");
+        assert_eq!(s.entries[0].domain, "xn--bcher-kva.example");
+        assert_eq!(s.entries[0].local, "Jörg");
+    }
+}

@@ -1,0 +1,340 @@
+//! Sources of directory data (DESIGN.md §5). Each parser turns text into [`SourceData`]:
+//! accepted domains, address entries and diagnostics, every one with its location. Parsers
+//! know nothing of FSTs; [`crate::sync::merge`] joins sources into a build input.
+
+pub mod ad;
+pub mod csv;
+pub mod ldif;
+pub mod mapfile;
+pub mod postfix;
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::address::{self, AddrBuf, AddrError};
+use crate::directory::Kind;
+
+/// Where something was read: `file:line:column` (column 0 = whole line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    pub file: Arc<str>,
+    pub line: u32,
+    pub column: u32,
+}
+
+impl Location {
+    pub fn new(file: &Arc<str>, line: u32, column: u32) -> Location {
+        Location {
+            file: file.clone(),
+            line,
+            column,
+        }
+    }
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, self.column) {
+            (0, _) => write!(f, "{}", self.file),
+            (l, 0) => write!(f, "{}:{l}", self.file),
+            (l, c) => write!(f, "{}:{l}:{c}", self.file),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    Warning,
+    Error,
+}
+
+/// A problem found in a source, with its location and (for directory data) the DN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub severity: Severity,
+    pub loc: Location,
+    pub dn: Option<Box<str>>,
+    pub message: String,
+}
+
+impl Diagnostic {
+    pub fn error(loc: Location, message: impl Into<String>) -> Diagnostic {
+        Diagnostic {
+            severity: Severity::Error,
+            loc,
+            dn: None,
+            message: message.into(),
+        }
+    }
+
+    pub fn warning(loc: Location, message: impl Into<String>) -> Diagnostic {
+        Diagnostic {
+            severity: Severity::Warning,
+            ..Diagnostic::error(loc, message)
+        }
+    }
+
+    pub fn with_dn(mut self, dn: Option<&str>) -> Diagnostic {
+        self.dn = dn.map(Box::from);
+        self
+    }
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sev = match self.severity {
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+        };
+        write!(f, "{}: {sev}: {}", self.loc, self.message)?;
+        if let Some(dn) = &self.dn {
+            write!(f, " (dn: {dn})")?;
+        }
+        Ok(())
+    }
+}
+
+/// One address of one directory object, as a source states it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Canonical local part, case kept (the domain decides folding at merge time).
+    pub local: String,
+    /// Normalized domain.
+    pub domain: String,
+    /// `Alias` for a non-primary address; otherwise the object's kind.
+    pub kind: Kind,
+    /// Kind of the owning object (decides whether its domain is derived as accepted).
+    pub object: Kind,
+    /// Normalized primary address of the owning object, when it is not this address.
+    pub owner: Option<String>,
+    pub profile: Option<String>,
+    pub route: Option<String>,
+    /// `key=value` pairs joined by TAB (P13N:, UCFG: keys we do not interpret).
+    pub attributes: Option<String>,
+    pub loc: Location,
+    pub dn: Option<Box<str>>,
+}
+
+impl Entry {
+    /// True when this address is the primary address of its object.
+    pub fn is_primary(&self) -> bool {
+        self.owner.is_none()
+    }
+}
+
+/// An accepted domain as a source declares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainDecl {
+    pub name: String,
+    pub customer: Option<String>,
+    pub profile: Option<String>,
+    pub route: Option<String>,
+    pub accept_all: bool,
+    pub keep_case: bool,
+    pub loc: Location,
+}
+
+impl DomainDecl {
+    pub fn new(name: String, loc: Location) -> DomainDecl {
+        DomainDecl {
+            name,
+            customer: None,
+            profile: None,
+            route: None,
+            accept_all: false,
+            keep_case: false,
+            loc,
+        }
+    }
+}
+
+/// The formats rcptgate reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Map,
+    Postfix,
+    Csv,
+    Ldif,
+}
+
+impl Format {
+    pub fn parse(s: &str) -> Option<Format> {
+        match s.to_ascii_lowercase().as_str() {
+            "map" => Some(Format::Map),
+            "postfix" => Some(Format::Postfix),
+            "csv" => Some(Format::Csv),
+            "ldif" | "ldf" => Some(Format::Ldif),
+            _ => None,
+        }
+    }
+
+    /// Guess from a file name: `.map`, `.csv`, `.ldif`/`.ldf`; anything else is a Postfix table.
+    pub fn from_path(path: &Path) -> Format {
+        path.extension()
+            .and_then(|e| e.to_str())
+            .and_then(Format::parse)
+            .unwrap_or(Format::Postfix)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Map => "map",
+            Format::Postfix => "postfix",
+            Format::Csv => "csv",
+            Format::Ldif => "ldif",
+        }
+    }
+}
+
+/// What one source contributed.
+#[derive(Debug, Clone)]
+pub struct SourceData {
+    pub name: Arc<str>,
+    pub format: Format,
+    pub domains: Vec<DomainDecl>,
+    /// Accept the domains of this source's users, groups and shared mailboxes even without a
+    /// declaration (LDIF, CSV and Postfix tables have no domain records).
+    pub derive_domains: bool,
+    pub entries: Vec<Entry>,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl SourceData {
+    pub fn new(name: &Arc<str>, format: Format) -> SourceData {
+        SourceData {
+            name: name.clone(),
+            format,
+            domains: Vec::new(),
+            derive_domains: format != Format::Map,
+            entries: Vec::new(),
+            diagnostics: Vec::new(),
+        }
+    }
+
+    pub fn errors(&self) -> usize {
+        self.diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .count()
+    }
+}
+
+/// A source that cannot be used at all (the snapshot in service must stay).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}: error: {1}")]
+    Refused(Location, String),
+}
+
+/// Parse text in the given format.
+pub fn parse_text(format: Format, name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
+    match format {
+        Format::Map => mapfile::parse(name, text),
+        Format::Postfix => Ok(postfix::parse(name, text)),
+        Format::Csv => csv::parse(name, text),
+        Format::Ldif => Ok(ldif::parse(name, text, &ad::AdOptions::default())),
+    }
+}
+
+/// Read and parse a source named `FORMAT:PATH` or `PATH` (format from the extension).
+pub fn load(spec: &str) -> Result<SourceData, SourceError> {
+    let (format, path) = match spec.split_once(':') {
+        Some((f, p)) if Format::parse(f).is_some() => (Format::parse(f), p),
+        _ => (None, spec),
+    };
+    let path = Path::new(path);
+    let format = format.unwrap_or_else(|| Format::from_path(path));
+    let name: Arc<str> = Arc::from(path.display().to_string());
+    let bytes = std::fs::read(path).map_err(|source| SourceError::Io {
+        path: name.to_string(),
+        source,
+    })?;
+    let text = decode_utf8(&name, &bytes)?;
+    parse_text(format, &name, text)
+}
+
+/// UTF-8 text without a BOM, or an error that says where the first bad byte is.
+pub fn decode_utf8<'a>(name: &Arc<str>, bytes: &'a [u8]) -> Result<&'a str, SourceError> {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    std::str::from_utf8(bytes).map_err(|e| {
+        let good = &bytes[..e.valid_up_to()];
+        let line = good.iter().filter(|&&b| b == b'\n').count() as u32 + 1;
+        let col = good.iter().rev().take_while(|&&b| b != b'\n').count() as u32 + 1;
+        SourceError::Refused(
+            Location::new(name, line, col),
+            "not UTF-8 text (export the file as UTF-8, e.g. Export-Csv -Encoding UTF8)".into(),
+        )
+    })
+}
+
+/// Exchange / Entra rules for an address stored in a directory (DESIGN.md §6), on top of RFC
+/// 5321 syntax: no spaces or `< > ( ) ; , [ ] "` outside a quoted local part, no address
+/// literal. Returns the canonical (local, domain) or the reason and the 0-based offset.
+pub fn directory_address(raw: &str) -> Result<(String, String), (usize, String)> {
+    let mut quoted = false;
+    let mut prev_backslash = false;
+    for (i, c) in raw.char_indices() {
+        if quoted {
+            if c == '"' && !prev_backslash {
+                quoted = false;
+            }
+            prev_backslash = c == '\\' && !prev_backslash;
+            continue;
+        }
+        match c {
+            '"' if i == 0 => quoted = true,
+            ' ' | '\t' | '<' | '>' | '(' | ')' | ';' | ',' | '[' | ']' | '"' => {
+                return Err((i, format!("character {c:?} is not allowed in a directory address")));
+            }
+            _ => {}
+        }
+    }
+    if raw.starts_with('@') || raw.ends_with('@') {
+        return Err((0, "address starts or ends with '@'".into()));
+    }
+    let mut buf = AddrBuf::default();
+    match address::parse(raw, &mut buf) {
+        Ok(a) => Ok((a.local.to_owned(), a.domain.to_owned())),
+        Err(e) => Err((error_offset(&e), e.to_string())),
+    }
+}
+
+fn error_offset(e: &AddrError) -> usize {
+    match e {
+        AddrError::BadLocalChar { offset, .. } => *offset,
+        _ => 0,
+    }
+}
+
+/// The default-folded `local@domain` join key for an address (case-insensitive).
+pub fn join_key(local: &str, domain: &str) -> String {
+    let mut out = Vec::with_capacity(local.len() + domain.len() + 1);
+    address::fold_local_into(local, false, &mut out);
+    out.push(b'@');
+    out.extend_from_slice(domain.as_bytes());
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Parse a yes/no flag as written in map files and config.
+pub fn parse_flag(v: &str) -> Option<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "yes" | "true" | "on" => Some(true),
+        "0" | "no" | "false" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+/// The kinds whose domains a directory source makes accepted (never contacts).
+pub fn derives_domain(kind: Kind) -> bool {
+    matches!(
+        kind,
+        Kind::User | Kind::Group | Kind::Shared | Kind::PublicFolder | Kind::Addition
+    )
+}

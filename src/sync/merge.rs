@@ -1,0 +1,195 @@
+//! Merge sources into one build input: accepted domains, one record per address, and every
+//! conflict reported (DESIGN.md §6, first two points).
+
+use std::collections::HashMap;
+use std::fmt;
+
+use crate::address;
+use crate::directory::{BuildInput, DomainSpec, Interner, NONE, RecordSpec};
+use crate::sources::{Diagnostic, Entry, SourceData, derives_domain, join_key};
+
+/// One address claimed by two owners.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    pub address: String,
+    pub kept_owner: String,
+    pub kept_origin: String,
+    pub dropped_owner: String,
+    pub dropped_origin: String,
+    /// Why the kept claim won.
+    pub rule: &'static str,
+}
+
+impl fmt::Display for Conflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: claimed by {} ({}) and {} ({}); kept {} ({})",
+            self.address,
+            self.kept_owner,
+            self.kept_origin,
+            self.dropped_owner,
+            self.dropped_origin,
+            self.kept_owner,
+            self.rule
+        )
+    }
+}
+
+/// The result of a merge: what to build, and what to tell the administrator.
+#[derive(Debug, Default)]
+pub struct Merged {
+    pub input: BuildInput,
+    pub diagnostics: Vec<Diagnostic>,
+    pub conflicts: Vec<Conflict>,
+    /// Entries whose domain is not accepted (typically contacts elsewhere): not an error.
+    pub outside_domains: usize,
+    /// Addresses listed again by the same owner (another source, or the same one).
+    pub duplicates: usize,
+}
+
+/// Bookkeeping per record for conflict resolution.
+struct Claim {
+    owner: String,
+    primary: bool,
+    origin: String,
+}
+
+fn origin(e: &Entry) -> String {
+    match &e.dn {
+        Some(dn) => format!("{} ({dn})", e.loc),
+        None => e.loc.to_string(),
+    }
+}
+
+/// Merge sources in order (earlier sources win ties).
+pub fn merge(sources: &[SourceData], generation: u64) -> Merged {
+    let mut m = Merged::default();
+    let mut strings = Interner::default();
+    let mut domains: Vec<DomainSpec> = Vec::new();
+    let mut domain_loc: Vec<String> = Vec::new();
+    let mut by_name: HashMap<String, u32> = HashMap::new();
+
+    let opt = |s: &mut Interner, v: &Option<String>| v.as_deref().map_or(NONE, |v| s.intern(v));
+    for src in sources {
+        for d in &src.domains {
+            if let Some(&i) = by_name.get(&d.name) {
+                let first = &domains[i as usize];
+                let cust = d.customer.as_deref().map(|c| strings.intern(c)).unwrap_or(NONE);
+                if cust != first.customer {
+                    m.diagnostics.push(Diagnostic::warning(
+                        d.loc.clone(),
+                        format!(
+                            "domain {} is also declared for another customer at {}; the first declaration is kept",
+                            d.name, domain_loc[i as usize]
+                        ),
+                    ));
+                }
+                continue;
+            }
+            by_name.insert(d.name.clone(), domains.len() as u32);
+            domain_loc.push(d.loc.to_string());
+            domains.push(DomainSpec {
+                name: d.name.clone(),
+                customer: opt(&mut strings, &d.customer),
+                profile: opt(&mut strings, &d.profile),
+                route: opt(&mut strings, &d.route),
+                accept_all: d.accept_all,
+                keep_case: d.keep_case,
+            });
+        }
+    }
+    for src in sources.iter().filter(|s| s.derive_domains) {
+        for e in src.entries.iter().filter(|e| derives_domain(e.object)) {
+            if !by_name.contains_key(&e.domain) {
+                by_name.insert(e.domain.clone(), domains.len() as u32);
+                domain_loc.push(e.loc.to_string());
+                domains.push(DomainSpec {
+                    name: e.domain.clone(),
+                    customer: NONE,
+                    profile: NONE,
+                    route: NONE,
+                    accept_all: false,
+                    keep_case: false,
+                });
+            }
+        }
+    }
+
+    let mut index: HashMap<(u32, Box<str>), usize> = HashMap::new();
+    let mut records: Vec<RecordSpec> = Vec::new();
+    let mut claims: Vec<Claim> = Vec::new();
+    let mut local = Vec::with_capacity(128);
+    for (si, src) in sources.iter().enumerate() {
+        for e in &src.entries {
+            let Some(&d) = by_name.get(&e.domain) else {
+                m.outside_domains += 1;
+                continue;
+            };
+            local.clear();
+            address::fold_local_into(&e.local, domains[d as usize].keep_case, &mut local);
+            let key: Box<str> = String::from_utf8_lossy(&local).into();
+            let owner = e
+                .owner
+                .clone()
+                .unwrap_or_else(|| join_key(&e.local, &e.domain));
+            let claim = Claim {
+                owner,
+                primary: e.is_primary(),
+                origin: origin(e),
+            };
+            let mut rec = RecordSpec::new(d, key.clone(), e.kind);
+            rec.profile = opt(&mut strings, &e.profile);
+            rec.route = opt(&mut strings, &e.route);
+            rec.owner = e.owner.as_deref().map(Box::from);
+            rec.source = si as u32;
+            rec.line = e.loc.line;
+            rec.dn = e.dn.clone();
+            rec.attributes = e.attributes.as_deref().map(Box::from);
+            match index.get(&(d, key.clone())) {
+                None => {
+                    index.insert((d, key), records.len());
+                    records.push(rec);
+                    claims.push(claim);
+                }
+                Some(&i) if claims[i].owner == claim.owner => m.duplicates += 1,
+                Some(&i) => {
+                    let address = format!("{}@{}", String::from_utf8_lossy(&local), e.domain);
+                    let new_wins = claim.primary && !claims[i].primary;
+                    let rule = if new_wins || claims[i].primary && !claim.primary {
+                        "its primary address"
+                    } else {
+                        "first by source order"
+                    };
+                    let (kept, dropped) = if new_wins {
+                        let old = std::mem::replace(&mut claims[i], claim);
+                        records[i] = rec;
+                        (&claims[i], old)
+                    } else {
+                        (&claims[i], claim)
+                    };
+                    m.conflicts.push(Conflict {
+                        address,
+                        kept_owner: kept.owner.clone(),
+                        kept_origin: kept.origin.clone(),
+                        dropped_owner: dropped.owner,
+                        dropped_origin: dropped.origin,
+                        rule,
+                    });
+                }
+            }
+        }
+    }
+    m.input = BuildInput {
+        generation,
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        strings,
+        sources: sources.iter().map(|s| s.name.to_string()).collect(),
+        domains,
+        records,
+        shards: 0,
+    };
+    m
+}
