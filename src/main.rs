@@ -1,1 +1,365 @@
-fn main() {}
+//! The `rcptgate` command line.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use serde_json::{Map, Value, json};
+
+use rcptgate::directory::{self, Directory, LookupOptions, Snapshot, Verdict};
+use rcptgate::sources::{self, Severity, SourceData, SourceError};
+use rcptgate::sync::{Merged, merge};
+
+#[derive(Parser, Debug)]
+#[command(name = "rcptgate", version, about = "Recipient validation for SMTP gateways")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Build a snapshot file from sources (FORMAT:PATH or PATH; format from the extension:
+    /// .map, .csv, .ldif/.ldf, anything else is a Postfix table).
+    Compile {
+        #[arg(required = true)]
+        sources: Vec<String>,
+        /// Where to write the snapshot (atomically).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Generation number stored in the snapshot.
+        #[arg(long, default_value_t = 1)]
+        generation: u64,
+    },
+    /// Lint sources: invalid addresses, conflicts, missing trailer, each with its location.
+    /// Exits non-zero when there are errors.
+    Check {
+        #[arg(required = true)]
+        sources: Vec<String>,
+    },
+    /// Answer for addresses, from a snapshot file or from sources built in memory:
+    /// `lookup --snapshot FILE ADDRESS...` or `lookup SOURCE... ADDRESS...` (leading
+    /// arguments that name existing files are sources).
+    Lookup {
+        /// Snapshot file to read (instead of sources).
+        #[arg(long)]
+        snapshot: Option<PathBuf>,
+        /// One JSON object per address.
+        #[arg(long)]
+        json: bool,
+        /// Subaddress separators ("" disables subaddressing).
+        #[arg(long, default_value = "+")]
+        separators: String,
+        /// [SOURCE...] ADDRESS...
+        #[arg(required = true, value_name = "ARGS")]
+        args: Vec<String>,
+    },
+    /// Addresses added and removed between two snapshots (or sources).
+    Diff { old: String, new: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Compile {
+            sources,
+            output,
+            generation,
+        } => compile(&sources, &output, generation),
+        Command::Check { sources } => check(&sources),
+        Command::Lookup {
+            snapshot,
+            json,
+            separators,
+            args,
+        } => {
+            let n = if snapshot.is_some() {
+                0
+            } else {
+                args.iter().take_while(|a| names_file(a)).count()
+            };
+            let (srcs, addrs) = args.split_at(n);
+            lookup(snapshot.as_deref(), srcs, json, &separators, addrs)
+        }
+        Command::Diff { old, new } => diff(&old, &new),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("rcptgate: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// True when `arg` is `PATH` or `FORMAT:PATH` of an existing file.
+fn names_file(arg: &str) -> bool {
+    let path = match arg.split_once(':') {
+        Some((f, p)) if sources::Format::parse(f).is_some() => p,
+        _ => arg,
+    };
+    Path::new(path).is_file()
+}
+
+/// Load every source; refused sources are returned separately (never half-used).
+fn load_sources(specs: &[String]) -> (Vec<SourceData>, Vec<SourceError>) {
+    let mut ok = Vec::new();
+    let mut refused = Vec::new();
+    for spec in specs {
+        match sources::load(spec) {
+            Ok(s) => ok.push(s),
+            Err(e) => refused.push(e),
+        }
+    }
+    (ok, refused)
+}
+
+fn print_diagnostics(srcs: &[SourceData], merged: &Merged) -> (usize, usize) {
+    let mut errors = 0;
+    let mut warnings = 0;
+    let all = srcs
+        .iter()
+        .flat_map(|s| s.diagnostics.iter())
+        .chain(merged.diagnostics.iter());
+    for d in all {
+        match d.severity {
+            Severity::Error => errors += 1,
+            Severity::Warning => warnings += 1,
+        }
+        eprintln!("{d}");
+    }
+    for c in &merged.conflicts {
+        eprintln!("conflict: {c}");
+    }
+    (errors, warnings)
+}
+
+/// Merge and build in memory.
+fn build_from(specs: &[String], generation: u64, quiet: bool) -> Result<(Snapshot, directory::BuildStats, Merged)> {
+    let (srcs, refused) = load_sources(specs);
+    if let Some(e) = refused.first() {
+        for e in &refused {
+            eprintln!("{e}");
+        }
+        bail!("{} source(s) refused: {e}", refused.len());
+    }
+    let mut merged = merge(&srcs, generation);
+    if !quiet {
+        print_diagnostics(&srcs, &merged);
+    }
+    let input = std::mem::take(&mut merged.input);
+    let (bytes, stats) = directory::build(input).context("building the snapshot")?;
+    let snap = Snapshot::from_bytes(bytes).context("loading the built snapshot")?;
+    Ok((snap, stats, merged))
+}
+
+fn compile(specs: &[String], output: &Path, generation: u64) -> Result<ExitCode> {
+    let (srcs, refused) = load_sources(specs);
+    for e in &refused {
+        eprintln!("{e}");
+    }
+    if !refused.is_empty() {
+        bail!("{} source(s) refused; nothing written", refused.len());
+    }
+    let t = Instant::now();
+    let mut merged = merge(&srcs, generation);
+    let (errors, warnings) = print_diagnostics(&srcs, &merged);
+    let merge_time = t.elapsed();
+    let input = std::mem::take(&mut merged.input);
+    let (bytes, stats) = directory::build(input).context("building the snapshot")?;
+    // Never write a file we cannot read back.
+    Snapshot::from_bytes(bytes.clone()).context("verifying the built snapshot")?;
+    directory::write_atomic(output, &bytes)?;
+    let n = stats.records.max(1) as f64;
+    println!("wrote {} ({} bytes)", output.display(), stats.file_bytes);
+    println!("addresses:   {}", stats.records);
+    println!("domains:     {}", stats.domains);
+    println!("conflicts:   {}", merged.conflicts.len());
+    println!("errors:      {errors} (entries skipped), warnings: {warnings}");
+    println!(
+        "fst:         {} bytes, {:.2} bytes/address ({} shard(s))",
+        stats.fst_bytes,
+        stats.fst_bytes as f64 / n,
+        stats.shards
+    );
+    println!(
+        "hot:         {} bytes, {:.2} bytes/address (what a verdict needs)",
+        stats.hot_bytes,
+        stats.hot_bytes as f64 / n
+    );
+    println!(
+        "cold:        {} bytes, {:.2} bytes/address (owner, origin)",
+        stats.cold_bytes,
+        stats.cold_bytes as f64 / n
+    );
+    println!(
+        "build time:  {:.1} ms (parse+merge {:.1} ms, sort {:.1} ms, fst {:.1} ms)",
+        (merge_time + stats.total_time).as_secs_f64() * 1e3,
+        merge_time.as_secs_f64() * 1e3,
+        stats.sort_time.as_secs_f64() * 1e3,
+        stats.fst_time.as_secs_f64() * 1e3
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check(specs: &[String]) -> Result<ExitCode> {
+    let (srcs, refused) = load_sources(specs);
+    for e in &refused {
+        eprintln!("{e}");
+    }
+    let merged = merge(&srcs, 0);
+    let (errors, warnings) = print_diagnostics(&srcs, &merged);
+    let addresses = merged.input.records.len();
+    let domains = merged.input.domains.len();
+    let errors = errors + refused.len();
+    println!(
+        "{} source(s): {addresses} addresses, {domains} domains, {errors} error(s), {warnings} warning(s), {} conflict(s), {} refused",
+        specs.len(),
+        merged.conflicts.len(),
+        refused.len()
+    );
+    Ok(if errors > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn open_snapshot_or_sources(spec: &str) -> Result<Snapshot> {
+    let path = Path::new(spec);
+    let mut magic = [0u8; 8];
+    let is_snapshot = std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok()
+        && &magic == b"RCPTGATE";
+    if is_snapshot {
+        Ok(Snapshot::open(path).with_context(|| format!("opening snapshot {spec}"))?)
+    } else {
+        Ok(build_from(&[spec.to_owned()], 0, true)?.0)
+    }
+}
+
+fn lookup(
+    snapshot: Option<&Path>,
+    specs: &[String],
+    json: bool,
+    separators: &str,
+    addresses: &[String],
+) -> Result<ExitCode> {
+    let dir = Directory::new(LookupOptions {
+        separators: separators.as_bytes().into(),
+    });
+    match snapshot {
+        Some(p) => {
+            let snap = Snapshot::open(p).with_context(|| format!("opening snapshot {}", p.display()))?;
+            dir.publish(Arc::new(snap));
+        }
+        None if !specs.is_empty() => {
+            dir.publish(Arc::new(build_from(specs, 0, true)?.0));
+        }
+        // Nothing loaded: every answer is a temporary failure, as the daemon would give.
+        None => {}
+    }
+    let view = dir.view();
+    let mut out = std::io::stdout().lock();
+    for input in addresses {
+        let verdict = dir.lookup(input);
+        let mut obj = Map::new();
+        obj.insert("input".into(), json!(input));
+        if let Ok(n) = rcptgate::address::normalize(input) {
+            obj.insert("address".into(), json!(n));
+        }
+        obj.insert("verdict".into(), json!(verdict.name()));
+        if let Some(code) = verdict.code() {
+            obj.insert("code".into(), json!(code));
+        }
+        match verdict {
+            Verdict::Accept(hit) => {
+                obj.insert("kind".into(), json!(hit.kind.as_str()));
+                if let Some(snap) = view.snapshot() {
+                    if let Ok(Some(info)) = snap.record_info(&hit) {
+                        let owner = info.owner.or_else(|| obj.get("address").and_then(|a| a.as_str()).map(str::to_owned));
+                        if let Some(o) = owner {
+                            obj.insert("owner".into(), json!(o));
+                        }
+                        obj.insert("origin".into(), json!(info.origin));
+                        if let Some(a) = info.attributes {
+                            obj.insert("attributes".into(), json!(a));
+                        }
+                    }
+                    for (k, v) in [
+                        ("customer", snap.customer(&hit)),
+                        ("profile", snap.profile(&hit)),
+                        ("route", snap.route(&hit)),
+                    ] {
+                        if let Some(v) = v {
+                            obj.insert(k.into(), json!(v));
+                        }
+                    }
+                }
+                if hit.matched == directory::Match::Subaddress {
+                    obj.insert("match".into(), json!("subaddress"));
+                }
+            }
+            Verdict::Reject(directory::Reject::Syntax(e)) => {
+                obj.insert("reason".into(), json!(e.to_string()));
+            }
+            Verdict::Tempfail(_) | Verdict::Reject(_) | Verdict::NotOurs => {
+                obj.insert("reason".into(), json!(verdict.text()));
+            }
+        }
+        if json {
+            writeln!(out, "{}", Value::Object(obj))?;
+        } else {
+            let mut line = format!("{input}: {}", verdict.name());
+            if let Some(c) = verdict.code() {
+                line.push_str(&format!(" {c}"));
+            }
+            for k in ["kind", "owner", "customer", "profile", "route", "origin", "reason"] {
+                if let Some(v) = obj.get(k).and_then(|v| v.as_str()) {
+                    line.push_str(&format!(" {k}={v}"));
+                }
+            }
+            writeln!(out, "{line}")?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn addresses_of(snap: &Snapshot) -> BTreeSet<String> {
+    let mut set = BTreeSet::new();
+    snap.for_each_address(|a, _| {
+        set.insert(a.to_owned());
+    });
+    set
+}
+
+fn diff(old: &str, new: &str) -> Result<ExitCode> {
+    let a = open_snapshot_or_sources(old)?;
+    let b = open_snapshot_or_sources(new)?;
+    let (sa, sb) = (addresses_of(&a), addresses_of(&b));
+    let mut out = std::io::stdout().lock();
+    let (mut added, mut removed) = (0, 0);
+    for x in sb.difference(&sa) {
+        writeln!(out, "+ {x}")?;
+        added += 1;
+    }
+    for x in sa.difference(&sb) {
+        writeln!(out, "- {x}")?;
+        removed += 1;
+    }
+    writeln!(
+        out,
+        "{added} added, {removed} removed ({} -> {} addresses; {} -> {} bytes hot)",
+        sa.len(),
+        sb.len(),
+        a.hot_bytes(),
+        b.hot_bytes()
+    )?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -180,6 +180,7 @@ pub fn merge(sources: &[SourceData], generation: u64) -> Merged {
             }
         }
     }
+    inherit_from_owners(&mut records, &domains);
     m.input = BuildInput {
         generation,
         created_unix: std::time::SystemTime::now()
@@ -192,4 +193,31 @@ pub fn merge(sources: &[SourceData], generation: u64) -> Merged {
         shards: 0,
     };
     m
+}
+
+/// An alias delivers to its owner's mailbox: without a profile or route of its own it takes
+/// the owner's (user-based routing must not split one mailbox across two next hops).
+fn inherit_from_owners(records: &mut [RecordSpec], domains: &[DomainSpec]) {
+    let primaries: HashMap<String, usize> = records
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.owner.is_none())
+        .map(|(i, r)| (join_key(&r.local, &domains[r.domain as usize].name), i))
+        .collect();
+    for i in 0..records.len() {
+        let Some(owner) = records[i].owner.as_deref() else {
+            continue;
+        };
+        let Some(&j) = primaries.get(owner) else {
+            continue;
+        };
+        let (profile, route) = (records[j].profile, records[j].route);
+        let r = &mut records[i];
+        if r.profile == NONE {
+            r.profile = profile;
+        }
+        if r.route == NONE {
+            r.route = route;
+        }
+    }
 }

@@ -1,0 +1,207 @@
+//! The Directory contract (DESIGN.md §4), end to end: sources -> merge -> build -> persisted
+//! snapshot -> mmap -> lookup. Every verdict, and every way a snapshot file can be damaged.
+
+use std::sync::Arc;
+
+use rcptgate::address::AddrError;
+use rcptgate::directory::{
+    self, Directory, Hit, Kind, LookupOptions, Match, Reject, Snapshot, SnapshotError, Tempfail,
+    Verdict,
+};
+use rcptgate::sources;
+use rcptgate::sync::merge;
+
+fn example_bytes() -> Vec<u8> {
+    let src = sources::load(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.map")).expect("example loads");
+    assert!(src.diagnostics.is_empty(), "{:?}", src.diagnostics);
+    let merged = merge(&[src], 42);
+    assert!(merged.conflicts.is_empty());
+    directory::build(merged.input).expect("builds").0
+}
+
+fn example_dir() -> Directory {
+    let dir = Directory::new(LookupOptions::default());
+    dir.publish(Arc::new(Snapshot::from_bytes(example_bytes()).expect("loads")));
+    dir
+}
+
+fn accept(v: Verdict) -> Hit {
+    match v {
+        Verdict::Accept(h) => h,
+        other => panic!("expected accept, got {other:?}"),
+    }
+}
+
+#[test]
+fn not_loaded_is_a_temporary_failure() {
+    let dir = Directory::new(LookupOptions::default());
+    assert_eq!(dir.lookup("alice.andersen@contoso.com"), Verdict::Tempfail(Tempfail::NotLoaded));
+    assert_eq!(dir.lookup("nobody@contoso.com").code(), Some("451 4.3.0"));
+}
+
+#[test]
+fn every_verdict() {
+    let dir = example_dir();
+    let view = dir.view();
+    let snap = view.snapshot().expect("loaded");
+
+    let h = accept(dir.lookup("alice.andersen@contoso.com"));
+    assert_eq!((h.kind, h.matched), (Kind::User, Match::Exact));
+    assert_eq!(snap.profile(&h), Some("executives"));
+    assert_eq!(snap.route(&h), Some("smtp:[exch01.corp.contoso.com]:25"));
+    assert_eq!(snap.customer(&h), Some("10001"));
+    let info = snap.record_info(&h).expect("cold ok").expect("record");
+    assert_eq!(info.owner, None);
+    assert!(info.origin.ends_with("example.map:6"), "{}", info.origin);
+    assert_eq!(info.attributes.as_deref(), Some("lang=en\tdepartment=Board"));
+
+    // Alias: owner recorded, route and profile inherited from the owner.
+    let h = accept(dir.lookup("<Carol@CONTOSO.com>"));
+    assert_eq!(h.kind, Kind::Alias);
+    assert_eq!(snap.route(&h), Some("smtp:[contoso-com.mail.protection.outlook.com]:25"));
+    let info = snap.record_info(&h).expect("cold ok").expect("record");
+    assert_eq!(info.owner.as_deref(), Some("carol.chen@contoso.com"));
+
+    // Subaddress, only after the exact key missed.
+    let h = accept(dir.lookup("bob.berger+newsletter@contoso.com"));
+    assert_eq!((h.kind, h.matched), (Kind::User, Match::Subaddress));
+
+    assert_eq!(accept(dir.lookup("sales@contoso.com")).kind, Kind::Group);
+    assert_eq!(accept(dir.lookup("helpdesk@contoso.com")).kind, Kind::Shared);
+    // IDN: U-label and A-label are one key, NFD local part meets NFC.
+    let h = accept(dir.lookup("ju\u{0308}rgen.mu\u{0308}ller@MÜNCHEN-contoso.de"));
+    assert_eq!(h.kind, Kind::User);
+    accept(dir.lookup("jürgen.müller@xn--mnchen-contoso-gsb.de."));
+
+    // Accept-all domain answers with the domain's defaults.
+    let h = accept(dir.lookup("anything@fabrikam-lab.com"));
+    assert_eq!((h.kind, h.matched, h.record), (Kind::CatchAll, Match::AcceptAll, None));
+    assert_eq!(snap.profile(&h), Some("quarantine-strict"));
+
+    assert_eq!(dir.lookup("nobody@contoso.com"), Verdict::Reject(Reject::UnknownUser));
+    assert_eq!(dir.lookup("nobody@contoso.com").code(), Some("550 5.1.1"));
+    assert_eq!(dir.lookup("someone@gmail.com"), Verdict::NotOurs);
+    assert_eq!(dir.lookup("postmaster@[192.0.2.1]"), Verdict::NotOurs);
+    assert_eq!(dir.lookup("no at sign"), Verdict::Reject(Reject::Syntax(AddrError::NoAt)));
+    assert_eq!(dir.lookup("<>").code(), Some("501 5.1.3"));
+
+    // Sources failing longer than max_age: unknown -> tempfail, known still accepted.
+    dir.set_stale(true);
+    assert_eq!(dir.lookup("nobody@contoso.com"), Verdict::Tempfail(Tempfail::Stale));
+    accept(dir.lookup("alice.andersen@contoso.com"));
+    assert_eq!(dir.lookup("someone@gmail.com"), Verdict::NotOurs);
+}
+
+#[test]
+fn subaddressing_can_be_disabled_or_use_other_separators() {
+    let bytes = example_bytes();
+    let none = Directory::new(LookupOptions { separators: Box::from(&b""[..]) });
+    none.publish(Arc::new(Snapshot::from_bytes(bytes.clone()).expect("loads")));
+    assert_eq!(none.lookup("bob.berger+x@contoso.com"), Verdict::Reject(Reject::UnknownUser));
+    let dash = Directory::new(LookupOptions { separators: Box::from(&b"+-"[..]) });
+    dash.publish(Arc::new(Snapshot::from_bytes(bytes).expect("loads")));
+    accept(dash.lookup("bob-lists@contoso.com"));
+    // "all-staff" exists exactly: the exact key wins over stripping at '-'.
+    assert_eq!(accept(dash.lookup("all-staff@contoso.com")).matched, Match::Exact);
+}
+
+#[test]
+fn keep_case_domain() {
+    let name: Arc<str> = Arc::from("kc.map");
+    let text = "1|case.example\tDOMAIN:\tcase.example\tkeep_case=yes\n1|case.example\tDIR:\tJohn.Doe@case.example\n++++\n";
+    let src = sources::parse_text(sources::Format::Map, &name, text).expect("parses");
+    let (bytes, _) = directory::build(merge(&[src], 1).input).expect("builds");
+    let dir = Directory::new(LookupOptions::default());
+    dir.publish(Arc::new(Snapshot::from_bytes(bytes).expect("loads")));
+    accept(dir.lookup("John.Doe@CASE.example"));
+    assert_eq!(dir.lookup("john.doe@case.example"), Verdict::Reject(Reject::UnknownUser));
+}
+
+#[test]
+fn persisted_snapshot_round_trips_through_mmap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("snapshot.bin");
+    directory::write_atomic(&path, &example_bytes()).expect("written");
+    let snap = Snapshot::open(&path).expect("maps");
+    assert_eq!(snap.generation(), 42);
+    assert_eq!(snap.record_count(), 24);
+    assert_eq!(snap.domain_count(), 5);
+    let mut all = Vec::new();
+    snap.for_each_address(|a, _| all.push(a.to_owned()));
+    assert_eq!(all.len(), 24);
+    assert!(all.contains(&"support@contoso.com".to_owned()));
+    // No temporary file left behind.
+    assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 1);
+}
+
+#[test]
+fn truncated_or_corrupt_snapshots_give_clear_errors() {
+    let bytes = example_bytes();
+    for cut in [0, 7, 12, 100, bytes.len() / 2, bytes.len() - 1] {
+        let err = Snapshot::from_bytes(bytes[..cut].to_vec()).expect_err("truncated must fail");
+        let msg = err.to_string();
+        assert!(msg.contains("rebuild") || msg.contains("magic"), "cut {cut}: {msg}");
+    }
+    // Flip one bit in every position: never a panic, never a silently different answer.
+    let reference = example_dir();
+    let probes = ["alice.andersen@contoso.com", "nobody@contoso.com", "x@fabrikam-lab.com", "grace@fabrikam.com"];
+    let expected: Vec<_> = probes.iter().map(|p| reference.lookup(p).name()).collect();
+    for i in 0..bytes.len() {
+        let mut bad = bytes.clone();
+        bad[i] ^= 0x10;
+        match Snapshot::from_bytes(bad) {
+            Err(e) => assert!(!e.to_string().is_empty()),
+            Ok(snap) => {
+                // Only a flip in a cold section can load; hot answers are unchanged and the
+                // cold data reports the damage instead of returning it.
+                let d = Directory::new(LookupOptions::default());
+                d.publish(Arc::new(snap));
+                let got: Vec<_> = probes.iter().map(|p| d.lookup(p).name()).collect();
+                assert_eq!(got, expected, "bit flip at {i} changed answers");
+                let h = accept(d.lookup("alice.andersen@contoso.com"));
+                let v = d.view();
+                assert!(matches!(v.snapshot().expect("loaded").record_info(&h), Err(SnapshotError::SectionChecksum { .. })), "flip at {i}");
+            }
+        }
+    }
+}
+
+#[test]
+fn ldif_source_maps_the_same_directory() {
+    let src = sources::load(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.ldif")).expect("loads");
+    assert!(src.diagnostics.is_empty(), "{:?}", src.diagnostics);
+    let merged = merge(&[src], 1);
+    let (bytes, _) = directory::build(merged.input).expect("builds");
+    let dir = Directory::new(LookupOptions::default());
+    dir.publish(Arc::new(Snapshot::from_bytes(bytes).expect("loads")));
+    assert_eq!(accept(dir.lookup("alice@contoso.com")).kind, Kind::Alias);
+    assert_eq!(accept(dir.lookup("helpdesk@contoso.com")).kind, Kind::Shared);
+    assert_eq!(accept(dir.lookup("support@contoso.com")).kind, Kind::Alias);
+    assert_eq!(accept(dir.lookup("info@münchen-contoso.de")).kind, Kind::Shared);
+    assert_eq!(accept(dir.lookup("sales@contoso.com")).kind, Kind::Group);
+    // The UPN of a mail-less service account is not a recipient; the contact's domain is not ours.
+    assert_eq!(dir.lookup("svc-backup@corp.contoso.com"), Verdict::NotOurs);
+    assert_eq!(dir.lookup("partner@fabrikam.example"), Verdict::NotOurs);
+    assert_eq!(dir.lookup("nobody@contoso.com"), Verdict::Reject(Reject::UnknownUser));
+}
+
+#[test]
+fn conflicts_prefer_the_primary_owner_then_source_order() {
+    let name: Arc<str> = Arc::from("a.map");
+    let a = "1|c.example\tDOMAIN:\tc.example\n1|c.example\tDIR:\tinfo@c.example\n1|c.example\tMAP:\tinfo@c.example\tbob@c.example\n1|c.example\tDIR:\tbob@c.example\n++++\n";
+    let b_name: Arc<str> = Arc::from("b.csv");
+    let b = "PrimarySmtpAddress,EmailAddresses,RecipientTypeDetails\ninfo@c.example,,SharedMailbox\nalice@c.example,smtp:bob@c.example,UserMailbox\n";
+    let sa = sources::parse_text(sources::Format::Map, &name, a).expect("map");
+    let sb = sources::parse_text(sources::Format::Csv, &b_name, b).expect("csv");
+    let m = merge(&[sa, sb], 1);
+    assert_eq!(m.conflicts.len(), 2, "{:#?}", m.conflicts);
+    let info = m.conflicts.iter().find(|c| c.address == "info@c.example").expect("info");
+    assert_eq!((info.kept_owner.as_str(), info.rule), ("info@c.example", "its primary address"));
+    assert_eq!(info.kept_origin, "b.csv:2");
+    let bob = m.conflicts.iter().find(|c| c.address == "bob@c.example").expect("bob");
+    assert_eq!((bob.kept_owner.as_str(), bob.dropped_owner.as_str()), ("bob@c.example", "alice@c.example"));
+    let (bytes, _) = directory::build(m.input).expect("builds");
+    let dir = Directory::new(LookupOptions::default());
+    dir.publish(Arc::new(Snapshot::from_bytes(bytes).expect("loads")));
+    assert_eq!(accept(dir.lookup("info@c.example")).kind, Kind::Shared);
+}
