@@ -5,9 +5,9 @@
 //! same two steps run when a snapshot is built and when a query is answered, so equivalent
 //! spellings always meet on one key.
 //!
-//! For ASCII input of ordinary length nothing is allocated: the canonical parts are written
-//! into the caller's [`AddrBuf`] (stack memory). Only a non-ASCII local part (NFC) or an
-//! internationalized domain (IDNA) take the heap.
+//! For ASCII input nothing is allocated: the canonical parts are the input itself when it is
+//! already canonical, or are written into the caller's reusable [`AddrBuf`]. Only a non-ASCII
+//! local part (NFC) or an internationalized domain (IDNA) allocate.
 
 use std::fmt;
 
@@ -82,25 +82,20 @@ impl fmt::Display for Addr<'_> {
     }
 }
 
-const STACK: usize = 2 * MAX_INPUT + 4;
-
-/// Scratch memory for [`parse`]. Reuse one per thread or connection; it is 1 KiB of plain
-/// bytes plus two strings that are only touched for non-ASCII input.
+/// Scratch memory for [`parse`]. Reuse one per thread or connection: its two strings are
+/// allocated once, at their final capacity, so parsing never allocates for ASCII input.
 pub struct AddrBuf {
-    /// Canonical local part followed by the lowercased domain, for the ASCII fast path.
-    stack: [u8; STACK],
-    /// NFC form of a non-ASCII local part.
-    local_heap: String,
-    /// IDNA result for a non-ASCII (or `xn--`) domain.
-    domain_heap: String,
+    /// Canonical local part when it differs from the input (quoted, or NFC of non-ASCII).
+    local: String,
+    /// Lowercased or IDNA-converted domain when it differs from the input.
+    domain: String,
 }
 
 impl Default for AddrBuf {
     fn default() -> Self {
         AddrBuf {
-            stack: [0; STACK],
-            local_heap: String::new(),
-            domain_heap: String::new(),
+            local: String::with_capacity(2 * MAX_INPUT + 4),
+            domain: String::with_capacity(MAX_INPUT + 4),
         }
     }
 }
@@ -111,36 +106,43 @@ impl fmt::Debug for AddrBuf {
     }
 }
 
+const ATEXT: u8 = 1;
+const LDH: u8 = 2;
+const UPPER: u8 = 4;
+
+/// Character classes of ASCII bytes (bytes >= 0x80 have none).
+const CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 128 {
+        let c = i as u8;
+        let alnum = c.is_ascii_alphanumeric();
+        let special = matches!(
+            c,
+            b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'/' | b'=' | b'?'
+                | b'^' | b'_' | b'`' | b'{' | b'|' | b'}' | b'~'
+        );
+        if alnum || special {
+            t[i] |= ATEXT;
+        }
+        if c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' {
+            t[i] |= LDH;
+        }
+        if c.is_ascii_uppercase() {
+            t[i] |= UPPER;
+        }
+        i += 1;
+    }
+    t
+};
+
 /// Parse and canonicalize one mailbox (see the module documentation and DESIGN.md §3).
-pub fn parse<'b>(input: &str, buf: &'b mut AddrBuf) -> Result<Addr<'b>, AddrError> {
+pub fn parse<'a>(input: &'a str, buf: &'a mut AddrBuf) -> Result<Addr<'a>, AddrError> {
     let path = strip_envelope(input)?;
     let (local_in, domain_in) = split_at_domain(path)?;
-
-    let (local_len, local_ascii) = write_local(local_in, &mut buf.stack)?;
-    let domain_start = local_len;
-    let (domain_len, literal, domain_fast) =
-        write_domain(domain_in, &mut buf.stack[domain_start..])?;
-
-    let AddrBuf {
-        stack,
-        local_heap,
-        domain_heap,
-    } = buf;
-    let local_bytes = &stack[..local_len];
-    let local: &str = if local_ascii {
-        ascii_str(local_bytes)
-    } else {
-        let s = std::str::from_utf8(local_bytes).map_err(|_| AddrError::Empty)?;
-        local_heap.clear();
-        local_heap.extend(s.nfc());
-        local_heap.as_str()
-    };
-    let domain: &str = if domain_fast {
-        ascii_str(&stack[domain_start..domain_start + domain_len])
-    } else {
-        idna_domain(domain_in, domain_heap)?;
-        domain_heap.as_str()
-    };
+    let AddrBuf { local, domain } = buf;
+    let local = canonical_local(local_in, local)?;
+    let (domain, literal) = canonical_domain(domain_in, domain)?;
     if local.len() > MAX_LOCAL {
         return Err(AddrError::LocalTooLong(local.len()));
     }
@@ -203,18 +205,15 @@ pub fn normalize(input: &str) -> Result<String, AddrError> {
 /// Normalize a bare domain (as it appears in a `DOMAIN:` record or a config file).
 pub fn normalize_domain(input: &str) -> Result<String, AddrError> {
     let d = input.trim();
-    let mut stack = [0u8; MAX_INPUT + 4];
     if d.len() > MAX_INPUT {
         return Err(AddrError::DomainTooLong(d.len()));
     }
-    let (len, _literal, fast) = write_domain(d, &mut stack)?;
-    if fast {
-        Ok(ascii_str(&stack[..len]).to_owned())
-    } else {
-        let mut s = String::new();
-        idna_domain(d, &mut s)?;
-        Ok(s)
+    let mut scratch = String::new();
+    let (out, _literal) = canonical_domain(d, &mut scratch)?;
+    if out.len() > MAX_DOMAIN {
+        return Err(AddrError::DomainTooLong(out.len()));
     }
+    Ok(out.to_owned())
 }
 
 /// Position of the first subaddress separator in a (folded) local part, if stripping it
@@ -227,11 +226,6 @@ pub fn subaddress_split(local: &[u8], separators: &[u8]) -> Option<usize> {
         .iter()
         .position(|b| separators.contains(b))
         .filter(|&p| p > 0)
-}
-
-fn ascii_str(bytes: &[u8]) -> &str {
-    // Only ASCII bytes are ever written on the fast paths; from_utf8 cannot fail then.
-    std::str::from_utf8(bytes).unwrap_or("")
 }
 
 /// Remove whitespace, angle brackets and a source route; refuse over-long input early.
@@ -304,41 +298,64 @@ fn split_at_domain(path: &str) -> Result<(&str, &str), AddrError> {
     Ok((&path[..at], &path[at + 1..]))
 }
 
-fn is_atext(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~".contains(&b) || b >= 0x80
-}
-
 fn is_dot_atom(s: &[u8]) -> bool {
     !s.is_empty()
-        && s.split(|&b| b == b'.')
-            .all(|atom| !atom.is_empty() && atom.iter().all(|&b| is_atext(b)))
+        && s.split(|&b| b == b'.').all(|atom| {
+            !atom.is_empty() && atom.iter().all(|&b| b >= 0x80 || CLASS[b as usize] & ATEXT != 0)
+        })
 }
 
-/// Write the canonical local part into `out`; returns (length, is ASCII).
-fn write_local(local: &str, out: &mut [u8]) -> Result<(usize, bool), AddrError> {
-    if local.is_empty() {
-        return Err(AddrError::EmptyLocal);
-    }
+/// The canonical local part: the input itself for a plain dot-atom (case kept), else built in
+/// `scratch` (quoted strings, NFC of non-ASCII).
+fn canonical_local<'a>(local: &'a str, scratch: &'a mut String) -> Result<&'a str, AddrError> {
     let bytes = local.as_bytes();
-    if bytes[0] != b'"' {
-        if let Some((offset, ch)) = local
-            .char_indices()
-            .find(|&(_, c)| !(c == '.' || (c.is_ascii() && is_atext(c as u8)) || !c.is_ascii()))
-        {
-            return Err(AddrError::BadLocalChar { ch, offset });
-        }
-        if !is_dot_atom(bytes) {
-            return Err(AddrError::BadDots);
-        }
-        if bytes.len() > MAX_LOCAL * 4 {
-            return Err(AddrError::LocalTooLong(bytes.len()));
-        }
-        out[..bytes.len()].copy_from_slice(bytes);
-        return Ok((bytes.len(), local.is_ascii()));
+    match bytes.first() {
+        None => return Err(AddrError::EmptyLocal),
+        Some(b'"') => return quoted_local(local, scratch),
+        Some(_) => {}
     }
-    // Quoted string: unescape into `out`, then decide whether quotes are needed at all.
+    let mut prev_dot = true;
+    let mut ascii = true;
+    for (offset, &c) in bytes.iter().enumerate() {
+        if c == b'.' {
+            if prev_dot {
+                return Err(AddrError::BadDots);
+            }
+            prev_dot = true;
+            continue;
+        }
+        prev_dot = false;
+        if c >= 0x80 {
+            ascii = false;
+        } else if CLASS[c as usize] & ATEXT == 0 {
+            return Err(AddrError::BadLocalChar {
+                ch: c as char,
+                offset,
+            });
+        }
+    }
+    if prev_dot {
+        return Err(AddrError::BadDots);
+    }
+    if bytes.len() > MAX_LOCAL * 4 {
+        return Err(AddrError::LocalTooLong(bytes.len()));
+    }
+    if ascii || unicode_normalization::is_nfc_quick(local.chars())
+        == unicode_normalization::IsNormalized::Yes
+    {
+        return Ok(local);
+    }
+    scratch.clear();
+    scratch.extend(local.nfc());
+    Ok(scratch.as_str())
+}
+
+/// A quoted local part: unescaped; unquoted when it is a dot-atom, else re-quoted with only
+/// the necessary escapes, so every spelling has one canonical form. Built in `scratch`
+/// without allocating for ASCII (its capacity covers the longest form).
+fn quoted_local<'a>(local: &str, scratch: &'a mut String) -> Result<&'a str, AddrError> {
     let inner = &local[1..local.len() - 1];
-    let mut n = 0;
+    scratch.clear();
     let mut chars = inner.char_indices();
     while let Some((i, c)) = chars.next() {
         let c = if c == '\\' {
@@ -354,43 +371,47 @@ fn write_local(local: &str, out: &mut [u8]) -> Result<(usize, bool), AddrError> 
         if c.is_ascii() && !(' '..='~').contains(&c) {
             return Err(AddrError::BadLocalChar { ch: c, offset: i + 1 });
         }
-        let mut tmp = [0u8; 4];
-        let enc = c.encode_utf8(&mut tmp).as_bytes();
-        if n + enc.len() > MAX_LOCAL * 4 {
-            return Err(AddrError::LocalTooLong(n + enc.len()));
+        scratch.push(c);
+        if scratch.len() > MAX_LOCAL * 4 {
+            return Err(AddrError::LocalTooLong(scratch.len()));
         }
-        out[n..n + enc.len()].copy_from_slice(enc);
-        n += enc.len();
     }
-    if n == 0 {
+    if scratch.is_empty() {
         return Err(AddrError::EmptyLocal);
     }
-    let ascii = out[..n].is_ascii();
-    if is_dot_atom(&out[..n]) {
-        return Ok((n, ascii));
+    if !scratch.is_ascii() {
+        let nfc: String = scratch.nfc().collect();
+        scratch.clear();
+        scratch.push_str(&nfc);
     }
-    // Keep the quotes; escape only what must be escaped, so the form is canonical.
-    let mut canon = [0u8; 2 * MAX_LOCAL * 4 + 2];
-    let mut m = 0;
-    canon[m] = b'"';
-    m += 1;
-    for &b in &out[..n] {
+    if is_dot_atom(scratch.as_bytes()) {
+        return Ok(scratch.as_str());
+    }
+    // Append the quoted form after the content, then drop the content.
+    let n = scratch.len();
+    scratch.push('"');
+    let mut from = 0;
+    for i in 0..n {
+        let b = scratch.as_bytes()[i];
         if b == b'"' || b == b'\\' {
-            canon[m] = b'\\';
-            m += 1;
+            scratch.extend_from_within(from..i);
+            scratch.push('\\');
+            scratch.push(b as char);
+            from = i + 1;
         }
-        canon[m] = b;
-        m += 1;
     }
-    canon[m] = b'"';
-    m += 1;
-    out[..m].copy_from_slice(&canon[..m]);
-    Ok((m, ascii))
+    scratch.extend_from_within(from..n);
+    scratch.push('"');
+    scratch.drain(..n);
+    Ok(scratch.as_str())
 }
 
-/// Write a lowercase ASCII domain into `out`. Returns (length, literal, fast) where `fast ==
-/// false` means the domain needs IDNA processing instead (nothing useful was written).
-fn write_domain(domain: &str, out: &mut [u8]) -> Result<(usize, bool, bool), AddrError> {
+/// The canonical domain: lowercase ASCII with A-labels, or an address literal (flagged).
+/// Borrowed from the input when it is already canonical.
+fn canonical_domain<'a>(
+    domain: &'a str,
+    scratch: &'a mut String,
+) -> Result<(&'a str, bool), AddrError> {
     let d = domain.strip_suffix('.').unwrap_or(domain);
     if d.is_empty() {
         return Err(AddrError::EmptyDomain);
@@ -399,76 +420,87 @@ fn write_domain(domain: &str, out: &mut [u8]) -> Result<(usize, bool, bool), Add
         return Err(AddrError::DomainTooLong(d.len()));
     }
     if d.starts_with('[') {
-        let lit = write_literal(d, out)?;
-        return Ok((lit, true, true));
+        check_literal(d)?;
+        scratch.clear();
+        scratch.push_str(d);
+        scratch.make_ascii_lowercase();
+        return Ok((scratch.as_str(), true));
     }
     if !d.is_ascii() {
-        return Ok((0, false, false));
+        return idna_domain(d, scratch).map(|s| (s, false));
     }
-    if out.len() < d.len() {
-        return Err(AddrError::DomainTooLong(d.len()));
-    }
-    for (o, b) in out.iter_mut().zip(d.bytes()) {
-        *o = b.to_ascii_lowercase();
-    }
-    let lower = &out[..d.len()];
-    let mut needs_idna = false;
-    for label in lower.split(|&b| b == b'.') {
-        if label.is_empty() || label.len() > 63 {
-            return Err(AddrError::BadLabel);
-        }
-        if let Some(&b) = label
-            .iter()
-            .find(|&&b| !(b.is_ascii_alphanumeric() || b == b'-'))
-        {
-            return Err(AddrError::BadDomainChar { ch: b as char });
-        }
-        if label[0] == b'-' || label[label.len() - 1] == b'-' {
-            return Err(AddrError::BadDomainChar { ch: '-' });
-        }
-        needs_idna |= label.starts_with(b"xn--");
+    let (upper, xn) = check_ldh(d.as_bytes())?;
+    if xn {
+        return idna_domain(d, scratch).map(|s| (s, false));
     }
     if d.len() > MAX_DOMAIN {
         return Err(AddrError::DomainTooLong(d.len()));
     }
-    Ok((d.len(), false, !needs_idna))
+    if !upper {
+        return Ok((d, false));
+    }
+    scratch.clear();
+    scratch.push_str(d);
+    scratch.make_ascii_lowercase();
+    Ok((scratch.as_str(), false))
 }
 
-fn write_literal(domain: &str, out: &mut [u8]) -> Result<usize, AddrError> {
-    let inner = domain
+/// Check an ASCII host name: LDH labels of 1-63 octets, no hyphen at either end. Returns
+/// (has uppercase, has an `xn--` label).
+fn check_ldh(b: &[u8]) -> Result<(bool, bool), AddrError> {
+    let mut upper = false;
+    let mut xn = false;
+    let mut start = 0;
+    for i in 0..=b.len() {
+        let c = b.get(i).copied().unwrap_or(b'.');
+        if c == b'.' {
+            let label = &b[start..i];
+            if label.is_empty() || label.len() > 63 {
+                return Err(AddrError::BadLabel);
+            }
+            if label[0] == b'-' || label[label.len() - 1] == b'-' {
+                return Err(AddrError::BadDomainChar { ch: '-' });
+            }
+            xn |= label.len() >= 4 && label[..4].eq_ignore_ascii_case(b"xn--");
+            start = i + 1;
+            continue;
+        }
+        let class = CLASS[c as usize];
+        if class & LDH == 0 {
+            if class & UPPER == 0 {
+                return Err(AddrError::BadDomainChar { ch: c as char });
+            }
+            upper = true;
+        }
+    }
+    Ok((upper, xn))
+}
+
+fn check_literal(d: &str) -> Result<(), AddrError> {
+    let inner = d
         .strip_prefix('[')
         .and_then(|s| s.strip_suffix(']'))
         .ok_or(AddrError::BadLiteral)?;
-    let ok = if let Some(v6) = inner
-        .get(..5)
-        .filter(|p| p.eq_ignore_ascii_case("ipv6:"))
-        .map(|_| &inner[5..])
-    {
-        v6.parse::<std::net::Ipv6Addr>().is_ok()
-    } else {
-        inner.parse::<std::net::Ipv4Addr>().is_ok()
+    let ok = match inner.get(..5) {
+        Some(p) if p.eq_ignore_ascii_case("ipv6:") => {
+            inner[5..].parse::<std::net::Ipv6Addr>().is_ok()
+        }
+        _ => inner.parse::<std::net::Ipv4Addr>().is_ok(),
     };
-    if !ok {
-        return Err(AddrError::BadLiteral);
-    }
-    let dst = out
-        .get_mut(..domain.len())
-        .ok_or(AddrError::DomainTooLong(domain.len()))?;
-    for (o, b) in dst.iter_mut().zip(domain.bytes()) {
-        *o = b.to_ascii_lowercase();
-    }
-    Ok(domain.len())
+    if ok { Ok(()) } else { Err(AddrError::BadLiteral) }
 }
 
 /// UTS-46 to ASCII; the result must itself be a valid LDH domain.
-fn idna_domain(domain: &str, out: &mut String) -> Result<(), AddrError> {
-    let d = domain.strip_suffix('.').unwrap_or(domain);
+fn idna_domain<'a>(d: &str, scratch: &'a mut String) -> Result<&'a str, AddrError> {
     let ascii = idna::domain_to_ascii(d).map_err(|_| AddrError::Idna)?;
-    let mut scratch = [0u8; MAX_DOMAIN * 2];
-    let (len, _, _) = write_domain(&ascii, &mut scratch)?;
-    out.clear();
-    out.push_str(ascii_str(&scratch[..len]));
-    Ok(())
+    if !ascii.is_ascii() {
+        return Err(AddrError::Idna);
+    }
+    check_ldh(ascii.as_bytes())?;
+    scratch.clear();
+    scratch.push_str(&ascii);
+    scratch.make_ascii_lowercase();
+    Ok(scratch.as_str())
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ pub fn fuzz_snapshot(data: &[u8]) {
             let v = snap.lookup(q, b"+", &mut buf);
             if let Some(hit) = v.hit() {
                 let _ = snap.route(hit);
-                let _ = snap.record_info(hit);
+                let _ = snap.record_info(q, hit);
             }
         }
         snap.for_each_address(|_, _| {});

@@ -282,7 +282,7 @@ fn lookup(
             Verdict::Accept(hit) => {
                 obj.insert("kind".into(), json!(hit.kind.as_str()));
                 if let Some(snap) = view.snapshot() {
-                    if let Ok(Some(info)) = snap.record_info(&hit) {
+                    if let Ok(Some(info)) = snap.record_info(input, &hit) {
                         let owner = info.owner.or_else(|| obj.get("address").and_then(|a| a.as_str()).map(str::to_owned));
                         if let Some(o) = owner {
                             obj.insert("owner".into(), json!(o));

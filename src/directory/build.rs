@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use super::Kind;
 use super::format::{
-    COLD_REC, DOMAIN_REC, HEADER_LEN, Header, SECTIONS, SHARD_REC, Sec, SectionRef, domain_hash,
-    put_str,
+    COLD_AMBIGUOUS, COLD_REC, DOMAIN_REC, HEADER_LEN, Header, SECTIONS, SHARD_REC, Sec,
+    SectionRef, domain_hash, put_str,
 };
 
 /// "No string" / "no value" marker in every u32 reference.
@@ -140,10 +140,9 @@ pub struct BuildStats {
 /// What one shard thread returns.
 struct ShardOut {
     fst: Vec<u8>,
-    /// (ordinal, attribute set) for records that differ from their domain's common set.
-    overrides: Vec<(u32, u32)>,
-    /// (domain index, common attribute set, record count).
-    commons: Vec<(u32, u32, u32)>,
+    /// (domain index, record count).
+    counts: Vec<(u32, u32)>,
+    /// Sorted by key.
     records: Vec<RecordSpec>,
 }
 
@@ -233,19 +232,12 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
     for r in input.records.drain(..) {
         parts[shard_of_domain(r.domain)].push(r);
     }
-    let mut bases = Vec::with_capacity(parts.len());
-    let mut base = 0u32;
-    for p in &parts {
-        bases.push(base);
-        base += p.len() as u32;
-    }
 
     let sort_fst = Instant::now();
     let results: Vec<Result<(ShardOut, Duration), BuildError>> = std::thread::scope(|s| {
         let handles: Vec<_> = parts
             .into_iter()
-            .zip(bases.iter().copied())
-            .map(|(part, base)| s.spawn(move || build_shard(part, base, key_width)))
+            .map(|part| s.spawn(move || build_shard(part, key_width)))
             .collect();
         handles
             .into_iter()
@@ -264,12 +256,9 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
     }
     let fst_time = sort_fst.elapsed().saturating_sub(sort_time);
 
-    // Domain commons.
-    let mut common = declared.clone();
     let mut counts = vec![0u32; domains.len()];
     for s in &shards {
-        for &(d, set, n) in &s.commons {
-            common[d as usize] = set;
+        for &(d, n) in &s.counts {
             counts[d as usize] = n;
         }
     }
@@ -315,7 +304,7 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
             domain_name_ids[i],
             d.customer,
             declared[i],
-            common[i],
+            0,
             flags,
             counts[i],
         ] {
@@ -337,20 +326,27 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
         .iter()
         .flat_map(|&(p, r)| p.to_le_bytes().into_iter().chain(r.to_le_bytes()))
         .collect();
-    sec[Sec::Overrides as usize] = shards
-        .iter()
-        .flat_map(|s| s.overrides.iter())
-        .flat_map(|&(o, set)| o.to_le_bytes().into_iter().chain(set.to_le_bytes()))
-        .collect();
     sec[Sec::Sources as usize] = source_ids.iter().flat_map(|v| v.to_le_bytes()).collect();
 
-    // Cold: owner, source, line, dn, attributes per record, in ordinal order.
+    // Cold: owner, source, line, dn, attributes per record, found by the hash of its key.
     let total_records: usize = shards.iter().map(|s| s.records.len()).sum();
+    let all: Vec<&RecordSpec> = shards.iter().flat_map(|s| s.records.iter()).collect();
+    let mut keyed: Vec<(u64, u32)> = Vec::with_capacity(total_records);
+    let mut key = Vec::with_capacity(300);
+    for (i, r) in all.iter().enumerate() {
+        fst_key(&mut key, r, key_width as usize);
+        keyed.push((domain_hash(&key), i as u32));
+    }
+    keyed.sort_unstable();
     let mut cold = Vec::with_capacity(total_records * COLD_REC);
     let mut blob = Vec::new();
     let mut owners: HashMap<Box<str>, u32> = HashMap::new();
-    for s in &shards {
-        for r in &s.records {
+    let mut cold_keys = Vec::with_capacity(total_records * 8);
+    for (n, &(h, i)) in keyed.iter().enumerate() {
+        let ambiguous = (n > 0 && keyed[n - 1].0 == h) || keyed.get(n + 1).is_some_and(|k| k.0 == h);
+        cold_keys.extend_from_slice(&h.to_le_bytes());
+        {
+            let r = all[i as usize];
             let owner = match &r.owner {
                 Some(o) => match owners.get(&**o) {
                     Some(&off) => off,
@@ -367,11 +363,13 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
                 .attributes
                 .as_deref()
                 .map_or(NONE, |a| put_str(&mut blob, a));
-            for v in [owner, r.source, r.line, dn, attrs] {
+            let source = if ambiguous { r.source | COLD_AMBIGUOUS } else { r.source };
+            for v in [owner, source, r.line, dn, attrs] {
                 cold.extend_from_slice(&v.to_le_bytes());
             }
         }
     }
+    sec[Sec::ColdKeys as usize] = cold_keys;
     if blob.len() >= NONE as usize {
         return Err(BuildError::TooMany("bytes of diagnostic strings"));
     }
@@ -400,7 +398,9 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
     for s in &sec {
         file.extend_from_slice(s);
     }
-    let cold_bytes = sec[Sec::ColdRecords as usize].len() + sec[Sec::ColdBlob as usize].len();
+    let cold_bytes = sec[Sec::ColdKeys as usize].len()
+        + sec[Sec::ColdRecords as usize].len()
+        + sec[Sec::ColdBlob as usize].len();
     let stats = BuildStats {
         records: total_records,
         domains: domains.len(),
@@ -416,52 +416,33 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
     Ok((file, stats))
 }
 
+/// The FST key of a record: the domain index (big-endian, `w` bytes), then the local part.
+fn fst_key(key: &mut Vec<u8>, r: &RecordSpec, w: usize) {
+    key.clear();
+    key.extend_from_slice(&r.domain.to_be_bytes()[4 - w..]);
+    key.extend_from_slice(r.local.as_bytes());
+}
+
 fn build_shard(
     mut records: Vec<RecordSpec>,
-    base: u32,
     key_width: u32,
 ) -> Result<(ShardOut, Duration), BuildError> {
     let t = Instant::now();
     records.sort_unstable_by(|a, b| (a.domain, &*a.local).cmp(&(b.domain, &*b.local)));
     let sort_time = t.elapsed();
 
-    // Most frequent attribute set per domain (records of a domain are contiguous).
-    let mut commons = Vec::new();
-    let mut i = 0;
-    while i < records.len() {
-        let d = records[i].domain;
-        let mut j = i;
-        let mut freq: HashMap<u32, u32> = HashMap::new();
-        while j < records.len() && records[j].domain == d {
-            *freq.entry(records[j].attrs).or_default() += 1;
-            j += 1;
-        }
-        let best = freq
-            .iter()
-            .max_by_key(|&(set, n)| (*n, std::cmp::Reverse(*set)))
-            .map_or(0, |(&set, _)| set);
-        commons.push((d, best, (j - i) as u32));
-        i = j;
-    }
-
     let w = key_width as usize;
     let mut builder = fst::MapBuilder::memory();
     let mut key: Vec<u8> = Vec::with_capacity(300);
-    let mut overrides = Vec::new();
-    let mut ci = 0;
-    for (n, r) in records.iter().enumerate() {
-        while commons[ci].0 != r.domain {
-            ci += 1;
+    let mut counts: Vec<(u32, u32)> = Vec::new();
+    for r in &records {
+        match counts.last_mut() {
+            Some((d, n)) if *d == r.domain => *n += 1,
+            _ => counts.push((r.domain, 1)),
         }
-        let ordinal = base + n as u32;
-        let over = r.attrs != commons[ci].1;
-        if over {
-            overrides.push((ordinal, r.attrs));
-        }
-        key.clear();
-        key.extend_from_slice(&r.domain.to_be_bytes()[4 - w..]);
-        key.extend_from_slice(r.local.as_bytes());
-        let value = (u64::from(ordinal) << 4) | (u64::from(over) << 3) | r.kind.code();
+        fst_key(&mut key, r, w);
+        // Values repeat within a domain, so the FST stores them almost for free.
+        let value = (u64::from(r.attrs) << 3) | r.kind.code();
         builder.insert(&key, value).map_err(|e| match e {
             fst::Error::Fst(fst::raw::Error::DuplicateKey { got }) => {
                 BuildError::Duplicate(String::from_utf8_lossy(&got[w.min(got.len())..]).into())
@@ -476,8 +457,7 @@ fn build_shard(
     Ok((
         ShardOut {
             fst,
-            overrides,
-            commons,
+            counts,
             records,
         },
         sort_time,

@@ -34,12 +34,11 @@ pub enum Sec {
     DomainSlots,
     /// Attribute sets: (profile string u32, route string u32).
     AttrSets,
-    /// Records whose attribute set differs from their domain's common one:
-    /// (ordinal u32, attribute set u32), sorted by ordinal.
-    Overrides,
+    /// Cold: 64-bit hash of every FST key, sorted; entry `i` describes `ColdRecords[i]`.
+    ColdKeys,
     /// Source names (string ids), for origins.
     Sources,
-    /// Cold: one `COLD_REC`-byte record per address, in key order.
+    /// Cold: one `COLD_REC`-byte record per address, in `ColdKeys` order.
     ColdRecords,
     /// Cold: length-prefixed strings (owners, DNs, attributes).
     ColdBlob,
@@ -54,7 +53,7 @@ impl Sec {
         Sec::Domains,
         Sec::DomainSlots,
         Sec::AttrSets,
-        Sec::Overrides,
+        Sec::ColdKeys,
         Sec::Sources,
         Sec::ColdRecords,
         Sec::ColdBlob,
@@ -69,7 +68,7 @@ impl Sec {
             Sec::Domains => "domains",
             Sec::DomainSlots => "domain index",
             Sec::AttrSets => "attribute sets",
-            Sec::Overrides => "overrides",
+            Sec::ColdKeys => "cold keys",
             Sec::Sources => "sources",
             Sec::ColdRecords => "cold records",
             Sec::ColdBlob => "cold strings",
@@ -77,13 +76,16 @@ impl Sec {
     }
 
     pub fn is_cold(self) -> bool {
-        matches!(self, Sec::ColdRecords | Sec::ColdBlob)
+        matches!(self, Sec::ColdKeys | Sec::ColdRecords | Sec::ColdBlob)
     }
 }
 
 pub const SHARD_REC: usize = 20;
 pub const DOMAIN_REC: usize = 24;
 pub const COLD_REC: usize = 20;
+/// Set in a cold record's source field when another key has the same 64-bit hash: its
+/// diagnostics are withheld rather than risk showing another address's.
+pub const COLD_AMBIGUOUS: u32 = 1 << 31;
 
 /// Why a snapshot file cannot be used. Every variant says what to do: rebuild it.
 #[derive(Debug, thiserror::Error)]

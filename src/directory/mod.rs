@@ -117,8 +117,9 @@ pub enum Match {
 pub struct Hit {
     pub kind: Kind,
     pub matched: Match,
-    /// Record ordinal in the snapshot (`None` for an accept-all domain answer).
-    pub record: Option<u32>,
+    /// Length of the (folded) local part that matched: shorter than the query's for a
+    /// subaddress match, 0 for an accept-all domain answer.
+    pub local_len: u16,
     /// Domain index in the snapshot.
     pub domain: u32,
     /// Attribute set (profile, route) index in the snapshot.

@@ -2,9 +2,10 @@
 //!
 //! FST keys are domain-first: the domain's index as a fixed-width big-endian prefix, then the
 //! folded local part. The domain is found first through a persisted hash index (it has to be,
-//! to tell "not ours" apart), so the FST walk only covers the local part. FST values pack
-//! `ordinal << 4 | override << 3 | kind`; the profile and route of a record are its domain's
-//! common attribute set unless the override bit sends us to the sorted override table.
+//! to tell "not ours" apart); its FST node after the prefix is resolved when the snapshot is
+//! opened, so a lookup walks only the local part. FST values are `attribute set << 3 | kind`:
+//! they repeat within a domain, so the FST stores them almost for free. Diagnostic data
+//! (owner, origin) is cold: found by the 64-bit hash of the key, only when asked for.
 
 use std::fmt;
 use std::fs::File;
@@ -12,9 +13,11 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
+use fst::raw::{CompiledAddr, Fst, Output};
+
 use super::format::{
-    self, COLD_REC, DOMAIN_REC, Header, SHARD_REC, Sec, SnapshotError, domain_hash, get_str,
-    u32_at,
+    self, COLD_AMBIGUOUS, COLD_REC, DOMAIN_REC, Header, SHARD_REC, Sec, SnapshotError,
+    domain_hash, get_str, u32_at,
 };
 use super::{Hit, Kind, Match, Reject, Verdict};
 use crate::address::{self, AddrBuf};
@@ -57,7 +60,6 @@ struct DomainRec {
     name: u32,
     customer: u32,
     declared: u32,
-    common: u32,
     flags: u32,
     records: u32,
 }
@@ -98,15 +100,18 @@ pub struct Snapshot {
     backing: Arc<Backing>,
     header: Header,
     /// (first domain index, FST) per shard, in domain order.
-    shards: Vec<(u32, fst::Map<FstBytes>)>,
+    shards: Vec<(u32, Fst<FstBytes>)>,
+    /// Per domain: the FST node after its key prefix and the output gathered on the way
+    /// (`None` when the domain has no addresses).
+    starts: Vec<Option<(CompiledAddr, Output)>>,
     /// Byte ranges of the hot sections inside `backing`, all checked at load.
     str_index: Range<usize>,
     str_blob: Range<usize>,
     domains: Range<usize>,
     slots: Range<usize>,
     attrsets: Range<usize>,
-    overrides: Range<usize>,
     sources: Range<usize>,
+    cold_keys: Range<usize>,
     cold_records: Range<usize>,
     cold_blob: Range<usize>,
     /// Result of the cold-section checksum, computed on first use.
@@ -164,13 +169,14 @@ impl Snapshot {
         };
         let mut snap = Snapshot {
             shards: Vec::new(),
+            starts: Vec::new(),
             str_index: range(Sec::StrIndex),
             str_blob: range(Sec::StrBlob),
             domains: range(Sec::Domains),
             slots: range(Sec::DomainSlots),
             attrsets: range(Sec::AttrSets),
-            overrides: range(Sec::Overrides),
             sources: range(Sec::Sources),
+            cold_keys: range(Sec::ColdKeys),
             cold_records: range(Sec::ColdRecords),
             cold_blob: range(Sec::ColdBlob),
             cold_ok: OnceLock::new(),
@@ -179,6 +185,9 @@ impl Snapshot {
         };
         snap.validate_tables()?;
         snap.shards = snap.load_shards(&backing)?;
+        snap.starts = (0..snap.header.domains)
+            .map(|i| snap.domain_start(i))
+            .collect();
         Ok(snap)
     }
 
@@ -196,7 +205,7 @@ impl Snapshot {
             (Sec::Domains, DOMAIN_REC),
             (Sec::DomainSlots, 4),
             (Sec::AttrSets, 8),
-            (Sec::Overrides, 8),
+            (Sec::ColdKeys, 8),
             (Sec::Sources, 4),
             (Sec::ColdRecords, COLD_REC),
             (Sec::Shards, SHARD_REC),
@@ -235,7 +244,6 @@ impl Snapshot {
             if (d.name as usize) >= strings
                 || !opt_str(d.customer)
                 || d.declared as usize >= attrsets
-                || d.common as usize >= attrsets
                 || d.shard() >= shards
             {
                 return Err(bad(Sec::Domains, "reference out of range"));
@@ -258,14 +266,9 @@ impl Snapshot {
                 return Err(bad(Sec::AttrSets, "string reference out of range"));
             }
         }
-        let mut last = None;
-        for i in 0..self.overrides.len() / 8 {
-            let ord = u32_at(self.bytes(&self.overrides), 8, i, 0).unwrap_or(0);
-            let set = u32_at(self.bytes(&self.overrides), 8, i, 1).unwrap_or(0);
-            if last.is_some_and(|l| l >= ord) || set as usize >= attrsets {
-                return Err(bad(Sec::Overrides, "not sorted, or attribute set out of range"));
-            }
-            last = Some(ord);
+        let records = self.header.records as usize;
+        if self.cold_keys.len() != records * 8 || self.cold_records.len() != records * COLD_REC {
+            return Err(bad(Sec::ColdRecords, "cold tables do not match the address count"));
         }
         for i in 0..self.sources.len() / 4 {
             let s = u32_at(self.bytes(&self.sources), 4, i, 0).unwrap_or(0);
@@ -279,7 +282,7 @@ impl Snapshot {
     fn load_shards(
         &self,
         backing: &Arc<Backing>,
-    ) -> Result<Vec<(u32, fst::Map<FstBytes>)>, SnapshotError> {
+    ) -> Result<Vec<(u32, Fst<FstBytes>)>, SnapshotError> {
         let table = self.header.section(backing.bytes(), Sec::Shards)?;
         let fst_sec = self.header.sections[Sec::Fst as usize];
         let mut shards = Vec::new();
@@ -303,7 +306,7 @@ impl Snapshot {
                 backing: backing.clone(),
                 range: start..start + len as usize,
             };
-            let map = fst::Map::new(bytes).map_err(|e| SnapshotError::Fst(e.to_string()))?;
+            let map = Fst::new(bytes).map_err(|e| SnapshotError::Fst(e.to_string()))?;
             shards.push((first, map));
         }
         Ok(shards)
@@ -377,7 +380,6 @@ impl Snapshot {
             name: f(0)?,
             customer: f(1)?,
             declared: f(2)?,
-            common: f(3)?,
             flags: f(4)?,
             records: f(5)?,
         })
@@ -431,40 +433,38 @@ impl Snapshot {
         (p, r)
     }
 
-    fn override_for(&self, ordinal: u32) -> Option<u32> {
-        let t = self.bytes(&self.overrides);
-        let (mut lo, mut hi) = (0usize, t.len() / 8);
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            let o = u32_at(t, 8, mid, 0)?;
-            match o.cmp(&ordinal) {
-                std::cmp::Ordering::Less => lo = mid + 1,
-                std::cmp::Ordering::Greater => hi = mid,
-                std::cmp::Ordering::Equal => return u32_at(t, 8, mid, 1),
-            }
-        }
-        None
-    }
-
-    fn shard_of(&self, d: &DomainRec) -> Option<&fst::Map<FstBytes>> {
+    fn shard_of(&self, d: &DomainRec) -> Option<&Fst<FstBytes>> {
         self.shards.get(d.shard()).map(|(_, m)| m)
     }
 
-    fn hit(&self, value: u64, d: &DomainRec, matched: Match) -> Hit {
-        let ordinal = (value >> 4) as u32;
-        let attrs = if value & 8 != 0 {
-            self.override_for(ordinal).unwrap_or(d.common)
-        } else {
-            d.common
-        };
+    /// Walk a domain's key prefix from the root (done once per domain, at open).
+    fn domain_start(&self, index: u32) -> Option<(CompiledAddr, Output)> {
+        let d = self.domain_rec(index)?;
+        let fst = self.shard_of(&d)?;
+        let w = self.header.key_width as usize;
+        let prefix = index.to_be_bytes();
+        walk(fst, fst.root().addr(), Output::zero(), &prefix[4 - w..])
+    }
+
+    fn hit(&self, value: u64, d: &DomainRec, matched: Match, local_len: usize) -> Hit {
         Hit {
             kind: Kind::from_code(value),
             matched,
-            record: Some(ordinal),
+            local_len: local_len as u16,
             domain: d.index,
-            attrs,
+            attrs: (value >> 3) as u32,
             generation: self.header.generation,
         }
+    }
+
+    /// Value of `local` in domain `d`, walking from the domain's start node.
+    fn get(&self, d: &DomainRec, local: &[u8]) -> Option<u64> {
+        let fst = self.shard_of(d)?;
+        let (addr, out) = (*self.starts.get(d.index as usize)?)?;
+        let (node, out) = walk(fst, addr, out, local)?;
+        let node = fst.node(node);
+        node.is_final()
+            .then(|| out.cat(node.final_output()).value())
     }
 
     /// Steps 2-5 and 8 of DESIGN.md §4 (the [`super::Directory`] adds 1 and 7).
@@ -479,38 +479,32 @@ impl Snapshot {
         let Some(d) = self.find_domain(addr.domain) else {
             return Verdict::NotOurs;
         };
-        let w = self.header.key_width as usize;
-        let prefix = d.index.to_be_bytes();
-        let mut key = [0u8; KEY_MAX];
-        key[..w].copy_from_slice(&prefix[4 - w..]);
         let keep_case = d.flags & FLAG_KEEP_CASE != 0;
-        match address::fold_local_into_slice(addr.local, keep_case, &mut key[w..]) {
-            Some(n) => self.match_local(&key[..w + n], w, &d, separators),
+        let mut key = [0u8; KEY_MAX];
+        match address::fold_local_into_slice(addr.local, keep_case, &mut key) {
+            Some(n) => self.match_local(&key[..n], &d, separators),
             None => {
-                let mut long = key[..w].to_vec();
+                let mut long = Vec::new();
                 address::fold_local_into(addr.local, keep_case, &mut long);
-                self.match_local(&long, w, &d, separators)
+                self.match_local(&long, &d, separators)
             }
         }
     }
 
-    fn match_local(&self, key: &[u8], w: usize, d: &DomainRec, separators: &[u8]) -> Verdict {
-        let Some(fst) = self.shard_of(d) else {
-            return Verdict::Tempfail(super::Tempfail::Internal);
-        };
-        if let Some(v) = fst.get(key) {
-            return Verdict::Accept(self.hit(v, d, Match::Exact));
+    fn match_local(&self, local: &[u8], d: &DomainRec, separators: &[u8]) -> Verdict {
+        if let Some(v) = self.get(d, local) {
+            return Verdict::Accept(self.hit(v, d, Match::Exact, local.len()));
         }
-        if let Some(p) = address::subaddress_split(&key[w..], separators)
-            && let Some(v) = fst.get(&key[..w + p])
+        if let Some(p) = address::subaddress_split(local, separators)
+            && let Some(v) = self.get(d, &local[..p])
         {
-            return Verdict::Accept(self.hit(v, d, Match::Subaddress));
+            return Verdict::Accept(self.hit(v, d, Match::Subaddress, p));
         }
         if d.flags & FLAG_ACCEPT_ALL != 0 {
             return Verdict::Accept(Hit {
                 kind: Kind::CatchAll,
                 matched: Match::AcceptAll,
-                record: None,
+                local_len: 0,
                 domain: d.index,
                 attrs: d.declared,
                 generation: self.header.generation,
@@ -545,7 +539,7 @@ impl Snapshot {
     fn check_cold(&self) -> Result<(), SnapshotError> {
         let res = self.cold_ok.get_or_init(|| {
             let file = self.backing.bytes();
-            for sec in [Sec::ColdRecords, Sec::ColdBlob] {
+            for sec in [Sec::ColdKeys, Sec::ColdRecords, Sec::ColdBlob] {
                 let expected = self.header.sections[sec as usize].crc;
                 let got = crc32fast::hash(self.header.section(file, sec).unwrap_or(&[]));
                 if expected != got {
@@ -561,11 +555,46 @@ impl Snapshot {
         })
     }
 
-    /// Owner, origin and attributes of a record, from the cold section (checked on first use).
-    pub fn record_info(&self, hit: &Hit) -> Result<Option<RecordInfo>, SnapshotError> {
-        let Some(ordinal) = hit.record.filter(|_| self.same_generation(hit)) else {
+    /// Owner, origin and attributes of the record that answered `rcpt` with `hit`, from the
+    /// cold sections (checked on first use). `None` for an accept-all answer, a hit from
+    /// another generation, or (p ~ 1e-6 per 10M addresses) a key whose hash is ambiguous.
+    pub fn record_info(&self, rcpt: &str, hit: &Hit) -> Result<Option<RecordInfo>, SnapshotError> {
+        if hit.matched == Match::AcceptAll || !self.same_generation(hit) {
+            return Ok(None);
+        }
+        let mut buf = AddrBuf::default();
+        let Ok(addr) = address::parse(rcpt, &mut buf) else {
             return Ok(None);
         };
+        let keep_case = self
+            .domain_rec(hit.domain)
+            .is_some_and(|d| d.flags & FLAG_KEEP_CASE != 0);
+        let w = self.header.key_width as usize;
+        let mut key = hit.domain.to_be_bytes()[4 - w..].to_vec();
+        address::fold_local_into(addr.local, keep_case, &mut key);
+        key.truncate(w + hit.local_len as usize);
+        let h = domain_hash(&key);
+        self.check_cold()?;
+        let keys = self.bytes(&self.cold_keys);
+        let n = keys.len() / 8;
+        let key_at = |i: usize| {
+            keys.get(i * 8..i * 8 + 8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_le_bytes)
+        };
+        let (mut lo, mut hi) = (0usize, n);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if key_at(mid).unwrap_or(u64::MAX) < h {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        if key_at(lo) != Some(h) {
+            return Ok(None);
+        }
+        let ordinal = lo;
         self.check_cold()?;
         let t = self.bytes(&self.cold_records);
         let blob = self.bytes(&self.cold_blob);
@@ -581,6 +610,9 @@ impl Snapshot {
             f(3).ok_or_else(bad)?,
             f(4).ok_or_else(bad)?,
         );
+        if source & COLD_AMBIGUOUS != 0 {
+            return Ok(None);
+        }
         let cold = |off: u32| {
             if off == super::NONE {
                 Ok(None)
@@ -615,7 +647,8 @@ impl Snapshot {
         let mut text = String::new();
         for (_, map) in &self.shards {
             let mut stream = map.stream();
-            while let Some((key, value)) = stream.next() {
+            while let Some((key, out)) = stream.next() {
+                let value = out.value();
                 let Some((prefix, local)) = key.split_at_checked(w) else {
                     continue;
                 };
@@ -631,10 +664,27 @@ impl Snapshot {
                 text.push_str(local);
                 text.push('@');
                 text.push_str(domain);
-                f(&text, self.hit(value, &d, Match::Exact));
+                f(&text, self.hit(value, &d, Match::Exact, local.len()));
             }
         }
     }
+}
+
+/// Follow `key` from node `addr`, gathering outputs; the node reached, or `None` if a byte
+/// has no transition.
+fn walk(
+    fst: &Fst<FstBytes>,
+    addr: CompiledAddr,
+    mut out: Output,
+    key: &[u8],
+) -> Option<(CompiledAddr, Output)> {
+    let mut node = fst.node(addr);
+    for &b in key {
+        let t = node.transition(node.find_input(b)?);
+        out = out.cat(t.out);
+        node = fst.node(t.addr);
+    }
+    Some((node.addr(), out))
 }
 
 fn bad_clone(e: &SnapshotError) -> SnapshotError {

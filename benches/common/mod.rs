@@ -1,0 +1,184 @@
+//! Deterministic synthetic directories for the benchmarks: N addresses over N/500 domains
+//! (skewed: a few large tenants, many small ones), two thirds primary addresses of users,
+//! groups and shared mailboxes, one third aliases; a quarter of the users routed to the cloud.
+
+#![allow(dead_code)]
+
+use rcptgate::directory::{BuildInput, DomainSpec, Interner, Kind, NONE, RecordSpec};
+
+const FIRST: &[&str] = &[
+    "james", "mary", "robert", "patricia", "john", "jennifer", "michael", "linda", "david",
+    "elizabeth", "william", "barbara", "richard", "susan", "joseph", "jessica", "thomas", "sarah",
+    "charles", "karen", "lukas", "anna", "felix", "lea", "jonas", "hannah", "leon", "sophie",
+    "paul", "marie", "finn", "emma", "noah", "mia", "elias", "lina", "ben", "emilia", "louis",
+    "clara", "hugo", "jade", "gabriel", "louise", "arthur", "alice", "raphael", "chloe", "jules",
+    "ines", "mohammed", "fatima", "wei", "li", "hiroshi", "yuki", "carlos", "lucia", "mateo",
+    "sofia", "olga", "ivan", "priya", "arjun", "ahmet", "elif", "jan", "agnieszka", "lars", "ingrid",
+];
+const LAST: &[&str] = &[
+    "smith", "johnson", "williams", "brown", "jones", "garcia", "miller", "davis", "rodriguez",
+    "martinez", "hernandez", "lopez", "gonzalez", "wilson", "anderson", "thomas", "taylor",
+    "moore", "jackson", "martin", "mueller", "schmidt", "schneider", "fischer", "weber", "meyer",
+    "wagner", "becker", "schulz", "hoffmann", "bernard", "dubois", "durand", "lefebvre", "moreau",
+    "laurent", "simon", "michel", "rossi", "russo", "ferrari", "esposito", "bianchi", "romano",
+    "kowalski", "nowak", "wisniewski", "novak", "svoboda", "nielsen", "jensen", "hansen",
+    "johansson", "larsson", "kim", "lee", "park", "chen", "wang", "zhang", "tanaka", "suzuki",
+    "sato", "yilmaz", "kaya", "silva", "santos", "oliveira", "ivanov", "petrov",
+];
+const WORDS: &[&str] = &[
+    "north", "blue", "river", "stone", "alpha", "nova", "green", "bright", "summit", "oak",
+    "harbor", "metro", "apex", "cedar", "delta", "eagle", "falcon", "global", "iron", "lake",
+];
+const TLDS: &[&str] = &["com", "de", "net", "org", "co.uk", "fr", "nl", "ch", "at", "io"];
+const ROLES: &[&str] = &["info", "sales", "support", "billing", "hr", "jobs", "office", "team", "news", "press"];
+
+/// splitmix64: small, fast, deterministic.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    pub fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+pub struct Synthetic {
+    pub input: BuildInput,
+    /// Every address as `local@domain` (normalized), in generation order.
+    pub addresses: Vec<String>,
+}
+
+fn pick<'a>(rng: &mut Rng, list: &[&'a str]) -> &'a str {
+    list[rng.below(list.len())]
+}
+
+pub fn domain_name(i: usize) -> String {
+    let mut rng = Rng::new(0xD0_0000 + i as u64);
+    format!("{}{}-{i}.{}", pick(&mut rng, WORDS), pick(&mut rng, WORDS), pick(&mut rng, TLDS))
+}
+
+/// Generate `n` addresses (exactly), deterministically for a given `seed`.
+pub fn generate(n: usize, seed: u64) -> Synthetic {
+    let mut rng = Rng::new(seed);
+    let ndomains = (n / 500).max(2);
+    let mut strings = Interner::default();
+    let onprem = strings.intern("smtp:[mx.onprem.example]:25");
+    let cloud = strings.intern("smtp:[tenant.mail.protection.outlook.com]:25");
+    let standard = strings.intern("standard");
+    let domains: Vec<DomainSpec> = (0..ndomains)
+        .map(|i| DomainSpec {
+            name: domain_name(i),
+            customer: strings.intern(&format!("{}", 10000 + i / 3)),
+            profile: standard,
+            route: onprem,
+            accept_all: false,
+            keep_case: false,
+        })
+        .collect();
+    let mut seen = std::collections::HashSet::with_capacity(n * 2);
+    let mut records = Vec::with_capacity(n);
+    let mut addresses = Vec::with_capacity(n);
+    let mut counter = 0u64;
+    while records.len() < n {
+        // Skewed domain choice: u^2 favours low indices (large tenants).
+        let u = rng.unit();
+        let d = ((u * u) * ndomains as f64) as usize % ndomains;
+        let (first, last) = (pick(&mut rng, FIRST), pick(&mut rng, LAST));
+        counter += 1;
+        let roll = rng.below(100);
+        let (local, kind) = if roll < 4 {
+            (format!("{}{}", pick(&mut rng, ROLES), counter % 97), Kind::Group)
+        } else if roll < 6 {
+            (format!("{}-desk{}", pick(&mut rng, ROLES), counter % 89), Kind::Shared)
+        } else if rng.below(4) == 0 {
+            (format!("{first}.{last}{}", counter % 1000), Kind::User)
+        } else {
+            (format!("{first}.{last}"), Kind::User)
+        };
+        if !seen.insert((d, local.clone())) {
+            continue;
+        }
+        let dname = &domains[d].name;
+        let primary = format!("{local}@{dname}");
+        let mut rec = RecordSpec::new(d as u32, local.as_str(), kind);
+        let routed = kind == Kind::User && rng.below(4) == 0;
+        if routed {
+            rec.route = cloud;
+        }
+        rec.source = 0;
+        rec.line = records.len() as u32 + 1;
+        records.push(rec);
+        addresses.push(primary.clone());
+        // Half of the primaries get one alias: one third of all addresses.
+        if records.len() < n && rng.below(2) == 0 {
+            let alias = match rng.below(3) {
+                0 => format!("{}{last}", &first[..1]),
+                1 => format!("{first}_{last}"),
+                _ => format!("{last}.{first}"),
+            };
+            if seen.insert((d, alias.clone())) {
+                let mut a = RecordSpec::new(d as u32, alias.as_str(), Kind::Alias);
+                if routed {
+                    a.route = cloud;
+                }
+                a.owner = Some(primary.into());
+                a.line = records.len() as u32 + 1;
+                records.push(a);
+                addresses.push(format!("{alias}@{dname}"));
+            }
+        }
+    }
+    let _ = NONE;
+    Synthetic {
+        input: BuildInput {
+            generation: 1,
+            created_unix: 0,
+            strings,
+            sources: vec!["synthetic.map".into()],
+            domains,
+            records,
+            shards: 0,
+        },
+        addresses,
+    }
+}
+
+/// Addresses in the generated domains that do not exist.
+pub fn misses(syn: &Synthetic, count: usize, seed: u64) -> Vec<String> {
+    let mut rng = Rng::new(seed);
+    (0..count)
+        .map(|_| {
+            let a = &syn.addresses[rng.below(syn.addresses.len())];
+            let (local, domain) = a.rsplit_once('@').unwrap_or((a, ""));
+            format!("{local}.x{}@{domain}", rng.below(1000))
+        })
+        .collect()
+}
+
+/// Random existing addresses (hits), optionally with a `+tag` detail.
+pub fn hits(syn: &Synthetic, count: usize, seed: u64, tag: bool) -> Vec<String> {
+    let mut rng = Rng::new(seed);
+    (0..count)
+        .map(|_| {
+            let a = &syn.addresses[rng.below(syn.addresses.len())];
+            if tag {
+                let (local, domain) = a.rsplit_once('@').unwrap_or((a, ""));
+                format!("{local}+news{}@{domain}", rng.below(100))
+            } else {
+                a.clone()
+            }
+        })
+        .collect()
+}
