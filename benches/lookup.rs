@@ -53,7 +53,10 @@ impl HashBaseline {
     fn bytes(&self) -> usize {
         let map = self.map.load();
         let slots = map.capacity() * 25;
-        let keys: usize = map.keys().map(|k| (k.len() + 8).div_ceil(16).max(2) * 16).sum();
+        let keys: usize = map
+            .keys()
+            .map(|k| (k.len() + 8).div_ceil(16).max(2) * 16)
+            .sum();
         slots + keys
     }
 }
@@ -150,6 +153,8 @@ fn run_size(c: &mut Criterion, n: usize, test_mode: bool) {
 
     let dir = Directory::new(LookupOptions::default());
     dir.publish(Arc::new(Snapshot::open(&path).expect("open")));
+    let huge = Directory::new(LookupOptions::default());
+    huge.publish(Arc::new(Snapshot::open_huge_pages(&path).expect("open")));
 
     let t = Instant::now();
     let mut map: HashMap<Box<str>, u32> = HashMap::with_capacity(addresses.len());
@@ -179,20 +184,33 @@ fn run_size(c: &mut Criterion, n: usize, test_mode: bool) {
 
     let overhead = timer_overhead();
     let mut report = Vec::new();
-    for (name, qs) in [("hit", &q_hit), ("subaddress hit", &q_sub), ("miss", &q_miss)] {
+    for (name, qs) in [
+        ("hit", &q_hit),
+        ("subaddress hit", &q_sub),
+        ("miss", &q_miss),
+    ] {
         let f = time_each(qs, overhead, |q| {
             black_box(dir.lookup(black_box(q)));
+        });
+        let hp = time_each(qs, overhead, |q| {
+            black_box(huge.lookup(black_box(q)));
         });
         let mut b2 = AddrBuf::default();
         let h = time_each(qs, overhead, |q| {
             black_box(base.lookup(black_box(q), &mut b2));
         });
-        report.push((name, f, h));
+        report.push((name, f, hp, h));
     }
 
     let nn = stats.records as f64;
-    println!("\n=== rcptgate snapshot, {label} addresses, {} domains ===", stats.domains);
-    println!("generate {:.1} s (not part of the build)", gen_time.as_secs_f64());
+    println!(
+        "\n=== rcptgate snapshot, {label} addresses, {} domains ===",
+        stats.domains
+    );
+    println!(
+        "generate {:.1} s (not part of the build)",
+        gen_time.as_secs_f64()
+    );
     println!(
         "build: {:.2} s total ({} shard(s); sort {:.2} s, fst {:.2} s) | HashMap inserts {:.2} s",
         stats.total_time.as_secs_f64(),
@@ -208,16 +226,24 @@ fn run_size(c: &mut Criterion, n: usize, test_mode: bool) {
         stats.cold_bytes as f64 / nn,
         base.bytes() as f64 / nn
     );
-    println!("warm start (open + first answer, file in page cache): {:.2} ms", warm_start.as_secs_f64() * 1e3);
-    println!("per-lookup latency through Directory::lookup (normalize + ArcSwap + lookup), timer overhead {overhead:.0} ns subtracted:");
-    for (name, f, h) in &report {
+    println!(
+        "warm start (open + first answer, file in page cache): {:.2} ms",
+        warm_start.as_secs_f64() * 1e3
+    );
+    println!(
+        "per-lookup latency through Directory::lookup (normalize + ArcSwap + lookup), timer overhead {overhead:.0} ns subtracted:"
+    );
+    for (name, f, hp, h) in &report {
         println!(
-            "  {name:<15} fst p50 {:>6.0} ns p99 {:>6.0} ns | HashMap p50 {:>6.0} ns p99 {:>6.0} ns | ratio p50 {:.2}",
+            "  {name:<15} fst (mmap) p50 {:>5.0} p99 {:>5.0} | fst (huge pages) p50 {:>5.0} p99 {:>5.0} | HashMap p50 {:>5.0} p99 {:>5.0} ns | fst/HashMap p50 {:.2} / {:.2}",
             f.0,
             f.1,
+            hp.0,
+            hp.1,
             h.0,
             h.1,
-            f.0 / h.0.max(1.0)
+            f.0 / h.0.max(1.0),
+            hp.0 / h.0.max(1.0)
         );
     }
 
@@ -229,6 +255,18 @@ fn run_size(c: &mut Criterion, n: usize, test_mode: bool) {
     }
     for (name, qs) in [("hit", &q_hit), ("subaddress", &q_sub), ("miss", &q_miss)] {
         let mut cy = Cycle { qs, i: 0 };
+        g.bench_function(BenchmarkId::new("fst-huge-pages", name), |b| {
+            let mut cy = Cycle { qs, i: 0 };
+            b.iter_batched_ref(
+                || {
+                    let mut s = String::with_capacity(128);
+                    cy.next_into(&mut s);
+                    s
+                },
+                |q| black_box(huge.lookup(q)),
+                criterion::BatchSize::SmallInput,
+            )
+        });
         g.bench_function(BenchmarkId::new("fst", name), |b| {
             b.iter_batched_ref(
                 || {
@@ -305,7 +343,10 @@ fn main() {
     };
     let mut c = Criterion::default().configure_from_args();
     if test_mode {
-        c = c.sample_size(10).warm_up_time(Duration::from_millis(10)).measurement_time(Duration::from_millis(50));
+        c = c
+            .sample_size(10)
+            .warm_up_time(Duration::from_millis(10))
+            .measurement_time(Duration::from_millis(50));
     }
     for n in sizes {
         run_size(&mut c, n, test_mode);

@@ -119,8 +119,24 @@ const CLASS: [u8; 256] = {
         let alnum = c.is_ascii_alphanumeric();
         let special = matches!(
             c,
-            b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'/' | b'=' | b'?'
-                | b'^' | b'_' | b'`' | b'{' | b'|' | b'}' | b'~'
+            b'!' | b'#'
+                | b'$'
+                | b'%'
+                | b'&'
+                | b'\''
+                | b'*'
+                | b'+'
+                | b'-'
+                | b'/'
+                | b'='
+                | b'?'
+                | b'^'
+                | b'_'
+                | b'`'
+                | b'{'
+                | b'|'
+                | b'}'
+                | b'~'
         );
         if alnum || special {
             t[i] |= ATEXT;
@@ -235,7 +251,9 @@ fn strip_envelope(input: &str) -> Result<&str, AddrError> {
         return Err(AddrError::InputTooLong(s.len()));
     }
     if let Some(rest) = s.strip_prefix('<') {
-        s = rest.strip_suffix('>').ok_or(AddrError::UnbalancedBrackets)?;
+        s = rest
+            .strip_suffix('>')
+            .ok_or(AddrError::UnbalancedBrackets)?;
         if s.is_empty() {
             return Err(AddrError::NullPath);
         }
@@ -301,7 +319,10 @@ fn split_at_domain(path: &str) -> Result<(&str, &str), AddrError> {
 fn is_dot_atom(s: &[u8]) -> bool {
     !s.is_empty()
         && s.split(|&b| b == b'.').all(|atom| {
-            !atom.is_empty() && atom.iter().all(|&b| b >= 0x80 || CLASS[b as usize] & ATEXT != 0)
+            !atom.is_empty()
+                && atom
+                    .iter()
+                    .all(|&b| b >= 0x80 || CLASS[b as usize] & ATEXT != 0)
         })
 }
 
@@ -340,8 +361,9 @@ fn canonical_local<'a>(local: &'a str, scratch: &'a mut String) -> Result<&'a st
     if bytes.len() > MAX_LOCAL * 4 {
         return Err(AddrError::LocalTooLong(bytes.len()));
     }
-    if ascii || unicode_normalization::is_nfc_quick(local.chars())
-        == unicode_normalization::IsNormalized::Yes
+    if ascii
+        || unicode_normalization::is_nfc_quick(local.chars())
+            == unicode_normalization::IsNormalized::Yes
     {
         return Ok(local);
     }
@@ -364,12 +386,18 @@ fn quoted_local<'a>(local: &str, scratch: &'a mut String) -> Result<&'a str, Add
                 None => return Err(AddrError::UnterminatedQuote),
             }
         } else if c == '"' {
-            return Err(AddrError::BadLocalChar { ch: c, offset: i + 1 });
+            return Err(AddrError::BadLocalChar {
+                ch: c,
+                offset: i + 1,
+            });
         } else {
             c
         };
         if c.is_ascii() && !(' '..='~').contains(&c) {
-            return Err(AddrError::BadLocalChar { ch: c, offset: i + 1 });
+            return Err(AddrError::BadLocalChar {
+                ch: c,
+                offset: i + 1,
+            });
         }
         scratch.push(c);
         if scratch.len() > MAX_LOCAL * 4 {
@@ -487,7 +515,11 @@ fn check_literal(d: &str) -> Result<(), AddrError> {
         }
         _ => inner.parse::<std::net::Ipv4Addr>().is_ok(),
     };
-    if ok { Ok(()) } else { Err(AddrError::BadLiteral) }
+    if ok {
+        Ok(())
+    } else {
+        Err(AddrError::BadLiteral)
+    }
 }
 
 /// UTS-46 to ASCII; the result must itself be a valid LDH domain.
@@ -519,7 +551,10 @@ mod tests {
             ("<alice@contoso.com>", "alice@contoso.com"),
             ("  <alice@contoso.com>  ", "alice@contoso.com"),
             ("alice@contoso.com.", "alice@contoso.com"),
-            ("<@relay.example,@hop.example:alice@contoso.com>", "alice@contoso.com"),
+            (
+                "<@relay.example,@hop.example:alice@contoso.com>",
+                "alice@contoso.com",
+            ),
             ("\"alice\"@contoso.com", "alice@contoso.com"),
             ("\"john.doe\"@contoso.com", "john.doe@contoso.com"),
             ("\"john\\.doe\"@contoso.com", "john.doe@contoso.com"),
@@ -532,7 +567,10 @@ mod tests {
             ("user@BÜCHER.example", "user@xn--bcher-kva.example"),
             ("Jörg@bücher.example", "jörg@xn--bcher-kva.example"),
             // NFD input (o + combining diaeresis) meets the NFC key.
-            ("Jo\u{0308}rg@xn--bcher-kva.example", "jörg@xn--bcher-kva.example"),
+            (
+                "Jo\u{0308}rg@xn--bcher-kva.example",
+                "jörg@xn--bcher-kva.example",
+            ),
             ("user+tag@contoso.com", "user+tag@contoso.com"),
             ("x@[192.0.2.1]", "x@[192.0.2.1]"),
             ("x@[IPv6:2001:db8::1]", "x@[ipv6:2001:db8::1]"),
@@ -555,9 +593,18 @@ mod tests {
             (".alice@contoso.com", AddrError::BadDots),
             ("alice.@contoso.com", AddrError::BadDots),
             ("al..ice@contoso.com", AddrError::BadDots),
-            ("al ice@contoso.com", AddrError::BadLocalChar { ch: ' ', offset: 2 }),
-            ("a(b)@contoso.com", AddrError::BadLocalChar { ch: '(', offset: 1 }),
-            ("a@b@contoso.com", AddrError::BadLocalChar { ch: '@', offset: 1 }),
+            (
+                "al ice@contoso.com",
+                AddrError::BadLocalChar { ch: ' ', offset: 2 },
+            ),
+            (
+                "a(b)@contoso.com",
+                AddrError::BadLocalChar { ch: '(', offset: 1 },
+            ),
+            (
+                "a@b@contoso.com",
+                AddrError::BadLocalChar { ch: '@', offset: 1 },
+            ),
             ("\"unterminated@contoso.com", AddrError::UnterminatedQuote),
             ("\"a\"b@contoso.com", AddrError::AfterQuote),
             ("\"\"@contoso.com", AddrError::EmptyLocal),
@@ -639,8 +686,14 @@ mod tests {
 
     #[test]
     fn domains_alone() {
-        assert_eq!(normalize_domain("Bücher.Example.").as_deref(), Ok("xn--bcher-kva.example"));
-        assert_eq!(normalize_domain("CONTOSO.com").as_deref(), Ok("contoso.com"));
+        assert_eq!(
+            normalize_domain("Bücher.Example.").as_deref(),
+            Ok("xn--bcher-kva.example")
+        );
+        assert_eq!(
+            normalize_domain("CONTOSO.com").as_deref(),
+            Ok("contoso.com")
+        );
         assert!(normalize_domain("bad domain").is_err());
     }
 }

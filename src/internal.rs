@@ -12,7 +12,11 @@ pub fn fuzz_address(data: &[u8]) {
         return;
     };
     if let Ok(n) = address::normalize(s) {
-        assert_eq!(address::normalize(&n).as_deref(), Ok(n.as_str()), "not idempotent: {s:?}");
+        assert_eq!(
+            address::normalize(&n).as_deref(),
+            Ok(n.as_str()),
+            "not idempotent: {s:?}"
+        );
     }
 }
 

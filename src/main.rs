@@ -16,7 +16,11 @@ use rcptgate::sources::{self, Severity, SourceData, SourceError};
 use rcptgate::sync::{Merged, merge};
 
 #[derive(Parser, Debug)]
-#[command(name = "rcptgate", version, about = "Recipient validation for SMTP gateways")]
+#[command(
+    name = "rcptgate",
+    version,
+    about = "Recipient validation for SMTP gateways"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -140,7 +144,11 @@ fn print_diagnostics(srcs: &[SourceData], merged: &Merged) -> (usize, usize) {
 }
 
 /// Merge and build in memory.
-fn build_from(specs: &[String], generation: u64, quiet: bool) -> Result<(Snapshot, directory::BuildStats, Merged)> {
+fn build_from(
+    specs: &[String],
+    generation: u64,
+    quiet: bool,
+) -> Result<(Snapshot, directory::BuildStats, Merged)> {
     let (srcs, refused) = load_sources(specs);
     if let Some(e) = refused.first() {
         for e in &refused {
@@ -256,7 +264,8 @@ fn lookup(
     });
     match snapshot {
         Some(p) => {
-            let snap = Snapshot::open(p).with_context(|| format!("opening snapshot {}", p.display()))?;
+            let snap =
+                Snapshot::open(p).with_context(|| format!("opening snapshot {}", p.display()))?;
             dir.publish(Arc::new(snap));
         }
         None if !specs.is_empty() => {
@@ -283,7 +292,11 @@ fn lookup(
                 obj.insert("kind".into(), json!(hit.kind.as_str()));
                 if let Some(snap) = view.snapshot() {
                     if let Ok(Some(info)) = snap.record_info(input, &hit) {
-                        let owner = info.owner.or_else(|| obj.get("address").and_then(|a| a.as_str()).map(str::to_owned));
+                        let owner = info.owner.or_else(|| {
+                            obj.get("address")
+                                .and_then(|a| a.as_str())
+                                .map(str::to_owned)
+                        });
                         if let Some(o) = owner {
                             obj.insert("owner".into(), json!(o));
                         }
@@ -320,7 +333,9 @@ fn lookup(
             if let Some(c) = verdict.code() {
                 line.push_str(&format!(" {c}"));
             }
-            for k in ["kind", "owner", "customer", "profile", "route", "origin", "reason"] {
+            for k in [
+                "kind", "owner", "customer", "profile", "route", "origin", "reason",
+            ] {
                 if let Some(v) = obj.get(k).and_then(|v| v.as_str()) {
                     line.push_str(&format!(" {k}={v}"));
                 }

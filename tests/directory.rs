@@ -12,7 +12,8 @@ use rcptgate::sources;
 use rcptgate::sync::merge;
 
 fn example_bytes() -> Vec<u8> {
-    let src = sources::load(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.map")).expect("example loads");
+    let src = sources::load(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.map"))
+        .expect("example loads");
     assert!(src.diagnostics.is_empty(), "{:?}", src.diagnostics);
     let merged = merge(&[src], 42);
     assert!(merged.conflicts.is_empty());
@@ -21,7 +22,9 @@ fn example_bytes() -> Vec<u8> {
 
 fn example_dir() -> Directory {
     let dir = Directory::new(LookupOptions::default());
-    dir.publish(Arc::new(Snapshot::from_bytes(example_bytes()).expect("loads")));
+    dir.publish(Arc::new(
+        Snapshot::from_bytes(example_bytes()).expect("loads"),
+    ));
     dir
 }
 
@@ -35,7 +38,10 @@ fn accept(v: Verdict) -> Hit {
 #[test]
 fn not_loaded_is_a_temporary_failure() {
     let dir = Directory::new(LookupOptions::default());
-    assert_eq!(dir.lookup("alice.andersen@contoso.com"), Verdict::Tempfail(Tempfail::NotLoaded));
+    assert_eq!(
+        dir.lookup("alice.andersen@contoso.com"),
+        Verdict::Tempfail(Tempfail::NotLoaded)
+    );
     assert_eq!(dir.lookup("nobody@contoso.com").code(), Some("451 4.3.0"));
 }
 
@@ -50,26 +56,44 @@ fn every_verdict() {
     assert_eq!(snap.profile(&h), Some("executives"));
     assert_eq!(snap.route(&h), Some("smtp:[exch01.corp.contoso.com]:25"));
     assert_eq!(snap.customer(&h), Some("10001"));
-    let info = snap.record_info("alice.andersen@contoso.com", &h).expect("cold ok").expect("record");
+    let info = snap
+        .record_info("alice.andersen@contoso.com", &h)
+        .expect("cold ok")
+        .expect("record");
     assert_eq!(info.owner, None);
     assert!(info.origin.ends_with("example.map:6"), "{}", info.origin);
-    assert_eq!(info.attributes.as_deref(), Some("lang=en\tdepartment=Board"));
+    assert_eq!(
+        info.attributes.as_deref(),
+        Some("lang=en\tdepartment=Board")
+    );
 
     // Alias: owner recorded, route and profile inherited from the owner.
     let h = accept(dir.lookup("<Carol@CONTOSO.com>"));
     assert_eq!(h.kind, Kind::Alias);
-    assert_eq!(snap.route(&h), Some("smtp:[contoso-com.mail.protection.outlook.com]:25"));
-    let info = snap.record_info("<Carol@CONTOSO.com>", &h).expect("cold ok").expect("record");
+    assert_eq!(
+        snap.route(&h),
+        Some("smtp:[contoso-com.mail.protection.outlook.com]:25")
+    );
+    let info = snap
+        .record_info("<Carol@CONTOSO.com>", &h)
+        .expect("cold ok")
+        .expect("record");
     assert_eq!(info.owner.as_deref(), Some("carol.chen@contoso.com"));
 
     // Subaddress, only after the exact key missed.
     let h = accept(dir.lookup("bob.berger+newsletter@contoso.com"));
     assert_eq!((h.kind, h.matched), (Kind::User, Match::Subaddress));
-    let info = snap.record_info("bob.berger+newsletter@contoso.com", &h).expect("cold ok").expect("record");
+    let info = snap
+        .record_info("bob.berger+newsletter@contoso.com", &h)
+        .expect("cold ok")
+        .expect("record");
     assert!(info.origin.ends_with("example.map:7"), "{}", info.origin);
 
     assert_eq!(accept(dir.lookup("sales@contoso.com")).kind, Kind::Group);
-    assert_eq!(accept(dir.lookup("helpdesk@contoso.com")).kind, Kind::Shared);
+    assert_eq!(
+        accept(dir.lookup("helpdesk@contoso.com")).kind,
+        Kind::Shared
+    );
     // IDN: U-label and A-label are one key, NFD local part meets NFC.
     let h = accept(dir.lookup("ju\u{0308}rgen.mu\u{0308}ller@MÜNCHEN-contoso.de"));
     assert_eq!(h.kind, Kind::User);
@@ -78,19 +102,32 @@ fn every_verdict() {
     // Accept-all domain answers with the domain's defaults.
     let h = accept(dir.lookup("anything@fabrikam-lab.com"));
     assert_eq!((h.kind, h.matched), (Kind::CatchAll, Match::AcceptAll));
-    assert_eq!(snap.record_info("anything@fabrikam-lab.com", &h).expect("cold ok"), None);
+    assert_eq!(
+        snap.record_info("anything@fabrikam-lab.com", &h)
+            .expect("cold ok"),
+        None
+    );
     assert_eq!(snap.profile(&h), Some("quarantine-strict"));
 
-    assert_eq!(dir.lookup("nobody@contoso.com"), Verdict::Reject(Reject::UnknownUser));
+    assert_eq!(
+        dir.lookup("nobody@contoso.com"),
+        Verdict::Reject(Reject::UnknownUser)
+    );
     assert_eq!(dir.lookup("nobody@contoso.com").code(), Some("550 5.1.1"));
     assert_eq!(dir.lookup("someone@gmail.com"), Verdict::NotOurs);
     assert_eq!(dir.lookup("postmaster@[192.0.2.1]"), Verdict::NotOurs);
-    assert_eq!(dir.lookup("no at sign"), Verdict::Reject(Reject::Syntax(AddrError::NoAt)));
+    assert_eq!(
+        dir.lookup("no at sign"),
+        Verdict::Reject(Reject::Syntax(AddrError::NoAt))
+    );
     assert_eq!(dir.lookup("<>").code(), Some("501 5.1.3"));
 
     // Sources failing longer than max_age: unknown -> tempfail, known still accepted.
     dir.set_stale(true);
-    assert_eq!(dir.lookup("nobody@contoso.com"), Verdict::Tempfail(Tempfail::Stale));
+    assert_eq!(
+        dir.lookup("nobody@contoso.com"),
+        Verdict::Tempfail(Tempfail::Stale)
+    );
     accept(dir.lookup("alice.andersen@contoso.com"));
     assert_eq!(dir.lookup("someone@gmail.com"), Verdict::NotOurs);
 }
@@ -98,14 +135,26 @@ fn every_verdict() {
 #[test]
 fn subaddressing_can_be_disabled_or_use_other_separators() {
     let bytes = example_bytes();
-    let none = Directory::new(LookupOptions { separators: Box::from(&b""[..]) });
-    none.publish(Arc::new(Snapshot::from_bytes(bytes.clone()).expect("loads")));
-    assert_eq!(none.lookup("bob.berger+x@contoso.com"), Verdict::Reject(Reject::UnknownUser));
-    let dash = Directory::new(LookupOptions { separators: Box::from(&b"+-"[..]) });
+    let none = Directory::new(LookupOptions {
+        separators: Box::from(&b""[..]),
+    });
+    none.publish(Arc::new(
+        Snapshot::from_bytes(bytes.clone()).expect("loads"),
+    ));
+    assert_eq!(
+        none.lookup("bob.berger+x@contoso.com"),
+        Verdict::Reject(Reject::UnknownUser)
+    );
+    let dash = Directory::new(LookupOptions {
+        separators: Box::from(&b"+-"[..]),
+    });
     dash.publish(Arc::new(Snapshot::from_bytes(bytes).expect("loads")));
     accept(dash.lookup("bob-lists@contoso.com"));
     // "all-staff" exists exactly: the exact key wins over stripping at '-'.
-    assert_eq!(accept(dash.lookup("all-staff@contoso.com")).matched, Match::Exact);
+    assert_eq!(
+        accept(dash.lookup("all-staff@contoso.com")).matched,
+        Match::Exact
+    );
 }
 
 #[test]
@@ -117,7 +166,10 @@ fn keep_case_domain() {
     let dir = Directory::new(LookupOptions::default());
     dir.publish(Arc::new(Snapshot::from_bytes(bytes).expect("loads")));
     accept(dir.lookup("John.Doe@CASE.example"));
-    assert_eq!(dir.lookup("john.doe@case.example"), Verdict::Reject(Reject::UnknownUser));
+    assert_eq!(
+        dir.lookup("john.doe@case.example"),
+        Verdict::Reject(Reject::UnknownUser)
+    );
 }
 
 #[test]
@@ -143,11 +195,19 @@ fn truncated_or_corrupt_snapshots_give_clear_errors() {
     for cut in [0, 7, 12, 100, bytes.len() / 2, bytes.len() - 1] {
         let err = Snapshot::from_bytes(bytes[..cut].to_vec()).expect_err("truncated must fail");
         let msg = err.to_string();
-        assert!(msg.contains("rebuild") || msg.contains("magic"), "cut {cut}: {msg}");
+        assert!(
+            msg.contains("rebuild") || msg.contains("magic"),
+            "cut {cut}: {msg}"
+        );
     }
     // Flip one bit in every position: never a panic, never a silently different answer.
     let reference = example_dir();
-    let probes = ["alice.andersen@contoso.com", "nobody@contoso.com", "x@fabrikam-lab.com", "grace@fabrikam.com"];
+    let probes = [
+        "alice.andersen@contoso.com",
+        "nobody@contoso.com",
+        "x@fabrikam-lab.com",
+        "grace@fabrikam.com",
+    ];
     let expected: Vec<_> = probes.iter().map(|p| reference.lookup(p).name()).collect();
     for i in 0..bytes.len() {
         let mut bad = bytes.clone();
@@ -163,7 +223,15 @@ fn truncated_or_corrupt_snapshots_give_clear_errors() {
                 assert_eq!(got, expected, "bit flip at {i} changed answers");
                 let h = accept(d.lookup("alice.andersen@contoso.com"));
                 let v = d.view();
-                assert!(matches!(v.snapshot().expect("loaded").record_info("alice.andersen@contoso.com", &h), Err(SnapshotError::SectionChecksum { .. })), "flip at {i}");
+                assert!(
+                    matches!(
+                        v.snapshot()
+                            .expect("loaded")
+                            .record_info("alice.andersen@contoso.com", &h),
+                        Err(SnapshotError::SectionChecksum { .. })
+                    ),
+                    "flip at {i}"
+                );
             }
         }
     }
@@ -171,21 +239,31 @@ fn truncated_or_corrupt_snapshots_give_clear_errors() {
 
 #[test]
 fn ldif_source_maps_the_same_directory() {
-    let src = sources::load(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.ldif")).expect("loads");
+    let src =
+        sources::load(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.ldif")).expect("loads");
     assert!(src.diagnostics.is_empty(), "{:?}", src.diagnostics);
     let merged = merge(&[src], 1);
     let (bytes, _) = directory::build(merged.input).expect("builds");
     let dir = Directory::new(LookupOptions::default());
     dir.publish(Arc::new(Snapshot::from_bytes(bytes).expect("loads")));
     assert_eq!(accept(dir.lookup("alice@contoso.com")).kind, Kind::Alias);
-    assert_eq!(accept(dir.lookup("helpdesk@contoso.com")).kind, Kind::Shared);
+    assert_eq!(
+        accept(dir.lookup("helpdesk@contoso.com")).kind,
+        Kind::Shared
+    );
     assert_eq!(accept(dir.lookup("support@contoso.com")).kind, Kind::Alias);
-    assert_eq!(accept(dir.lookup("info@münchen-contoso.de")).kind, Kind::Shared);
+    assert_eq!(
+        accept(dir.lookup("info@münchen-contoso.de")).kind,
+        Kind::Shared
+    );
     assert_eq!(accept(dir.lookup("sales@contoso.com")).kind, Kind::Group);
     // The UPN of a mail-less service account is not a recipient; the contact's domain is not ours.
     assert_eq!(dir.lookup("svc-backup@corp.contoso.com"), Verdict::NotOurs);
     assert_eq!(dir.lookup("partner@fabrikam.example"), Verdict::NotOurs);
-    assert_eq!(dir.lookup("nobody@contoso.com"), Verdict::Reject(Reject::UnknownUser));
+    assert_eq!(
+        dir.lookup("nobody@contoso.com"),
+        Verdict::Reject(Reject::UnknownUser)
+    );
 }
 
 #[test]
@@ -198,11 +276,25 @@ fn conflicts_prefer_the_primary_owner_then_source_order() {
     let sb = sources::parse_text(sources::Format::Csv, &b_name, b).expect("csv");
     let m = merge(&[sa, sb], 1);
     assert_eq!(m.conflicts.len(), 2, "{:#?}", m.conflicts);
-    let info = m.conflicts.iter().find(|c| c.address == "info@c.example").expect("info");
-    assert_eq!((info.kept_owner.as_str(), info.rule), ("info@c.example", "its primary address"));
+    let info = m
+        .conflicts
+        .iter()
+        .find(|c| c.address == "info@c.example")
+        .expect("info");
+    assert_eq!(
+        (info.kept_owner.as_str(), info.rule),
+        ("info@c.example", "its primary address")
+    );
     assert_eq!(info.kept_origin, "b.csv:2");
-    let bob = m.conflicts.iter().find(|c| c.address == "bob@c.example").expect("bob");
-    assert_eq!((bob.kept_owner.as_str(), bob.dropped_owner.as_str()), ("bob@c.example", "alice@c.example"));
+    let bob = m
+        .conflicts
+        .iter()
+        .find(|c| c.address == "bob@c.example")
+        .expect("bob");
+    assert_eq!(
+        (bob.kept_owner.as_str(), bob.dropped_owner.as_str()),
+        ("bob@c.example", "alice@c.example")
+    );
     let (bytes, _) = directory::build(m.input).expect("builds");
     let dir = Directory::new(LookupOptions::default());
     dir.publish(Arc::new(Snapshot::from_bytes(bytes).expect("loads")));

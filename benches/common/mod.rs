@@ -7,30 +7,159 @@
 use rcptgate::directory::{BuildInput, DomainSpec, Interner, Kind, NONE, RecordSpec};
 
 const FIRST: &[&str] = &[
-    "james", "mary", "robert", "patricia", "john", "jennifer", "michael", "linda", "david",
-    "elizabeth", "william", "barbara", "richard", "susan", "joseph", "jessica", "thomas", "sarah",
-    "charles", "karen", "lukas", "anna", "felix", "lea", "jonas", "hannah", "leon", "sophie",
-    "paul", "marie", "finn", "emma", "noah", "mia", "elias", "lina", "ben", "emilia", "louis",
-    "clara", "hugo", "jade", "gabriel", "louise", "arthur", "alice", "raphael", "chloe", "jules",
-    "ines", "mohammed", "fatima", "wei", "li", "hiroshi", "yuki", "carlos", "lucia", "mateo",
-    "sofia", "olga", "ivan", "priya", "arjun", "ahmet", "elif", "jan", "agnieszka", "lars", "ingrid",
+    "james",
+    "mary",
+    "robert",
+    "patricia",
+    "john",
+    "jennifer",
+    "michael",
+    "linda",
+    "david",
+    "elizabeth",
+    "william",
+    "barbara",
+    "richard",
+    "susan",
+    "joseph",
+    "jessica",
+    "thomas",
+    "sarah",
+    "charles",
+    "karen",
+    "lukas",
+    "anna",
+    "felix",
+    "lea",
+    "jonas",
+    "hannah",
+    "leon",
+    "sophie",
+    "paul",
+    "marie",
+    "finn",
+    "emma",
+    "noah",
+    "mia",
+    "elias",
+    "lina",
+    "ben",
+    "emilia",
+    "louis",
+    "clara",
+    "hugo",
+    "jade",
+    "gabriel",
+    "louise",
+    "arthur",
+    "alice",
+    "raphael",
+    "chloe",
+    "jules",
+    "ines",
+    "mohammed",
+    "fatima",
+    "wei",
+    "li",
+    "hiroshi",
+    "yuki",
+    "carlos",
+    "lucia",
+    "mateo",
+    "sofia",
+    "olga",
+    "ivan",
+    "priya",
+    "arjun",
+    "ahmet",
+    "elif",
+    "jan",
+    "agnieszka",
+    "lars",
+    "ingrid",
 ];
 const LAST: &[&str] = &[
-    "smith", "johnson", "williams", "brown", "jones", "garcia", "miller", "davis", "rodriguez",
-    "martinez", "hernandez", "lopez", "gonzalez", "wilson", "anderson", "thomas", "taylor",
-    "moore", "jackson", "martin", "mueller", "schmidt", "schneider", "fischer", "weber", "meyer",
-    "wagner", "becker", "schulz", "hoffmann", "bernard", "dubois", "durand", "lefebvre", "moreau",
-    "laurent", "simon", "michel", "rossi", "russo", "ferrari", "esposito", "bianchi", "romano",
-    "kowalski", "nowak", "wisniewski", "novak", "svoboda", "nielsen", "jensen", "hansen",
-    "johansson", "larsson", "kim", "lee", "park", "chen", "wang", "zhang", "tanaka", "suzuki",
-    "sato", "yilmaz", "kaya", "silva", "santos", "oliveira", "ivanov", "petrov",
+    "smith",
+    "johnson",
+    "williams",
+    "brown",
+    "jones",
+    "garcia",
+    "miller",
+    "davis",
+    "rodriguez",
+    "martinez",
+    "hernandez",
+    "lopez",
+    "gonzalez",
+    "wilson",
+    "anderson",
+    "thomas",
+    "taylor",
+    "moore",
+    "jackson",
+    "martin",
+    "mueller",
+    "schmidt",
+    "schneider",
+    "fischer",
+    "weber",
+    "meyer",
+    "wagner",
+    "becker",
+    "schulz",
+    "hoffmann",
+    "bernard",
+    "dubois",
+    "durand",
+    "lefebvre",
+    "moreau",
+    "laurent",
+    "simon",
+    "michel",
+    "rossi",
+    "russo",
+    "ferrari",
+    "esposito",
+    "bianchi",
+    "romano",
+    "kowalski",
+    "nowak",
+    "wisniewski",
+    "novak",
+    "svoboda",
+    "nielsen",
+    "jensen",
+    "hansen",
+    "johansson",
+    "larsson",
+    "kim",
+    "lee",
+    "park",
+    "chen",
+    "wang",
+    "zhang",
+    "tanaka",
+    "suzuki",
+    "sato",
+    "yilmaz",
+    "kaya",
+    "silva",
+    "santos",
+    "oliveira",
+    "ivanov",
+    "petrov",
 ];
 const WORDS: &[&str] = &[
     "north", "blue", "river", "stone", "alpha", "nova", "green", "bright", "summit", "oak",
     "harbor", "metro", "apex", "cedar", "delta", "eagle", "falcon", "global", "iron", "lake",
 ];
-const TLDS: &[&str] = &["com", "de", "net", "org", "co.uk", "fr", "nl", "ch", "at", "io"];
-const ROLES: &[&str] = &["info", "sales", "support", "billing", "hr", "jobs", "office", "team", "news", "press"];
+const TLDS: &[&str] = &[
+    "com", "de", "net", "org", "co.uk", "fr", "nl", "ch", "at", "io",
+];
+const ROLES: &[&str] = &[
+    "info", "sales", "support", "billing", "hr", "jobs", "office", "team", "news", "press",
+];
 
 /// splitmix64: small, fast, deterministic.
 pub struct Rng(u64);
@@ -66,7 +195,12 @@ fn pick<'a>(rng: &mut Rng, list: &[&'a str]) -> &'a str {
 
 pub fn domain_name(i: usize) -> String {
     let mut rng = Rng::new(0xD0_0000 + i as u64);
-    format!("{}{}-{i}.{}", pick(&mut rng, WORDS), pick(&mut rng, WORDS), pick(&mut rng, TLDS))
+    format!(
+        "{}{}-{i}.{}",
+        pick(&mut rng, WORDS),
+        pick(&mut rng, WORDS),
+        pick(&mut rng, TLDS)
+    )
 }
 
 /// Generate `n` addresses (exactly), deterministically for a given `seed`.
@@ -99,9 +233,15 @@ pub fn generate(n: usize, seed: u64) -> Synthetic {
         counter += 1;
         let roll = rng.below(100);
         let (local, kind) = if roll < 4 {
-            (format!("{}{}", pick(&mut rng, ROLES), counter % 97), Kind::Group)
+            (
+                format!("{}{}", pick(&mut rng, ROLES), counter % 97),
+                Kind::Group,
+            )
         } else if roll < 6 {
-            (format!("{}-desk{}", pick(&mut rng, ROLES), counter % 89), Kind::Shared)
+            (
+                format!("{}-desk{}", pick(&mut rng, ROLES), counter % 89),
+                Kind::Shared,
+            )
         } else if rng.below(4) == 0 {
             (format!("{first}.{last}{}", counter % 1000), Kind::User)
         } else {

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use super::Kind;
 use super::format::{
-    COLD_AMBIGUOUS, COLD_REC, DOMAIN_REC, HEADER_LEN, Header, SECTIONS, SHARD_REC, Sec,
-    SectionRef, domain_hash, put_str,
+    COLD_AMBIGUOUS, COLD_REC, DOMAIN_REC, HEADER_LEN, Header, SECTIONS, SHARD_REC, Sec, SectionRef,
+    domain_hash, put_str,
 };
 
 /// "No string" / "no value" marker in every u32 reference.
@@ -151,7 +151,11 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
     let t0 = Instant::now();
     // Domains in name order; remap record domain indices.
     let mut order: Vec<u32> = (0..input.domains.len() as u32).collect();
-    order.sort_by(|&a, &b| input.domains[a as usize].name.cmp(&input.domains[b as usize].name));
+    order.sort_by(|&a, &b| {
+        input.domains[a as usize]
+            .name
+            .cmp(&input.domains[b as usize].name)
+    });
     let mut remap = vec![0u32; input.domains.len()];
     for (new, &old) in order.iter().enumerate() {
         remap[old as usize] = new as u32;
@@ -192,7 +196,11 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
         r.domain = d;
         per_domain[d as usize] += 1;
         let dom = &domains[d as usize];
-        let p = if r.profile == NONE { dom.profile } else { r.profile };
+        let p = if r.profile == NONE {
+            dom.profile
+        } else {
+            r.profile
+        };
         let ro = if r.route == NONE { dom.route } else { r.route };
         // Consecutive records usually share a set: skip the hash lookup then.
         let id = match last {
@@ -343,7 +351,8 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
     let mut owners: HashMap<Box<str>, u32> = HashMap::new();
     let mut cold_keys = Vec::with_capacity(total_records * 8);
     for (n, &(h, i)) in keyed.iter().enumerate() {
-        let ambiguous = (n > 0 && keyed[n - 1].0 == h) || keyed.get(n + 1).is_some_and(|k| k.0 == h);
+        let ambiguous =
+            (n > 0 && keyed[n - 1].0 == h) || keyed.get(n + 1).is_some_and(|k| k.0 == h);
         cold_keys.extend_from_slice(&h.to_le_bytes());
         {
             let r = all[i as usize];
@@ -363,7 +372,11 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
                 .attributes
                 .as_deref()
                 .map_or(NONE, |a| put_str(&mut blob, a));
-            let source = if ambiguous { r.source | COLD_AMBIGUOUS } else { r.source };
+            let source = if ambiguous {
+                r.source | COLD_AMBIGUOUS
+            } else {
+                r.source
+            };
             for v in [owner, source, r.line, dn, attrs] {
                 cold.extend_from_slice(&v.to_le_bytes());
             }

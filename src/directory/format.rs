@@ -100,18 +100,26 @@ pub enum SnapshotError {
     TooShort { len: usize, need: usize },
     #[error("not an rcptgate snapshot (bad magic bytes)")]
     BadMagic,
-    #[error("snapshot format version {found} is not supported (this build reads {supported}); rebuild it")]
+    #[error(
+        "snapshot format version {found} is not supported (this build reads {supported}); rebuild it"
+    )]
     UnsupportedVersion { found: u32, supported: u32 },
-    #[error("snapshot header checksum mismatch (expected {expected:#010x}, got {got:#010x}): corrupt; rebuild it")]
+    #[error(
+        "snapshot header checksum mismatch (expected {expected:#010x}, got {got:#010x}): corrupt; rebuild it"
+    )]
     HeaderChecksum { expected: u32, got: u32 },
-    #[error("snapshot section '{section}' ({off}+{len}) lies outside the {file_len}-byte file: truncated; rebuild it")]
+    #[error(
+        "snapshot section '{section}' ({off}+{len}) lies outside the {file_len}-byte file: truncated; rebuild it"
+    )]
     SectionOutOfBounds {
         section: &'static str,
         off: u64,
         len: u64,
         file_len: usize,
     },
-    #[error("snapshot section '{section}' checksum mismatch (expected {expected:#010x}, got {got:#010x}): corrupt; rebuild it")]
+    #[error(
+        "snapshot section '{section}' checksum mismatch (expected {expected:#010x}, got {got:#010x}): corrupt; rebuild it"
+    )]
     SectionChecksum {
         section: &'static str,
         expected: u32,

@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::{ArcSwapOption, Guard};
 
-pub use build::{BuildError, BuildInput, BuildStats, DomainSpec, Interner, NONE, RecordSpec, build};
+pub use build::{
+    BuildError, BuildInput, BuildStats, DomainSpec, Interner, NONE, RecordSpec, build,
+};
 pub use format::{Sec, SnapshotError, write_atomic};
 pub use snapshot::{DomainInfo, RecordInfo, Snapshot};
 
@@ -284,12 +286,7 @@ impl Directory {
     }
 }
 
-fn verdict_for(
-    snap: Option<&Snapshot>,
-    dir: &Directory,
-    rcpt: &str,
-    buf: &mut AddrBuf,
-) -> Verdict {
+fn verdict_for(snap: Option<&Snapshot>, dir: &Directory, rcpt: &str, buf: &mut AddrBuf) -> Verdict {
     let Some(snap) = snap else {
         return Verdict::Tempfail(Tempfail::NotLoaded);
     };

@@ -144,8 +144,11 @@ pub fn map_entry(entry: &DirEntry, file: &Arc<str>, opts: &AdOptions) -> Mapped 
         if prefix == "SMTP" {
             if primary.is_some() {
                 out.diagnostics.push(
-                    Diagnostic::warning(loc(line), format!("second primary SMTP:{addr}; kept as an alias"))
-                        .with_dn(dn),
+                    Diagnostic::warning(
+                        loc(line),
+                        format!("second primary SMTP:{addr}; kept as an alias"),
+                    )
+                    .with_dn(dn),
                 );
                 aliases.extend(parse(addr, line, &mut out));
             } else {
@@ -165,7 +168,8 @@ pub fn map_entry(entry: &DirEntry, file: &Arc<str>, opts: &AdOptions) -> Mapped 
     let Some((pl, pd, pline)) = primary else {
         if !aliases.is_empty() {
             out.diagnostics.push(
-                Diagnostic::warning(loc(0), "aliases without a primary address; skipped").with_dn(dn),
+                Diagnostic::warning(loc(0), "aliases without a primary address; skipped")
+                    .with_dn(dn),
             );
         }
         out.skipped = Some("no mail address");
@@ -270,23 +274,65 @@ mod tests {
         ]);
         let m = map_entry(&exch_shared, &file(), &off);
         assert_eq!(addrs(&m), vec![("desk@corp.example".into(), Kind::Shared)]);
-        let room = entry(&[("objectClass", "user"), ("msExchRecipientTypeDetails", "16"), ("mail", "room1@corp.example")]);
-        assert_eq!(map_entry(&room, &file(), &off).entries[0].kind, Kind::Shared);
-        let ddg = entry(&[("objectClass", "msExchDynamicDistributionList"), ("msExchRecipientTypeDetails", "2048"), ("mail", "all@corp.example")]);
+        let room = entry(&[
+            ("objectClass", "user"),
+            ("msExchRecipientTypeDetails", "16"),
+            ("mail", "room1@corp.example"),
+        ]);
+        assert_eq!(
+            map_entry(&room, &file(), &off).entries[0].kind,
+            Kind::Shared
+        );
+        let ddg = entry(&[
+            ("objectClass", "msExchDynamicDistributionList"),
+            ("msExchRecipientTypeDetails", "2048"),
+            ("mail", "all@corp.example"),
+        ]);
         assert_eq!(map_entry(&ddg, &file(), &off).entries[0].kind, Kind::Group);
-        let pf = entry(&[("objectClass", "publicFolder"), ("msExchRecipientTypeDetails", "4096"), ("mail", "pf@corp.example")]);
-        assert_eq!(map_entry(&pf, &file(), &off).entries[0].kind, Kind::PublicFolder);
+        let pf = entry(&[
+            ("objectClass", "publicFolder"),
+            ("msExchRecipientTypeDetails", "4096"),
+            ("mail", "pf@corp.example"),
+        ]);
+        assert_eq!(
+            map_entry(&pf, &file(), &off).entries[0].kind,
+            Kind::PublicFolder
+        );
     }
 
     #[test]
     fn groups_contacts_computers_and_no_mail() {
-        let g = entry(&[("objectClass", "top"), ("objectClass", "group"), ("mail", "sales@corp.example")]);
-        assert_eq!(map_entry(&g, &file(), &AdOptions::default()).entries[0].kind, Kind::Group);
-        let c = entry(&[("objectClass", "contact"), ("mail", "partner@elsewhere.example")]);
-        assert_eq!(map_entry(&c, &file(), &AdOptions::default()).entries[0].kind, Kind::Contact);
-        let pc = entry(&[("objectClass", "user"), ("objectClass", "computer"), ("mail", "pc@corp.example")]);
-        assert!(map_entry(&pc, &file(), &AdOptions::default()).entries.is_empty());
-        let nomail = entry(&[("objectClass", "user"), ("userPrincipalName", "bob@corp.example")]);
+        let g = entry(&[
+            ("objectClass", "top"),
+            ("objectClass", "group"),
+            ("mail", "sales@corp.example"),
+        ]);
+        assert_eq!(
+            map_entry(&g, &file(), &AdOptions::default()).entries[0].kind,
+            Kind::Group
+        );
+        let c = entry(&[
+            ("objectClass", "contact"),
+            ("mail", "partner@elsewhere.example"),
+        ]);
+        assert_eq!(
+            map_entry(&c, &file(), &AdOptions::default()).entries[0].kind,
+            Kind::Contact
+        );
+        let pc = entry(&[
+            ("objectClass", "user"),
+            ("objectClass", "computer"),
+            ("mail", "pc@corp.example"),
+        ]);
+        assert!(
+            map_entry(&pc, &file(), &AdOptions::default())
+                .entries
+                .is_empty()
+        );
+        let nomail = entry(&[
+            ("objectClass", "user"),
+            ("userPrincipalName", "bob@corp.example"),
+        ]);
         let m = map_entry(&nomail, &file(), &AdOptions::default());
         assert!(m.entries.is_empty());
         assert_eq!(m.skipped, Some("no mail address"));
@@ -294,11 +340,18 @@ mod tests {
 
     #[test]
     fn bad_address_is_reported_with_line_and_dn() {
-        let e = entry(&[("objectClass", "user"), ("proxyAddresses", "SMTP:bad address@corp.example"), ("mail", "ok@corp.example")]);
+        let e = entry(&[
+            ("objectClass", "user"),
+            ("proxyAddresses", "SMTP:bad address@corp.example"),
+            ("mail", "ok@corp.example"),
+        ]);
         let m = map_entry(&e, &file(), &AdOptions::default());
         assert_eq!(addrs(&m), vec![("ok@corp.example".into(), Kind::User)]);
         let d = m.diagnostics[0].to_string();
         assert!(d.starts_with("x.ldif:12: error: invalid address"), "{d}");
-        assert!(d.ends_with("(dn: CN=Test,OU=AADDC Users,DC=corp,DC=example)"), "{d}");
+        assert!(
+            d.ends_with("(dn: CN=Test,OU=AADDC Users,DC=corp,DC=example)"),
+            "{d}"
+        );
     }
 }

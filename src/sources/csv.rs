@@ -7,21 +7,31 @@
 
 use std::sync::Arc;
 
-use super::{Diagnostic, Entry, Format, Location, SourceData, SourceError, directory_address, join_key};
+use super::{
+    Diagnostic, Entry, Format, Location, SourceData, SourceError, directory_address, join_key,
+};
 use crate::directory::Kind;
 
 /// Map Exchange's `RecipientTypeDetails` names to kinds.
 pub fn kind_from_type(t: &str) -> Option<Kind> {
     let t = t.trim().to_ascii_lowercase();
     Some(match t.as_str() {
-        "" | "usermailbox" | "linkedmailbox" | "mailuser" | "remoteusermailbox" | "guestmailuser" => {
-            Kind::User
-        }
-        "sharedmailbox" | "roommailbox" | "equipmentmailbox" | "schedulingmailbox"
-        | "remotesharedmailbox" | "remoteroommailbox" | "remoteequipmentmailbox" => Kind::Shared,
+        "" | "usermailbox" | "linkedmailbox" | "mailuser" | "remoteusermailbox"
+        | "guestmailuser" => Kind::User,
+        "sharedmailbox"
+        | "roommailbox"
+        | "equipmentmailbox"
+        | "schedulingmailbox"
+        | "remotesharedmailbox"
+        | "remoteroommailbox"
+        | "remoteequipmentmailbox" => Kind::Shared,
         "mailcontact" => Kind::Contact,
-        "mailuniversaldistributiongroup" | "mailuniversalsecuritygroup" | "mailnonuniversalgroup"
-        | "dynamicdistributiongroup" | "groupmailbox" | "roomlist" => Kind::Group,
+        "mailuniversaldistributiongroup"
+        | "mailuniversalsecuritygroup"
+        | "mailnonuniversalgroup"
+        | "dynamicdistributiongroup"
+        | "groupmailbox"
+        | "roomlist" => Kind::Group,
         "publicfolder" | "publicfoldermailbox" => Kind::PublicFolder,
         _ => return None,
     })
@@ -43,10 +53,19 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
         .from_reader(body.as_bytes());
     let headers = rdr
         .headers()
-        .map_err(|e| SourceError::Refused(Location::new(name, 1, 0), format!("unreadable CSV header: {e}")))?
+        .map_err(|e| {
+            SourceError::Refused(
+                Location::new(name, 1, 0),
+                format!("unreadable CSV header: {e}"),
+            )
+        })?
         .clone();
     let header_line = skipped + 1;
-    let col = |want: &str| headers.iter().position(|h| h.trim().eq_ignore_ascii_case(want));
+    let col = |want: &str| {
+        headers
+            .iter()
+            .position(|h| h.trim().eq_ignore_ascii_case(want))
+    };
     let Some(primary_col) = col("PrimarySmtpAddress") else {
         return Err(SourceError::Refused(
             Location::new(name, header_line, 0),
@@ -76,7 +95,10 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
             Ok(r) => r,
             Err(e) => {
                 let line = line_of(e.position());
-                out.diagnostics.push(Diagnostic::error(Location::new(name, line, 0), format!("unreadable CSV record: {e}")));
+                out.diagnostics.push(Diagnostic::error(
+                    Location::new(name, line, 0),
+                    format!("unreadable CSV record: {e}"),
+                ));
                 continue;
             }
         };
@@ -91,14 +113,20 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
         let object = match kind_from_type(rtype) {
             Some(k) => k,
             None => {
-                out.diagnostics.push(Diagnostic::warning(at(), format!("unknown RecipientTypeDetails {rtype:?}; treated as a user")));
+                out.diagnostics.push(Diagnostic::warning(
+                    at(),
+                    format!("unknown RecipientTypeDetails {rtype:?}; treated as a user"),
+                ));
                 Kind::User
             }
         };
         let (pl, pd) = match directory_address(primary_raw) {
             Ok(p) => p,
             Err((_, why)) => {
-                out.diagnostics.push(Diagnostic::error(at(), format!("PrimarySmtpAddress {primary_raw:?}: {why}; row skipped")));
+                out.diagnostics.push(Diagnostic::error(
+                    at(),
+                    format!("PrimarySmtpAddress {primary_raw:?}: {why}; row skipped"),
+                ));
                 continue;
             }
         };
@@ -117,7 +145,11 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
         };
         out.entries.push(mk(pl, pd, object, None));
         let mut seen = vec![owner.clone()];
-        for item in field(addrs_col).split(';').map(str::trim).filter(|s| !s.is_empty()) {
+        for item in field(addrs_col)
+            .split(';')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
             let addr = match item.split_once(':') {
                 Some((p, a)) if p.eq_ignore_ascii_case("smtp") => a,
                 Some((_, _)) if !item.contains('@') || item.find(':') < item.find('@') => continue,
@@ -131,7 +163,10 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
                         out.entries.push(mk(l, d, Kind::Alias, Some(owner.clone())));
                     }
                 }
-                Err((_, why)) => out.diagnostics.push(Diagnostic::error(at(), format!("EmailAddresses item {item:?}: {why}; skipped"))),
+                Err((_, why)) => out.diagnostics.push(Diagnostic::error(
+                    at(),
+                    format!("EmailAddresses item {item:?}: {why}; skipped"),
+                )),
             }
         }
     }
@@ -153,21 +188,37 @@ mod tests {
         let name: Arc<str> = Arc::from("r.csv");
         let text = crate::sources::decode_utf8(&name, text.as_bytes()).expect("utf8");
         let s = parse(&name, text).expect("header ok");
-        let got: Vec<(String, Kind)> = s.entries.iter().map(|e| (format!("{}@{}", e.local, e.domain), e.kind)).collect();
-        assert_eq!(got, vec![
-            ("alice@contoso.com".into(), Kind::User),
-            ("a@contoso.com".into(), Kind::Alias),
-            ("all-staff@contoso.com".into(), Kind::Group),
-            ("pf@contoso.com".into(), Kind::PublicFolder),
-        ]);
+        let got: Vec<(String, Kind)> = s
+            .entries
+            .iter()
+            .map(|e| (format!("{}@{}", e.local, e.domain), e.kind))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("alice@contoso.com".into(), Kind::User),
+                ("a@contoso.com".into(), Kind::Alias),
+                ("all-staff@contoso.com".into(), Kind::Group),
+                ("pf@contoso.com".into(), Kind::PublicFolder),
+            ]
+        );
         assert_eq!(s.entries[3].loc.to_string(), "r.csv:5");
         assert_eq!(s.diagnostics.len(), 1);
-        assert!(s.diagnostics[0].to_string().starts_with("r.csv:6: error: PrimarySmtpAddress"), "{}", s.diagnostics[0]);
+        assert!(
+            s.diagnostics[0]
+                .to_string()
+                .starts_with("r.csv:6: error: PrimarySmtpAddress"),
+            "{}",
+            s.diagnostics[0]
+        );
     }
 
     #[test]
     fn header_without_primary_column_is_refused() {
         let name: Arc<str> = Arc::from("r.csv");
-        assert!(matches!(parse(&name, "Name,Mail\nx,y\n"), Err(SourceError::Refused(..))));
+        assert!(matches!(
+            parse(&name, "Name,Mail\nx,y\n"),
+            Err(SourceError::Refused(..))
+        ));
     }
 }

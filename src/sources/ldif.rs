@@ -48,12 +48,18 @@ pub fn parse_entries(name: &Arc<str>, text: &str) -> (Vec<DirEntry>, Vec<Diagnos
             continue;
         };
         if line.len() > MAX_LOGICAL_LINE {
-            diags.push(Diagnostic::error(at(0), "line longer than 1 MiB; entry skipped"));
+            diags.push(Diagnostic::error(
+                at(0),
+                "line longer than 1 MiB; entry skipped",
+            ));
             broken = true;
             continue;
         }
         let Some(colon) = line.find(':') else {
-            diags.push(Diagnostic::error(at(1), format!("expected 'attribute: value', found {:?}", truncate(&line))));
+            diags.push(Diagnostic::error(
+                at(1),
+                format!("expected 'attribute: value', found {:?}", truncate(&line)),
+            ));
             broken = true;
             continue;
         };
@@ -67,13 +73,19 @@ pub fn parse_entries(name: &Arc<str>, text: &str) -> (Vec<DirEntry>, Vec<Diagnos
                     Err(_) => continue,
                 },
                 Err(_) => {
-                    diags.push(Diagnostic::error(at(colon + 3), format!("attribute {attr}: invalid base64")));
+                    diags.push(Diagnostic::error(
+                        at(colon + 3),
+                        format!("attribute {attr}: invalid base64"),
+                    ));
                     broken = true;
                     continue;
                 }
             }
         } else if rest.starts_with('<') {
-            diags.push(Diagnostic::error(at(colon + 2), format!("attribute {attr}: URL values are not supported")));
+            diags.push(Diagnostic::error(
+                at(colon + 2),
+                format!("attribute {attr}: URL values are not supported"),
+            ));
             broken = true;
             continue;
         } else {
@@ -93,14 +105,20 @@ pub fn parse_entries(name: &Arc<str>, text: &str) -> (Vec<DirEntry>, Vec<Diagnos
             continue;
         }
         let Some(entry) = current.as_mut() else {
-            diags.push(Diagnostic::error(at(1), format!("attribute {attr} before any 'dn:' line")));
+            diags.push(Diagnostic::error(
+                at(1),
+                format!("attribute {attr} before any 'dn:' line"),
+            ));
             continue;
         };
         if attr.eq_ignore_ascii_case("changetype") {
             if !value.eq_ignore_ascii_case("add") {
                 diags.push(
-                    Diagnostic::error(at(1), format!("changetype {value} is not directory content; entry skipped"))
-                        .with_dn(Some(&entry.dn)),
+                    Diagnostic::error(
+                        at(1),
+                        format!("changetype {value} is not directory content; entry skipped"),
+                    )
+                    .with_dn(Some(&entry.dn)),
                 );
                 broken = true;
             }
@@ -138,7 +156,11 @@ fn logical_lines(text: &str) -> impl Iterator<Item = (u32, Option<String>)> + '_
                 return Some((lineno, None));
             }
             let comment = line.starts_with('#');
-            let mut logical = if comment { String::new() } else { line.to_owned() };
+            let mut logical = if comment {
+                String::new()
+            } else {
+                line.to_owned()
+            };
             while let Some((_, next)) = lines.peek() {
                 let next = next.strip_suffix('\r').unwrap_or(next);
                 let Some(cont) = next.strip_prefix(' ') else {
@@ -190,7 +212,13 @@ mail: bad@corp.example\n";
         );
         assert_eq!(s.entries[0].loc.to_string(), "t.ldif:6");
         assert_eq!(s.diagnostics.len(), 1);
-        assert!(s.diagnostics[0].to_string().starts_with("t.ldif:12:1: error: changetype modify"), "{}", s.diagnostics[0]);
+        assert!(
+            s.diagnostics[0]
+                .to_string()
+                .starts_with("t.ldif:12:1: error: changetype modify"),
+            "{}",
+            s.diagnostics[0]
+        );
     }
 
     #[test]

@@ -185,7 +185,7 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
                     }
                     dir_index.insert(key, dirs.len());
                     if !declared.contains_key(&domain) {
-                        undeclared.entry(domain.clone()).or_insert_with(|| whole());
+                        undeclared.entry(domain.clone()).or_insert_with(whole);
                     }
                     dirs.push(Dir {
                         local,
@@ -235,7 +235,9 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
                 other => {
                     return Err(Diagnostic::error(
                         at(rcol),
-                        format!("unknown record type {other:?} (expected DOMAIN:, DIR:, MAP:, PROFILE:, UCFG: or P13N:)"),
+                        format!(
+                            "unknown record type {other:?} (expected DOMAIN:, DIR:, MAP:, PROFILE:, UCFG: or P13N:)"
+                        ),
                     ));
                 }
             }
@@ -296,8 +298,7 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
             format!("{key} has no DIR: record, so it is not accepted; record ignored"),
         ));
     }
-    out.diagnostics
-        .sort_by_key(|d| (d.loc.line, d.loc.column));
+    out.diagnostics.sort_by_key(|d| (d.loc.line, d.loc.column));
     Ok(out)
 }
 
@@ -316,7 +317,8 @@ fn domain_option(decl: &mut DomainDecl, kv: &str) -> Result<(), String> {
     let Some((k, v)) = kv.split_once('=') else {
         return Err(format!("expected key=value, found {kv:?}; ignored"));
     };
-    let flag = |v: &str| parse_flag(v).ok_or_else(|| format!("{k}: expected yes or no, found {v:?}"));
+    let flag =
+        |v: &str| parse_flag(v).ok_or_else(|| format!("{k}: expected yes or no, found {v:?}"));
     match k.trim() {
         "accept_all" => decl.accept_all = flag(v)?,
         "keep_case" => decl.keep_case = flag(v)?,
@@ -354,7 +356,10 @@ mod tests {
         assert!(s.diagnostics.is_empty(), "{:?}", s.diagnostics);
         assert_eq!(s.domains.len(), 1);
         assert_eq!(s.domains[0].customer.as_deref(), Some("1"));
-        assert_eq!(s.domains[0].route.as_deref(), Some("smtp:[mx.onprem.contoso.com]:25"));
+        assert_eq!(
+            s.domains[0].route.as_deref(),
+            Some("smtp:[mx.onprem.contoso.com]:25")
+        );
         let alice = &s.entries[0];
         assert_eq!((alice.local.as_str(), alice.kind), ("alice", Kind::User));
         assert_eq!(alice.profile.as_deref(), Some("executives"));
@@ -401,14 +406,33 @@ no pipe here\tDIR:\ta@contoso.com
         let has = |p: &str| msgs.iter().any(|m| m.starts_with(p));
         assert!(has("test.map:2:1: error: line does not start"), "{msgs:#?}");
         assert!(has("test.map:3:23: error: invalid address"), "{msgs:#?}");
-        assert!(has("test.map:4:20: error: address \"b@other.example\" is not in"), "{msgs:#?}");
-        assert!(has("test.map:5:15: error: unknown record type"), "{msgs:#?}");
-        assert!(has("test.map:7:15: warning: c@contoso.com listed again"), "{msgs:#?}");
-        assert!(has("test.map:8:15: warning: nodir@contoso.com has no DIR:"), "{msgs:#?}");
-        assert!(has("test.map:9: error: domain fabrikam.com has DIR: records but no DOMAIN:"), "{msgs:#?}");
+        assert!(
+            has("test.map:4:20: error: address \"b@other.example\" is not in"),
+            "{msgs:#?}"
+        );
+        assert!(
+            has("test.map:5:15: error: unknown record type"),
+            "{msgs:#?}"
+        );
+        assert!(
+            has("test.map:7:15: warning: c@contoso.com listed again"),
+            "{msgs:#?}"
+        );
+        assert!(
+            has("test.map:8:15: warning: nodir@contoso.com has no DIR:"),
+            "{msgs:#?}"
+        );
+        assert!(
+            has("test.map:9: error: domain fabrikam.com has DIR: records but no DOMAIN:"),
+            "{msgs:#?}"
+        );
         assert!(has("test.map:11: error: data after the ++++"), "{msgs:#?}");
         assert_eq!(s.entries.len(), 1);
-        assert!(s.diagnostics.iter().any(|d| d.severity == Severity::Warning));
+        assert!(
+            s.diagnostics
+                .iter()
+                .any(|d| d.severity == Severity::Warning)
+        );
     }
 
     #[test]

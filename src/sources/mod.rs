@@ -291,7 +291,10 @@ pub fn directory_address(raw: &str) -> Result<(String, String), (usize, String)>
         match c {
             '"' if i == 0 => quoted = true,
             ' ' | '\t' | '<' | '>' | '(' | ')' | ';' | ',' | '[' | ']' | '"' => {
-                return Err((i, format!("character {c:?} is not allowed in a directory address")));
+                return Err((
+                    i,
+                    format!("character {c:?} is not allowed in a directory address"),
+                ));
             }
             _ => {}
         }

@@ -23,12 +23,12 @@ pub fn parse(name: &Arc<str>, text: &str) -> SourceData {
         if line.trim().is_empty() || line.trim_start().starts_with('#') {
             continue;
         }
-        if line.starts_with([' ', '\t']) {
-            if let Some((_, prev)) = logical.last_mut() {
-                prev.push(' ');
-                prev.push_str(line.trim());
-                continue;
-            }
+        if line.starts_with([' ', '\t'])
+            && let Some((_, prev)) = logical.last_mut()
+        {
+            prev.push(' ');
+            prev.push_str(line.trim());
+            continue;
         }
         logical.push((i as u32 + 1, line.to_owned()));
     }
@@ -95,6 +95,9 @@ mod tests {
         assert!(s.domains[0].accept_all);
         let msgs: Vec<String> = s.diagnostics.iter().map(|d| d.to_string()).collect();
         assert_eq!(msgs.len(), 1, "{msgs:?}");
-        assert!(msgs[0].starts_with("relay_recipients:5:1: error: \"bob\""), "{msgs:?}");
+        assert!(
+            msgs[0].starts_with("relay_recipients:5:1: error: \"bob\""),
+            "{msgs:?}"
+        );
     }
 }

@@ -75,7 +75,11 @@ pub fn merge(sources: &[SourceData], generation: u64) -> Merged {
         for d in &src.domains {
             if let Some(&i) = by_name.get(&d.name) {
                 let first = &domains[i as usize];
-                let cust = d.customer.as_deref().map(|c| strings.intern(c)).unwrap_or(NONE);
+                let cust = d
+                    .customer
+                    .as_deref()
+                    .map(|c| strings.intern(c))
+                    .unwrap_or(NONE);
                 if cust != first.customer {
                     m.diagnostics.push(Diagnostic::warning(
                         d.loc.clone(),

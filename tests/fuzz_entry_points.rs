@@ -1,0 +1,56 @@
+//! The fuzz targets' entry points, run on seed inputs so CI exercises them (the targets
+//! themselves are one line each; see fuzz/).
+
+use rcptgate::internal::{fuzz_address, fuzz_snapshot, fuzz_source};
+use rcptgate::sources::Format;
+
+fn example(name: &str) -> Vec<u8> {
+    std::fs::read(format!("{}/config/{name}", env!("CARGO_MANIFEST_DIR"))).expect("example")
+}
+
+#[test]
+fn address_seeds() {
+    for s in [
+        "a@b.c",
+        "<@x,@y:\"a b\"@[IPv6:::1]>",
+        "Jörg@bücher.example.",
+        "\"\\",
+        "@",
+        "",
+        "a@xn--",
+        "\u{0}@\u{0}",
+    ] {
+        fuzz_address(s.as_bytes());
+    }
+}
+
+#[test]
+fn source_seeds_including_every_prefix_of_the_examples() {
+    for (name, fmt) in [("example.map", Format::Map), ("example.ldif", Format::Ldif)] {
+        let bytes = example(name);
+        for cut in (0..bytes.len()).step_by(7) {
+            fuzz_source(fmt, &bytes[..cut]);
+        }
+    }
+    fuzz_source(
+        Format::Csv,
+        b"PrimarySmtpAddress,EmailAddresses\n\"a@b.c\",\"smtp:\"\n\"x",
+    );
+    fuzz_source(Format::Postfix, b"@\n @\n a@b c\n");
+}
+
+#[test]
+fn snapshot_seeds() {
+    let src = rcptgate::sources::load(&format!(
+        "{}/config/example.map",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .expect("load");
+    let (bytes, _) =
+        rcptgate::directory::build(rcptgate::sync::merge(&[src], 1).input).expect("build");
+    fuzz_snapshot(&bytes);
+    for cut in (0..bytes.len()).step_by(13) {
+        fuzz_snapshot(&bytes[..cut]);
+    }
+    fuzz_snapshot(b"RCPTGATE\x01\x00\x00\x00");
+}
