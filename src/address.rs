@@ -335,6 +335,27 @@ fn canonical_local<'a>(local: &'a str, scratch: &'a mut String) -> Result<&'a st
         Some(b'"') => return quoted_local(local, scratch),
         Some(_) => {}
     }
+    let ascii = check_dot_atom(bytes)?;
+    if bytes.len() > MAX_LOCAL * 4 {
+        return Err(AddrError::LocalTooLong(bytes.len()));
+    }
+    if ascii
+        || unicode_normalization::is_nfc_quick(local.chars())
+            == unicode_normalization::IsNormalized::Yes
+    {
+        return Ok(local);
+    }
+    scratch.clear();
+    scratch.extend(local.nfc());
+    // NFC can map a non-ASCII character to a forbidden ASCII one (U+037E GREEK QUESTION MARK
+    // is canonically ';'): the normalized form must pass the same rules.
+    check_dot_atom(scratch.as_bytes())?;
+    Ok(scratch.as_str())
+}
+
+/// Dot-atom rules (atext or non-ASCII, no leading, trailing or doubled dot); returns whether
+/// the text is ASCII.
+fn check_dot_atom(bytes: &[u8]) -> Result<bool, AddrError> {
     let mut prev_dot = true;
     let mut ascii = true;
     for (offset, &c) in bytes.iter().enumerate() {
@@ -358,18 +379,7 @@ fn canonical_local<'a>(local: &'a str, scratch: &'a mut String) -> Result<&'a st
     if prev_dot {
         return Err(AddrError::BadDots);
     }
-    if bytes.len() > MAX_LOCAL * 4 {
-        return Err(AddrError::LocalTooLong(bytes.len()));
-    }
-    if ascii
-        || unicode_normalization::is_nfc_quick(local.chars())
-            == unicode_normalization::IsNormalized::Yes
-    {
-        return Ok(local);
-    }
-    scratch.clear();
-    scratch.extend(local.nfc());
-    Ok(scratch.as_str())
+    Ok(ascii)
 }
 
 /// A quoted local part: unescaped; unquoted when it is a dot-atom, else re-quoted with only
@@ -664,6 +674,20 @@ mod tests {
         let mut fixed = [0u8; 16];
         let n = fold_local_into_slice("ÄRGER", false, &mut fixed).expect("fits");
         assert_eq!(&fixed[..n], "ärger".as_bytes());
+    }
+
+    /// Found by the `address` fuzz target: NFC turned U+037E into ';', and the normalized
+    /// address no longer parsed (normalization was not idempotent).
+    #[test]
+    fn nfc_that_yields_forbidden_ascii_is_a_syntax_error() {
+        assert_eq!(
+            norm("<ü\u{037e}.z*@1>"),
+            Err(AddrError::BadLocalChar { ch: ';', offset: 2 })
+        );
+        // Quoted, the same character is fine and stays quoted after NFC.
+        let n = norm("\"a\u{037e}b\"@x.example").expect("valid");
+        assert_eq!(n, "\"a;b\"@x.example");
+        assert_eq!(norm(&n), Ok(n.clone()));
     }
 
     #[test]

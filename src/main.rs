@@ -292,10 +292,12 @@ fn lookup(
                 obj.insert("kind".into(), json!(hit.kind.as_str()));
                 if let Some(snap) = view.snapshot() {
                     if let Ok(Some(info)) = snap.record_info(input, &hit) {
+                        // A primary address owns itself: the matched key, without a +detail.
                         let owner = info.owner.or_else(|| {
-                            obj.get("address")
-                                .and_then(|a| a.as_str())
-                                .map(str::to_owned)
+                            let addr = obj.get("address")?.as_str()?;
+                            let (local, domain) = addr.rsplit_once('@')?;
+                            let local = local.get(..usize::from(hit.local_len))?;
+                            Some(format!("{local}@{domain}"))
                         });
                         if let Some(o) = owner {
                             obj.insert("owner".into(), json!(o));

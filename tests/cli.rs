@@ -117,6 +117,20 @@ fn lookup_from_sources_and_without_anything_loaded() {
         stdout.starts_with("helpdesk@contoso.com: accept 250 2.1.5 kind=shared"),
         "{stdout}"
     );
+    // A primary matched through its +detail owns itself, without the detail.
+    let o = bin()
+        .args([
+            "lookup",
+            &example("example.map"),
+            "Bob.Berger+news@CONTOSO.com",
+        ])
+        .output()
+        .expect("runs");
+    let (stdout, _) = text(&o);
+    assert!(
+        stdout.contains("kind=user owner=bob.berger@contoso.com "),
+        "{stdout}"
+    );
     // Nothing loaded (no snapshot, no sources): a temporary failure, never a reject.
     let o = bin()
         .args(["lookup", "--json", "alice@contoso.com"])

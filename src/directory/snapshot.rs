@@ -156,45 +156,35 @@ fn map_file(file: &File) -> std::io::Result<memmap2::Mmap> {
 }
 
 impl Snapshot {
-    /// Memory-map and check a persisted snapshot.
+    /// Open a persisted snapshot: memory-map the file and check it, then copy the FST into
+    /// anonymous memory advised to use transparent huge pages (Linux `madvise` mode), which
+    /// cuts TLB misses on random lookups in a large directory. Tables and the cold sections
+    /// stay mapped. Falls back to the mapping if the copy cannot be made.
     pub fn open(path: &Path) -> Result<Snapshot, SnapshotError> {
+        Snapshot::open_with(path, true)
+    }
+
+    /// Open a persisted snapshot entirely memory-mapped (no copy; shares the page cache).
+    pub fn open_mapped(path: &Path) -> Result<Snapshot, SnapshotError> {
+        Snapshot::open_with(path, false)
+    }
+
+    fn open_with(path: &Path, huge_fst: bool) -> Result<Snapshot, SnapshotError> {
         let io = |source| SnapshotError::Io {
             path: path.to_path_buf(),
             source,
         };
         let file = File::open(path).map_err(io)?;
         let map = map_file(&file).map_err(io)?;
-        Snapshot::from_backing(Arc::new(Backing::Mmap(map)))
-    }
-
-    /// Read a persisted snapshot into anonymous memory advised to use transparent huge
-    /// pages (Linux `madvise` mode): fewer TLB misses on random lookups in a large directory,
-    /// at the cost of a copy at start and memory not shared with the page cache.
-    pub fn open_huge_pages(path: &Path) -> Result<Snapshot, SnapshotError> {
-        use std::io::Read;
-        let io = |source| SnapshotError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        let mut file = File::open(path).map_err(io)?;
-        let len = file.metadata().map_err(io)?.len() as usize;
-        let mut anon = memmap2::MmapOptions::new()
-            .len(len.max(1))
-            .map_anon()
-            .map_err(io)?;
-        #[cfg(target_os = "linux")]
-        let _ = anon.advise(memmap2::Advice::HugePage);
-        file.read_exact(&mut anon[..len]).map_err(io)?;
-        let map = anon.make_read_only().map_err(io)?;
-        Snapshot::from_backing(Arc::new(Backing::Mmap(map)))
+        Snapshot::from_backing(Arc::new(Backing::Mmap(map)), huge_fst)
     }
 
     /// Check and load a snapshot held in memory.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Snapshot, SnapshotError> {
-        Snapshot::from_backing(Arc::new(Backing::Heap(bytes)))
+        Snapshot::from_backing(Arc::new(Backing::Heap(bytes)), false)
     }
 
-    fn from_backing(backing: Arc<Backing>) -> Result<Snapshot, SnapshotError> {
+    fn from_backing(backing: Arc<Backing>, huge_fst: bool) -> Result<Snapshot, SnapshotError> {
         let file = backing.bytes();
         let header = Header::decode(file)?;
         for sec in Sec::ALL {
@@ -225,7 +215,7 @@ impl Snapshot {
             backing: backing.clone(),
         };
         snap.validate_tables()?;
-        snap.shards = snap.load_shards(&backing)?;
+        snap.shards = snap.load_shards(&backing, huge_fst)?;
         snap.hot = (0..snap.header.domains)
             .map(|i| {
                 snap.domain_hot(i).ok_or(SnapshotError::Malformed {
@@ -355,9 +345,16 @@ impl Snapshot {
     fn load_shards(
         &self,
         backing: &Arc<Backing>,
+        huge_fst: bool,
     ) -> Result<Vec<(u32, Fst<FstBytes>)>, SnapshotError> {
         let table = self.header.section(backing.bytes(), Sec::Shards)?;
         let fst_sec = self.header.sections[Sec::Fst as usize];
+        let fst_bytes = self.header.section(backing.bytes(), Sec::Fst)?;
+        // Where the FST bytes live, and the offset of the FST section inside that.
+        let (fst_backing, base) = match huge_fst.then(|| copy_to_huge_pages(fst_bytes)).flatten() {
+            Some(copy) => (Arc::new(Backing::Mmap(copy)), 0),
+            None => (backing.clone(), fst_sec.off as usize),
+        };
         let mut shards = Vec::new();
         let mut prev_first = None;
         for chunk in table.chunks_exact(SHARD_REC) {
@@ -365,18 +362,17 @@ impl Snapshot {
             let (Some(first), Some(off), Some(len)) = (r.u32(), r.u64(), r.u64()) else {
                 continue;
             };
-            let bad = SnapshotError::Malformed {
-                section: Sec::Shards.name(),
-                what: "shard outside the FST section or out of order",
-            };
-            let end = off.checked_add(len).ok_or_else(|| bad_clone(&bad))?;
-            if end > fst_sec.len || prev_first.is_some_and(|p| p >= first) {
-                return Err(bad);
+            let in_bounds = off.checked_add(len).is_some_and(|end| end <= fst_sec.len);
+            if !in_bounds || prev_first.is_some_and(|p| p >= first) {
+                return Err(SnapshotError::Malformed {
+                    section: Sec::Shards.name(),
+                    what: "shard outside the FST section or out of order",
+                });
             }
             prev_first = Some(first);
-            let start = (fst_sec.off + off) as usize;
+            let start = base + off as usize;
             let bytes = FstBytes {
-                backing: backing.clone(),
+                backing: fst_backing.clone(),
                 range: start..start + len as usize,
             };
             let map = Fst::new(bytes).map_err(|e| SnapshotError::Fst(e.to_string()))?;
@@ -764,6 +760,18 @@ impl Snapshot {
     }
 }
 
+/// A read-only copy of `bytes` in anonymous memory advised for transparent huge pages.
+fn copy_to_huge_pages(bytes: &[u8]) -> Option<memmap2::Mmap> {
+    let mut anon = memmap2::MmapOptions::new()
+        .len(bytes.len().max(1))
+        .map_anon()
+        .ok()?;
+    #[cfg(target_os = "linux")]
+    let _ = anon.advise(memmap2::Advice::HugePage);
+    anon.get_mut(..bytes.len())?.copy_from_slice(bytes);
+    anon.make_read_only().ok()
+}
+
 /// Follow `key` from node `addr`, gathering outputs; the node reached, or `None` if a byte
 /// has no transition.
 fn walk(
@@ -779,14 +787,4 @@ fn walk(
         node = fst.node(t.addr);
     }
     Some((node.addr(), out))
-}
-
-fn bad_clone(e: &SnapshotError) -> SnapshotError {
-    match e {
-        SnapshotError::Malformed { section, what } => SnapshotError::Malformed { section, what },
-        _ => SnapshotError::Malformed {
-            section: "snapshot",
-            what: "inconsistent",
-        },
-    }
 }

@@ -176,19 +176,8 @@ pub fn map_entry(entry: &DirEntry, file: &Arc<str>, opts: &AdOptions) -> Mapped 
         return out;
     };
     let owner = join_key(&pl, &pd);
-    let mk = |local: String, domain: String, line: u32, kind: Kind, owner: Option<String>| Entry {
-        local,
-        domain,
-        kind,
-        object: kind,
-        owner,
-        profile: None,
-        route: None,
-        attributes: None,
-        loc: loc(line),
-        dn: dn.map(Box::from),
-    };
-    out.entries.push(mk(pl, pd, pline, kind, None));
+    let mk = |local, domain, line, owner| Entry::new(local, domain, kind, owner, loc(line), dn);
+    out.entries.push(mk(pl, pd, pline, None));
     let mut seen = vec![owner.clone()];
     for (l, d, line) in aliases {
         let key = join_key(&l, &d);
@@ -196,9 +185,7 @@ pub fn map_entry(entry: &DirEntry, file: &Arc<str>, opts: &AdOptions) -> Mapped 
             continue;
         }
         seen.push(key);
-        let mut e = mk(l, d, line, Kind::Alias, Some(owner.clone()));
-        e.object = kind;
-        out.entries.push(e);
+        out.entries.push(mk(l, d, line, Some(owner.clone())));
     }
     out
 }

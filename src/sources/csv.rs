@@ -131,19 +131,8 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
             }
         };
         let owner = join_key(&pl, &pd);
-        let mk = |local: String, domain: String, kind: Kind, owner: Option<String>| Entry {
-            local,
-            domain,
-            kind,
-            object,
-            owner,
-            profile: None,
-            route: None,
-            attributes: None,
-            loc: at(),
-            dn: None,
-        };
-        out.entries.push(mk(pl, pd, object, None));
+        let mk = |local, domain, owner| Entry::new(local, domain, object, owner, at(), None);
+        out.entries.push(mk(pl, pd, None));
         let mut seen = vec![owner.clone()];
         for item in field(addrs_col)
             .split(';')
@@ -160,7 +149,7 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
                     let key = join_key(&l, &d);
                     if !seen.contains(&key) {
                         seen.push(key);
-                        out.entries.push(mk(l, d, Kind::Alias, Some(owner.clone())));
+                        out.entries.push(mk(l, d, Some(owner.clone())));
                     }
                 }
                 Err((_, why)) => out.diagnostics.push(Diagnostic::error(

@@ -274,19 +274,11 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
         let x = extra.remove(&key).unwrap_or_default();
         let object = x.kind.unwrap_or(Kind::User);
         let owner = x.owner.map(|(o, _)| o).filter(|o| *o != key);
-        let kind = if owner.is_some() { Kind::Alias } else { object };
-        out.entries.push(Entry {
-            local: d.local,
-            domain: d.domain,
-            kind,
-            object,
-            owner,
-            profile: x.profile,
-            route: x.route,
-            attributes: (!x.attributes.is_empty()).then(|| x.attributes.join("\t")),
-            loc: d.loc,
-            dn: None,
-        });
+        let mut e = Entry::new(d.local, d.domain, object, owner, d.loc, None);
+        e.profile = x.profile;
+        e.route = x.route;
+        e.attributes = (!x.attributes.is_empty()).then(|| x.attributes.join("\t"));
+        out.entries.push(e);
     }
     let orphans: Vec<(String, Location)> = extra
         .into_iter()

@@ -117,6 +117,30 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// An address of an object of kind `object`; `owner` is the object's primary address
+    /// when this one is an alias (the entry's kind is then `Alias`).
+    pub fn new(
+        local: String,
+        domain: String,
+        object: Kind,
+        owner: Option<String>,
+        loc: Location,
+        dn: Option<&str>,
+    ) -> Entry {
+        Entry {
+            local,
+            domain,
+            kind: if owner.is_some() { Kind::Alias } else { object },
+            object,
+            owner,
+            profile: None,
+            route: None,
+            attributes: None,
+            loc,
+            dn: dn.map(Box::from),
+        }
+    }
+
     /// True when this address is the primary address of its object.
     pub fn is_primary(&self) -> bool {
         self.owner.is_none()

@@ -58,18 +58,10 @@ pub fn parse(name: &Arc<str>, text: &str) -> SourceData {
             continue;
         }
         match directory_address(key) {
-            Ok((local, domain)) => out.entries.push(Entry {
-                local,
-                domain,
-                kind: Kind::User,
-                object: Kind::User,
-                owner: None,
-                profile: None,
-                route: None,
-                attributes: None,
-                loc: at(col),
-                dn: None,
-            }),
+            Ok((local, domain)) => {
+                out.entries
+                    .push(Entry::new(local, domain, Kind::User, None, at(col), None))
+            }
             Err((off, why)) => out.diagnostics.push(Diagnostic::error(
                 at(col + off),
                 format!("invalid address {key:?}: {why}"),
