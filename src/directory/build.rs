@@ -337,51 +337,43 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
     sec[Sec::Sources as usize] = source_ids.iter().flat_map(|v| v.to_le_bytes()).collect();
 
     // Cold: owner, source, line, dn, attributes per record, found by the hash of its key.
+    // One sequential pass in key order makes compact rows (owners written once, borrowed
+    // from the records), then the rows are sorted by hash.
     let total_records: usize = shards.iter().map(|s| s.records.len()).sum();
-    let all: Vec<&RecordSpec> = shards.iter().flat_map(|s| s.records.iter()).collect();
-    let mut keyed: Vec<(u64, u32)> = Vec::with_capacity(total_records);
-    let mut key = Vec::with_capacity(300);
-    for (i, r) in all.iter().enumerate() {
-        fst_key(&mut key, r, key_width as usize);
-        keyed.push((domain_hash(&key), i as u32));
-    }
-    keyed.sort_unstable();
-    let mut cold = Vec::with_capacity(total_records * COLD_REC);
+    let mut rows: Vec<(u64, [u32; 5])> = Vec::with_capacity(total_records);
     let mut blob = Vec::new();
-    let mut owners: HashMap<Box<str>, u32> = HashMap::new();
+    let mut owners: HashMap<&str, u32> = HashMap::new();
+    let mut key = Vec::with_capacity(300);
+    for r in shards.iter().flat_map(|s| s.records.iter()) {
+        fst_key(&mut key, r, key_width as usize);
+        let owner = match r.owner.as_deref() {
+            Some(o) => *owners.entry(o).or_insert_with(|| put_str(&mut blob, o)),
+            None => NONE,
+        };
+        let dn = r.dn.as_deref().map_or(NONE, |d| put_str(&mut blob, d));
+        let attrs = r
+            .attributes
+            .as_deref()
+            .map_or(NONE, |a| put_str(&mut blob, a));
+        rows.push((domain_hash(&key), [owner, r.source, r.line, dn, attrs]));
+    }
+    drop(owners);
+    rows.sort_unstable_by_key(|row| row.0);
+    let mut cold = Vec::with_capacity(total_records * COLD_REC);
     let mut cold_keys = Vec::with_capacity(total_records * 8);
-    for (n, &(h, i)) in keyed.iter().enumerate() {
+    for (n, (h, fields)) in rows.iter().enumerate() {
         let ambiguous =
-            (n > 0 && keyed[n - 1].0 == h) || keyed.get(n + 1).is_some_and(|k| k.0 == h);
+            (n > 0 && rows[n - 1].0 == *h) || rows.get(n + 1).is_some_and(|k| k.0 == *h);
         cold_keys.extend_from_slice(&h.to_le_bytes());
-        {
-            let r = all[i as usize];
-            let owner = match &r.owner {
-                Some(o) => match owners.get(&**o) {
-                    Some(&off) => off,
-                    None => {
-                        let off = put_str(&mut blob, o);
-                        owners.insert(o.clone(), off);
-                        off
-                    }
-                },
-                None => NONE,
-            };
-            let dn = r.dn.as_deref().map_or(NONE, |d| put_str(&mut blob, d));
-            let attrs = r
-                .attributes
-                .as_deref()
-                .map_or(NONE, |a| put_str(&mut blob, a));
-            let source = if ambiguous {
-                r.source | COLD_AMBIGUOUS
-            } else {
-                r.source
-            };
-            for v in [owner, source, r.line, dn, attrs] {
-                cold.extend_from_slice(&v.to_le_bytes());
-            }
+        let mut fields = *fields;
+        if ambiguous {
+            fields[1] |= COLD_AMBIGUOUS;
+        }
+        for v in fields {
+            cold.extend_from_slice(&v.to_le_bytes());
         }
     }
+    drop(rows);
     sec[Sec::ColdKeys as usize] = cold_keys;
     if blob.len() >= NONE as usize {
         return Err(BuildError::TooMany("bytes of diagnostic strings"));

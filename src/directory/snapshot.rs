@@ -544,14 +544,28 @@ impl Snapshot {
         }
     }
 
-    /// Value of `local` in domain `d`, walking from the domain's start node.
-    fn get(&self, d: &DomainHot, local: &[u8]) -> Option<u64> {
-        let fst = self.shard_of(&d.rec)?;
-        let (addr, out) = d.start?;
-        let (node, out) = walk(fst, addr, out, local)?;
-        let node = fst.node(node);
-        node.is_final()
-            .then(|| out.cat(node.final_output()).value())
+    /// Values of `local` and of its first `split` bytes in domain `d`, in one walk from the
+    /// domain's start node (the shorter key is a prefix of the longer).
+    fn get(&self, d: &DomainHot, local: &[u8], split: Option<usize>) -> (Option<u64>, Option<u64>) {
+        let (Some(fst), Some((addr, mut out))) = (self.shard_of(&d.rec), d.start) else {
+            return (None, None);
+        };
+        let mut node = fst.node(addr);
+        let mut at_split = None;
+        for (i, &b) in local.iter().enumerate() {
+            if split == Some(i) && node.is_final() {
+                at_split = Some(out.cat(node.final_output()).value());
+            }
+            let Some(t) = node.find_input(b).map(|i| node.transition(i)) else {
+                return (None, at_split);
+            };
+            out = out.cat(t.out);
+            node = fst.node(t.addr);
+        }
+        let exact = node
+            .is_final()
+            .then(|| out.cat(node.final_output()).value());
+        (exact, at_split)
     }
 
     /// Steps 2-5 and 8 of DESIGN.md §4 (the [`super::Directory`] adds 1 and 7).
@@ -580,13 +594,14 @@ impl Snapshot {
 
     fn match_local(&self, local: &[u8], dh: &DomainHot, separators: &[u8]) -> Verdict {
         let d = &dh.rec;
-        if let Some(v) = self.get(dh, local) {
-            return Verdict::Accept(self.hit(v, d, Match::Exact, local.len()));
-        }
-        if let Some(p) = address::subaddress_split(local, separators)
-            && let Some(v) = self.get(dh, &local[..p])
-        {
-            return Verdict::Accept(self.hit(v, d, Match::Subaddress, p));
+        let split = address::subaddress_split(local, separators);
+        match self.get(dh, local, split) {
+            (Some(v), _) => return Verdict::Accept(self.hit(v, d, Match::Exact, local.len())),
+            (None, Some(v)) => {
+                let p = split.unwrap_or(local.len());
+                return Verdict::Accept(self.hit(v, d, Match::Subaddress, p));
+            }
+            (None, None) => {}
         }
         if d.flags & FLAG_ACCEPT_ALL != 0 {
             return Verdict::Accept(Hit {
