@@ -185,6 +185,18 @@ fn persisted_snapshot_round_trips_through_mmap() {
     snap.for_each_address(|a, _| all.push(a.to_owned()));
     assert_eq!(all.len(), 24);
     assert!(all.contains(&"support@contoso.com".to_owned()));
+    let contoso = snap.domain_index("contoso.com").expect("ours");
+    let info = snap.domain_info(contoso).expect("domain");
+    assert_eq!(
+        (info.name, info.customer, info.records),
+        ("contoso.com", Some("10001"), 14)
+    );
+    assert_eq!(info.route, Some("smtp:[exch01.corp.contoso.com]:25"));
+    let lab = snap
+        .domain_info(snap.domain_index("fabrikam-lab.com").expect("ours"))
+        .expect("domain");
+    assert!(lab.accept_all && lab.records == 0);
+    assert_eq!(snap.domain_index("gmail.com"), None);
     // No temporary file left behind.
     assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 1);
 }

@@ -140,8 +140,6 @@ pub struct BuildStats {
 /// What one shard thread returns.
 struct ShardOut {
     fst: Vec<u8>,
-    /// (domain index, record count).
-    counts: Vec<(u32, u32)>,
     /// Sorted by key.
     records: Vec<RecordSpec>,
 }
@@ -264,13 +262,6 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
     }
     let fst_time = sort_fst.elapsed().saturating_sub(sort_time);
 
-    let mut counts = vec![0u32; domains.len()];
-    for s in &shards {
-        for &(d, n) in &s.counts {
-            counts[d as usize] = n;
-        }
-    }
-
     // Assemble sections.
     let mut strings = input.strings;
     let domain_name_ids: Vec<u32> = domains.iter().map(|d| strings.intern(&d.name)).collect();
@@ -314,7 +305,7 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
             declared[i],
             0,
             flags,
-            counts[i],
+            per_domain[i] as u32,
         ] {
             dom.extend_from_slice(&v.to_le_bytes());
         }
@@ -439,12 +430,7 @@ fn build_shard(
     let w = key_width as usize;
     let mut builder = fst::MapBuilder::memory();
     let mut key: Vec<u8> = Vec::with_capacity(300);
-    let mut counts: Vec<(u32, u32)> = Vec::new();
     for r in &records {
-        match counts.last_mut() {
-            Some((d, n)) if *d == r.domain => *n += 1,
-            _ => counts.push((r.domain, 1)),
-        }
         fst_key(&mut key, r, w);
         // Values repeat within a domain, so the FST stores them almost for free.
         let value = (u64::from(r.attrs) << 3) | r.kind.code();
@@ -459,12 +445,5 @@ fn build_shard(
         .into_inner()
         .map_err(|e| BuildError::Fst(e.to_string()))?;
     fst.shrink_to_fit();
-    Ok((
-        ShardOut {
-            fst,
-            counts,
-            records,
-        },
-        sort_time,
-    ))
+    Ok((ShardOut { fst, records }, sort_time))
 }
