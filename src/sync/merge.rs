@@ -2,11 +2,12 @@
 //! conflict reported (DESIGN.md §6, first two points).
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::fmt;
 
 use crate::address;
 use crate::directory::{BuildInput, DomainSpec, Interner, NONE, RecordSpec};
-use crate::sources::{Diagnostic, Entry, SourceData, derives_domain, join_key};
+use crate::sources::{self, Diagnostic, SourceData, derives_domain, join_key};
 
 /// One address claimed by two owners.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,7 +56,7 @@ struct Claim {
     origin: String,
 }
 
-fn origin(e: &Entry) -> String {
+fn origin(e: &sources::Entry) -> String {
     match &e.dn {
         Some(dn) => format!("{} ({dn})", e.loc),
         None => e.loc.to_string(),
@@ -150,38 +151,41 @@ pub fn merge(sources: &[SourceData], generation: u64) -> Merged {
             rec.line = e.loc.line;
             rec.dn = e.dn.clone();
             rec.attributes = e.attributes.as_deref().map(Box::from);
-            match index.get(&(d, key.clone())) {
-                None => {
-                    index.insert((d, key), records.len());
+            let i = match index.entry((d, key)) {
+                Entry::Vacant(v) => {
+                    v.insert(records.len());
                     records.push(rec);
                     claims.push(claim);
+                    continue;
                 }
-                Some(&i) if claims[i].owner == claim.owner => m.duplicates += 1,
-                Some(&i) => {
-                    let address = format!("{}@{}", String::from_utf8_lossy(&local), e.domain);
-                    let new_wins = claim.primary && !claims[i].primary;
-                    let rule = if new_wins || claims[i].primary && !claim.primary {
-                        "its primary address"
-                    } else {
-                        "first by source order"
-                    };
-                    let (kept, dropped) = if new_wins {
-                        let old = std::mem::replace(&mut claims[i], claim);
-                        records[i] = rec;
-                        (&claims[i], old)
-                    } else {
-                        (&claims[i], claim)
-                    };
-                    m.conflicts.push(Conflict {
-                        address,
-                        kept_owner: kept.owner.clone(),
-                        kept_origin: kept.origin.clone(),
-                        dropped_owner: dropped.owner,
-                        dropped_origin: dropped.origin,
-                        rule,
-                    });
-                }
+                Entry::Occupied(o) => *o.get(),
+            };
+            if claims[i].owner == claim.owner {
+                m.duplicates += 1;
+                continue;
             }
+            let address = format!("{}@{}", String::from_utf8_lossy(&local), e.domain);
+            let new_wins = claim.primary && !claims[i].primary;
+            let rule = if new_wins || claims[i].primary && !claim.primary {
+                "its primary address"
+            } else {
+                "first by source order"
+            };
+            let (kept, dropped) = if new_wins {
+                let old = std::mem::replace(&mut claims[i], claim);
+                records[i] = rec;
+                (&claims[i], old)
+            } else {
+                (&claims[i], claim)
+            };
+            m.conflicts.push(Conflict {
+                address,
+                kept_owner: kept.owner.clone(),
+                kept_origin: kept.origin.clone(),
+                dropped_owner: dropped.owner,
+                dropped_origin: dropped.origin,
+                rule,
+            });
         }
     }
     inherit_from_owners(&mut records, &domains);
