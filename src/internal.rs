@@ -42,3 +42,38 @@ pub fn fuzz_snapshot(data: &[u8]) {
         snap.for_each_address(|_, _| {});
     }
 }
+
+/// Decode a stream of policy requests, as a server loop would, and answer each.
+pub fn fuzz_policy(data: &[u8]) {
+    use crate::proto::policy::{self, Decoded, Limits, Texts};
+    let limits = Limits::default();
+    let mut at = 0;
+    while let Ok(Decoded::Request { request, consumed }) = policy::decode(&data[at..], &limits) {
+        assert!(consumed > 0 && at + consumed <= data.len());
+        let mut out = Vec::new();
+        let verdict = std::str::from_utf8(request.recipient)
+            .ok()
+            .and_then(|r| address::normalize(r).ok())
+            .map(|_| crate::directory::Verdict::NotOurs);
+        policy::encode_reply(verdict.as_ref(), &Texts::default(), &mut out);
+        assert!(out.ends_with(b"\n\n"));
+        at += consumed;
+    }
+}
+
+/// Decode a stream of socketmap requests, as a server loop would.
+pub fn fuzz_socketmap(data: &[u8]) {
+    use crate::proto::{netstring::Decoded, socketmap};
+    let mut at = 0;
+    while let Ok(Decoded::Frame { payload, consumed }) = socketmap::decode(&data[at..]) {
+        assert!(consumed > payload.len() && at + consumed <= data.len());
+        if let Some(req) = socketmap::parse_request(payload) {
+            let mut out = Vec::new();
+            socketmap::encode_reply(
+                socketmap::Reply::Ok(&String::from_utf8_lossy(req.key)),
+                &mut out,
+            );
+        }
+        at += consumed;
+    }
+}

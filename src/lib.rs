@@ -14,5 +14,6 @@ pub mod sync;
 /// Entry points for the fuzz targets (not a stable API).
 #[doc(hidden)]
 pub mod internal;
+pub mod proto;
 
 pub use directory::{Directory, Kind, Snapshot, Verdict};

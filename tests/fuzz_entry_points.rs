@@ -1,7 +1,7 @@
 //! The fuzz targets' entry points, run on seed inputs so CI exercises them (the targets
 //! themselves are one line each; see fuzz/).
 
-use rcptgate::internal::{fuzz_address, fuzz_snapshot, fuzz_source};
+use rcptgate::internal::{fuzz_address, fuzz_policy, fuzz_snapshot, fuzz_socketmap, fuzz_source};
 use rcptgate::sources::Format;
 
 fn example(name: &str) -> Vec<u8> {
@@ -53,4 +53,19 @@ fn snapshot_seeds() {
         fuzz_snapshot(&bytes[..cut]);
     }
     fuzz_snapshot(b"RCPTGATE\x01\x00\x00\x00");
+}
+
+#[test]
+fn protocol_seeds() {
+    let req = b"request=smtpd_access_policy\nprotocol_state=RCPT\nrecipient=a@b.example\n\n";
+    let mut stream = req.to_vec();
+    stream.extend_from_slice(req);
+    for cut in 0..=stream.len() {
+        fuzz_policy(&stream[..cut]);
+    }
+    fuzz_policy(b"request=smtpd_access_policy\nrecipient=\xff\xfe\n\n");
+    let frames = b"25:recipients a@b.example,9:transport,0:,";
+    for cut in 0..=frames.len() {
+        fuzz_socketmap(&frames[..cut]);
+    }
 }
