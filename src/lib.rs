@@ -15,5 +15,6 @@ pub mod sync;
 #[doc(hidden)]
 pub mod internal;
 pub mod proto;
+pub mod server;
 
 pub use directory::{Directory, Kind, Snapshot, Verdict};

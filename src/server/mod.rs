@@ -1,0 +1,224 @@
+//! Thin tokio listeners for the Postfix policy and socketmap protocols (DESIGN.md §7). All
+//! parsing lives in [`crate::proto`]; this module only moves bytes, bounds every wait and
+//! every buffer, caps connections and drains on shutdown.
+//!
+//! `serve(listener, protocol, ctx, shutdown)` is the single entry point, for TCP and unix
+//! sockets alike; tests spawn it on `127.0.0.1:0`.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::address::AddrBuf;
+use crate::directory::Directory;
+use crate::proto::{netstring, policy, socketmap};
+
+/// Which protocol a listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Policy,
+    Socketmap,
+}
+
+/// Per-listener limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections served at once; further clients wait in the accept queue.
+    pub max_connections: usize,
+    /// A connection with no complete request for this long is closed.
+    pub idle_timeout: Duration,
+    pub policy: policy::Limits,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 256,
+            idle_timeout: Duration::from_secs(300),
+            policy: policy::Limits::default(),
+        }
+    }
+}
+
+/// What every connection needs.
+#[derive(Debug)]
+pub struct Context {
+    pub directory: Arc<Directory>,
+    pub texts: policy::Texts,
+    pub limits: Limits,
+}
+
+/// Why a connection ended early (logged by the caller; other connections are unaffected).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnError {
+    #[error("policy protocol: {0}")]
+    Policy(#[from] policy::PolicyError),
+    #[error("socketmap protocol: {0}")]
+    Netstring(#[from] netstring::NetstringError),
+    #[error("idle for {0:?}")]
+    Idle(Duration),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// Something that accepts connections: a TCP or a unix listener.
+pub trait Accept {
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept(&self) -> impl std::future::Future<Output = io::Result<Self::Stream>> + Send;
+}
+
+impl Accept for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept(&self) -> io::Result<Self::Stream> {
+        tokio::net::TcpListener::accept(self).await.map(|(s, _)| s)
+    }
+}
+
+#[cfg(unix)]
+impl Accept for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept(&self) -> io::Result<Self::Stream> {
+        tokio::net::UnixListener::accept(self).await.map(|(s, _)| s)
+    }
+}
+
+/// Accept and serve connections until `shutdown` turns true, then stop accepting and wait
+/// for the connections in flight to finish the request they are on.
+pub async fn serve<L: Accept>(
+    listener: L,
+    protocol: Protocol,
+    ctx: Arc<Context>,
+    mut shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let slots = Arc::new(Semaphore::new(ctx.limits.max_connections.max(1)));
+    let mut conns = JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.map_err(io::Error::other)?,
+            _ = shutdown.changed() => break,
+        };
+        let stream = tokio::select! {
+            s = listener.accept() => s,
+            _ = shutdown.changed() => break,
+        };
+        let stream = match stream {
+            Ok(s) => s,
+            // Out of descriptors or a client that went away: keep serving the others.
+            Err(e) => {
+                eprintln!("rcptgate: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let ctx = ctx.clone();
+        let stop = shutdown.clone();
+        conns.spawn(async move {
+            if let Err(e) = handle(stream, protocol, &ctx, stop).await {
+                eprintln!("rcptgate: {protocol:?} connection closed: {e}");
+            }
+            drop(permit);
+        });
+        while conns.try_join_next().is_some() {}
+    }
+    while conns.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Serve one connection: decode every complete request in the buffer, answer it, read more.
+pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    protocol: Protocol,
+    ctx: &Context,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ConnError> {
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut out: Vec<u8> = Vec::with_capacity(512);
+    let mut scratch = AddrBuf::default();
+    loop {
+        loop {
+            out.clear();
+            let consumed = match protocol {
+                Protocol::Policy => answer_policy(&buf, ctx, &mut scratch, &mut out)?,
+                Protocol::Socketmap => answer_socketmap(&buf, ctx, &mut scratch, &mut out)?,
+            };
+            let Some(consumed) = consumed else { break };
+            stream.write_all(&out).await?;
+            buf.drain(..consumed);
+        }
+        if *shutdown.borrow() && buf.is_empty() {
+            return Ok(());
+        }
+        buf.reserve(4096);
+        tokio::select! {
+            read = tokio::time::timeout(ctx.limits.idle_timeout, stream.read_buf(&mut buf)) => {
+                match read {
+                    Err(_) => return Err(ConnError::Idle(ctx.limits.idle_timeout)),
+                    Ok(Ok(0)) => return Ok(()),
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Err(e.into()),
+                }
+            }
+            // Between requests, a shutdown ends the connection at once.
+            _ = shutdown.changed(), if buf.is_empty() => return Ok(()),
+        }
+    }
+}
+
+/// Answer the first policy request in `buf`; `None` if it is not complete yet.
+fn answer_policy(
+    buf: &[u8],
+    ctx: &Context,
+    scratch: &mut AddrBuf,
+    out: &mut Vec<u8>,
+) -> Result<Option<usize>, ConnError> {
+    let policy::Decoded::Request { request, consumed } = policy::decode(buf, &ctx.limits.policy)?
+    else {
+        return Ok(None);
+    };
+    let verdict = policy::is_rcpt(&request).then(|| match std::str::from_utf8(request.recipient) {
+        Ok(rcpt) => ctx.directory.lookup_in(rcpt, scratch),
+        // Not text: not a mailbox either.
+        Err(_) => crate::directory::Verdict::Reject(crate::directory::Reject::Syntax(
+            crate::address::AddrError::Empty,
+        )),
+    });
+    policy::encode_reply(verdict.as_ref(), &ctx.texts, out);
+    Ok(Some(consumed))
+}
+
+/// Answer the first socketmap request in `buf`; `None` if it is not complete yet.
+fn answer_socketmap(
+    buf: &[u8],
+    ctx: &Context,
+    scratch: &mut AddrBuf,
+    out: &mut Vec<u8>,
+) -> Result<Option<usize>, ConnError> {
+    let netstring::Decoded::Frame { payload, consumed } = socketmap::decode(buf)? else {
+        return Ok(None);
+    };
+    let view = ctx.directory.view();
+    let reply = match socketmap::parse_request(payload) {
+        None => socketmap::Reply::Perm("malformed request"),
+        Some(socketmap::Request { map: None, .. }) => socketmap::Reply::Perm("unknown map"),
+        Some(socketmap::Request {
+            map: Some(map),
+            key,
+            ..
+        }) => {
+            let verdict = match std::str::from_utf8(key) {
+                Ok(k) => view.lookup_in(k, scratch),
+                Err(_) => crate::directory::Verdict::Reject(crate::directory::Reject::Syntax(
+                    crate::address::AddrError::Empty,
+                )),
+            };
+            socketmap::reply_for(map, &verdict, view.snapshot())
+        }
+    };
+    socketmap::encode_reply(reply, out);
+    Ok(Some(consumed))
+}
