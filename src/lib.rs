@@ -7,6 +7,7 @@
 //! into a snapshot that is persisted and memory-mapped.
 
 pub mod address;
+pub mod config;
 pub mod directory;
 pub mod sources;
 pub mod sync;

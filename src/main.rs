@@ -65,6 +65,17 @@ enum Command {
     },
     /// Addresses added and removed between two snapshots (or sources).
     Diff { old: String, new: String },
+    /// Run the daemon: Postfix policy and socketmap services over the configured directory.
+    /// SIGHUP rebuilds from the sources; SIGTERM finishes requests in flight and exits.
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a configuration file and exit (non-zero with the key and line on error).
+    ConfigCheck {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -91,6 +102,19 @@ fn main() -> ExitCode {
             lookup(snapshot.as_deref(), srcs, json, &separators, addrs)
         }
         Command::Diff { old, new } => diff(&old, &new),
+        Command::Serve { config } => serve(&config),
+        Command::ConfigCheck { config } => rcptgate::config::Config::load(&config)
+            .map(|c| {
+                println!(
+                    "{}: ok ({} source(s), {} policy and {} socketmap listener(s))",
+                    config.display(),
+                    c.sources.len(),
+                    c.policy_listen.len(),
+                    c.socketmap_listen.len()
+                );
+                ExitCode::SUCCESS
+            })
+            .map_err(Into::into),
     };
     match result {
         Ok(code) => code,
@@ -379,4 +403,91 @@ fn diff(old: &str, new: &str) -> Result<ExitCode> {
         b.hot_bytes()
     )?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn log_rebuild(
+    result: Result<rcptgate::sync::loader::Published, rcptgate::sync::loader::LoadError>,
+) {
+    match result {
+        Ok(p) => eprintln!(
+            "rcptgate: published generation {}: {} addresses, {} domains, {} conflicts, {} errors, {} warnings",
+            p.generation, p.addresses, p.domains, p.conflicts, p.errors, p.warnings
+        ),
+        Err(e) => eprintln!("rcptgate: rebuild failed, snapshot in service kept: {e}"),
+    }
+}
+
+fn serve(config: &Path) -> Result<ExitCode> {
+    use rcptgate::server::{self, Context, Protocol};
+    use rcptgate::sync::loader;
+    use tokio::signal::unix::{SignalKind, signal};
+
+    let cfg = rcptgate::config::Config::load(config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async move {
+        let dir = Arc::new(Directory::new(LookupOptions {
+            separators: cfg.separators.as_bytes().into(),
+        }));
+        // Answers are definitive at once when a persisted snapshot exists.
+        match loader::open_persisted(&cfg, &dir) {
+            Ok(Some(g)) => eprintln!("rcptgate: serving persisted snapshot, generation {g}"),
+            Ok(None) => eprintln!(
+                "rcptgate: no persisted snapshot; temporary failures until the first build"
+            ),
+            Err(e) => eprintln!("rcptgate: persisted snapshot not used: {e}"),
+        }
+        let ctx = Arc::new(Context {
+            directory: dir.clone(),
+            texts: cfg.texts.clone(),
+            limits: cfg.limits.clone(),
+        });
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let mut tasks = Vec::new();
+        for (protocol, addrs) in [
+            (Protocol::Policy, &cfg.policy_listen),
+            (Protocol::Socketmap, &cfg.socketmap_listen),
+        ] {
+            for a in addrs {
+                let (bound, task) =
+                    server::bind_and_serve(a, protocol, ctx.clone(), stop_rx.clone())
+                        .await
+                        .with_context(|| format!("listening on {a}"))?;
+                eprintln!(
+                    "rcptgate: {} listening on {bound}",
+                    match protocol {
+                        Protocol::Policy => "policy",
+                        Protocol::Socketmap => "socketmap",
+                    }
+                );
+                tasks.push(task);
+            }
+        }
+        let build = |cfg: rcptgate::config::Config, dir: Arc<Directory>| {
+            tokio::task::spawn_blocking(move || loader::rebuild(&cfg, &dir))
+        };
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        log_rebuild(build(cfg.clone(), dir.clone()).await?);
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    eprintln!("rcptgate: SIGHUP: rebuilding");
+                    log_rebuild(build(cfg.clone(), dir.clone()).await?);
+                }
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
+        eprintln!("rcptgate: shutting down: finishing requests in flight");
+        stop.send(true).ok();
+        for t in tasks {
+            t.await??;
+        }
+        eprintln!("rcptgate: stopped");
+        Ok(ExitCode::SUCCESS)
+    })
 }

@@ -222,3 +222,37 @@ fn answer_socketmap(
     socketmap::encode_reply(reply, out);
     Ok(Some(consumed))
 }
+
+/// Bind one listener (a stale unix socket file is replaced) and serve it until shutdown.
+/// Returns the bound address (the port when `:0` was asked for) and the serving task.
+pub async fn bind_and_serve(
+    addr: &crate::config::ListenAddr,
+    protocol: Protocol,
+    ctx: Arc<Context>,
+    shutdown: watch::Receiver<bool>,
+) -> io::Result<(String, tokio::task::JoinHandle<io::Result<()>>)> {
+    match addr {
+        crate::config::ListenAddr::Tcp(a) => {
+            let l = tokio::net::TcpListener::bind(a).await?;
+            let bound = l.local_addr()?.to_string();
+            Ok((bound, tokio::spawn(serve(l, protocol, ctx, shutdown))))
+        }
+        #[cfg(unix)]
+        crate::config::ListenAddr::Unix(path) => {
+            if std::fs::symlink_metadata(path)
+                .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+            {
+                std::fs::remove_file(path)?;
+            }
+            let l = tokio::net::UnixListener::bind(path)?;
+            Ok((
+                format!("unix:{}", path.display()),
+                tokio::spawn(serve(l, protocol, ctx, shutdown)),
+            ))
+        }
+        #[cfg(not(unix))]
+        crate::config::ListenAddr::Unix(_) => {
+            Err(io::Error::other("unix sockets need a unix system"))
+        }
+    }
+}

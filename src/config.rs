@@ -1,0 +1,402 @@
+//! The daemon's TOML configuration, in two stages (as ripgrep does): the raw file, checked
+//! for unknown keys and types with the line and column of every error, then the resolved
+//! model with defaults applied and values validated.
+//!
+//! ```toml
+//! [directory]
+//! snapshot = "/var/lib/rcptgate/snapshot.bin"   # persisted, mapped at start (optional)
+//! subaddress_separator = "+"                    # "" disables subaddressing
+//! reject_text = "User unknown"
+//!
+//! [[source]]
+//! name = "dirsync"
+//! kind = "map"                                  # map | postfix | csv | ldif
+//! path = "/srv/upload/customer.map"
+//!
+//! [policy]
+//! listen = ["127.0.0.1:10040", "unix:/run/rcptgate/policy.sock"]
+//!
+//! [socketmap]
+//! listen = ["127.0.0.1:10041"]
+//!
+//! [limits]
+//! max_connections = 256
+//! idle_timeout = "5m"
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::sources::Format;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    directory: RawDirectory,
+    #[serde(default, rename = "source")]
+    sources: Vec<RawSource>,
+    #[serde(default)]
+    policy: RawListeners,
+    #[serde(default)]
+    socketmap: RawListeners,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDirectory {
+    snapshot: Option<PathBuf>,
+    subaddress_separator: Option<String>,
+    reject_text: Option<String>,
+    syntax_text: Option<String>,
+    tempfail_text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    name: String,
+    kind: String,
+    path: PathBuf,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListeners {
+    #[serde(default)]
+    listen: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_connections: Option<usize>,
+    idle_timeout: Option<String>,
+    max_request: Option<usize>,
+}
+
+/// Where a listener listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(std::net::SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// One configured source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceConfig {
+    pub name: String,
+    pub format: Format,
+    pub path: PathBuf,
+}
+
+impl SourceConfig {
+    /// The `FORMAT:PATH` spec that [`crate::sources::load`] reads.
+    pub fn spec(&self) -> String {
+        format!("{}:{}", self.format.as_str(), self.path.display())
+    }
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub snapshot: Option<PathBuf>,
+    pub separators: String,
+    pub texts: crate::proto::policy::Texts,
+    pub sources: Vec<SourceConfig>,
+    pub policy_listen: Vec<ListenAddr>,
+    pub socketmap_listen: Vec<ListenAddr>,
+    pub limits: crate::server::Limits,
+}
+
+/// A configuration that cannot be used, with the file and where in it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Syntax {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: {key}: {message}")]
+    Value {
+        path: String,
+        key: String,
+        message: String,
+    },
+}
+
+/// Parse a duration such as `"90s"`, `"15m"`, `"24h"`, `"7d"`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let secs = match unit {
+        "ms" => return Some(Duration::from_millis(n)),
+        "s" => n,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        "d" => n.checked_mul(86_400)?,
+        _ => return None,
+    };
+    Some(Duration::from_secs(secs))
+}
+
+fn parse_listen(s: &str) -> Option<ListenAddr> {
+    match s.strip_prefix("unix:") {
+        Some(p) if !p.is_empty() => Some(ListenAddr::Unix(PathBuf::from(p))),
+        Some(_) => None,
+        None => s.parse().ok().map(ListenAddr::Tcp),
+    }
+}
+
+impl Config {
+    /// Read and validate a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&path.display().to_string(), &text)
+    }
+
+    /// Parse configuration text; `name` is used in error messages.
+    pub fn parse(name: &str, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map_or((0, 0), |sp| line_col(text, sp.start));
+            ConfigError::Syntax {
+                path: name.to_owned(),
+                line,
+                column,
+                message: e.message().to_owned(),
+            }
+        })?;
+        let bad = |key: &str, message: String| ConfigError::Value {
+            path: name.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        let mut sources = Vec::new();
+        for (i, s) in raw.sources.iter().enumerate() {
+            let format = Format::parse(&s.kind).ok_or_else(|| {
+                bad(
+                    &format!("source[{i}].kind"),
+                    format!("{:?} is not one of map, postfix, csv, ldif", s.kind),
+                )
+            })?;
+            if sources.iter().any(|o: &SourceConfig| o.name == s.name) {
+                return Err(bad(
+                    &format!("source[{i}].name"),
+                    format!("{:?} is used twice", s.name),
+                ));
+            }
+            sources.push(SourceConfig {
+                name: s.name.clone(),
+                format,
+                path: s.path.clone(),
+            });
+        }
+        let listen = |key: &str, list: &[String]| -> Result<Vec<ListenAddr>, ConfigError> {
+            list.iter()
+                .map(|l| {
+                    parse_listen(l).ok_or_else(|| {
+                        bad(key, format!("{l:?} is neither HOST:PORT nor unix:PATH"))
+                    })
+                })
+                .collect()
+        };
+        let policy_listen = listen("policy.listen", &raw.policy.listen)?;
+        let socketmap_listen = listen("socketmap.listen", &raw.socketmap.listen)?;
+        if policy_listen.is_empty() && socketmap_listen.is_empty() {
+            return Err(bad(
+                "policy.listen",
+                "no listener configured (set policy.listen or socketmap.listen)".into(),
+            ));
+        }
+        let mut limits = crate::server::Limits::default();
+        if let Some(n) = raw.limits.max_connections {
+            if n == 0 {
+                return Err(bad("limits.max_connections", "must be at least 1".into()));
+            }
+            limits.max_connections = n;
+        }
+        if let Some(t) = &raw.limits.idle_timeout {
+            limits.idle_timeout = parse_duration(t).filter(|d| !d.is_zero()).ok_or_else(|| {
+                bad(
+                    "limits.idle_timeout",
+                    format!("{t:?} is not a duration like \"5m\""),
+                )
+            })?;
+        }
+        if let Some(n) = raw.limits.max_request {
+            if n < 1024 {
+                return Err(bad(
+                    "limits.max_request",
+                    "must be at least 1024 bytes".into(),
+                ));
+            }
+            limits.policy.max_request = n;
+        }
+        let mut texts = crate::proto::policy::Texts::default();
+        for (key, value, slot) in [
+            (
+                "directory.reject_text",
+                &raw.directory.reject_text,
+                &mut texts.unknown,
+            ),
+            (
+                "directory.syntax_text",
+                &raw.directory.syntax_text,
+                &mut texts.syntax,
+            ),
+            (
+                "directory.tempfail_text",
+                &raw.directory.tempfail_text,
+                &mut texts.tempfail,
+            ),
+        ] {
+            if let Some(v) = value {
+                if v.contains(['\n', '\r']) || v.len() > 200 {
+                    return Err(bad(
+                        key,
+                        "must be one line of at most 200 characters".into(),
+                    ));
+                }
+                *slot = v.clone();
+            }
+        }
+        let separators = raw
+            .directory
+            .subaddress_separator
+            .unwrap_or_else(|| "+".into());
+        if !separators.is_ascii() || separators.contains(['@', '.', '"']) {
+            return Err(bad(
+                "directory.subaddress_separator",
+                format!("{separators:?}: use ASCII characters other than @ . \""),
+            ));
+        }
+        Ok(Config {
+            snapshot: raw.directory.snapshot,
+            separators,
+            texts,
+            sources,
+            policy_listen,
+            socketmap_listen,
+            limits,
+        })
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |n| before.len() - n - 1)
+        + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[directory]
+snapshot = "/tmp/x.snap"
+subaddress_separator = "+-"
+reject_text = "No such user here"
+
+[[source]]
+name = "dirsync"
+kind = "map"
+path = "config/example.map"
+
+[policy]
+listen = ["127.0.0.1:10040", "unix:/run/rcptgate/policy.sock"]
+
+[limits]
+idle_timeout = "90s"
+"#;
+
+    #[test]
+    fn a_good_config() {
+        let c = Config::parse("t.toml", GOOD).expect("valid");
+        assert_eq!(c.sources[0].spec(), "map:config/example.map");
+        assert_eq!(
+            c.policy_listen[1],
+            ListenAddr::Unix("/run/rcptgate/policy.sock".into())
+        );
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(90));
+        assert_eq!(c.texts.unknown, "No such user here");
+        assert_eq!(c.separators, "+-");
+    }
+
+    #[test]
+    fn errors_name_the_key_and_line() {
+        let unknown = GOOD.replace("[limits]", "[limits]\nmax_conections = 5");
+        let e = Config::parse("t.toml", &unknown)
+            .expect_err("unknown key")
+            .to_string();
+        assert!(
+            e.starts_with("t.toml:16:1: unknown field `max_conections`"),
+            "{e}"
+        );
+        let typed = GOOD.replace("idle_timeout = \"90s\"", "idle_timeout = 90");
+        let e = Config::parse("t.toml", &typed)
+            .expect_err("type")
+            .to_string();
+        assert!(e.starts_with("t.toml:16:16: invalid type"), "{e}");
+        let dur = GOOD.replace("\"90s\"", "\"soon\"");
+        let e = Config::parse("t.toml", &dur)
+            .expect_err("duration")
+            .to_string();
+        assert_eq!(
+            e,
+            "t.toml: limits.idle_timeout: \"soon\" is not a duration like \"5m\""
+        );
+        let kind = GOOD.replace("kind = \"map\"", "kind = \"ldap3\"");
+        let e = Config::parse("t.toml", &kind)
+            .expect_err("kind")
+            .to_string();
+        assert!(e.starts_with("t.toml: source[0].kind:"), "{e}");
+        let listen = GOOD.replace("127.0.0.1:10040", "localhost");
+        let e = Config::parse("t.toml", &listen)
+            .expect_err("listen")
+            .to_string();
+        assert!(e.starts_with("t.toml: policy.listen: \"localhost\""), "{e}");
+        let none = "[directory]\n";
+        assert!(Config::parse("t.toml", none).is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("15m"), Some(Duration::from_secs(900)));
+        assert_eq!(parse_duration("7d"), Some(Duration::from_secs(604_800)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("15"), None);
+        assert_eq!(parse_duration("m"), None);
+        assert_eq!(parse_duration("5y"), None);
+    }
+}

@@ -1,0 +1,185 @@
+//! The `rcptgate serve` daemon as a process: persisted snapshot at start, SIGHUP rebuilds,
+//! a truncated upload is refused, SIGTERM drains and exits 0.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+struct Daemon {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    /// Lines read but not yet matched by `wait_for`.
+    backlog: Vec<String>,
+    policy: String,
+}
+
+impl Drop for Daemon {
+    /// Never leave a daemon behind, whatever the test did.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(config: &Path) -> Daemon {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rcptgate"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut d = Daemon {
+        child,
+        lines,
+        backlog: Vec::new(),
+        policy: String::new(),
+    };
+    let line = d.peek_for("policy listening on ");
+    d.policy = line.rsplit(' ').next().expect("addr").to_owned();
+    d
+}
+
+impl Daemon {
+    /// Wait until the daemon has said `needle`; earlier lines stay available.
+    fn peek_for(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(l) = self.backlog.iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .unwrap_or_else(|| panic!("daemon never said {needle:?}: {:#?}", self.backlog));
+            match self.lines.recv_timeout(left) {
+                Ok(l) => self.backlog.push(l),
+                Err(_) => panic!("daemon never said {needle:?}: {:#?}", self.backlog),
+            }
+        }
+    }
+
+    /// Wait until the daemon has said `needle`, and forget everything up to it.
+    fn wait_for(&mut self, needle: &str) -> String {
+        let line = self.peek_for(needle);
+        let at = self.backlog.iter().position(|l| *l == line).unwrap_or(0);
+        self.backlog.drain(..=at);
+        line
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+    }
+
+    fn ask(&self, rcpt: &str) -> String {
+        let mut s = TcpStream::connect(&self.policy).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        write!(
+            s,
+            "request=smtpd_access_policy\nprotocol_state=RCPT\nrecipient={rcpt}\n\n"
+        )
+        .expect("write");
+        let mut reply = Vec::new();
+        let mut byte = [0u8; 1];
+        while !reply.ends_with(b"\n\n") {
+            let n = s.read(&mut byte).expect("read");
+            assert!(n > 0, "closed");
+            reply.push(byte[0]);
+        }
+        String::from_utf8_lossy(&reply).trim().to_owned()
+    }
+}
+
+fn write_config(dir: &Path, map: &Path) -> std::path::PathBuf {
+    let cfg = dir.join("rcptgate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[directory]\nsnapshot = \"{}\"\n\n[[source]]\nname = \"m\"\nkind = \"map\"\npath = \"{}\"\n\n[policy]\nlisten = [\"127.0.0.1:0\"]\n",
+            dir.join("snap.bin").display(),
+            map.display()
+        ),
+    )
+    .expect("config");
+    cfg
+}
+
+#[test]
+fn reload_refusal_restart_and_shutdown() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let map = tmp.path().join("dir.map");
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.map"))
+            .expect("example");
+    std::fs::write(&map, &example).expect("map");
+    let cfg = write_config(tmp.path(), &map);
+
+    let mut d = start(&cfg);
+    d.wait_for("published generation 1");
+    assert_eq!(d.ask("alice@contoso.com"), "action=DUNNO");
+    assert_eq!(
+        d.ask("new.hire@contoso.com"),
+        "action=550 5.1.1 User unknown"
+    );
+
+    // An edited file is picked up on SIGHUP (written in place, as an upload would).
+    let edited = example.replace(
+        "++++\n",
+        "10001|contoso.com\tDIR:\tnew.hire@contoso.com\n++++\n",
+    );
+    std::fs::write(&map, &edited).expect("edit");
+    d.signal("-HUP");
+    d.wait_for("published generation 2");
+    assert_eq!(d.ask("new.hire@contoso.com"), "action=DUNNO");
+
+    // A truncated upload (no ++++) is refused: the answers stay.
+    std::fs::write(&map, &edited[..edited.len() / 2]).expect("truncate");
+    d.signal("-HUP");
+    d.wait_for("rebuild failed, snapshot in service kept");
+    assert_eq!(d.ask("new.hire@contoso.com"), "action=DUNNO");
+    assert_eq!(d.ask("nobody@contoso.com"), "action=550 5.1.1 User unknown");
+
+    d.signal("-TERM");
+    let status = d.child.wait().expect("wait");
+    assert!(status.success(), "{status:?}");
+
+    // Restart with the source missing: the persisted snapshot answers at once.
+    std::fs::remove_file(&map).expect("rm");
+    let mut d = start(&cfg);
+    d.wait_for("serving persisted snapshot, generation 2");
+    assert_eq!(d.ask("new.hire@contoso.com"), "action=DUNNO");
+    d.wait_for("rebuild failed, snapshot in service kept");
+    assert_eq!(d.ask("nobody@contoso.com"), "action=550 5.1.1 User unknown");
+    d.signal("-TERM");
+    assert!(d.child.wait().expect("wait").success());
+}
+
+#[test]
+fn without_any_snapshot_everything_is_deferred() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let map = tmp.path().join("missing.map");
+    let cfg = write_config(tmp.path(), &map);
+    let mut d = start(&cfg);
+    d.wait_for("rebuild failed");
+    assert!(
+        d.ask("alice@contoso.com")
+            .starts_with("action=DEFER_IF_PERMIT 4.3.0")
+    );
+    d.signal("-TERM");
+    assert!(d.child.wait().expect("wait").success());
+}
