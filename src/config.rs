@@ -6,6 +6,8 @@
 //! [directory]
 //! snapshot = "/var/lib/rcptgate/snapshot.bin"   # persisted, mapped at start (optional)
 //! subaddress_separator = "+"                    # "" disables subaddressing
+//! max_age = "24h"                               # then unknown -> tempfail; "0s" disables
+//! debounce = "500ms"                            # quiet time after a source file changes
 //! reject_text = "User unknown"
 //!
 //! [[source]]
@@ -54,6 +56,8 @@ struct RawDirectory {
     reject_text: Option<String>,
     syntax_text: Option<String>,
     tempfail_text: Option<String>,
+    max_age: Option<String>,
+    debounce: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,6 +118,11 @@ impl SourceConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub snapshot: Option<PathBuf>,
+    /// After this long without a successful build, unknown recipients are deferred instead
+    /// of rejected (DESIGN.md §4 step 7). `None` disables (`max_age = "0s"`).
+    pub max_age: Option<Duration>,
+    /// Quiet time after a source file changes before rebuilding.
+    pub debounce: Duration,
     pub separators: String,
     pub texts: crate::proto::policy::Texts,
     pub sources: Vec<SourceConfig>,
@@ -296,8 +305,25 @@ impl Config {
                 format!("{separators:?}: use ASCII characters other than @ . \""),
             ));
         }
+        let duration = |key: &str, v: &Option<String>, default: Duration| match v {
+            None => Ok(default),
+            Some(t) => parse_duration(t)
+                .ok_or_else(|| bad(key, format!("{t:?} is not a duration like \"24h\""))),
+        };
+        let max_age = duration(
+            "directory.max_age",
+            &raw.directory.max_age,
+            Duration::from_secs(86_400),
+        )?;
+        let debounce = duration(
+            "directory.debounce",
+            &raw.directory.debounce,
+            Duration::from_millis(500),
+        )?;
         Ok(Config {
             snapshot: raw.directory.snapshot,
+            max_age: (!max_age.is_zero()).then_some(max_age),
+            debounce,
             separators,
             texts,
             sources,

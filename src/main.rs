@@ -405,16 +405,55 @@ fn diff(old: &str, new: &str) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Log the outcome of a rebuild; true when something was published.
 fn log_rebuild(
     result: Result<rcptgate::sync::loader::Published, rcptgate::sync::loader::LoadError>,
-) {
+) -> bool {
     match result {
-        Ok(p) => eprintln!(
-            "rcptgate: published generation {}: {} addresses, {} domains, {} conflicts, {} errors, {} warnings",
-            p.generation, p.addresses, p.domains, p.conflicts, p.errors, p.warnings
-        ),
-        Err(e) => eprintln!("rcptgate: rebuild failed, snapshot in service kept: {e}"),
+        Ok(p) => {
+            eprintln!(
+                "rcptgate: published generation {}: {} addresses, {} domains, {} conflicts, {} errors, {} warnings",
+                p.generation, p.addresses, p.domains, p.conflicts, p.errors, p.warnings
+            );
+            true
+        }
+        Err(e) => {
+            eprintln!("rcptgate: rebuild failed, snapshot in service kept: {e}");
+            false
+        }
     }
+}
+
+/// Watch the directories of the configured source files; send on every event that names
+/// one of them.
+fn watch_sources(
+    cfg: &rcptgate::config::Config,
+    tx: tokio::sync::mpsc::UnboundedSender<()>,
+) -> Result<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let files: Vec<PathBuf> = cfg
+        .sources
+        .iter()
+        .filter_map(|s| std::path::absolute(&s.path).ok())
+        .collect();
+    let wanted = files.clone();
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if let Ok(ev) = ev
+            && ev.paths.iter().any(|p| wanted.contains(p))
+        {
+            let _ = tx.send(());
+        }
+    })
+    .context("starting the file watcher")?;
+    let mut dirs: Vec<&Path> = files.iter().filter_map(|f| f.parent()).collect();
+    dirs.sort();
+    dirs.dedup();
+    for d in dirs {
+        watcher
+            .watch(d, notify::RecursiveMode::NonRecursive)
+            .with_context(|| format!("watching {}", d.display()))?;
+    }
+    Ok(watcher)
 }
 
 fn serve(config: &Path) -> Result<ExitCode> {
@@ -471,12 +510,56 @@ fn serve(config: &Path) -> Result<ExitCode> {
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        log_rebuild(build(cfg.clone(), dir.clone()).await?);
+        // Source files are watched through their directories, so a file replaced by rename,
+        // written in place, created or deleted is noticed alike.
+        let (changed_tx, mut changed) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let _watcher = watch_sources(&cfg, changed_tx)?;
+        // When the directory in service was built (for max_age).
+        let built_at = std::cell::Cell::new(dir.view().snapshot().map(|s| s.created_unix()));
+        let now = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        };
+        let rebuild = async |why: &str| -> Result<()> {
+            eprintln!("rcptgate: {why}: rebuilding");
+            if log_rebuild(build(cfg.clone(), dir.clone()).await?) {
+                built_at.set(Some(now()));
+            }
+            Ok(())
+        };
+        rebuild("start").await?;
+        let mut settle: Option<tokio::time::Instant> = None;
+        let mut tick = tokio::time::interval(
+            cfg.max_age
+                .map_or(std::time::Duration::from_secs(3600), |m| {
+                    (m / 4).clamp(std::time::Duration::from_millis(100), std::time::Duration::from_secs(10))
+                }),
+        );
         loop {
             tokio::select! {
-                _ = hup.recv() => {
-                    eprintln!("rcptgate: SIGHUP: rebuilding");
-                    log_rebuild(build(cfg.clone(), dir.clone()).await?);
+                _ = hup.recv() => rebuild("SIGHUP").await?,
+                // Debounce: every change moves the deadline; signals stay served meanwhile.
+                Some(()) = changed.recv() => {
+                    settle = Some(tokio::time::Instant::now() + cfg.debounce);
+                }
+                _ = async { if let Some(at) = settle { tokio::time::sleep_until(at).await } }, if settle.is_some() => {
+                    settle = None;
+                    rebuild("source changed").await?;
+                }
+                _ = tick.tick() => {
+                    let stale = match (cfg.max_age, built_at.get()) {
+                        (Some(max), Some(at)) => now().saturating_sub(at) > max.as_secs(),
+                        _ => false,
+                    };
+                    if stale != dir.is_stale() {
+                        dir.set_stale(stale);
+                        eprintln!("rcptgate: {}", if stale {
+                            "no successful build for longer than max_age: unknown recipients are now deferred (4xx)"
+                        } else {
+                            "directory fresh again: unknown recipients are rejected (550)"
+                        });
+                    }
                 }
                 _ = term.recv() => break,
                 _ = int.recv() => break,

@@ -105,12 +105,12 @@ impl Daemon {
     }
 }
 
-fn write_config(dir: &Path, map: &Path) -> std::path::PathBuf {
+fn write_config(dir: &Path, map: &Path, directory: &str) -> std::path::PathBuf {
     let cfg = dir.join("rcptgate.toml");
     std::fs::write(
         &cfg,
         format!(
-            "[directory]\nsnapshot = \"{}\"\n\n[[source]]\nname = \"m\"\nkind = \"map\"\npath = \"{}\"\n\n[policy]\nlisten = [\"127.0.0.1:0\"]\n",
+            "[directory]\nsnapshot = \"{}\"\ndebounce = \"150ms\"\n{directory}\n[[source]]\nname = \"m\"\nkind = \"map\"\npath = \"{}\"\n\n[policy]\nlisten = [\"127.0.0.1:0\"]\n",
             dir.join("snap.bin").display(),
             map.display()
         ),
@@ -119,15 +119,18 @@ fn write_config(dir: &Path, map: &Path) -> std::path::PathBuf {
     cfg
 }
 
+fn example() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.map"))
+        .expect("example")
+}
+
 #[test]
-fn reload_refusal_restart_and_shutdown() {
+fn watched_edits_refused_uploads_sighup_restart_and_shutdown() {
     let tmp = tempfile::tempdir().expect("tmp");
     let map = tmp.path().join("dir.map");
-    let example =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.map"))
-            .expect("example");
+    let example = example();
     std::fs::write(&map, &example).expect("map");
-    let cfg = write_config(tmp.path(), &map);
+    let cfg = write_config(tmp.path(), &map, "");
 
     let mut d = start(&cfg);
     d.wait_for("published generation 1");
@@ -137,33 +140,75 @@ fn reload_refusal_restart_and_shutdown() {
         "action=550 5.1.1 User unknown"
     );
 
-    // An edited file is picked up on SIGHUP (written in place, as an upload would).
+    // Written in place while running: picked up without a signal.
     let edited = example.replace(
         "++++\n",
         "10001|contoso.com\tDIR:\tnew.hire@contoso.com\n++++\n",
     );
     std::fs::write(&map, &edited).expect("edit");
-    d.signal("-HUP");
     d.wait_for("published generation 2");
     assert_eq!(d.ask("new.hire@contoso.com"), "action=DUNNO");
 
-    // A truncated upload (no ++++) is refused: the answers stay.
-    std::fs::write(&map, &edited[..edited.len() / 2]).expect("truncate");
-    d.signal("-HUP");
+    // An upload still without its ++++ (or cut off) is refused: the answers stay.
+    let second = edited.replace(
+        "++++\n",
+        "10001|contoso.com\tDIR:\tsecond.hire@contoso.com\n++++\n",
+    );
+    std::fs::write(&map, &second[..second.len() - 5]).expect("partial");
     d.wait_for("rebuild failed, snapshot in service kept");
     assert_eq!(d.ask("new.hire@contoso.com"), "action=DUNNO");
-    assert_eq!(d.ask("nobody@contoso.com"), "action=550 5.1.1 User unknown");
+    assert_eq!(
+        d.ask("second.hire@contoso.com"),
+        "action=550 5.1.1 User unknown"
+    );
+    // The upload completes, replacing the file by rename.
+    let tmpfile = tmp.path().join("dir.map.upload");
+    std::fs::write(&tmpfile, &second).expect("upload");
+    std::fs::rename(&tmpfile, &map).expect("rename");
+    d.wait_for("published generation 3");
+    assert_eq!(d.ask("second.hire@contoso.com"), "action=DUNNO");
+
+    // SIGHUP rebuilds too.
+    d.signal("-HUP");
+    d.wait_for("published generation 4");
 
     d.signal("-TERM");
     let status = d.child.wait().expect("wait");
     assert!(status.success(), "{status:?}");
 
-    // Restart with the source missing: the persisted snapshot answers at once.
+    // Restart with the source gone: the persisted snapshot answers at once.
     std::fs::remove_file(&map).expect("rm");
     let mut d = start(&cfg);
-    d.wait_for("serving persisted snapshot, generation 2");
-    assert_eq!(d.ask("new.hire@contoso.com"), "action=DUNNO");
+    d.wait_for("serving persisted snapshot, generation 4");
+    assert_eq!(d.ask("second.hire@contoso.com"), "action=DUNNO");
     d.wait_for("rebuild failed, snapshot in service kept");
+    assert_eq!(d.ask("nobody@contoso.com"), "action=550 5.1.1 User unknown");
+    d.signal("-TERM");
+    assert!(d.child.wait().expect("wait").success());
+}
+
+#[test]
+fn max_age_turns_unknown_rejects_into_deferrals() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let map = tmp.path().join("dir.map");
+    std::fs::write(&map, example()).expect("map");
+    let cfg = write_config(tmp.path(), &map, "max_age = \"1s\"");
+    let mut d = start(&cfg);
+    d.wait_for("published generation 1");
+    assert_eq!(d.ask("nobody@contoso.com"), "action=550 5.1.1 User unknown");
+    // The source breaks and stays broken past max_age.
+    std::fs::remove_file(&map).expect("rm");
+    d.wait_for("rebuild failed");
+    d.wait_for("unknown recipients are now deferred");
+    assert!(
+        d.ask("nobody@contoso.com")
+            .starts_with("action=DEFER_IF_PERMIT 4.3.0")
+    );
+    assert_eq!(d.ask("alice@contoso.com"), "action=DUNNO");
+    // It comes back: rejects are definitive again.
+    std::fs::write(&map, example()).expect("map");
+    d.wait_for("published generation 2");
+    d.wait_for("directory fresh again");
     assert_eq!(d.ask("nobody@contoso.com"), "action=550 5.1.1 User unknown");
     d.signal("-TERM");
     assert!(d.child.wait().expect("wait").success());
@@ -173,7 +218,7 @@ fn reload_refusal_restart_and_shutdown() {
 fn without_any_snapshot_everything_is_deferred() {
     let tmp = tempfile::tempdir().expect("tmp");
     let map = tmp.path().join("missing.map");
-    let cfg = write_config(tmp.path(), &map);
+    let cfg = write_config(tmp.path(), &map, "");
     let mut d = start(&cfg);
     d.wait_for("rebuild failed");
     assert!(
