@@ -1,6 +1,5 @@
 //! The `rcptgate` command line.
 
-use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -372,33 +371,35 @@ fn lookup(
     Ok(ExitCode::SUCCESS)
 }
 
-fn addresses_of(snap: &Snapshot) -> BTreeSet<String> {
-    let mut set = BTreeSet::new();
-    snap.for_each_address(|a, _| {
-        set.insert(a.to_owned());
-    });
-    set
-}
-
 fn diff(old: &str, new: &str) -> Result<ExitCode> {
     let a = open_snapshot_or_sources(old)?;
     let b = open_snapshot_or_sources(new)?;
-    let (sa, sb) = (addresses_of(&a), addresses_of(&b));
     let mut out = std::io::stdout().lock();
-    let (mut added, mut removed) = (0, 0);
-    for x in sb.difference(&sa) {
-        writeln!(out, "+ {x}")?;
-        added += 1;
-    }
-    for x in sa.difference(&sb) {
-        writeln!(out, "- {x}")?;
-        removed += 1;
+    let (mut added, mut removed) = (0u64, 0u64);
+    let mut failed = None;
+    directory::diff(&a, &b, |c| {
+        let line = match c {
+            directory::Change::Added(x) => {
+                added += 1;
+                writeln!(out, "+ {x}")
+            }
+            directory::Change::Removed(x) => {
+                removed += 1;
+                writeln!(out, "- {x}")
+            }
+        };
+        if let Err(e) = line {
+            failed.get_or_insert(e);
+        }
+    });
+    if let Some(e) = failed {
+        return Err(e.into());
     }
     writeln!(
         out,
         "{added} added, {removed} removed ({} -> {} addresses; {} -> {} bytes hot)",
-        sa.len(),
-        sb.len(),
+        a.record_count(),
+        b.record_count(),
         a.hot_bytes(),
         b.hot_bytes()
     )?;
@@ -415,6 +416,24 @@ fn log_rebuild(
                 "rcptgate: published generation {}: {} addresses, {} domains, {} conflicts, {} errors, {} warnings",
                 p.generation, p.addresses, p.domains, p.conflicts, p.errors, p.warnings
             );
+            // One JSON audit line per publish.
+            let audit = json!({
+                "event": "publish",
+                "time": std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                "generation": p.generation,
+                "addresses": p.addresses,
+                "domains": p.domains,
+                "conflicts": p.conflicts,
+                "errors": p.errors,
+                "warnings": p.warnings,
+                "added": p.added,
+                "removed": p.removed,
+                "added_sample": p.added_sample,
+                "removed_sample": p.removed_sample,
+            });
+            eprintln!("rcptgate: audit {audit}");
             true
         }
         Err(e) => {

@@ -147,6 +147,15 @@ fn watched_edits_refused_uploads_sighup_restart_and_shutdown() {
     );
     std::fs::write(&map, &edited).expect("edit");
     d.wait_for("published generation 2");
+    let audit = d.wait_for("rcptgate: audit ");
+    let audit: serde_json::Value =
+        serde_json::from_str(audit.trim_start_matches("rcptgate: audit ")).expect("json");
+    assert_eq!(audit["generation"], 2);
+    assert_eq!(
+        (audit["added"].as_u64(), audit["removed"].as_u64()),
+        (Some(1), Some(0))
+    );
+    assert_eq!(audit["added_sample"][0], "new.hire@contoso.com");
     assert_eq!(d.ask("new.hire@contoso.com"), "action=DUNNO");
 
     // An upload still without its ++++ (or cut off) is refused: the answers stay.

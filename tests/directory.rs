@@ -312,3 +312,34 @@ fn conflicts_prefer_the_primary_owner_then_source_order() {
     dir.publish(Arc::new(Snapshot::from_bytes(bytes).expect("loads")));
     assert_eq!(accept(dir.lookup("info@c.example")).kind, Kind::Shared);
 }
+
+#[test]
+fn diff_is_right_when_domain_indices_shift() {
+    let build = |text: &str| {
+        let name: Arc<str> = Arc::from("d.map");
+        let src = sources::parse_text(sources::Format::Map, &name, text).expect("parses");
+        Snapshot::from_bytes(directory::build(merge(&[src], 1).input).expect("builds").0)
+            .expect("loads")
+    };
+    let old = build(
+        "1|a.example\tDOMAIN:\ta.example\n1|a.example\tDIR:\tx@a.example\n\
+1|c.example\tDOMAIN:\tc.example\n1|c.example\tDIR:\tgone@c.example\n1|c.example\tDIR:\tstays@c.example\n++++\n",
+    );
+    // b.example sorts between a and c: every index after it moves.
+    let new = build(
+        "1|a.example\tDOMAIN:\ta.example\n1|a.example\tDIR:\tx@a.example\n\
+1|b.example\tDOMAIN:\tb.example\n1|b.example\tDIR:\tnew@b.example\n\
+1|c.example\tDOMAIN:\tc.example\n1|c.example\tDIR:\tstays@c.example\n1|c.example\tDIR:\tzed@c.example\n++++\n",
+    );
+    let mut changes = Vec::new();
+    directory::diff(&old, &new, |c| {
+        changes.push(match c {
+            directory::Change::Added(a) => format!("+{a}"),
+            directory::Change::Removed(r) => format!("-{r}"),
+        })
+    });
+    assert_eq!(
+        changes,
+        vec!["+new@b.example", "-gone@c.example", "+zed@c.example"]
+    );
+}

@@ -16,7 +16,7 @@ pub use build::{
     BuildError, BuildInput, BuildStats, DomainSpec, Interner, NONE, RecordSpec, build,
 };
 pub use format::{Sec, SnapshotError, write_atomic};
-pub use snapshot::{DomainInfo, RecordInfo, Snapshot};
+pub use snapshot::{AddressCursor, DomainInfo, RecordInfo, Snapshot};
 
 use crate::address::{AddrBuf, AddrError};
 
@@ -199,6 +199,50 @@ impl Verdict {
         match self {
             Verdict::Accept(h) => Some(h),
             _ => None,
+        }
+    }
+}
+
+/// One difference between two snapshots, as `local@domain`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change<'a> {
+    Added(&'a str),
+    Removed(&'a str),
+}
+
+/// Every address added or removed from `old` to `new`, in (domain, local part) order, in one
+/// streaming pass over both (no address set is held in memory).
+pub fn diff(old: &Snapshot, new: &Snapshot, mut f: impl FnMut(Change<'_>)) {
+    let (mut a, mut b) = (old.cursor(), new.cursor());
+    let owned =
+        |c: &mut AddressCursor<'_>| c.next_address().map(|(d, l)| (d.to_owned(), l.to_vec()));
+    let (mut x, mut y) = (owned(&mut a), owned(&mut b));
+    let show = |d: &str, l: &[u8]| format!("{}@{d}", String::from_utf8_lossy(l));
+    loop {
+        match (&x, &y) {
+            (None, None) => break,
+            (Some((d, l)), None) => {
+                f(Change::Removed(&show(d, l)));
+                x = owned(&mut a);
+            }
+            (None, Some((d, l))) => {
+                f(Change::Added(&show(d, l)));
+                y = owned(&mut b);
+            }
+            (Some(p), Some(q)) => match p.cmp(q) {
+                std::cmp::Ordering::Equal => {
+                    x = owned(&mut a);
+                    y = owned(&mut b);
+                }
+                std::cmp::Ordering::Less => {
+                    f(Change::Removed(&show(&p.0, &p.1)));
+                    x = owned(&mut a);
+                }
+                std::cmp::Ordering::Greater => {
+                    f(Change::Added(&show(&q.0, &q.1)));
+                    y = owned(&mut b);
+                }
+            },
         }
     }
 }

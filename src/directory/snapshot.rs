@@ -745,6 +745,18 @@ impl Snapshot {
         }))
     }
 
+    /// A cursor over every address in (domain name, local part) order, the same order for
+    /// every snapshot, so two snapshots can be compared by merging their cursors.
+    pub fn cursor(&self) -> AddressCursor<'_> {
+        AddressCursor {
+            snap: self,
+            streams: self.shards.iter().map(|(_, f)| f.stream()).collect(),
+            shard: 0,
+            local: Vec::new(),
+            domain: 0,
+        }
+    }
+
     /// Every address in key order with its verdict data (for `diff` and exports).
     pub fn for_each_address(&self, mut f: impl FnMut(&str, Hit)) {
         use fst::Streamer;
@@ -772,6 +784,53 @@ impl Snapshot {
                 f(&text, self.hit(value, &d, Match::Exact, local.len()));
             }
         }
+    }
+}
+
+/// See [`Snapshot::cursor`].
+pub struct AddressCursor<'s> {
+    snap: &'s Snapshot,
+    streams: Vec<fst::raw::Stream<'s>>,
+    shard: usize,
+    /// The current address's local part (copied out of the stream).
+    local: Vec<u8>,
+    domain: u32,
+}
+
+impl std::fmt::Debug for AddressCursor<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AddressCursor")
+            .field("shard", &self.shard)
+            .finish()
+    }
+}
+
+impl AddressCursor<'_> {
+    /// The next address as (domain, local part), or `None` at the end.
+    pub fn next_address(&mut self) -> Option<(&str, &[u8])> {
+        use fst::Streamer;
+        let w = self.snap.header.key_width as usize;
+        loop {
+            let stream = self.streams.get_mut(self.shard)?;
+            let Some((key, _)) = stream.next() else {
+                self.shard += 1;
+                continue;
+            };
+            let Some((prefix, local)) = key.split_at_checked(w) else {
+                continue;
+            };
+            let mut idx = [0u8; 4];
+            idx[4 - w..].copy_from_slice(prefix);
+            self.domain = u32::from_be_bytes(idx);
+            self.local.clear();
+            self.local.extend_from_slice(local);
+            break;
+        }
+        let name = self
+            .snap
+            .domain_rec(self.domain)
+            .and_then(|d| self.snap.string(d.name))?;
+        Some((name, &self.local))
     }
 }
 

@@ -9,10 +9,19 @@ use crate::directory::{self, Directory, Snapshot};
 use crate::sources::{self, Severity};
 use crate::sync::merge;
 
+/// How many added and removed addresses an audit line lists by name.
+pub const SAMPLE: usize = 100;
+
 /// What one successful publish put in service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
     pub generation: u64,
+    /// Addresses added and removed against the snapshot it replaced.
+    pub added: u64,
+    pub removed: u64,
+    /// The first [`SAMPLE`] of each, for the audit line.
+    pub added_sample: Vec<String>,
+    pub removed_sample: Vec<String>,
     pub addresses: u64,
     pub domains: u32,
     pub conflicts: usize,
@@ -90,8 +99,31 @@ pub fn rebuild(cfg: &Config, dir: &Directory) -> Result<Published, LoadError> {
         }
         None => Snapshot::from_bytes(bytes)?,
     };
+    let (mut added, mut removed) = (0u64, 0u64);
+    let (mut added_sample, mut removed_sample) = (Vec::new(), Vec::new());
+    match dir.view().snapshot() {
+        Some(old) => directory::diff(old, &snap, |c| match c {
+            directory::Change::Added(a) => {
+                added += 1;
+                if added_sample.len() < SAMPLE {
+                    added_sample.push(a.to_owned());
+                }
+            }
+            directory::Change::Removed(r) => {
+                removed += 1;
+                if removed_sample.len() < SAMPLE {
+                    removed_sample.push(r.to_owned());
+                }
+            }
+        }),
+        None => added = snap.record_count(),
+    }
     let published = Published {
         generation: snap.generation(),
+        added,
+        removed,
+        added_sample,
+        removed_sample,
         addresses: snap.record_count(),
         domains: snap.domain_count(),
         conflicts,
