@@ -24,6 +24,9 @@
 //! [limits]
 //! max_connections = 256
 //! idle_timeout = "5m"
+//!
+//! [metrics]
+//! listen = "127.0.0.1:9187"                     # /metrics (Prometheus) and /healthz
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -46,6 +49,14 @@ struct RawConfig {
     socketmap: RawListeners,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -129,6 +140,8 @@ pub struct Config {
     pub policy_listen: Vec<ListenAddr>,
     pub socketmap_listen: Vec<ListenAddr>,
     pub limits: crate::server::Limits,
+    /// `/metrics` and `/healthz` (TCP only).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// A configuration that cannot be used, with the file and where in it.
@@ -320,7 +333,15 @@ impl Config {
             &raw.directory.debounce,
             Duration::from_millis(500),
         )?;
+        let metrics_listen = match &raw.metrics.listen {
+            None => None,
+            Some(l) => Some(
+                l.parse()
+                    .map_err(|_| bad("metrics.listen", format!("{l:?} is not HOST:PORT")))?,
+            ),
+        };
         Ok(Config {
+            metrics_listen,
             snapshot: raw.directory.snapshot,
             max_age: (!max_age.is_zero()).then_some(max_age),
             debounce,

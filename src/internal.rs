@@ -77,3 +77,10 @@ pub fn fuzz_socketmap(data: &[u8]) {
         at += consumed;
     }
 }
+
+/// Parse an HTTP request head as the metrics port does.
+pub fn fuzz_http(data: &[u8]) {
+    if let Ok(Some(head)) = crate::proto::http::parse_head(data) {
+        assert!(head.path.starts_with(b"/"));
+    }
+}

@@ -457,7 +457,17 @@ fn watch_sources(
         .collect();
     let wanted = files.clone();
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        // Only changes count: reading a source (as every rebuild does) raises access events.
+        use notify::event::{EventKind, ModifyKind};
         if let Ok(ev) = ev
+            && matches!(
+                ev.kind,
+                EventKind::Create(_)
+                    | EventKind::Remove(_)
+                    | EventKind::Modify(
+                        ModifyKind::Data(_) | ModifyKind::Name(_) | ModifyKind::Any
+                    )
+            )
             && ev.paths.iter().any(|p| wanted.contains(p))
         {
             let _ = tx.send(());
@@ -497,10 +507,12 @@ fn serve(config: &Path) -> Result<ExitCode> {
             ),
             Err(e) => eprintln!("rcptgate: persisted snapshot not used: {e}"),
         }
+        let metrics = Arc::new(rcptgate::server::metrics::Metrics::default());
         let ctx = Arc::new(Context {
             directory: dir.clone(),
             texts: cfg.texts.clone(),
             limits: cfg.limits.clone(),
+            metrics: metrics.clone(),
         });
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let mut tasks = Vec::new();
@@ -523,6 +535,18 @@ fn serve(config: &Path) -> Result<ExitCode> {
                 tasks.push(task);
             }
         }
+        if let Some(addr) = cfg.metrics_listen {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening on {addr}"))?;
+            eprintln!("rcptgate: metrics listening on {}", l.local_addr()?);
+            tasks.push(tokio::spawn(rcptgate::server::metrics::serve(
+                l,
+                metrics.clone(),
+                dir.clone(),
+                stop_rx.clone(),
+            )));
+        }
         let build = |cfg: rcptgate::config::Config, dir: Arc<Directory>| {
             tokio::task::spawn_blocking(move || loader::rebuild(&cfg, &dir))
         };
@@ -544,6 +568,9 @@ fn serve(config: &Path) -> Result<ExitCode> {
             eprintln!("rcptgate: {why}: rebuilding");
             if log_rebuild(build(cfg.clone(), dir.clone()).await?) {
                 built_at.set(Some(now()));
+                metrics.reloads_ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            } else {
+                metrics.reloads_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             Ok(())
         };

@@ -14,6 +14,7 @@ struct Daemon {
     /// Lines read but not yet matched by `wait_for`.
     backlog: Vec<String>,
     policy: String,
+    metrics: String,
 }
 
 impl Drop for Daemon {
@@ -45,9 +46,12 @@ fn start(config: &Path) -> Daemon {
         lines,
         backlog: Vec::new(),
         policy: String::new(),
+        metrics: String::new(),
     };
     let line = d.peek_for("policy listening on ");
     d.policy = line.rsplit(' ').next().expect("addr").to_owned();
+    let line = d.peek_for("metrics listening on ");
+    d.metrics = line.rsplit(' ').next().expect("addr").to_owned();
     d
 }
 
@@ -110,13 +114,26 @@ fn write_config(dir: &Path, map: &Path, directory: &str) -> std::path::PathBuf {
     std::fs::write(
         &cfg,
         format!(
-            "[directory]\nsnapshot = \"{}\"\ndebounce = \"150ms\"\n{directory}\n[[source]]\nname = \"m\"\nkind = \"map\"\npath = \"{}\"\n\n[policy]\nlisten = [\"127.0.0.1:0\"]\n",
+            "[directory]\nsnapshot = \"{}\"\ndebounce = \"150ms\"\n{directory}\n[[source]]\nname = \"m\"\nkind = \"map\"\npath = \"{}\"\n\n[policy]\nlisten = [\"127.0.0.1:0\"]\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
             dir.join("snap.bin").display(),
             map.display()
         ),
     )
     .expect("config");
     cfg
+}
+
+/// GET `path` from the metrics port: (status line, body).
+fn http_get(d: &Daemon, path: &str) -> (String, String) {
+    let mut s = TcpStream::connect(&d.metrics).expect("connect");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("write");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read");
+    let (head, body) = text.split_once("\r\n\r\n").expect("head");
+    (
+        head.lines().next().unwrap_or("").to_owned(),
+        body.to_owned(),
+    )
 }
 
 fn example() -> String {
@@ -139,6 +156,24 @@ fn watched_edits_refused_uploads_sighup_restart_and_shutdown() {
         d.ask("new.hire@contoso.com"),
         "action=550 5.1.1 User unknown"
     );
+    // Regression: reading a source must not count as a change (it once caused a rebuild
+    // loop). Several debounce periods later, still generation 1.
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(http_get(&d, "/healthz").0, "HTTP/1.1 200 OK");
+    let (status, body) = http_get(&d, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    for want in [
+        "rcptgate_lookups_total{frontend=\"policy\",verdict=\"accept\"} 1",
+        "rcptgate_lookups_total{frontend=\"policy\",verdict=\"reject\"} 1",
+        "rcptgate_request_seconds_count{frontend=\"policy\"} 2",
+        "rcptgate_reloads_total{result=\"ok\"} 1",
+        "rcptgate_snapshot_generation 1",
+        "rcptgate_snapshot_addresses 24",
+        "rcptgate_directory_stale 0",
+    ] {
+        assert!(body.contains(want), "missing {want:?} in\n{body}");
+    }
+    assert_eq!(http_get(&d, "/nope").0, "HTTP/1.1 404 Not Found");
 
     // Written in place while running: picked up without a signal.
     let edited = example.replace(
@@ -234,6 +269,20 @@ fn without_any_snapshot_everything_is_deferred() {
         d.ask("alice@contoso.com")
             .starts_with("action=DEFER_IF_PERMIT 4.3.0")
     );
+    assert_eq!(
+        http_get(&d, "/healthz").0,
+        "HTTP/1.1 503 Service Unavailable"
+    );
+    let (_, body) = http_get(&d, "/metrics");
+    assert!(
+        body.contains("rcptgate_lookups_total{frontend=\"policy\",verdict=\"tempfail\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("rcptgate_reloads_total{result=\"failed\"} 1"),
+        "{body}"
+    );
+    assert!(body.contains("rcptgate_snapshot_loaded 0"), "{body}");
     d.signal("-TERM");
     assert!(d.child.wait().expect("wait").success());
 }

@@ -1,7 +1,9 @@
 //! The fuzz targets' entry points, run on seed inputs so CI exercises them (the targets
 //! themselves are one line each; see fuzz/).
 
-use rcptgate::internal::{fuzz_address, fuzz_policy, fuzz_snapshot, fuzz_socketmap, fuzz_source};
+use rcptgate::internal::{
+    fuzz_address, fuzz_http, fuzz_policy, fuzz_snapshot, fuzz_socketmap, fuzz_source,
+};
 use rcptgate::sources::Format;
 
 fn example(name: &str) -> Vec<u8> {
@@ -68,4 +70,13 @@ fn protocol_seeds() {
     for cut in 0..=frames.len() {
         fuzz_socketmap(&frames[..cut]);
     }
+}
+
+#[test]
+fn http_seeds() {
+    let get = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    for cut in 0..=get.len() {
+        fuzz_http(&get[..cut]);
+    }
+    fuzz_http(b"GET /\xff HTTP/1.0\n\n");
 }

@@ -186,6 +186,7 @@ fn rcptgate(
         directory: dir,
         texts: Texts::default(),
         limits: Limits::default(),
+        metrics: Default::default(),
     });
     rt.spawn(serve(listener, protocol, ctx, rx));
     (port, stop)

@@ -38,6 +38,7 @@ async fn start(protocol: Protocol, dir: Arc<Directory>, limits: Limits) -> Runni
         directory: dir,
         texts: Texts::default(),
         limits,
+        metrics: Default::default(),
     });
     let task = tokio::spawn(serve(listener, protocol, ctx, rx));
     Running { addr, stop, task }

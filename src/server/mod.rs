@@ -5,6 +5,8 @@
 //! `serve(listener, protocol, ctx, shutdown)` is the single entry point, for TCP and unix
 //! sockets alike; tests spawn it on `127.0.0.1:0`.
 
+pub mod metrics;
+
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,6 +52,7 @@ pub struct Context {
     pub directory: Arc<Directory>,
     pub texts: policy::Texts,
     pub limits: Limits,
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 /// Why a connection ended early (logged by the caller; other connections are unaffected).
@@ -136,17 +139,23 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &Context,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
+    let _open = ctx.metrics.connection(protocol);
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut out: Vec<u8> = Vec::with_capacity(512);
     let mut scratch = AddrBuf::default();
     loop {
         loop {
             out.clear();
+            let started = std::time::Instant::now();
             let consumed = match protocol {
                 Protocol::Policy => answer_policy(&buf, ctx, &mut scratch, &mut out)?,
                 Protocol::Socketmap => answer_socketmap(&buf, ctx, &mut scratch, &mut out)?,
             };
-            let Some(consumed) = consumed else { break };
+            let Some((consumed, verdict)) = consumed else {
+                break;
+            };
+            ctx.metrics
+                .observe(protocol, verdict.as_ref(), started.elapsed());
             stream.write_all(&out).await?;
             buf.drain(..consumed);
         }
@@ -169,13 +178,16 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// What answering one request gives: bytes consumed, and the verdict if there was a lookup.
+type Answered = Option<(usize, Option<crate::directory::Verdict>)>;
+
 /// Answer the first policy request in `buf`; `None` if it is not complete yet.
 fn answer_policy(
     buf: &[u8],
     ctx: &Context,
     scratch: &mut AddrBuf,
     out: &mut Vec<u8>,
-) -> Result<Option<usize>, ConnError> {
+) -> Result<Answered, ConnError> {
     let policy::Decoded::Request { request, consumed } = policy::decode(buf, &ctx.limits.policy)?
     else {
         return Ok(None);
@@ -188,7 +200,7 @@ fn answer_policy(
         )),
     });
     policy::encode_reply(verdict.as_ref(), &ctx.texts, out);
-    Ok(Some(consumed))
+    Ok(Some((consumed, verdict)))
 }
 
 /// Answer the first socketmap request in `buf`; `None` if it is not complete yet.
@@ -197,11 +209,12 @@ fn answer_socketmap(
     ctx: &Context,
     scratch: &mut AddrBuf,
     out: &mut Vec<u8>,
-) -> Result<Option<usize>, ConnError> {
+) -> Result<Answered, ConnError> {
     let netstring::Decoded::Frame { payload, consumed } = socketmap::decode(buf)? else {
         return Ok(None);
     };
     let view = ctx.directory.view();
+    let mut looked_up = None;
     let reply = match socketmap::parse_request(payload) {
         None => socketmap::Reply::Perm("malformed request"),
         Some(socketmap::Request { map: None, .. }) => socketmap::Reply::Perm("unknown map"),
@@ -216,11 +229,12 @@ fn answer_socketmap(
                     crate::address::AddrError::Empty,
                 )),
             };
+            looked_up = Some(verdict);
             socketmap::reply_for(map, &verdict, view.snapshot())
         }
     };
     socketmap::encode_reply(reply, out);
-    Ok(Some(consumed))
+    Ok(Some((consumed, looked_up)))
 }
 
 /// Bind one listener (a stale unix socket file is replaced) and serve it until shutdown.

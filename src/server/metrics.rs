@@ -1,0 +1,251 @@
+//! Prometheus metrics and `/healthz` on a local HTTP port. Counters are relaxed atomics: a
+//! lookup pays one increment and one histogram bucket.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+use super::Protocol;
+use crate::directory::{Directory, Sec, Verdict};
+use crate::proto::http;
+
+/// Upper bounds of the latency histogram, in seconds.
+const BUCKETS: [f64; 9] = [1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 1e-3, 1e-2];
+const VERDICTS: [&str; 4] = ["accept", "reject", "tempfail", "not_ours"];
+const FRONTENDS: [&str; 2] = ["policy", "socketmap"];
+
+#[derive(Debug, Default)]
+struct Frontend {
+    /// Indexed like `VERDICTS`; `None` verdicts (not a RCPT request) are not counted.
+    lookups: [AtomicU64; 4],
+    /// Cumulative counts per bucket of `BUCKETS`, plus +Inf.
+    buckets: [AtomicU64; 10],
+    latency_ns: AtomicU64,
+    open: AtomicI64,
+}
+
+/// Everything `/metrics` reports besides the snapshot itself.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    frontends: [Frontend; 2],
+    pub reloads_ok: AtomicU64,
+    pub reloads_failed: AtomicU64,
+}
+
+fn slot(p: Protocol) -> usize {
+    match p {
+        Protocol::Policy => 0,
+        Protocol::Socketmap => 1,
+    }
+}
+
+/// Counts an open connection for as long as it lives.
+#[derive(Debug)]
+pub struct OpenGuard<'m>(&'m AtomicI64);
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Metrics {
+    pub fn connection(&self, p: Protocol) -> OpenGuard<'_> {
+        let open = &self.frontends[slot(p)].open;
+        open.fetch_add(1, Ordering::Relaxed);
+        OpenGuard(open)
+    }
+
+    /// Record one answered request.
+    pub fn observe(&self, p: Protocol, verdict: Option<&Verdict>, took: Duration) {
+        let f = &self.frontends[slot(p)];
+        if let Some(v) = verdict {
+            let i = match v {
+                Verdict::Accept(_) => 0,
+                Verdict::Reject(_) => 1,
+                Verdict::Tempfail(_) => 2,
+                Verdict::NotOurs => 3,
+            };
+            f.lookups[i].fetch_add(1, Ordering::Relaxed);
+        }
+        let secs = took.as_secs_f64();
+        let b = BUCKETS
+            .iter()
+            .position(|&u| secs <= u)
+            .unwrap_or(BUCKETS.len());
+        f.buckets[b].fetch_add(1, Ordering::Relaxed);
+        f.latency_ns.fetch_add(
+            took.as_nanos().min(u128::from(u64::MAX)) as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self, dir: &Directory) -> String {
+        use std::fmt::Write;
+        let mut o = String::with_capacity(4096);
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let _ = writeln!(
+            o,
+            "# HELP rcptgate_lookups_total Answered recipient lookups."
+        );
+        let _ = writeln!(o, "# TYPE rcptgate_lookups_total counter");
+        for (fi, fe) in FRONTENDS.iter().enumerate() {
+            for (vi, v) in VERDICTS.iter().enumerate() {
+                let n = get(&self.frontends[fi].lookups[vi]);
+                let _ = writeln!(
+                    o,
+                    "rcptgate_lookups_total{{frontend=\"{fe}\",verdict=\"{v}\"}} {n}"
+                );
+            }
+        }
+        let _ = writeln!(
+            o,
+            "# HELP rcptgate_request_seconds Time to answer one request."
+        );
+        let _ = writeln!(o, "# TYPE rcptgate_request_seconds histogram");
+        for (fi, fe) in FRONTENDS.iter().enumerate() {
+            let f = &self.frontends[fi];
+            let mut cum = 0;
+            for (bi, le) in BUCKETS
+                .iter()
+                .map(|b| b.to_string())
+                .chain(["+Inf".into()])
+                .enumerate()
+            {
+                cum += get(&f.buckets[bi]);
+                let _ = writeln!(
+                    o,
+                    "rcptgate_request_seconds_bucket{{frontend=\"{fe}\",le=\"{le}\"}} {cum}"
+                );
+            }
+            let _ = writeln!(
+                o,
+                "rcptgate_request_seconds_sum{{frontend=\"{fe}\"}} {}",
+                get(&f.latency_ns) as f64 / 1e9
+            );
+            let _ = writeln!(
+                o,
+                "rcptgate_request_seconds_count{{frontend=\"{fe}\"}} {cum}"
+            );
+        }
+        let _ = writeln!(o, "# TYPE rcptgate_open_connections gauge");
+        for (fi, fe) in FRONTENDS.iter().enumerate() {
+            let n = self.frontends[fi].open.load(Ordering::Relaxed);
+            let _ = writeln!(o, "rcptgate_open_connections{{frontend=\"{fe}\"}} {n}");
+        }
+        let _ = writeln!(o, "# TYPE rcptgate_reloads_total counter");
+        let _ = writeln!(
+            o,
+            "rcptgate_reloads_total{{result=\"ok\"}} {}",
+            get(&self.reloads_ok)
+        );
+        let _ = writeln!(
+            o,
+            "rcptgate_reloads_total{{result=\"failed\"}} {}",
+            get(&self.reloads_failed)
+        );
+        let view = dir.view();
+        let loaded = view.snapshot();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let gauges = [
+            (
+                "rcptgate_snapshot_loaded",
+                "1 when a snapshot is in service",
+                u64::from(loaded.is_some()),
+            ),
+            (
+                "rcptgate_snapshot_generation",
+                "generation in service",
+                loaded.map_or(0, |s| s.generation()),
+            ),
+            (
+                "rcptgate_snapshot_age_seconds",
+                "age of the snapshot in service",
+                loaded.map_or(0, |s| now.saturating_sub(s.created_unix())),
+            ),
+            (
+                "rcptgate_snapshot_addresses",
+                "addresses in service",
+                loaded.map_or(0, |s| s.record_count()),
+            ),
+            (
+                "rcptgate_snapshot_domains",
+                "accepted domains in service",
+                loaded.map_or(0, |s| u64::from(s.domain_count())),
+            ),
+            (
+                "rcptgate_snapshot_hot_bytes",
+                "bytes a verdict needs",
+                loaded.map_or(0, |s| s.hot_bytes()),
+            ),
+            (
+                "rcptgate_snapshot_fst_bytes",
+                "FST bytes",
+                loaded.map_or(0, |s| s.section_bytes(Sec::Fst)),
+            ),
+            (
+                "rcptgate_directory_stale",
+                "1 while sources have failed longer than max_age",
+                u64::from(dir.is_stale()),
+            ),
+        ];
+        for (name, help, v) in gauges {
+            let _ = writeln!(o, "# HELP {name} {help}.\n# TYPE {name} gauge\n{name} {v}");
+        }
+        o
+    }
+}
+
+/// Serve `/metrics` and `/healthz` (200 with a snapshot in service, else 503) until shutdown.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    dir: Arc<Directory>,
+    mut shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    loop {
+        let stream = tokio::select! {
+            s = listener.accept() => s,
+            _ = shutdown.changed() => return Ok(()),
+        };
+        let Ok((mut s, _)) = stream else { continue };
+        let (metrics, dir) = (metrics.clone(), dir.clone());
+        tokio::spawn(async move {
+            let mut buf = Vec::with_capacity(1024);
+            let head = loop {
+                match http::parse_head(&buf) {
+                    Ok(Some(h)) => break Some((h.method.to_vec(), h.path.to_vec())),
+                    Ok(None) => {}
+                    Err(_) => break None,
+                }
+                let read = tokio::time::timeout(Duration::from_secs(5), s.read_buf(&mut buf)).await;
+                if !matches!(read, Ok(Ok(n)) if n > 0) {
+                    return;
+                }
+            };
+            let reply = match head.as_ref().map(|(m, p)| (m.as_slice(), p.as_slice())) {
+                Some((b"GET", b"/metrics")) => {
+                    http::response("200 OK", "text/plain; version=0.0.4", &metrics.render(&dir))
+                }
+                Some((b"GET", b"/healthz")) if dir.view().snapshot().is_some() => {
+                    http::response("200 OK", "text/plain", "ok\n")
+                }
+                Some((b"GET", b"/healthz")) => http::response(
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "no snapshot loaded\n",
+                ),
+                Some(_) => http::response("404 Not Found", "text/plain", "not found\n"),
+                None => http::response("400 Bad Request", "text/plain", "bad request\n"),
+            };
+            let _ = s.write_all(&reply).await;
+        });
+    }
+}
