@@ -285,3 +285,156 @@ fn socketmap_behind_postfix() {
         assert!(g.starts_with("451 4.3.0"), "{got:?}\n{}", pf.log());
     }
 }
+
+/// The `rcptgate serve` binary on a config of its own; killed on drop.
+struct Daemon {
+    child: std::process::Child,
+    policy: u16,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Daemon {
+    fn start(dir: &Path, map: &Path) -> Daemon {
+        let policy = free_port();
+        let cfg = dir.join("rcptgate.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[directory]\nsnapshot = \"{}\"\ndebounce = \"100ms\"\n\n[[source]]\nname = \"m\"\nkind = \"map\"\npath = \"{}\"\n\n[policy]\nlisten = [\"127.0.0.1:{policy}\"]\n",
+                dir.join("snap.bin").display(),
+                map.display()
+            ),
+        )
+        .expect("config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_rcptgate"))
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let d = Daemon {
+            child,
+            policy,
+            lines,
+        };
+        d.wait_for("published generation 1");
+        d
+    }
+
+    fn wait_for(&self, needle: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        panic!("daemon never said {needle:?}");
+    }
+
+    fn signal(&self, sig: &str) {
+        run(Command::new("kill").args([sig, &self.child.id().to_string()]));
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn live_edits_truncated_uploads_and_sigterm_under_load_through_postfix() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let map = tmp.path().join("dir.map");
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.map"))
+            .expect("example");
+    std::fs::write(&map, &example).expect("map");
+    let daemon = Daemon::start(tmp.path(), &map);
+    let restriction = format!(
+        "smtpd_recipient_restrictions = check_policy_service {{ inet:127.0.0.1:{}, timeout=10s, default_action=DEFER_IF_PERMIT }}, permit",
+        daemon.policy
+    );
+    let pf = Postfix::start(&tmp.path().join("pf"), &[&restriction]);
+    let got = pf.rcpt(&["new.hire@contoso.com"]);
+    assert!(got[0].starts_with("550 5.1.1"), "{got:?}\n{}", pf.log());
+
+    // Edited while running: Postfix sees the new answer without a restart.
+    let edited = example.replace(
+        "++++\n",
+        "10001|contoso.com\tDIR:\tnew.hire@contoso.com\n++++\n",
+    );
+    std::fs::write(&map, &edited).expect("edit");
+    daemon.wait_for("published generation 2");
+    assert!(pf.rcpt(&["new.hire@contoso.com"])[0].starts_with("250"));
+
+    // A truncated upload changes nothing.
+    let next = edited.replace(
+        "++++\n",
+        "10001|contoso.com\tDIR:\tlater@contoso.com\n++++\n",
+    );
+    std::fs::write(&map, &next[..next.len() - 3]).expect("truncated");
+    daemon.wait_for("rebuild failed");
+    let got = pf.rcpt(&["new.hire@contoso.com", "later@contoso.com"]);
+    assert!(
+        got[0].starts_with("250") && got[1].starts_with("550 5.1.1"),
+        "{got:?}"
+    );
+
+    // SIGTERM under load: every RCPT gets its right answer or a temporary failure, never a
+    // wrong permanent one.
+    let pf = Arc::new(pf);
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let pf = pf.clone();
+            std::thread::spawn(move || {
+                let mut answers = Vec::new();
+                for _ in 0..15 {
+                    answers.extend(pf.rcpt(&["alice.andersen@contoso.com", "nobody@contoso.com"]));
+                }
+                answers
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(150));
+    daemon.signal("-TERM");
+    let mut answers = Vec::new();
+    for c in clients {
+        answers.extend(c.join().expect("client"));
+    }
+    assert_eq!(answers.len(), 4 * 15 * 2);
+    for pair in answers.chunks(2) {
+        let (known, unknown) = (&pair[0], &pair[1]);
+        assert!(
+            known.starts_with("250") || known.starts_with('4'),
+            "known got {known}"
+        );
+        assert!(
+            unknown.starts_with("550 5.1.1") || unknown.starts_with('4'),
+            "unknown got {unknown}"
+        );
+    }
+    // The load really spanned the shutdown: answered before it, deferred after it.
+    let served = answers.iter().filter(|a| !a.starts_with('4')).count();
+    let deferred = answers.len() - served;
+    eprintln!("served {served}, deferred {deferred}");
+    assert!(
+        served > 0 && deferred > 0,
+        "served {served}, deferred {deferred}"
+    );
+    let mut daemon = daemon;
+    assert!(
+        daemon.child.wait().expect("wait").success(),
+        "SIGTERM exits 0"
+    );
+}
