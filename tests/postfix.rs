@@ -4,6 +4,9 @@
 //! `tests/run.sh` installs it. Run with `cargo test --features postfix-tests --test postfix`.
 #![cfg(feature = "postfix-tests")]
 
+mod common;
+
+use common::example_directory;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -13,7 +16,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use rcptgate::directory::{self, Directory, LookupOptions, Snapshot};
+use rcptgate::directory::Directory;
 use rcptgate::proto::policy::Texts;
 use rcptgate::server::{Context, Limits, Protocol, serve};
 
@@ -159,18 +162,6 @@ impl Drop for Postfix {
     }
 }
 
-fn directory(loaded: bool) -> Arc<Directory> {
-    let dir = Directory::new(LookupOptions::default());
-    if loaded {
-        let src =
-            rcptgate::sources::load(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.map"))
-                .expect("example");
-        let (bytes, _) = directory::build(rcptgate::sync::merge(&[src], 1).input).expect("build");
-        dir.publish(Arc::new(Snapshot::from_bytes(bytes).expect("load")));
-    }
-    Arc::new(dir)
-}
-
 /// Serve `protocol` for `dir` on a free loopback port, on a runtime of its own.
 fn rcptgate(
     rt: &tokio::runtime::Runtime,
@@ -204,8 +195,8 @@ fn runtime() -> tokio::runtime::Runtime {
 fn policy_service_behind_postfix() {
     let rt = runtime();
     let tmp = tempfile::tempdir().expect("tmp");
-    let (port, _stop) = rcptgate(&rt, Protocol::Policy, directory(true));
-    let (cold_port, _stop2) = rcptgate(&rt, Protocol::Policy, directory(false));
+    let (port, _stop) = rcptgate(&rt, Protocol::Policy, example_directory(true));
+    let (cold_port, _stop2) = rcptgate(&rt, Protocol::Policy, example_directory(false));
     let policy = |p: u16| {
         format!(
             "smtpd_recipient_restrictions = check_policy_service {{ inet:127.0.0.1:{p}, timeout=10s, default_action=DEFER_IF_PERMIT }}, permit"
@@ -242,8 +233,8 @@ fn policy_service_behind_postfix() {
 fn socketmap_behind_postfix() {
     let rt = runtime();
     let tmp = tempfile::tempdir().expect("tmp");
-    let (port, _stop) = rcptgate(&rt, Protocol::Socketmap, directory(true));
-    let (cold_port, _stop2) = rcptgate(&rt, Protocol::Socketmap, directory(false));
+    let (port, _stop) = rcptgate(&rt, Protocol::Socketmap, example_directory(true));
+    let (cold_port, _stop2) = rcptgate(&rt, Protocol::Socketmap, example_directory(false));
     let maps = |p: u16| {
         [
             format!("relay_recipient_maps = socketmap:inet:127.0.0.1:{p}:recipients"),

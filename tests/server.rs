@@ -1,6 +1,9 @@
 //! The policy and socketmap listeners over real loopback sockets (a test client plays
 //! Postfix's side of each protocol; the real-Postfix tests come with the daemon).
 
+mod common;
+
+use common::example_directory;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,21 +11,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use rcptgate::directory::{self, Directory, LookupOptions, Snapshot};
+use rcptgate::directory::Directory;
 use rcptgate::proto::policy::Texts;
 use rcptgate::server::{Context, Limits, Protocol, serve};
-
-fn example_directory(loaded: bool) -> Arc<Directory> {
-    let dir = Directory::new(LookupOptions::default());
-    if loaded {
-        let src =
-            rcptgate::sources::load(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.map"))
-                .expect("example");
-        let (bytes, _) = directory::build(rcptgate::sync::merge(&[src], 1).input).expect("build");
-        dir.publish(Arc::new(Snapshot::from_bytes(bytes).expect("load")));
-    }
-    Arc::new(dir)
-}
 
 struct Running {
     addr: std::net::SocketAddr,

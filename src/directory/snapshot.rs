@@ -427,11 +427,8 @@ impl Snapshot {
 
     /// A hot-table string by id (`None` for `NONE` or out of range).
     pub fn string(&self, id: u32) -> Option<&str> {
-        let idx = self.bytes(&self.str_index);
-        let off = u32_at(idx, 8, id as usize, 0)? as usize;
-        let len = u32_at(idx, 8, id as usize, 1)? as usize;
-        let b = self.bytes(&self.str_blob).get(off..off.checked_add(len)?)?;
-        std::str::from_utf8(b).ok()
+        self.string_bytes(id)
+            .and_then(|b| std::str::from_utf8(b).ok())
     }
 
     fn string_bytes(&self, id: u32) -> Option<&[u8]> {

@@ -181,6 +181,20 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
 /// What answering one request gives: bytes consumed, and the verdict if there was a lookup.
 type Answered = Option<(usize, Option<crate::directory::Verdict>)>;
 
+/// Look up a recipient as it came off the wire: bytes that are not text are not a mailbox.
+fn lookup_raw(
+    view: &crate::directory::View<'_>,
+    rcpt: &[u8],
+    scratch: &mut AddrBuf,
+) -> crate::directory::Verdict {
+    match std::str::from_utf8(rcpt) {
+        Ok(r) => view.lookup_in(r, scratch),
+        Err(_) => crate::directory::Verdict::Reject(crate::directory::Reject::Syntax(
+            crate::address::AddrError::Empty,
+        )),
+    }
+}
+
 /// Answer the first policy request in `buf`; `None` if it is not complete yet.
 fn answer_policy(
     buf: &[u8],
@@ -192,13 +206,8 @@ fn answer_policy(
     else {
         return Ok(None);
     };
-    let verdict = policy::is_rcpt(&request).then(|| match std::str::from_utf8(request.recipient) {
-        Ok(rcpt) => ctx.directory.lookup_in(rcpt, scratch),
-        // Not text: not a mailbox either.
-        Err(_) => crate::directory::Verdict::Reject(crate::directory::Reject::Syntax(
-            crate::address::AddrError::Empty,
-        )),
-    });
+    let verdict = policy::is_rcpt(&request)
+        .then(|| lookup_raw(&ctx.directory.view(), request.recipient, scratch));
     policy::encode_reply(verdict.as_ref(), &ctx.texts, out);
     Ok(Some((consumed, verdict)))
 }
@@ -223,12 +232,7 @@ fn answer_socketmap(
             key,
             ..
         }) => {
-            let verdict = match std::str::from_utf8(key) {
-                Ok(k) => view.lookup_in(k, scratch),
-                Err(_) => crate::directory::Verdict::Reject(crate::directory::Reject::Syntax(
-                    crate::address::AddrError::Empty,
-                )),
-            };
+            let verdict = lookup_raw(&view, key, scratch);
             looked_up = Some(verdict);
             socketmap::reply_for(map, &verdict, view.snapshot())
         }

@@ -70,19 +70,16 @@ pub fn rebuild(cfg: &Config, dir: &Directory) -> Result<Published, LoadError> {
         )
     };
     let merged = merge(&data, generation);
-    let (errors, warnings) = data
-        .iter()
-        .flat_map(|s| s.diagnostics.iter())
-        .chain(merged.diagnostics.iter())
-        .fold((0, 0), |(e, w), d| match d.severity {
-            Severity::Error => (e + 1, w),
-            Severity::Warning => (e, w + 1),
-        });
+    let (mut errors, mut warnings) = (0, 0);
     for d in data
         .iter()
         .flat_map(|s| s.diagnostics.iter())
         .chain(&merged.diagnostics)
     {
+        match d.severity {
+            Severity::Error => errors += 1,
+            Severity::Warning => warnings += 1,
+        }
         eprintln!("rcptgate: {d}");
     }
     let conflicts = merged.conflicts.len();
