@@ -263,6 +263,9 @@ pub async fn bind_and_serve(
                 std::fs::remove_file(path)?;
             }
             let l = tokio::net::UnixListener::bind(path)?;
+            // Postfix's smtpd runs as its own user: like Postfix's own sockets the file is
+            // open to all, and the directory it lives in decides who can reach it.
+            std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
             Ok((
                 format!("unix:{}", path.display()),
                 tokio::spawn(serve(l, protocol, ctx, shutdown)),
