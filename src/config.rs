@@ -51,6 +51,35 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     metrics: RawMetrics,
+    #[serde(default)]
+    guard: RawGuard,
+    #[serde(default)]
+    audit: RawAudit,
+    #[serde(default)]
+    control: RawControl,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGuard {
+    max_deletions: Option<u64>,
+    max_deletion_ratio: Option<f64>,
+    deletion_grace: Option<String>,
+    state: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    path: Option<PathBuf>,
+    max_size: Option<u64>,
+    keep: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -77,6 +106,7 @@ struct RawSource {
     name: String,
     kind: String,
     path: PathBuf,
+    role: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -116,6 +146,7 @@ pub struct SourceConfig {
     pub name: String,
     pub format: Format,
     pub path: PathBuf,
+    pub role: crate::sources::Role,
 }
 
 impl SourceConfig {
@@ -142,6 +173,45 @@ pub struct Config {
     pub limits: crate::server::Limits,
     /// `/metrics` and `/healthz` (TCP only).
     pub metrics_listen: Option<std::net::SocketAddr>,
+    pub guard: GuardConfig,
+    pub audit: Option<AuditConfig>,
+    /// The control socket (`rcptgate status`, `approve`, `conflicts`), owner-only.
+    pub control: Option<PathBuf>,
+}
+
+/// The deletion guard and tombstones (DESIGN.md §6).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuardConfig {
+    /// A build that removes more addresses than this is held.
+    pub max_deletions: u64,
+    /// ... or more than this share of the addresses in service.
+    pub max_deletion_ratio: f64,
+    /// A removed address stays accepted (`tombstone`) this long; zero turns tombstones off.
+    pub deletion_grace: Duration,
+    /// Where removal times are kept across restarts (default: the snapshot path +
+    /// `.state.json`; none without a snapshot path).
+    pub state: Option<PathBuf>,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        GuardConfig {
+            max_deletions: 500,
+            max_deletion_ratio: 0.10,
+            deletion_grace: Duration::from_secs(7 * 86_400),
+            state: None,
+        }
+    }
+}
+
+/// The audit log: one JSON line per publish, rotated by size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditConfig {
+    pub path: PathBuf,
+    /// Rotate when the file would grow beyond this many bytes.
+    pub max_size: u64,
+    /// Rotated files kept (`audit.log.1` … `audit.log.N`).
+    pub keep: u32,
 }
 
 /// A configuration that cannot be used, with the file and where in it.
@@ -233,10 +303,20 @@ impl Config {
                     format!("{:?} is used twice", s.name),
                 ));
             }
+            let role = match &s.role {
+                None => crate::sources::Role::Directory,
+                Some(r) => crate::sources::Role::parse(r).ok_or_else(|| {
+                    bad(
+                        &format!("source[{i}].role"),
+                        format!("{r:?} is not one of directory, additions, exceptions"),
+                    )
+                })?,
+            };
             sources.push(SourceConfig {
                 name: s.name.clone(),
                 format,
                 path: s.path.clone(),
+                role,
             });
         }
         let listen = |key: &str, list: &[String]| -> Result<Vec<ListenAddr>, ConfigError> {
@@ -340,7 +420,49 @@ impl Config {
                     .map_err(|_| bad("metrics.listen", format!("{l:?} is not HOST:PORT")))?,
             ),
         };
+        let mut guard = GuardConfig::default();
+        if let Some(n) = raw.guard.max_deletions {
+            guard.max_deletions = n;
+        }
+        if let Some(r) = raw.guard.max_deletion_ratio {
+            if !(0.0..=1.0).contains(&r) {
+                return Err(bad(
+                    "guard.max_deletion_ratio",
+                    format!("{r} is not between 0 and 1 (0.10 is 10 %)"),
+                ));
+            }
+            guard.max_deletion_ratio = r;
+        }
+        guard.deletion_grace = duration(
+            "guard.deletion_grace",
+            &raw.guard.deletion_grace,
+            guard.deletion_grace,
+        )?;
+        guard.state = raw.guard.state.or_else(|| {
+            raw.directory.snapshot.as_ref().map(|p| {
+                let mut s = p.clone().into_os_string();
+                s.push(".state.json");
+                PathBuf::from(s)
+            })
+        });
+        let audit = match raw.audit.path {
+            None => None,
+            Some(path) => Some(AuditConfig {
+                path,
+                max_size: match raw.audit.max_size {
+                    Some(n) if n < 4096 => {
+                        return Err(bad("audit.max_size", "must be at least 4096 bytes".into()));
+                    }
+                    Some(n) => n,
+                    None => 10 << 20,
+                },
+                keep: raw.audit.keep.unwrap_or(5),
+            }),
+        };
         Ok(Config {
+            guard,
+            audit,
+            control: raw.control.socket,
             metrics_listen,
             snapshot: raw.directory.snapshot,
             max_age: (!max_age.is_zero()).then_some(max_age),

@@ -84,3 +84,16 @@ pub fn fuzz_http(data: &[u8]) {
         assert!(head.path.starts_with(b"/"));
     }
 }
+
+/// Decode a control command; a decoded command re-encodes to a line that decodes the same.
+pub fn fuzz_control(data: &[u8]) {
+    use crate::proto::control::{decode, encode};
+    if let Ok(Some(cmd)) = decode(data) {
+        let line = encode(&cmd);
+        assert_eq!(
+            decode(line.as_bytes()),
+            Ok(Some(cmd)),
+            "round trip of {line:?}"
+        );
+    }
+}

@@ -75,6 +75,49 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// The running daemon's state: snapshot, tombstones, a build held by the deletion guard
+    /// (with a sample of what it removes), the last error. Talks to `control.socket`.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish the build the deletion guard holds.
+    Approve {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// The user conflicts view: tombstoned addresses (removal time, time left) and addresses
+    /// claimed by two owners. Actions: `delete ADDRESS...` drops tombstones now, `keep
+    /// ADDRESS...` keeps them until the address returns, `export` writes CSV.
+    Conflicts {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<ConflictAction>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConflictAction {
+    /// Drop these tombstones now: the addresses are rejected from the next publish on.
+    Delete {
+        #[arg(required = true)]
+        addresses: Vec<String>,
+    },
+    /// Never expire these tombstones (until the address returns or is deleted).
+    Keep {
+        #[arg(required = true)]
+        addresses: Vec<String>,
+    },
+    /// Tombstones and conflicting claims as CSV (to a file, or standard output).
+    Export {
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -114,6 +157,13 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             })
             .map_err(Into::into),
+        Command::Status { config, json } => status(&config, json),
+        Command::Approve { config } => approve(&config),
+        Command::Conflicts {
+            config,
+            json,
+            action,
+        } => conflicts(&config, json, action),
     };
     match result {
         Ok(code) => code,
@@ -347,6 +397,13 @@ fn lookup(
             Verdict::Reject(directory::Reject::Syntax(e)) => {
                 obj.insert("reason".into(), json!(e.to_string()));
             }
+            Verdict::Reject(directory::Reject::Exception) => {
+                obj.insert("kind".into(), json!("exception"));
+                obj.insert(
+                    "reason".into(),
+                    json!("listed by an exceptions source: never accepted"),
+                );
+            }
             Verdict::Tempfail(_) | Verdict::Reject(_) | Verdict::NotOurs => {
                 obj.insert("reason".into(), json!(verdict.text()));
             }
@@ -406,34 +463,36 @@ fn diff(old: &str, new: &str) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Log the outcome of a rebuild; true when something was published.
+/// Log the outcome of a rebuild; true when the build was good (published or held).
 fn log_rebuild(
-    result: Result<rcptgate::sync::loader::Published, rcptgate::sync::loader::LoadError>,
+    result: &Result<rcptgate::sync::loader::Outcome, rcptgate::sync::loader::LoadError>,
+    guard: &rcptgate::config::GuardConfig,
 ) -> bool {
+    use rcptgate::sync::loader::Outcome;
     match result {
-        Ok(p) => {
+        Ok(Outcome::Published(p)) => {
             eprintln!(
-                "rcptgate: published generation {}: {} addresses, {} domains, {} conflicts, {} errors, {} warnings",
-                p.generation, p.addresses, p.domains, p.conflicts, p.errors, p.warnings
+                "rcptgate: published generation {}: {} addresses, {} domains, {} conflicts, {} errors, {} warnings; {} removed, {} tombstoned, {} tombstones expired, {} in force{}",
+                p.generation,
+                p.addresses,
+                p.domains,
+                p.conflicts,
+                p.errors,
+                p.warnings,
+                p.plan.removed,
+                p.plan.tombstoned,
+                p.plan.expired,
+                p.plan.tombstones,
+                if p.approved { " (approved)" } else { "" }
             );
-            // One JSON audit line per publish.
-            let audit = json!({
-                "event": "publish",
-                "time": std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs()),
-                "generation": p.generation,
-                "addresses": p.addresses,
-                "domains": p.domains,
-                "conflicts": p.conflicts,
-                "errors": p.errors,
-                "warnings": p.warnings,
-                "added": p.added,
-                "removed": p.removed,
-                "added_sample": p.added_sample,
-                "removed_sample": p.removed_sample,
-            });
-            eprintln!("rcptgate: audit {audit}");
+            true
+        }
+        Ok(Outcome::Held(p)) => {
+            eprintln!(
+                "rcptgate: deletion guard: holding generation {}: it {}; the snapshot in service stays (rcptgate status shows it, rcptgate approve publishes it)",
+                p.generation,
+                p.plan.hold_reason(guard)
+            );
             true
         }
         Err(e) => {
@@ -486,8 +545,10 @@ fn watch_sources(
 }
 
 fn serve(config: &Path) -> Result<ExitCode> {
+    use rcptgate::proto::control::Command as Ctl;
     use rcptgate::server::{self, Context, Protocol};
-    use rcptgate::sync::loader;
+    use rcptgate::sync::loader::{self, LoadError, Loader, Outcome};
+    use std::sync::atomic::Ordering::Relaxed;
     use tokio::signal::unix::{SignalKind, signal};
 
     let cfg = rcptgate::config::Config::load(config)?;
@@ -499,14 +560,17 @@ fn serve(config: &Path) -> Result<ExitCode> {
         let dir = Arc::new(Directory::new(LookupOptions {
             separators: cfg.separators.as_bytes().into(),
         }));
+        let loader = Loader::new(cfg.clone(), dir.clone(), loader::system_clock())
+            .context("reading the tombstone state")?;
         // Answers are definitive at once when a persisted snapshot exists.
-        match loader::open_persisted(&cfg, &dir) {
+        match loader.open_persisted() {
             Ok(Some(g)) => eprintln!("rcptgate: serving persisted snapshot, generation {g}"),
             Ok(None) => eprintln!(
                 "rcptgate: no persisted snapshot; temporary failures until the first build"
             ),
             Err(e) => eprintln!("rcptgate: persisted snapshot not used: {e}"),
         }
+        let loader = Arc::new(std::sync::Mutex::new(loader));
         let metrics = Arc::new(rcptgate::server::metrics::Metrics::default());
         let ctx = Arc::new(Context {
             directory: dir.clone(),
@@ -547,8 +611,33 @@ fn serve(config: &Path) -> Result<ExitCode> {
                 stop_rx.clone(),
             )));
         }
-        let build = |cfg: rcptgate::config::Config, dir: Arc<Directory>| {
-            tokio::task::spawn_blocking(move || loader::rebuild(&cfg, &dir))
+        let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::channel::<server::control::Request>(16);
+        if let Some(path) = &cfg.control {
+            let l = server::control::bind(path)
+                .with_context(|| format!("control socket {}", path.display()))?;
+            eprintln!("rcptgate: control socket {}", path.display());
+            tasks.push(tokio::spawn(server::control::serve(
+                l,
+                ctl_tx.clone(),
+                stop_rx.clone(),
+            )));
+        }
+        drop(ctl_tx);
+        // Every loader operation runs off the runtime, one at a time (the loader is the
+        // single writer of the snapshot, the state file and the audit log).
+        let with_loader = |f: Box<dyn FnOnce(&mut Loader) -> Value + Send>| {
+            let loader = loader.clone();
+            tokio::task::spawn_blocking(move || match loader.lock() {
+                Ok(mut l) => f(&mut l),
+                Err(_) => json!({"ok": false, "error": "internal error: loader poisoned"}),
+            })
+        };
+        let update_gauges = |l: &Loader| {
+            metrics.tombstones.store(l.state().tombstones.len() as u64, Relaxed);
+            metrics.held.store(u64::from(l.held().is_some()), Relaxed);
+            metrics
+                .held_removals
+                .store(l.held().map_or(0, |h| h.plan.removed), Relaxed);
         };
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
@@ -564,21 +653,32 @@ fn serve(config: &Path) -> Result<ExitCode> {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs())
         };
+        let guard = cfg.guard.clone();
         let rebuild = async |why: &str| -> Result<()> {
             eprintln!("rcptgate: {why}: rebuilding");
-            if log_rebuild(build(cfg.clone(), dir.clone()).await?) {
+            let guard = guard.clone();
+            let good = with_loader(Box::new(move |l: &mut Loader| {
+                let r = l.rebuild();
+                json!(log_rebuild(&r, &guard))
+            }))
+            .await?;
+            if good == json!(true) {
                 built_at.set(Some(now()));
-                metrics.reloads_ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                metrics.reloads_ok.fetch_add(1, Relaxed);
             } else {
-                metrics.reloads_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                metrics.reloads_failed.fetch_add(1, Relaxed);
             }
             Ok(())
         };
         rebuild("start").await?;
+        let expiry_tried = std::cell::Cell::new(0u64);
+        if let Ok(l) = loader.lock() {
+            update_gauges(&l);
+        }
         let mut settle: Option<tokio::time::Instant> = None;
         let mut tick = tokio::time::interval(
             cfg.max_age
-                .map_or(std::time::Duration::from_secs(3600), |m| {
+                .map_or(std::time::Duration::from_secs(10), |m| {
                     (m / 4).clamp(std::time::Duration::from_millis(100), std::time::Duration::from_secs(10))
                 }),
         );
@@ -593,6 +693,43 @@ fn serve(config: &Path) -> Result<ExitCode> {
                     settle = None;
                     rebuild("source changed").await?;
                 }
+                Some((cmd, reply)) = ctl_rx.recv() => {
+                    let guard = cfg.guard.clone();
+                    let answer = with_loader(Box::new(move |l: &mut Loader| {
+                        let err = |e: LoadError| json!({"ok": false, "error": e.to_string()});
+                        match cmd {
+                            Ctl::Status => {
+                                let mut s = l.status();
+                                s["ok"] = json!(true);
+                                s
+                            }
+                            Ctl::Conflicts => {
+                                let mut s = l.conflicts_json();
+                                s["ok"] = json!(true);
+                                s
+                            }
+                            Ctl::Approve => match l.approve() {
+                                Ok(r) => {
+                                    log_rebuild(&Ok(Outcome::Published(r.clone())), &guard);
+                                    json!({"ok": true, "generation": r.generation, "removed": r.plan.removed})
+                                }
+                                Err(e) => err(e),
+                            },
+                            Ctl::Delete(a) => match l.delete_tombstones(&a) {
+                                Ok(o) => {
+                                    log_rebuild(&Ok(o), &guard);
+                                    json!({"ok": true, "deleted": a})
+                                }
+                                Err(e) => err(e),
+                            },
+                            Ctl::Keep(a) => match l.keep_tombstones(&a) {
+                                Ok(()) => json!({"ok": true, "kept": a}),
+                                Err(e) => err(e),
+                            },
+                        }
+                    })).await?;
+                    let _ = reply.send(answer);
+                }
                 _ = tick.tick() => {
                     let stale = match (cfg.max_age, built_at.get()) {
                         (Some(max), Some(at)) => now().saturating_sub(at) > max.as_secs(),
@@ -606,9 +743,19 @@ fn serve(config: &Path) -> Result<ExitCode> {
                             "directory fresh again: unknown recipients are rejected (550)"
                         });
                     }
+                    // A tombstone's grace ran out: rebuild so it stops being accepted (at most
+                    // once a minute while such rebuilds fail or are held).
+                    let due = loader.lock().ok().and_then(|l| l.next_expiry()).is_some_and(|t| t <= now());
+                    if due && now() >= expiry_tried.get() + 60 {
+                        expiry_tried.set(now());
+                        rebuild("tombstone grace period over").await?;
+                    }
                 }
                 _ = term.recv() => break,
                 _ = int.recv() => break,
+            }
+            if let Ok(l) = loader.lock() {
+                update_gauges(&l);
             }
         }
         eprintln!("rcptgate: shutting down: finishing requests in flight");
@@ -616,7 +763,256 @@ fn serve(config: &Path) -> Result<ExitCode> {
         for t in tasks {
             t.await??;
         }
+        if let Some(path) = &cfg.control {
+            let _ = std::fs::remove_file(path);
+        }
         eprintln!("rcptgate: stopped");
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Send one command to the running daemon named by `config`; its answer, or why not.
+fn control(config: &Path, cmd: &rcptgate::proto::control::Command) -> Result<Value> {
+    let cfg = rcptgate::config::Config::load(config)?;
+    let Some(path) = cfg.control else {
+        bail!(
+            "{}: no control socket configured (set [control] socket = \"/run/rcptgate/control.sock\")",
+            config.display()
+        );
+    };
+    let answer = rcptgate::server::control::request(&path, cmd).with_context(|| {
+        format!(
+            "talking to the daemon on {} (is `rcptgate serve` running, and are you its user?)",
+            path.display()
+        )
+    })?;
+    if answer["ok"] != json!(true) {
+        bail!(
+            "{}",
+            answer["error"]
+                .as_str()
+                .unwrap_or("the daemon refused the command")
+        );
+    }
+    Ok(answer)
+}
+
+fn when(unix: u64) -> String {
+    let d = unix / 86_400;
+    let (h, m, s) = (unix % 86_400 / 3600, unix % 3600 / 60, unix % 60);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = d as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {h:02}:{m:02}:{s:02}Z")
+}
+
+fn span(secs: u64) -> String {
+    match secs {
+        s if s >= 86_400 => format!("{}d {}h", s / 86_400, s % 86_400 / 3600),
+        s if s >= 3600 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        s => format!("{}m {}s", s / 60, s % 60),
+    }
+}
+
+fn status(config: &Path, as_json: bool) -> Result<ExitCode> {
+    let s = control(config, &rcptgate::proto::control::Command::Status)?;
+    if as_json {
+        println!("{s}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let n = |k: &str| s[k].as_u64().map_or("-".to_owned(), |v| v.to_string());
+    println!(
+        "generation {}: {} addresses, {} domains, built {} ago{}",
+        n("generation"),
+        n("addresses"),
+        n("domains"),
+        s["snapshot_age"].as_u64().map_or("-".into(), span),
+        if s["stale"] == json!(true) {
+            " (STALE: unknown recipients are deferred)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "tombstones: {}, conflicting claims: {}",
+        n("tombstones"),
+        n("conflicts")
+    );
+    if let Some(e) = s["last_error"].as_str() {
+        println!("last rebuild failed: {e}");
+    }
+    let h = &s["held"];
+    if h.is_object() {
+        println!(
+            "HELD by the deletion guard since {}: generation {} {}",
+            h["since"].as_u64().map_or("-".into(), when),
+            h["generation"],
+            h["reason"].as_str().unwrap_or("")
+        );
+        println!("  {} added; removes, among others:", h["added"]);
+        for a in h["removed_sample"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .take(20)
+        {
+            println!("    {}", a.as_str().unwrap_or(""));
+        }
+        println!(
+            "  publish it with: rcptgate approve --config {}",
+            config.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn approve(config: &Path) -> Result<ExitCode> {
+    let a = control(config, &rcptgate::proto::control::Command::Approve)?;
+    println!(
+        "published generation {} ({} addresses removed)",
+        a["generation"], a["removed"]
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn conflicts(config: &Path, as_json: bool, action: Option<ConflictAction>) -> Result<ExitCode> {
+    use rcptgate::proto::control::Command as Ctl;
+    // Addresses as the directory stores them (normalized, case folded).
+    let keys = |list: Vec<String>| -> Vec<String> {
+        list.into_iter()
+            .map(|a| match sources::directory_address(&a) {
+                Ok((local, domain)) => sources::join_key(&local, &domain),
+                Err(_) => a,
+            })
+            .collect()
+    };
+    match action {
+        Some(ConflictAction::Delete { addresses }) => {
+            control(config, &Ctl::Delete(keys(addresses)))?;
+            println!("deleted; the addresses are rejected from now on");
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(ConflictAction::Keep { addresses }) => {
+            control(config, &Ctl::Keep(keys(addresses)))?;
+            println!("kept until the addresses return to the directory or are deleted");
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(ConflictAction::Export { output }) => {
+            let c = control(config, &Ctl::Conflicts)?;
+            let mut w = csv_writer(output.as_deref())?;
+            w.write_record([
+                "type",
+                "address",
+                "removed",
+                "left_seconds",
+                "keep",
+                "kind",
+                "route",
+                "owner",
+                "origin",
+                "other_owner",
+                "other_origin",
+                "rule",
+            ])?;
+            let s = |v: &Value| match v {
+                Value::Null => String::new(),
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            for t in c["tombstones"].as_array().into_iter().flatten() {
+                let removed = t["removed"].as_u64().map(when).unwrap_or_default();
+                w.write_record([
+                    "tombstone".into(),
+                    s(&t["address"]),
+                    removed,
+                    s(&t["left"]),
+                    s(&t["keep"]),
+                    s(&t["kind"]),
+                    s(&t["route"]),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                ])?;
+            }
+            for k in c["claims"].as_array().into_iter().flatten() {
+                w.write_record([
+                    "claim".into(),
+                    s(&k["address"]),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    s(&k["kept_owner"]),
+                    s(&k["kept_origin"]),
+                    s(&k["dropped_owner"]),
+                    s(&k["dropped_origin"]),
+                    s(&k["rule"]),
+                ])?;
+            }
+            w.flush()?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        None => {}
+    }
+    let c = control(config, &Ctl::Conflicts)?;
+    if as_json {
+        println!("{c}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let tombs = c["tombstones"].as_array().cloned().unwrap_or_default();
+    println!(
+        "{} tombstoned address(es) (removed from the directory, still accepted):",
+        tombs.len()
+    );
+    for t in &tombs {
+        let left = match t["left"].as_u64() {
+            Some(l) => format!("{} left", span(l)),
+            None => "kept".into(),
+        };
+        println!(
+            "  {}  removed {}  {}  was {}{}",
+            t["address"].as_str().unwrap_or(""),
+            t["removed"].as_u64().map(when).unwrap_or_default(),
+            left,
+            t["kind"].as_str().unwrap_or(""),
+            t["route"]
+                .as_str()
+                .map(|r| format!(", route {r}"))
+                .unwrap_or_default()
+        );
+    }
+    let claims = c["claims"].as_array().cloned().unwrap_or_default();
+    println!("{} address(es) claimed by two owners:", claims.len());
+    for k in &claims {
+        println!(
+            "  {}: kept {} ({}), dropped {} ({}): {}",
+            k["address"].as_str().unwrap_or(""),
+            k["kept_owner"].as_str().unwrap_or(""),
+            k["kept_origin"].as_str().unwrap_or(""),
+            k["dropped_owner"].as_str().unwrap_or(""),
+            k["dropped_origin"].as_str().unwrap_or(""),
+            k["rule"].as_str().unwrap_or("")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn csv_writer(output: Option<&Path>) -> Result<csv::Writer<Box<dyn Write>>> {
+    let out: Box<dyn Write> = match output {
+        Some(p) => {
+            Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
+        }
+        None => Box::new(std::io::stdout()),
+    };
+    Ok(csv::Writer::from_writer(out))
 }

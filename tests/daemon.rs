@@ -181,8 +181,9 @@ fn watched_edits_refused_uploads_sighup_restart_and_shutdown() {
         "10001|contoso.com\tDIR:\tnew.hire@contoso.com\n++++\n",
     );
     std::fs::write(&map, &edited).expect("edit");
-    d.wait_for("published generation 2");
+    // The audit line is written as the snapshot is published, before the summary line.
     let audit = d.wait_for("rcptgate: audit ");
+    d.wait_for("published generation 2");
     let audit: serde_json::Value =
         serde_json::from_str(audit.trim_start_matches("rcptgate: audit ")).expect("json");
     assert_eq!(audit["generation"], 2);

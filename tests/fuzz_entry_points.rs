@@ -2,7 +2,7 @@
 //! themselves are one line each; see fuzz/).
 
 use rcptgate::internal::{
-    fuzz_address, fuzz_http, fuzz_policy, fuzz_snapshot, fuzz_socketmap, fuzz_source,
+    fuzz_address, fuzz_control, fuzz_http, fuzz_policy, fuzz_snapshot, fuzz_socketmap, fuzz_source,
 };
 use rcptgate::sources::Format;
 
@@ -79,4 +79,14 @@ fn http_seeds() {
         fuzz_http(&get[..cut]);
     }
     fuzz_http(b"GET /\xff HTTP/1.0\n\n");
+}
+
+#[test]
+fn control_seeds() {
+    let line = b"delete a@b.example c@d.example\n";
+    for cut in 0..=line.len() {
+        fuzz_control(&line[..cut]);
+    }
+    fuzz_control(b"keep \xc3\xa9@x\tb@y\n");
+    fuzz_control(b"status\r\n");
 }

@@ -433,7 +433,7 @@ fn build_shard(
     for r in &records {
         fst_key(&mut key, r, w);
         // Values repeat within a domain, so the FST stores them almost for free.
-        let value = (u64::from(r.attrs) << 3) | r.kind.code();
+        let value = (u64::from(r.attrs) << Kind::BITS) | r.kind.code();
         builder.insert(&key, value).map_err(|e| match e {
             fst::Error::Fst(fst::raw::Error::DuplicateKey { got }) => {
                 BuildError::Duplicate(String::from_utf8_lossy(&got[w.min(got.len())..]).into())

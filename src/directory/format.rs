@@ -13,7 +13,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const MAGIC: &[u8; 8] = b"RCPTGATE";
-pub const VERSION: u32 = 1;
+/// 2: four kind bits in FST values (exceptions).
+pub const VERSION: u32 = 2;
 pub const SECTIONS: usize = 11;
 const SECTION_REF: usize = 24;
 pub const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 8 + 8 + 4 + 4 + SECTIONS * SECTION_REF + 4;

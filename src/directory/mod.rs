@@ -20,8 +20,9 @@ pub use snapshot::{AddressCursor, DomainInfo, RecordInfo, Snapshot};
 
 use crate::address::{AddrBuf, AddrError};
 
-/// What kind of object an address belongs to. The first eight are stored in the snapshot
-/// (three bits); `CatchAll` only describes an accept-all domain answer.
+/// What kind of object an address belongs to. All but `CatchAll` are stored in the snapshot
+/// (four bits); `CatchAll` only describes an accept-all domain answer. `Exception` is an
+/// address that is never accepted (a lookup that finds it rejects).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum Kind {
@@ -33,12 +34,16 @@ pub enum Kind {
     PublicFolder,
     Addition,
     Tombstone,
+    Exception,
     CatchAll,
 }
 
 impl Kind {
-    /// Every stored kind, indexed by its 3-bit code.
-    pub const STORED: [Kind; 8] = [
+    /// Bits of an FST value that hold the kind.
+    pub(crate) const BITS: u32 = 4;
+
+    /// Every stored kind, indexed by its code.
+    pub const STORED: [Kind; 9] = [
         Kind::User,
         Kind::Alias,
         Kind::Group,
@@ -47,6 +52,7 @@ impl Kind {
         Kind::PublicFolder,
         Kind::Addition,
         Kind::Tombstone,
+        Kind::Exception,
     ];
 
     pub(crate) fn code(self) -> u64 {
@@ -59,11 +65,13 @@ impl Kind {
             Kind::PublicFolder => 5,
             Kind::Addition => 6,
             Kind::Tombstone => 7,
+            Kind::Exception => 8,
         }
     }
 
     pub(crate) fn from_code(code: u64) -> Kind {
-        Kind::STORED[(code & 7) as usize]
+        let code = (code & ((1 << Self::BITS) - 1)) as usize;
+        Kind::STORED.get(code).copied().unwrap_or(Kind::User)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -76,6 +84,7 @@ impl Kind {
             Kind::PublicFolder => "public_folder",
             Kind::Addition => "addition",
             Kind::Tombstone => "tombstone",
+            Kind::Exception => "exception",
             Kind::CatchAll => "catch_all",
         }
     }
@@ -91,6 +100,7 @@ impl Kind {
             "public_folder" | "publicfolder" => Kind::PublicFolder,
             "addition" => Kind::Addition,
             "tombstone" => Kind::Tombstone,
+            "exception" => Kind::Exception,
             _ => return None,
         };
         Some(k)
@@ -135,6 +145,8 @@ pub struct Hit {
 pub enum Reject {
     /// A loaded snapshot says the address is unknown in a domain we own.
     UnknownUser,
+    /// An exceptions source lists the address: never accepted, whatever else says so.
+    Exception,
     /// Not a mailbox at all.
     Syntax(AddrError),
 }
@@ -175,7 +187,7 @@ impl Verdict {
     pub fn code(&self) -> Option<&'static str> {
         match self {
             Verdict::Accept(_) => Some("250 2.1.5"),
-            Verdict::Reject(Reject::UnknownUser) => Some("550 5.1.1"),
+            Verdict::Reject(Reject::UnknownUser | Reject::Exception) => Some("550 5.1.1"),
             Verdict::Reject(Reject::Syntax(_)) => Some("501 5.1.3"),
             Verdict::Tempfail(_) => Some("451 4.3.0"),
             Verdict::NotOurs => None,
@@ -186,7 +198,7 @@ impl Verdict {
     pub fn text(&self) -> &'static str {
         match self {
             Verdict::Accept(_) => "Recipient ok",
-            Verdict::Reject(Reject::UnknownUser) => "User unknown",
+            Verdict::Reject(Reject::UnknownUser | Reject::Exception) => "User unknown",
             Verdict::Reject(Reject::Syntax(_)) => "Bad recipient address syntax",
             Verdict::Tempfail(Tempfail::NotLoaded) => "Directory not loaded, try again later",
             Verdict::Tempfail(Tempfail::Stale) => "Directory out of date, try again later",

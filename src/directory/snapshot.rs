@@ -3,7 +3,7 @@
 //! FST keys are domain-first: the domain's index as a fixed-width big-endian prefix, then the
 //! folded local part. The domain is found first through a persisted hash index (it has to be,
 //! to tell "not ours" apart); its FST node after the prefix is resolved when the snapshot is
-//! opened, so a lookup walks only the local part. FST values are `attribute set << 3 | kind`:
+//! opened, so a lookup walks only the local part. FST values are `attribute set << 4 | kind`:
 //! they repeat within a domain, so the FST stores them almost for free. Diagnostic data
 //! (owner, origin) is cold: found by the 64-bit hash of the key, only when asked for.
 
@@ -536,7 +536,7 @@ impl Snapshot {
             matched,
             local_len: local_len as u16,
             domain: d.index,
-            attrs: (value >> 3) as u32,
+            attrs: (value >> Kind::BITS) as u32,
             generation: self.header.generation,
         }
     }
@@ -592,7 +592,13 @@ impl Snapshot {
     fn match_local(&self, local: &[u8], dh: &DomainHot, separators: &[u8]) -> Verdict {
         let d = &dh.rec;
         let split = address::subaddress_split(local, separators);
+        let excepted = |v: u64| Kind::from_code(v) == Kind::Exception;
         match self.get(dh, local, split) {
+            // An exception wins over everything: the address itself, or its base address
+            // when only that is listed.
+            (Some(v), _) | (None, Some(v)) if excepted(v) => {
+                return Verdict::Reject(Reject::Exception);
+            }
             (Some(v), _) => return Verdict::Accept(self.hit(v, d, Match::Exact, local.len())),
             (None, Some(v)) => {
                 let p = split.unwrap_or(local.len());
@@ -751,6 +757,7 @@ impl Snapshot {
             shard: 0,
             local: Vec::new(),
             domain: 0,
+            value: 0,
         }
     }
 
@@ -792,6 +799,8 @@ pub struct AddressCursor<'s> {
     /// The current address's local part (copied out of the stream).
     local: Vec<u8>,
     domain: u32,
+    /// The current address's FST value.
+    value: u64,
 }
 
 impl std::fmt::Debug for AddressCursor<'_> {
@@ -809,10 +818,11 @@ impl AddressCursor<'_> {
         let w = self.snap.header.key_width as usize;
         loop {
             let stream = self.streams.get_mut(self.shard)?;
-            let Some((key, _)) = stream.next() else {
+            let Some((key, out)) = stream.next() else {
                 self.shard += 1;
                 continue;
             };
+            self.value = out.value();
             let Some((prefix, local)) = key.split_at_checked(w) else {
                 continue;
             };
@@ -828,6 +838,15 @@ impl AddressCursor<'_> {
             .domain_rec(self.domain)
             .and_then(|d| self.snap.string(d.name))?;
         Some((name, &self.local))
+    }
+
+    /// What the snapshot says of the current address (after [`Self::next_address`]).
+    pub fn hit(&self) -> Option<Hit> {
+        let d = self.snap.domain_rec(self.domain)?;
+        Some(
+            self.snap
+                .hit(self.value, &d, Match::Exact, self.local.len()),
+        )
     }
 }
 

@@ -159,7 +159,9 @@ pub fn is_rcpt(req: &Request<'_>) -> bool {
 pub fn encode_reply(verdict: Option<&Verdict>, texts: &Texts, out: &mut Vec<u8>) {
     out.extend_from_slice(b"action=");
     let (code, text) = match verdict {
-        Some(Verdict::Reject(Reject::UnknownUser)) => ("550 5.1.1 ", texts.unknown.as_str()),
+        Some(Verdict::Reject(Reject::UnknownUser | Reject::Exception)) => {
+            ("550 5.1.1 ", texts.unknown.as_str())
+        }
         Some(Verdict::Reject(Reject::Syntax(_))) => ("501 5.1.3 ", texts.syntax.as_str()),
         Some(Verdict::Tempfail(_)) => ("DEFER_IF_PERMIT 4.3.0 ", texts.tempfail.as_str()),
         Some(Verdict::Accept(_) | Verdict::NotOurs) | None => ("DUNNO", ""),

@@ -97,9 +97,10 @@ pub fn reply_for<'s>(map: MapName, verdict: &Verdict, snap: Option<&'s Snapshot>
         (_, Verdict::Tempfail(_)) => Reply::Temp("directory unavailable"),
         (MapName::Recipients, Verdict::Accept(hit)) => Reply::Ok(hit.kind.as_str()),
         (MapName::Recipients, Verdict::NotOurs) => Reply::Temp("domain not in directory"),
-        (MapName::Recipients, Verdict::Reject(Reject::UnknownUser | Reject::Syntax(_))) => {
-            Reply::NotFound
-        }
+        (
+            MapName::Recipients,
+            Verdict::Reject(Reject::UnknownUser | Reject::Exception | Reject::Syntax(_)),
+        ) => Reply::NotFound,
         (MapName::Transport, Verdict::Accept(hit)) => snap
             .and_then(|s| s.route(hit))
             .map_or(Reply::NotFound, Reply::Ok),

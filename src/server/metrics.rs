@@ -34,6 +34,14 @@ pub struct Metrics {
     frontends: [Frontend; 2],
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
+    /// Recipients accepted only because their address is a tombstone.
+    tombstone_accepts: AtomicU64,
+    /// When a tombstone accept was last logged (Unix seconds), to log one per second.
+    tombstone_logged: AtomicU64,
+    /// Set by the loader: tombstones in force, and a build held by the deletion guard.
+    pub tombstones: AtomicU64,
+    pub held: AtomicU64,
+    pub held_removals: AtomicU64,
 }
 
 fn slot(p: Protocol) -> usize {
@@ -63,6 +71,11 @@ impl Metrics {
     /// Record one answered request.
     pub fn observe(&self, p: Protocol, verdict: Option<&Verdict>, took: Duration) {
         let f = &self.frontends[slot(p)];
+        if let Some(Verdict::Accept(hit)) = verdict
+            && hit.kind == crate::directory::Kind::Tombstone
+        {
+            self.tombstone_accepts.fetch_add(1, Ordering::Relaxed);
+        }
         if let Some(v) = verdict {
             let i = match v {
                 Verdict::Accept(_) => 0,
@@ -82,6 +95,14 @@ impl Metrics {
             took.as_nanos().min(u128::from(u64::MAX)) as u64,
             Ordering::Relaxed,
         );
+    }
+
+    /// True at most once per second: whether to log a tombstone accept now.
+    pub fn log_tombstone_now(&self) -> bool {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.tombstone_logged.swap(now, Ordering::Relaxed) != now
     }
 
     /// The Prometheus text exposition.
@@ -149,6 +170,36 @@ impl Metrics {
             "rcptgate_reloads_total{{result=\"failed\"}} {}",
             get(&self.reloads_failed)
         );
+        for (name, help, kind, v) in [
+            (
+                "rcptgate_tombstone_accepts_total",
+                "Recipients accepted only as tombstones (removed from the directory, in their grace period).",
+                "counter",
+                &self.tombstone_accepts,
+            ),
+            (
+                "rcptgate_tombstones",
+                "Removed addresses still accepted (deletion grace).",
+                "gauge",
+                &self.tombstones,
+            ),
+            (
+                "rcptgate_guard_held",
+                "1 while the deletion guard holds a build (rcptgate status; rcptgate approve).",
+                "gauge",
+                &self.held,
+            ),
+            (
+                "rcptgate_guard_held_removals",
+                "Addresses the held build would remove.",
+                "gauge",
+                &self.held_removals,
+            ),
+        ] {
+            let _ = writeln!(o, "# HELP {name} {help}");
+            let _ = writeln!(o, "# TYPE {name} {kind}");
+            let _ = writeln!(o, "{name} {}", get(v));
+        }
         let view = dir.view();
         let loaded = view.snapshot();
         let now = SystemTime::now()

@@ -5,6 +5,7 @@
 //! `serve(listener, protocol, ctx, shutdown)` is the single entry point, for TCP and unix
 //! sockets alike; tests spawn it on `127.0.0.1:0`.
 
+pub mod control;
 pub mod metrics;
 
 use std::io;
@@ -195,6 +196,20 @@ fn lookup_raw(
     }
 }
 
+/// Log (at most once a second) that a recipient was accepted only as a tombstone: mail for
+/// someone removed from the directory, which the administrator should look at.
+fn note_tombstone(ctx: &Context, rcpt: &[u8], verdict: &crate::directory::Verdict) {
+    if let crate::directory::Verdict::Accept(hit) = verdict
+        && hit.kind == crate::directory::Kind::Tombstone
+        && ctx.metrics.log_tombstone_now()
+    {
+        eprintln!(
+            "rcptgate: accepted {} as a tombstone (removed from the directory; see rcptgate conflicts)",
+            String::from_utf8_lossy(&rcpt[..rcpt.len().min(320)])
+        );
+    }
+}
+
 /// Answer the first policy request in `buf`; `None` if it is not complete yet.
 fn answer_policy(
     buf: &[u8],
@@ -208,6 +223,9 @@ fn answer_policy(
     };
     let verdict = policy::is_rcpt(&request)
         .then(|| lookup_raw(&ctx.directory.view(), request.recipient, scratch));
+    if let Some(v) = &verdict {
+        note_tombstone(ctx, request.recipient, v);
+    }
     policy::encode_reply(verdict.as_ref(), &ctx.texts, out);
     Ok(Some((consumed, verdict)))
 }
@@ -233,6 +251,9 @@ fn answer_socketmap(
             ..
         }) => {
             let verdict = lookup_raw(&view, key, scratch);
+            if map == socketmap::MapName::Recipients {
+                note_tombstone(ctx, key, &verdict);
+            }
             looked_up = Some(verdict);
             socketmap::reply_for(map, &verdict, view.snapshot())
         }

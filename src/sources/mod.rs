@@ -211,11 +211,45 @@ impl Format {
     }
 }
 
+/// What a source's addresses mean (DESIGN.md §5, last point).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    /// The directory itself.
+    #[default]
+    Directory,
+    /// Accepted even when the directory lacks them (dynamic distribution groups, public
+    /// folders, new hires between syncs); they win over the directory's record.
+    Additions,
+    /// Never accepted; they win over everything.
+    Exceptions,
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Option<Role> {
+        match s.to_ascii_lowercase().as_str() {
+            "directory" => Some(Role::Directory),
+            "additions" | "addition" => Some(Role::Additions),
+            "exceptions" | "exception" => Some(Role::Exceptions),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Directory => "directory",
+            Role::Additions => "additions",
+            Role::Exceptions => "exceptions",
+        }
+    }
+}
+
 /// What one source contributed.
 #[derive(Debug, Clone)]
 pub struct SourceData {
     pub name: Arc<str>,
     pub format: Format,
+    /// Set by whoever configured the source; `Directory` unless said otherwise.
+    pub role: Role,
     pub domains: Vec<DomainDecl>,
     /// Accept the domains of this source's users, groups and shared mailboxes even without a
     /// declaration (LDIF, CSV and Postfix tables have no domain records).
@@ -229,6 +263,7 @@ impl SourceData {
         SourceData {
             name: name.clone(),
             format,
+            role: Role::Directory,
             domains: Vec::new(),
             derive_domains: format != Format::Map,
             entries: Vec::new(),

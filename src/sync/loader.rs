@@ -1,32 +1,59 @@
 //! Building a new snapshot from the configured sources and putting it in service
-//! (DESIGN.md §1): a build that fails, or that looks wrong, never replaces the snapshot in
-//! service.
+//! (DESIGN.md §1, §6): a build that fails, or that looks wrong, never replaces the snapshot in
+//! service. The [`Loader`] owns everything that outlives one build: the tombstone state, a
+//! build held by the deletion guard, the last conflicts, and the audit log.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::config::Config;
+use serde_json::json;
+
+use crate::config::{AuditConfig, Config};
 use crate::directory::{self, Directory, Snapshot};
 use crate::sources::{self, Severity};
-use crate::sync::merge;
+use crate::sync::lifecycle::{self, Plan, State, StateError};
+use crate::sync::merge::{self, Conflict};
 
 /// How many added and removed addresses an audit line lists by name.
-pub const SAMPLE: usize = 100;
+pub const SAMPLE: usize = lifecycle::SAMPLE;
 
-/// What one successful publish put in service.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Published {
+/// The time in Unix seconds; injectable so tests can move it.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    })
+}
+
+/// What one build did, published or held.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
     pub generation: u64,
-    /// Addresses added and removed against the snapshot it replaced.
+    /// Addresses new in the served set, and the first [`SAMPLE`].
     pub added: u64,
-    pub removed: u64,
-    /// The first [`SAMPLE`] of each, for the audit line.
     pub added_sample: Vec<String>,
-    pub removed_sample: Vec<String>,
+    /// The lifecycle of the build: removals (with sample), tombstones, the guard.
+    pub plan: Plan,
+    /// Addresses served, tombstones included.
     pub addresses: u64,
     pub domains: u32,
     pub conflicts: usize,
     pub errors: usize,
     pub warnings: usize,
+    /// Published by `approve` after the guard held it.
+    pub approved: bool,
+}
+
+/// The result of [`Loader::rebuild`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Published(Report),
+    /// The deletion guard held the build; the snapshot in service stays.
+    Held(Report),
 }
 
 /// Why nothing was published; the snapshot in service (if any) stays.
@@ -39,96 +66,406 @@ pub enum LoadError {
     Build(#[from] directory::BuildError),
     #[error("snapshot: {0}")]
     Snapshot(#[from] directory::SnapshotError),
+    #[error("state file: {0}")]
+    State(#[from] StateError),
     #[error("new build has no addresses while {0} are in service; kept the snapshot in service")]
     Empty(u64),
+    #[error("no build is held")]
+    NothingHeld,
+    #[error("{0}: no such tombstone")]
+    NoTombstone(String),
 }
 
-/// Put the persisted snapshot in service, if there is one. Returns its generation.
-pub fn open_persisted(cfg: &Config, dir: &Directory) -> Result<Option<u64>, LoadError> {
-    let Some(path) = cfg.snapshot.as_deref().filter(|p| p.exists()) else {
-        return Ok(None);
-    };
-    let snap = Snapshot::open(path)?;
-    let generation = snap.generation();
-    dir.publish(Arc::new(snap));
-    Ok(Some(generation))
+/// A build the guard held, kept until approved or replaced.
+#[derive(Debug)]
+struct Held {
+    bytes: Vec<u8>,
+    report: Report,
+    since: u64,
 }
 
-/// Build from every configured source, persist, and publish. Any refused source, build error
-/// or an empty result over a non-empty directory leaves the directory as it was.
-pub fn rebuild(cfg: &Config, dir: &Directory) -> Result<Published, LoadError> {
-    let mut data = Vec::with_capacity(cfg.sources.len());
-    for s in &cfg.sources {
-        data.push(sources::load(&s.spec())?);
+/// One append-only JSON-lines audit log, rotated by size.
+#[derive(Debug)]
+struct Audit {
+    cfg: Option<AuditConfig>,
+}
+
+impl Audit {
+    fn write(&self, line: &serde_json::Value) {
+        eprintln!("rcptgate: audit {line}");
+        let Some(cfg) = &self.cfg else { return };
+        if let Err(e) = append_rotated(cfg, &format!("{line}\n")) {
+            eprintln!(
+                "rcptgate: audit log {}: {e} (the line above is the record)",
+                cfg.path.display()
+            );
+        }
     }
-    let (in_service, generation) = {
-        let view = dir.view();
+}
+
+fn rotated(path: &std::path::Path, n: u32) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(format!(".{n}"));
+    PathBuf::from(s)
+}
+
+/// Append `line`; first rotate (`log` -> `log.1` -> … -> `log.keep`) if it would grow the
+/// file beyond `max_size`.
+fn append_rotated(cfg: &AuditConfig, line: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let size = std::fs::metadata(&cfg.path).map_or(0, |m| m.len());
+    if size > 0 && size + line.len() as u64 > cfg.max_size {
+        if cfg.keep == 0 {
+            std::fs::remove_file(&cfg.path)?;
+        } else {
+            for n in (1..cfg.keep).rev() {
+                let from = rotated(&cfg.path, n);
+                if from.exists() {
+                    std::fs::rename(&from, rotated(&cfg.path, n + 1))?;
+                }
+            }
+            std::fs::rename(&cfg.path, rotated(&cfg.path, 1))?;
+        }
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&cfg.path)?;
+    f.write_all(line.as_bytes())
+}
+
+/// Builds, guards and publishes; one per daemon (or test).
+pub struct Loader {
+    cfg: Config,
+    dir: Arc<Directory>,
+    clock: Clock,
+    state: State,
+    held: Option<Held>,
+    conflicts: Vec<Conflict>,
+    audit: Audit,
+    last_error: Option<String>,
+}
+
+impl std::fmt::Debug for Loader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loader")
+            .field("tombstones", &self.state.tombstones.len())
+            .field("held", &self.held.is_some())
+            .finish()
+    }
+}
+
+impl Loader {
+    /// Read the tombstone state. A state file that cannot be read is an error: starting
+    /// without it would forget when the tombstones were made.
+    pub fn new(cfg: Config, dir: Arc<Directory>, clock: Clock) -> Result<Loader, LoadError> {
+        let state = match &cfg.guard.state {
+            Some(p) => State::load(p)?,
+            None => State::default(),
+        };
+        Ok(Loader {
+            audit: Audit {
+                cfg: cfg.audit.clone(),
+            },
+            cfg,
+            dir,
+            clock,
+            state,
+            held: None,
+            conflicts: Vec::new(),
+            last_error: None,
+        })
+    }
+
+    /// Put the persisted snapshot in service, if there is one, so answers are definitive at
+    /// once. Returns its generation.
+    pub fn open_persisted(&self) -> Result<Option<u64>, LoadError> {
+        let Some(path) = self.cfg.snapshot.as_deref().filter(|p| p.exists()) else {
+            return Ok(None);
+        };
+        let snap = Snapshot::open(path)?;
+        let generation = snap.generation();
+        self.dir.publish(Arc::new(snap));
+        Ok(Some(generation))
+    }
+
+    pub fn directory(&self) -> &Arc<Directory> {
+        &self.dir
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The tombstones in force.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Conflicting claims of the last build.
+    pub fn conflicts(&self) -> &[Conflict] {
+        &self.conflicts
+    }
+
+    /// The build the guard holds, if any.
+    pub fn held(&self) -> Option<&Report> {
+        self.held.as_ref().map(|h| &h.report)
+    }
+
+    /// The earliest time a tombstone expires (the daemon rebuilds then).
+    pub fn next_expiry(&self) -> Option<u64> {
+        self.state
+            .next_expiry(self.cfg.guard.deletion_grace.as_secs())
+    }
+
+    /// Build from every configured source; publish, or hold if the guard says so. Any
+    /// refused source, build error or an empty result over a non-empty directory leaves the
+    /// directory as it was.
+    pub fn rebuild(&mut self) -> Result<Outcome, LoadError> {
+        let r = self.try_rebuild();
+        self.last_error = r.as_ref().err().map(|e| e.to_string());
+        r
+    }
+
+    fn try_rebuild(&mut self) -> Result<Outcome, LoadError> {
+        let mut data = Vec::with_capacity(self.cfg.sources.len());
+        for s in &self.cfg.sources {
+            let mut d = sources::load(&s.spec())?;
+            d.role = s.role;
+            data.push(d);
+        }
+        let view = self.dir.view();
+        let old = view.snapshot();
+        let in_service = old.map_or(0, |s| s.record_count());
+        let generation = old.map_or(0, |s| s.generation()) + 1;
+        let mut merged = merge::merge(&data, generation);
+        let (mut errors, mut warnings) = (0, 0);
+        for d in data
+            .iter()
+            .flat_map(|s| s.diagnostics.iter())
+            .chain(&merged.diagnostics)
+        {
+            match d.severity {
+                Severity::Error => errors += 1,
+                Severity::Warning => warnings += 1,
+            }
+            eprintln!("rcptgate: {d}");
+        }
+        for c in &merged.conflicts {
+            eprintln!("rcptgate: conflict: {c}");
+        }
+        let live = merged
+            .input
+            .records
+            .iter()
+            .filter(|r| r.kind != directory::Kind::Exception)
+            .count();
+        if live == 0 && in_service > 0 {
+            return Err(LoadError::Empty(in_service));
+        }
+        let now = (self.clock)();
+        let plan = lifecycle::plan(old, &mut merged.input, &self.state, now, &self.cfg.guard);
+        let conflicts = std::mem::take(&mut merged.conflicts);
+        let (bytes, _stats) = directory::build(merged.input)?;
+        let snap = Snapshot::from_bytes(bytes.clone())?;
+        let mut report = Report {
+            generation: snap.generation(),
+            added: 0,
+            added_sample: Vec::new(),
+            plan,
+            addresses: snap.record_count(),
+            domains: snap.domain_count(),
+            conflicts: conflicts.len(),
+            errors,
+            warnings,
+            approved: false,
+        };
+        match old {
+            Some(old) => directory::diff(old, &snap, |c| {
+                if let directory::Change::Added(a) = c {
+                    report.added += 1;
+                    if report.added_sample.len() < SAMPLE {
+                        report.added_sample.push(a.to_owned());
+                    }
+                }
+            }),
+            None => report.added = snap.record_count(),
+        }
+        drop(view);
+        self.conflicts = conflicts;
+        if report.plan.hold {
+            self.audit.write(&self.audit_line("held", &report));
+            self.held = Some(Held {
+                bytes,
+                report: report.clone(),
+                since: now,
+            });
+            return Ok(Outcome::Held(report));
+        }
+        self.publish(bytes, report).map(Outcome::Published)
+    }
+
+    /// Publish the build the guard holds.
+    pub fn approve(&mut self) -> Result<Report, LoadError> {
+        let held = self.held.take().ok_or(LoadError::NothingHeld)?;
+        let mut report = held.report;
+        report.approved = true;
+        // A build generation may have been published since; the held one is still newer
+        // than anything it was compared with only if nothing was. Rebuild then instead.
+        let current = self.dir.view().snapshot().map_or(0, |s| s.generation());
+        if current >= report.generation {
+            return Err(LoadError::NothingHeld);
+        }
+        self.publish(held.bytes, report)
+    }
+
+    /// Persist the snapshot and the state, then put the snapshot in service.
+    fn publish(&mut self, bytes: Vec<u8>, report: Report) -> Result<Report, LoadError> {
+        let snap = match self.cfg.snapshot.as_deref() {
+            Some(path) => {
+                directory::write_atomic(path, &bytes)?;
+                Snapshot::open(path)?
+            }
+            None => Snapshot::from_bytes(bytes)?,
+        };
+        if let Some(p) = &self.cfg.guard.state {
+            report.plan.state.save(p)?;
+        }
+        self.state = report.plan.state.clone();
+        self.held = None;
+        let old = self.dir.publish(Arc::new(snap));
+        // Drop the old snapshot here, off the request path.
+        drop(old);
+        let event = if report.approved {
+            "approved"
+        } else {
+            "publish"
+        };
+        self.audit.write(&self.audit_line(event, &report));
+        Ok(report)
+    }
+
+    fn audit_line(&self, event: &str, r: &Report) -> serde_json::Value {
+        json!({
+            "event": event,
+            "time": (self.clock)(),
+            "generation": r.generation,
+            "sources": self.cfg.sources.iter().map(|s| json!({
+                "name": s.name, "role": s.role.as_str(), "path": s.path.display().to_string(),
+            })).collect::<Vec<_>>(),
+            "addresses": r.addresses,
+            "domains": r.domains,
+            "conflicts": r.conflicts,
+            "errors": r.errors,
+            "warnings": r.warnings,
+            "added": r.added,
+            "removed": r.plan.removed,
+            "tombstoned": r.plan.tombstoned,
+            "expired": r.plan.expired,
+            "returned": r.plan.returned,
+            "tombstones": r.plan.tombstones,
+            "held": event == "held",
+            "added_sample": r.added_sample,
+            "removed_sample": r.plan.removed_sample,
+        })
+    }
+
+    /// Drop tombstones now (they are rejected from the next publish on, which this does).
+    pub fn delete_tombstones(&mut self, addresses: &[String]) -> Result<Outcome, LoadError> {
+        for a in addresses {
+            if !self.state.tombstones.contains_key(a) {
+                return Err(LoadError::NoTombstone(a.clone()));
+            }
+        }
+        let mut next = self.state.clone();
+        for a in addresses {
+            next.tombstones.remove(a);
+            if let Some(h) = &mut self.held {
+                h.report.plan.state.tombstones.remove(a);
+            }
+        }
+        if let Some(p) = &self.cfg.guard.state {
+            next.save(p)?;
+        }
+        self.state = next;
+        self.rebuild()
+    }
+
+    /// Keep tombstones until their address returns or they are deleted by hand.
+    pub fn keep_tombstones(&mut self, addresses: &[String]) -> Result<(), LoadError> {
+        let mut next = self.state.clone();
+        for a in addresses {
+            next.tombstones
+                .get_mut(a)
+                .ok_or_else(|| LoadError::NoTombstone(a.clone()))?
+                .keep = true;
+            if let Some(t) = self
+                .held
+                .as_mut()
+                .and_then(|h| h.report.plan.state.tombstones.get_mut(a))
+            {
+                t.keep = true;
+            }
+        }
+        if let Some(p) = &self.cfg.guard.state {
+            next.save(p)?;
+        }
+        self.state = next;
+        Ok(())
+    }
+
+    /// Everything `rcptgate status` shows, as JSON.
+    pub fn status(&self) -> serde_json::Value {
+        let now = (self.clock)();
+        let view = self.dir.view();
         let snap = view.snapshot();
-        (
-            snap.map_or(0, |s| s.record_count()),
-            snap.map_or(0, |s| s.generation()) + 1,
-        )
-    };
-    let merged = merge(&data, generation);
-    let (mut errors, mut warnings) = (0, 0);
-    for d in data
-        .iter()
-        .flat_map(|s| s.diagnostics.iter())
-        .chain(&merged.diagnostics)
-    {
-        match d.severity {
-            Severity::Error => errors += 1,
-            Severity::Warning => warnings += 1,
-        }
-        eprintln!("rcptgate: {d}");
+        let held = self.held.as_ref().map(|h| {
+            json!({
+                "generation": h.report.generation,
+                "since": h.since,
+                "reason": h.report.plan.hold_reason(&self.cfg.guard),
+                "addresses_in_service": h.report.plan.live_before,
+                "removed": h.report.plan.removed,
+                "added": h.report.added,
+                "removed_sample": h.report.plan.removed_sample,
+            })
+        });
+        json!({
+            "time": now,
+            "generation": snap.map(|s| s.generation()),
+            "addresses": snap.map(|s| s.record_count()),
+            "domains": snap.map(|s| s.domain_count()),
+            "snapshot_age": snap.map(|s| now.saturating_sub(s.created_unix())),
+            "stale": self.dir.is_stale(),
+            "tombstones": self.state.tombstones.len(),
+            "conflicts": self.conflicts.len(),
+            "last_error": self.last_error,
+            "held": held,
+        })
     }
-    let conflicts = merged.conflicts.len();
-    if merged.input.records.is_empty() && in_service > 0 {
-        return Err(LoadError::Empty(in_service));
+
+    /// Tombstones (with time left) and conflicting claims, as JSON.
+    pub fn conflicts_json(&self) -> serde_json::Value {
+        let now = (self.clock)();
+        let grace = self.cfg.guard.deletion_grace.as_secs();
+        json!({
+            "tombstones": self.state.tombstones.iter().map(|(a, t)| json!({
+                "address": a,
+                "removed": t.removed,
+                "left": t.left(now, grace),
+                "keep": t.keep,
+                "kind": t.kind,
+                "route": t.route,
+                "profile": t.profile,
+            })).collect::<Vec<_>>(),
+            "claims": self.conflicts.iter().map(|c| json!({
+                "address": c.address,
+                "kept_owner": c.kept_owner,
+                "kept_origin": c.kept_origin,
+                "dropped_owner": c.dropped_owner,
+                "dropped_origin": c.dropped_origin,
+                "rule": c.rule,
+            })).collect::<Vec<_>>(),
+        })
     }
-    let (bytes, _stats) = directory::build(merged.input)?;
-    let snap = match cfg.snapshot.as_deref() {
-        Some(path) => {
-            // Check before it replaces the persisted file, then serve the mapped file.
-            Snapshot::from_bytes(bytes.clone())?;
-            directory::write_atomic(path, &bytes)?;
-            Snapshot::open(path)?
-        }
-        None => Snapshot::from_bytes(bytes)?,
-    };
-    let (mut added, mut removed) = (0u64, 0u64);
-    let (mut added_sample, mut removed_sample) = (Vec::new(), Vec::new());
-    match dir.view().snapshot() {
-        Some(old) => directory::diff(old, &snap, |c| match c {
-            directory::Change::Added(a) => {
-                added += 1;
-                if added_sample.len() < SAMPLE {
-                    added_sample.push(a.to_owned());
-                }
-            }
-            directory::Change::Removed(r) => {
-                removed += 1;
-                if removed_sample.len() < SAMPLE {
-                    removed_sample.push(r.to_owned());
-                }
-            }
-        }),
-        None => added = snap.record_count(),
-    }
-    let published = Published {
-        generation: snap.generation(),
-        added,
-        removed,
-        added_sample,
-        removed_sample,
-        addresses: snap.record_count(),
-        domains: snap.domain_count(),
-        conflicts,
-        errors,
-        warnings,
-    };
-    let old = dir.publish(Arc::new(snap));
-    // Drop the old snapshot here, off the request path.
-    drop(old);
-    Ok(published)
 }

@@ -6,8 +6,8 @@ use std::collections::hash_map::Entry;
 use std::fmt;
 
 use crate::address;
-use crate::directory::{BuildInput, DomainSpec, Interner, NONE, RecordSpec};
-use crate::sources::{self, Diagnostic, SourceData, derives_domain, join_key};
+use crate::directory::{BuildInput, DomainSpec, Interner, Kind, NONE, RecordSpec};
+use crate::sources::{self, Diagnostic, Role, SourceData, derives_domain, join_key};
 
 /// One address claimed by two owners.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +47,11 @@ pub struct Merged {
     pub outside_domains: usize,
     /// Addresses listed again by the same owner (another source, or the same one).
     pub duplicates: usize,
+    /// Records from additions and exceptions sources (those that replaced a directory
+    /// record are counted in `overridden` too).
+    pub additions: usize,
+    pub exceptions: usize,
+    pub overridden: usize,
 }
 
 /// Bookkeeping per record for conflict resolution.
@@ -54,6 +59,7 @@ struct Claim {
     owner: String,
     primary: bool,
     origin: String,
+    role: Role,
 }
 
 fn origin(e: &sources::Entry) -> String {
@@ -63,7 +69,10 @@ fn origin(e: &sources::Entry) -> String {
     }
 }
 
-/// Merge sources in order (earlier sources win ties).
+/// Merge sources in order (earlier sources win ties). Directory sources first, then additions
+/// (which replace the directory's record for the same address), then exceptions (which
+/// replace everything). Only directory sources derive accepted domains from their addresses,
+/// and exceptions sources declare none: one manual entry must never make a domain ours.
 pub fn merge(sources: &[SourceData], generation: u64) -> Merged {
     let mut m = Merged::default();
     let mut strings = Interner::default();
@@ -73,6 +82,15 @@ pub fn merge(sources: &[SourceData], generation: u64) -> Merged {
 
     let opt = |s: &mut Interner, v: &Option<String>| v.as_deref().map_or(NONE, |v| s.intern(v));
     for src in sources {
+        if src.role == Role::Exceptions {
+            if let Some(d) = src.domains.first() {
+                m.diagnostics.push(Diagnostic::warning(
+                    d.loc.clone(),
+                    "an exceptions source does not declare accepted domains; ignored",
+                ));
+            }
+            continue;
+        }
         for d in &src.domains {
             if let Some(&i) = by_name.get(&d.name) {
                 let first = &domains[i as usize];
@@ -104,7 +122,10 @@ pub fn merge(sources: &[SourceData], generation: u64) -> Merged {
             });
         }
     }
-    for src in sources.iter().filter(|s| s.derive_domains) {
+    for src in sources
+        .iter()
+        .filter(|s| s.derive_domains && s.role == Role::Directory)
+    {
         for e in src.entries.iter().filter(|e| derives_domain(e.object)) {
             if !by_name.contains_key(&e.domain) {
                 by_name.insert(e.domain.clone(), domains.len() as u32);
@@ -125,7 +146,10 @@ pub fn merge(sources: &[SourceData], generation: u64) -> Merged {
     let mut records: Vec<RecordSpec> = Vec::new();
     let mut claims: Vec<Claim> = Vec::new();
     let mut local = Vec::with_capacity(128);
-    for (si, src) in sources.iter().enumerate() {
+    let mut order: Vec<usize> = (0..sources.len()).collect();
+    order.sort_by_key(|&i| sources[i].role);
+    for si in order {
+        let src = &sources[si];
         for e in &src.entries {
             let Some(&d) = by_name.get(&e.domain) else {
                 m.outside_domains += 1;
@@ -142,15 +166,28 @@ pub fn merge(sources: &[SourceData], generation: u64) -> Merged {
                 owner,
                 primary: e.is_primary(),
                 origin: origin(e),
+                role: src.role,
             };
-            let mut rec = RecordSpec::new(d, key.clone(), e.kind);
-            rec.profile = opt(&mut strings, &e.profile);
-            rec.route = opt(&mut strings, &e.route);
+            let kind = match src.role {
+                Role::Directory => e.kind,
+                Role::Additions => Kind::Addition,
+                Role::Exceptions => Kind::Exception,
+            };
+            let mut rec = RecordSpec::new(d, key.clone(), kind);
+            if src.role != Role::Exceptions {
+                rec.profile = opt(&mut strings, &e.profile);
+                rec.route = opt(&mut strings, &e.route);
+            }
             rec.owner = e.owner.as_deref().map(Box::from);
             rec.source = si as u32;
             rec.line = e.loc.line;
             rec.dn = e.dn.clone();
             rec.attributes = e.attributes.as_deref().map(Box::from);
+            match src.role {
+                Role::Directory => {}
+                Role::Additions => m.additions += 1,
+                Role::Exceptions => m.exceptions += 1,
+            }
             let i = match index.entry((d, key)) {
                 Entry::Vacant(v) => {
                     v.insert(records.len());
@@ -160,7 +197,14 @@ pub fn merge(sources: &[SourceData], generation: u64) -> Merged {
                 }
                 Entry::Occupied(o) => *o.get(),
             };
-            if claims[i].owner == claim.owner {
+            if claims[i].role < claim.role {
+                // Additions beat the directory; exceptions beat both.
+                m.overridden += 1;
+                records[i] = rec;
+                claims[i] = claim;
+                continue;
+            }
+            if claims[i].owner == claim.owner || claim.role != Role::Directory {
                 m.duplicates += 1;
                 continue;
             }

@@ -1,0 +1,107 @@
+//! The control socket: a unix socket only its owner can open (mode 0600), one command per
+//! connection. Commands go to the daemon's main loop (the loader's single owner) and the
+//! answer comes back as one JSON line.
+
+use std::io;
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::proto::control::{self, Command};
+
+/// A command and where its answer goes.
+pub type Request = (Command, oneshot::Sender<serde_json::Value>);
+
+/// How long a client may take to send its command line.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bind the control socket (a stale socket file is replaced) with owner-only permissions.
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        std::fs::remove_file(path)?;
+    }
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Serve control connections until shutdown.
+pub async fn serve(
+    listener: UnixListener,
+    requests: mpsc::Sender<Request>,
+    mut shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    loop {
+        let stream = tokio::select! {
+            s = listener.accept() => s,
+            _ = shutdown.changed() => return Ok(()),
+        };
+        match stream {
+            Ok((s, _)) => {
+                let requests = requests.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(s, requests).await {
+                        eprintln!("rcptgate: control connection: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                eprintln!("rcptgate: control accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(mut s: UnixStream, requests: mpsc::Sender<Request>) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(256);
+    let decoded = tokio::time::timeout(READ_TIMEOUT, async {
+        loop {
+            match control::decode(&buf) {
+                Ok(Some(c)) => return Ok(c),
+                Err(e) => return Err(e.to_string()),
+                Ok(None) => {}
+            }
+            buf.reserve(1024);
+            match s.read_buf(&mut buf).await {
+                Ok(0) => return Err("connection closed before a command".to_owned()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| Err(format!("no command within {READ_TIMEOUT:?}")));
+    let answer = match decoded {
+        Ok(cmd) => {
+            let (tx, rx) = oneshot::channel();
+            if requests.send((cmd, tx)).await.is_err() {
+                serde_json::json!({"ok": false, "error": "the daemon is shutting down"})
+            } else {
+                rx.await.unwrap_or_else(
+                    |_| serde_json::json!({"ok": false, "error": "the daemon dropped the command"}),
+                )
+            }
+        }
+        Err(e) => serde_json::json!({"ok": false, "error": e}),
+    };
+    let mut line = answer.to_string();
+    line.push('\n');
+    s.write_all(line.as_bytes()).await?;
+    s.shutdown().await
+}
+
+/// Send one command to a daemon's control socket and return its JSON answer (the CLI side).
+pub fn request(path: &Path, cmd: &Command) -> io::Result<serde_json::Value> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path)?;
+    s.set_read_timeout(Some(Duration::from_secs(600)))?;
+    s.write_all(control::encode(cmd).as_bytes())?;
+    let mut out = String::new();
+    s.take(64 << 20).read_to_string(&mut out)?;
+    serde_json::from_str(&out).map_err(|e| io::Error::other(format!("bad answer: {e}")))
+}

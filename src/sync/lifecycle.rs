@@ -1,0 +1,288 @@
+//! What happens to addresses between two builds (DESIGN.md §6): the deletion guard, and
+//! tombstones for addresses that disappear, with their removal times kept in a state file.
+//!
+//! [`plan`] compares the snapshot in service with a new build input in one streaming pass
+//! (both in (domain, local part) order), adds a `tombstone` record for every address within
+//! its grace period, and says whether the guard holds the build. It touches no file and reads
+//! the time only from its argument, so tests drive it with any clock.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::GuardConfig;
+use crate::directory::{BuildInput, Kind, NONE, RecordSpec, Snapshot};
+
+/// How many removed addresses a plan names (audit line, `rcptgate status`).
+pub const SAMPLE: usize = 100;
+
+/// One address that left the directory and is still accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tombstone {
+    /// When it disappeared (Unix seconds).
+    pub removed: u64,
+    /// Kept until it returns or is deleted by hand (`rcptgate conflicts keep`).
+    #[serde(default)]
+    pub keep: bool,
+    /// What it was, and where its mail went.
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+}
+
+impl Tombstone {
+    /// Seconds of grace left at `now` (`None` for a kept one).
+    pub fn left(&self, now: u64, grace: u64) -> Option<u64> {
+        (!self.keep).then(|| (self.removed.saturating_add(grace)).saturating_sub(now))
+    }
+}
+
+/// What survives a restart: the tombstones, by `local@domain` as the snapshot stores it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub version: u32,
+    pub tombstones: BTreeMap<String, Tombstone>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+impl State {
+    pub const VERSION: u32 = 1;
+
+    /// Read the state file; a missing file is an empty state.
+    pub fn load(path: &Path) -> Result<State, StateError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
+            Err(source) => {
+                return Err(StateError::Io {
+                    path: path.display().to_string(),
+                    source,
+                });
+            }
+        };
+        serde_json::from_str(&text).map_err(|e| StateError::Parse {
+            path: path.display().to_string(),
+            line: e.line(),
+            column: e.column(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Write atomically (temporary file, fsync, rename).
+    pub fn save(&self, path: &Path) -> Result<(), StateError> {
+        let mut me = self.clone();
+        me.version = State::VERSION;
+        let mut text = serde_json::to_vec_pretty(&me).unwrap_or_default();
+        text.push(b'\n');
+        crate::directory::write_atomic(path, &text).map_err(|e| StateError::Io {
+            path: path.display().to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    }
+
+    /// The earliest time a tombstone expires, if any can.
+    pub fn next_expiry(&self, grace: u64) -> Option<u64> {
+        self.tombstones
+            .values()
+            .filter(|t| !t.keep)
+            .map(|t| t.removed.saturating_add(grace))
+            .min()
+    }
+}
+
+/// What a new build does to the directory in service.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    /// The state to save once the build is published.
+    pub state: State,
+    /// Addresses in service before (tombstones and exceptions not counted).
+    pub live_before: u64,
+    /// Live addresses the build removes (tombstoned or not) and the first [`SAMPLE`].
+    pub removed: u64,
+    pub removed_sample: Vec<String>,
+    /// Removed addresses that became tombstones in this build.
+    pub tombstoned: u64,
+    /// Tombstones whose grace ran out, and those whose address came back.
+    pub expired: u64,
+    pub returned: u64,
+    /// Tombstone records added to the build.
+    pub tombstones: u64,
+    /// The guard holds this build: it removes too much.
+    pub hold: bool,
+}
+
+impl Plan {
+    /// Why the guard holds the build, in words.
+    pub fn hold_reason(&self, guard: &GuardConfig) -> String {
+        format!(
+            "removes {} of {} addresses ({:.1} %); limits are {} and {:.1} %",
+            self.removed,
+            self.live_before,
+            self.removed as f64 * 100.0 / self.live_before.max(1) as f64,
+            guard.max_deletions,
+            guard.max_deletion_ratio * 100.0
+        )
+    }
+}
+
+/// A record's (domain, local part): the order of [`Snapshot::cursor`].
+fn key(input: &BuildInput, i: u32) -> (&[u8], &[u8]) {
+    let r = &input.records[i as usize];
+    (
+        input.domains[r.domain as usize].name.as_bytes(),
+        r.local.as_bytes(),
+    )
+}
+
+fn is_live(kind: Kind) -> bool {
+    !matches!(kind, Kind::Tombstone | Kind::Exception)
+}
+
+/// Compare `old` (in service) with `input` (the new build), decide the guard, and add the
+/// tombstone records to `input`. `state` is the tombstones in force; the plan carries the
+/// next one. The first build (nothing in service) is never held and tombstones nothing.
+pub fn plan(
+    old: Option<&Snapshot>,
+    input: &mut BuildInput,
+    state: &State,
+    now: u64,
+    guard: &GuardConfig,
+) -> Plan {
+    let grace = guard.deletion_grace.as_secs();
+    let mut p = Plan {
+        state: state.clone(),
+        ..Plan::default()
+    };
+    let inp: &BuildInput = input;
+    let mut order: Vec<u32> = (0..inp.records.len() as u32).collect();
+    order.sort_unstable_by(|&a, &b| key(inp, a).cmp(&key(inp, b)));
+    let find = |domain: &[u8], local: &[u8]| -> Option<Kind> {
+        order
+            .binary_search_by(|&i| key(inp, i).cmp(&(domain, local)))
+            .ok()
+            .map(|i| inp.records[order[i] as usize].kind)
+    };
+
+    if let Some(old) = old {
+        let mut cur = old.cursor();
+        let mut j = 0usize;
+        let (mut domain, mut local) = (String::new(), Vec::<u8>::new());
+        while let Some((d, l)) = cur.next_address() {
+            domain.clear();
+            domain.push_str(d);
+            local.clear();
+            local.extend_from_slice(l);
+            let Some(hit) = cur.hit() else { continue };
+            let here = (domain.as_bytes(), local.as_slice());
+            while j < order.len() && key(inp, order[j]) < here {
+                j += 1;
+            }
+            let now_kind = order
+                .get(j)
+                .filter(|&&i| key(inp, i) == here)
+                .map(|&i| inp.records[i as usize].kind);
+            let address = format!("{}@{domain}", String::from_utf8_lossy(&local));
+            if hit.kind == Kind::Tombstone {
+                // A tombstone the state file does not know (state lost): keep it, from now.
+                p.state
+                    .tombstones
+                    .entry(address)
+                    .or_insert_with(|| Tombstone {
+                        removed: now,
+                        keep: false,
+                        kind: Kind::User.as_str().into(),
+                        profile: old.profile(&hit).map(Into::into),
+                        route: old.route(&hit).map(Into::into),
+                    });
+                continue;
+            }
+            if !is_live(hit.kind) {
+                continue;
+            }
+            p.live_before += 1;
+            if now_kind.is_some_and(is_live) || now_kind == Some(Kind::Tombstone) {
+                continue;
+            }
+            p.removed += 1;
+            if p.removed_sample.len() < SAMPLE {
+                p.removed_sample.push(address.clone());
+            }
+            // Removed by an exception: gone at once, never a tombstone.
+            if now_kind.is_none() && grace > 0 && !p.state.tombstones.contains_key(&address) {
+                p.tombstoned += 1;
+                p.state.tombstones.insert(
+                    address,
+                    Tombstone {
+                        removed: now,
+                        keep: false,
+                        kind: hit.kind.as_str().into(),
+                        profile: old.profile(&hit).map(Into::into),
+                        route: old.route(&hit).map(Into::into),
+                    },
+                );
+            }
+        }
+        p.hold = p.live_before > 0
+            && (p.removed > guard.max_deletions
+                || p.removed as f64 > guard.max_deletion_ratio * p.live_before as f64);
+    }
+
+    // Tombstones in force: drop the returned, the excepted and the expired; serve the rest.
+    let domains: HashMap<&str, u32> = inp
+        .domains
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.name.as_str(), i as u32))
+        .collect();
+    let mut serve = Vec::new();
+    p.state.tombstones.retain(|address, t| {
+        let Some((local, domain)) = address.rsplit_once('@') else {
+            return false;
+        };
+        match find(domain.as_bytes(), local.as_bytes()) {
+            Some(Kind::Exception) => return false,
+            Some(k) if is_live(k) => {
+                p.returned += 1;
+                return false;
+            }
+            _ => {}
+        }
+        if grace == 0 || (!t.keep && now >= t.removed.saturating_add(grace)) {
+            p.expired += 1;
+            return false;
+        }
+        // A tombstone whose domain is no longer accepted waits in the state file (it is
+        // served again if the domain returns within the grace period).
+        if let Some(&d) = domains.get(domain) {
+            serve.push((d, local.to_owned(), t.profile.clone(), t.route.clone()));
+        }
+        true
+    });
+    for (d, local, profile, route) in serve {
+        let mut r = RecordSpec::new(d, local, Kind::Tombstone);
+        r.profile = profile.as_deref().map_or(NONE, |s| input.strings.intern(s));
+        r.route = route.as_deref().map_or(NONE, |s| input.strings.intern(s));
+        input.records.push(r);
+        p.tombstones += 1;
+    }
+    p
+}
