@@ -560,6 +560,33 @@ idle_timeout = "90s"
     }
 
     #[test]
+    fn lifecycle_settings() {
+        let c = Config::parse("t.toml", GOOD).expect("valid");
+        assert_eq!(c.guard.max_deletions, 500);
+        assert_eq!(c.guard.deletion_grace, Duration::from_secs(7 * 86_400));
+        assert_eq!(c.guard.state, Some(PathBuf::from("/tmp/x.snap.state.json")));
+        assert_eq!(c.sources[0].role, crate::sources::Role::Directory);
+        let more = format!(
+            "{GOOD}\n[guard]\nmax_deletion_ratio = 0.25\ndeletion_grace = \"0s\"\n\n[audit]\npath = \"/var/log/a.log\"\n"
+        )
+        .replace("kind = \"map\"", "kind = \"map\"\nrole = \"exceptions\"");
+        let c = Config::parse("t.toml", &more).expect("valid");
+        assert_eq!(c.guard.max_deletion_ratio, 0.25);
+        assert!(c.guard.deletion_grace.is_zero());
+        assert_eq!(c.sources[0].role, crate::sources::Role::Exceptions);
+        let audit = c.audit.expect("audit");
+        assert_eq!((audit.max_size, audit.keep), (10 << 20, 5));
+        let bad = more.replace("0.25", "25.0");
+        let e = Config::parse("t.toml", &bad)
+            .expect_err("ratio")
+            .to_string();
+        assert!(e.starts_with("t.toml: guard.max_deletion_ratio:"), "{e}");
+        let bad = more.replace("\"exceptions\"", "\"allow\"");
+        let e = Config::parse("t.toml", &bad).expect_err("role").to_string();
+        assert!(e.starts_with("t.toml: source[0].role:"), "{e}");
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("15m"), Some(Duration::from_secs(900)));
         assert_eq!(parse_duration("7d"), Some(Duration::from_secs(604_800)));

@@ -287,3 +287,160 @@ fn without_any_snapshot_everything_is_deferred() {
     d.signal("-TERM");
     assert!(d.child.wait().expect("wait").success());
 }
+
+/// `rcptgate` run as a command; (success, stdout + stderr).
+fn cli(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_rcptgate"))
+        .args(args)
+        .output()
+        .expect("run rcptgate");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn deletion_guard_status_approve_and_conflicts_over_the_control_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let map = tmp.path().join("dir.map");
+    let example = example();
+    std::fs::write(&map, &example).expect("map");
+    let sock = tmp.path().join("control.sock");
+    let cfg = write_config(tmp.path(), &map, "");
+    let mut text = std::fs::read_to_string(&cfg).expect("cfg");
+    text.push_str(&format!(
+        "\n[control]\nsocket = \"{}\"\n\n[audit]\npath = \"{}\"\n",
+        sock.display(),
+        tmp.path().join("audit.log").display()
+    ));
+    std::fs::write(&cfg, text).expect("cfg");
+    let cfg_s = cfg.to_str().expect("utf-8 path");
+
+    let mut d = start(&cfg);
+    d.wait_for("published generation 1");
+    let mode = std::fs::metadata(&sock)
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "control socket is owner-only");
+
+    // 3 of 24 addresses removed (12.5 %): held; the old answers stay.
+    let gone = [
+        "henry.hill@fabrikam.com",
+        "ines.ibarra@fabrikam.com",
+        "board@fabrikam.com",
+    ];
+    let edited: String = example
+        .lines()
+        .filter(|l| !gone.iter().any(|g| l.contains(g)))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&map, &edited).expect("edit");
+    d.wait_for("deletion guard: holding generation 2");
+    assert_eq!(d.ask("henry.hill@fabrikam.com"), "action=DUNNO");
+    let (_, body) = http_get(&d, "/metrics");
+    assert!(body.contains("rcptgate_guard_held 1"), "{body}");
+    assert!(body.contains("rcptgate_guard_held_removals 3"), "{body}");
+    let (ok, out) = cli(&["status", "--config", cfg_s]);
+    assert!(ok, "{out}");
+    assert!(out.contains("HELD by the deletion guard"), "{out}");
+    assert!(out.contains("removes 3 of 24 addresses"), "{out}");
+    assert!(out.contains("    henry.hill@fabrikam.com"), "{out}");
+
+    let (ok, out) = cli(&["approve", "--config", cfg_s]);
+    assert!(ok, "{out}");
+    assert!(out.contains("published generation 2"), "{out}");
+    d.wait_for("published generation 2");
+    // Removed, but within the grace period: still accepted, as tombstones.
+    assert_eq!(d.ask("henry.hill@fabrikam.com"), "action=DUNNO");
+    d.wait_for("accepted henry.hill@fabrikam.com as a tombstone");
+    let (ok, out) = cli(&["approve", "--config", cfg_s]);
+    assert!(!ok && out.contains("no build is held"), "{out}");
+
+    let (ok, out) = cli(&["conflicts", "--config", cfg_s]);
+    assert!(ok, "{out}");
+    assert!(out.contains("3 tombstoned address(es)"), "{out}");
+    assert!(out.contains("board@fabrikam.com  removed 20"), "{out}");
+    assert!(
+        out.contains("7d 0h left") || out.contains("6d 23h left"),
+        "{out}"
+    );
+    let csv_path = tmp.path().join("conflicts.csv");
+    let (ok, out) = cli(&[
+        "conflicts",
+        "--config",
+        cfg_s,
+        "export",
+        "--output",
+        csv_path.to_str().expect("path"),
+    ]);
+    assert!(ok, "{out}");
+    let csv = std::fs::read_to_string(&csv_path).expect("csv");
+    assert!(csv.starts_with("type,address,removed,"), "{csv}");
+    assert_eq!(
+        csv.lines().filter(|l| l.starts_with("tombstone,")).count(),
+        3
+    );
+
+    // Delete one by hand (any case): rejected at once. Keep another.
+    let (ok, out) = cli(&[
+        "conflicts",
+        "--config",
+        cfg_s,
+        "delete",
+        "Henry.Hill@FABRIKAM.com",
+    ]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        d.ask("henry.hill@fabrikam.com"),
+        "action=550 5.1.1 User unknown"
+    );
+    let (ok, out) = cli(&["conflicts", "--config", cfg_s, "keep", "board@fabrikam.com"]);
+    assert!(ok, "{out}");
+    let (ok, out) = cli(&[
+        "conflicts",
+        "--config",
+        cfg_s,
+        "delete",
+        "nobody@fabrikam.com",
+    ]);
+    assert!(!ok && out.contains("no such tombstone"), "{out}");
+    let (ok, out) = cli(&["status", "--config", cfg_s, "--json"]);
+    assert!(ok, "{out}");
+    let s: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    assert_eq!(s["tombstones"], 2);
+    assert_eq!(s["held"], serde_json::Value::Null);
+    let (_, body) = http_get(&d, "/metrics");
+    assert!(body.contains("rcptgate_tombstones 2"), "{body}");
+    assert!(body.contains("rcptgate_guard_held 0"), "{body}");
+    assert!(
+        body.contains("rcptgate_tombstone_accepts_total 1"),
+        "{body}"
+    );
+
+    // The audit log has the hold, the approval and the publish after the deletion.
+    let audit = std::fs::read_to_string(tmp.path().join("audit.log")).expect("audit");
+    let events: Vec<String> = audit
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json")["event"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(events, ["publish", "held", "approved", "publish"]);
+
+    d.signal("-TERM");
+    assert!(d.child.wait().expect("wait").success());
+    assert!(!sock.exists(), "control socket removed on exit");
+    // Without a daemon the CLI says so.
+    let (ok, out) = cli(&["status", "--config", cfg_s]);
+    assert!(!ok && out.contains("is `rcptgate serve` running"), "{out}");
+}

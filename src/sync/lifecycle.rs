@@ -160,12 +160,15 @@ fn is_live(kind: Kind) -> bool {
 /// Compare `old` (in service) with `input` (the new build), decide the guard, and add the
 /// tombstone records to `input`. `state` is the tombstones in force; the plan carries the
 /// next one. The first build (nothing in service) is never held and tombstones nothing.
+/// `adopt` takes tombstones of `old` that `state` does not know in again, from `now` (the
+/// state file was lost); otherwise they were deleted and stay deleted.
 pub fn plan(
     old: Option<&Snapshot>,
     input: &mut BuildInput,
     state: &State,
     now: u64,
     guard: &GuardConfig,
+    adopt: bool,
 ) -> Plan {
     let grace = guard.deletion_grace.as_secs();
     let mut p = Plan {
@@ -202,6 +205,9 @@ pub fn plan(
                 .map(|&i| inp.records[i as usize].kind);
             let address = format!("{}@{domain}", String::from_utf8_lossy(&local));
             if hit.kind == Kind::Tombstone {
+                if !adopt {
+                    continue;
+                }
                 // A tombstone the state file does not know (state lost): keep it, from now.
                 p.state
                     .tombstones

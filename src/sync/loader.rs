@@ -144,6 +144,9 @@ pub struct Loader {
     conflicts: Vec<Conflict>,
     audit: Audit,
     last_error: Option<String>,
+    /// No state file at start: tombstones found in the persisted snapshot are taken in
+    /// again (from the first publish on, the state file is the truth).
+    adopt_orphans: bool,
 }
 
 impl std::fmt::Debug for Loader {
@@ -163,6 +166,7 @@ impl Loader {
             Some(p) => State::load(p)?,
             None => State::default(),
         };
+        let adopt_orphans = cfg.guard.state.as_deref().is_none_or(|p| !p.exists());
         Ok(Loader {
             audit: Audit {
                 cfg: cfg.audit.clone(),
@@ -174,6 +178,7 @@ impl Loader {
             held: None,
             conflicts: Vec::new(),
             last_error: None,
+            adopt_orphans,
         })
     }
 
@@ -264,7 +269,14 @@ impl Loader {
             return Err(LoadError::Empty(in_service));
         }
         let now = (self.clock)();
-        let plan = lifecycle::plan(old, &mut merged.input, &self.state, now, &self.cfg.guard);
+        let plan = lifecycle::plan(
+            old,
+            &mut merged.input,
+            &self.state,
+            now,
+            &self.cfg.guard,
+            self.adopt_orphans,
+        );
         let conflicts = std::mem::take(&mut merged.conflicts);
         let (bytes, _stats) = directory::build(merged.input)?;
         let snap = Snapshot::from_bytes(bytes.clone())?;
@@ -333,6 +345,7 @@ impl Loader {
         }
         self.state = report.plan.state.clone();
         self.held = None;
+        self.adopt_orphans = false;
         let old = self.dir.publish(Arc::new(snap));
         // Drop the old snapshot here, off the request path.
         drop(old);
