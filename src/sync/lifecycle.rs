@@ -119,6 +119,10 @@ pub struct Plan {
     /// Live addresses the build removes (tombstoned or not) and the first [`SAMPLE`].
     pub removed: u64,
     pub removed_sample: Vec<String>,
+    /// Live addresses new in this build, and the first [`SAMPLE`] (in address order); all
+    /// of them for a first build.
+    pub added: u64,
+    pub added_sample: Vec<String>,
     /// Removed addresses that became tombstones in this build.
     pub tombstoned: u64,
     /// Tombstones whose grace ran out, and those whose address came back.
@@ -144,15 +148,6 @@ impl Plan {
     }
 }
 
-/// A record's (domain, local part): the order of [`Snapshot::cursor`].
-fn key(input: &BuildInput, i: u32) -> (&[u8], &[u8]) {
-    let r = &input.records[i as usize];
-    (
-        input.domains[r.domain as usize].name.as_bytes(),
-        r.local.as_bytes(),
-    )
-}
-
 fn is_live(kind: Kind) -> bool {
     !matches!(kind, Kind::Tombstone | Kind::Exception)
 }
@@ -176,34 +171,75 @@ pub fn plan(
         ..Plan::default()
     };
     let inp: &BuildInput = input;
-    let mut order: Vec<u32> = (0..inp.records.len() as u32).collect();
-    order.sort_unstable_by(|&a, &b| key(inp, a).cmp(&key(inp, b)));
-    let find = |domain: &[u8], local: &[u8]| -> Option<Kind> {
-        order
-            .binary_search_by(|&i| key(inp, i).cmp(&(domain, local)))
+    // Domains by name, as ranks: (rank, local part) sorts like the snapshot's cursor.
+    let mut by_name: Vec<u32> = (0..inp.domains.len() as u32).collect();
+    by_name.sort_unstable_by(|&a, &b| {
+        inp.domains[a as usize]
+            .name
+            .cmp(&inp.domains[b as usize].name)
+    });
+    let mut rank = vec![0u32; inp.domains.len()];
+    for (r, &d) in by_name.iter().enumerate() {
+        rank[d as usize] = r as u32;
+    }
+    let rank_of: HashMap<&str, u32> = inp
+        .domains
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.name.as_str(), rank[i]))
+        .collect();
+    let mut keys: Vec<(u32, &[u8], Kind)> = inp
+        .records
+        .iter()
+        .map(|r| (rank[r.domain as usize], r.local.as_bytes(), r.kind))
+        .collect();
+    keys.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    let find = |domain: &str, local: &[u8]| -> Option<Kind> {
+        let r = *rank_of.get(domain)?;
+        keys.binary_search_by(|k| (k.0, k.1).cmp(&(r, local)))
             .ok()
-            .map(|i| inp.records[order[i] as usize].kind)
+            .map(|i| keys[i].2)
     };
 
+    let note_added = |p: &mut Plan, k: &(u32, &[u8], Kind)| {
+        if is_live(k.2) {
+            p.added += 1;
+            if p.added_sample.len() < SAMPLE {
+                let d = &inp.domains[by_name[k.0 as usize] as usize].name;
+                p.added_sample
+                    .push(format!("{}@{d}", String::from_utf8_lossy(k.1)));
+            }
+        }
+    };
     if let Some(old) = old {
         let mut cur = old.cursor();
         let mut j = 0usize;
         let (mut domain, mut local) = (String::new(), Vec::<u8>::new());
+        let mut domain_rank: Option<u32> = None;
         while let Some((d, l)) = cur.next_address() {
-            domain.clear();
-            domain.push_str(d);
+            if d != domain {
+                domain.clear();
+                domain.push_str(d);
+                domain_rank = rank_of.get(d).copied();
+            }
             local.clear();
             local.extend_from_slice(l);
             let Some(hit) = cur.hit() else { continue };
-            let here = (domain.as_bytes(), local.as_slice());
-            while j < order.len() && key(inp, order[j]) < here {
-                j += 1;
-            }
-            let now_kind = order
-                .get(j)
-                .filter(|&&i| key(inp, i) == here)
-                .map(|&i| inp.records[i as usize].kind);
-            let address = format!("{}@{domain}", String::from_utf8_lossy(&local));
+            // The new record for this address, if any (ranks grow with names, so the
+            // new keys are walked once, in step with the cursor).
+            let now_kind = domain_rank.and_then(|r| {
+                let here = (r, local.as_slice());
+                while j < keys.len() && (keys[j].0, keys[j].1) < here {
+                    note_added(&mut p, &keys[j]);
+                    j += 1;
+                }
+                let k = keys.get(j).filter(|k| (k.0, k.1) == here).map(|k| k.2);
+                if k.is_some() {
+                    j += 1;
+                }
+                k
+            });
+            let address = || format!("{}@{domain}", String::from_utf8_lossy(&local));
             if hit.kind == Kind::Tombstone {
                 if !adopt {
                     continue;
@@ -211,7 +247,7 @@ pub fn plan(
                 // A tombstone the state file does not know (state lost): keep it, from now.
                 p.state
                     .tombstones
-                    .entry(address)
+                    .entry(address())
                     .or_insert_with(|| Tombstone {
                         removed: now,
                         keep: false,
@@ -229,6 +265,7 @@ pub fn plan(
                 continue;
             }
             p.removed += 1;
+            let address = address();
             if p.removed_sample.len() < SAMPLE {
                 p.removed_sample.push(address.clone());
             }
@@ -247,9 +284,16 @@ pub fn plan(
                 );
             }
         }
+        for k in &keys[j..] {
+            note_added(&mut p, k);
+        }
         p.hold = p.live_before > 0
             && (p.removed > guard.max_deletions
                 || p.removed as f64 > guard.max_deletion_ratio * p.live_before as f64);
+    } else {
+        for k in &keys {
+            note_added(&mut p, k);
+        }
     }
 
     // Tombstones in force: drop the returned, the excepted and the expired; serve the rest.
@@ -264,7 +308,7 @@ pub fn plan(
         let Some((local, domain)) = address.rsplit_once('@') else {
             return false;
         };
-        match find(domain.as_bytes(), local.as_bytes()) {
+        match find(domain, local.as_bytes()) {
             Some(Kind::Exception) => return false,
             Some(k) if is_live(k) => {
                 p.returned += 1;

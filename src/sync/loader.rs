@@ -33,10 +33,8 @@ pub fn system_clock() -> Clock {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Report {
     pub generation: u64,
-    /// Addresses new in the served set, and the first [`SAMPLE`].
-    pub added: u64,
-    pub added_sample: Vec<String>,
-    /// The lifecycle of the build: removals (with sample), tombstones, the guard.
+    /// The lifecycle of the build: additions and removals (with samples), tombstones, the
+    /// guard.
     pub plan: Plan,
     /// Addresses served, tombstones included.
     pub addresses: u64,
@@ -280,10 +278,8 @@ impl Loader {
         let conflicts = std::mem::take(&mut merged.conflicts);
         let (bytes, _stats) = directory::build(merged.input)?;
         let snap = Snapshot::from_bytes(bytes.clone())?;
-        let mut report = Report {
+        let report = Report {
             generation: snap.generation(),
-            added: 0,
-            added_sample: Vec::new(),
             plan,
             addresses: snap.record_count(),
             domains: snap.domain_count(),
@@ -292,17 +288,6 @@ impl Loader {
             warnings,
             approved: false,
         };
-        match old {
-            Some(old) => directory::diff(old, &snap, |c| {
-                if let directory::Change::Added(a) = c {
-                    report.added += 1;
-                    if report.added_sample.len() < SAMPLE {
-                        report.added_sample.push(a.to_owned());
-                    }
-                }
-            }),
-            None => report.added = snap.record_count(),
-        }
         drop(view);
         self.conflicts = conflicts;
         if report.plan.hold {
@@ -371,14 +356,14 @@ impl Loader {
             "conflicts": r.conflicts,
             "errors": r.errors,
             "warnings": r.warnings,
-            "added": r.added,
+            "added": r.plan.added,
             "removed": r.plan.removed,
             "tombstoned": r.plan.tombstoned,
             "expired": r.plan.expired,
             "returned": r.plan.returned,
             "tombstones": r.plan.tombstones,
             "held": event == "held",
-            "added_sample": r.added_sample,
+            "added_sample": r.plan.added_sample,
             "removed_sample": r.plan.removed_sample,
         })
     }
@@ -439,7 +424,7 @@ impl Loader {
                 "reason": h.report.plan.hold_reason(&self.cfg.guard),
                 "addresses_in_service": h.report.plan.live_before,
                 "removed": h.report.plan.removed,
-                "added": h.report.added,
+                "added": h.report.plan.added,
                 "removed_sample": h.report.plan.removed_sample,
             })
         });
