@@ -105,8 +105,25 @@ struct RawDirectory {
 struct RawSource {
     name: String,
     kind: String,
-    path: PathBuf,
+    path: Option<PathBuf>,
     role: Option<String>,
+    /// Accepted domains of this source (otherwise derived from its addresses).
+    domains: Option<Vec<String>>,
+    // kind = "ldap"
+    url: Option<String>,
+    starttls: Option<bool>,
+    ca_file: Option<PathBuf>,
+    bind: Option<String>,
+    password_file: Option<PathBuf>,
+    password_env: Option<String>,
+    base_dns: Option<Vec<String>>,
+    scope: Option<String>,
+    filter: Option<String>,
+    page_size: Option<i32>,
+    timeout: Option<String>,
+    retries: Option<u32>,
+    interval: Option<String>,
+    include_disabled: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -141,12 +158,18 @@ impl std::fmt::Display for ListenAddr {
 }
 
 /// One configured source.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct SourceConfig {
     pub name: String,
     pub format: Format,
+    /// The file (every kind but `ldap`).
     pub path: PathBuf,
     pub role: crate::sources::Role,
+    /// Accepted domains declared for this source; empty = derived from its addresses.
+    pub domains: Vec<String>,
+    /// `kind = "ldap"`: the directory, and how often to sync it.
+    pub ldap: Option<crate::sources::ldap::LdapConfig>,
+    pub interval: Duration,
 }
 
 impl SourceConfig {
@@ -312,11 +335,68 @@ impl Config {
                     )
                 })?,
             };
+            let key = |k: &str| format!("source[{i}].{k}");
+            let ldap = if format == Format::Ldap {
+                Some(ldap_config(s, &key).map_err(|(k, m)| bad(&k, m))?)
+            } else {
+                let ldap_only = [
+                    ("url", s.url.is_some()),
+                    ("bind", s.bind.is_some()),
+                    ("base_dns", s.base_dns.is_some()),
+                    ("filter", s.filter.is_some()),
+                    ("ca_file", s.ca_file.is_some()),
+                    ("password_file", s.password_file.is_some()),
+                    ("password_env", s.password_env.is_some()),
+                    ("interval", s.interval.is_some()),
+                ];
+                if let Some((k, _)) = ldap_only.iter().find(|(_, set)| *set) {
+                    return Err(bad(
+                        &key(k),
+                        format!("only for kind = \"ldap\", not {:?}", s.kind),
+                    ));
+                }
+                None
+            };
+            let path = match (&s.path, &ldap) {
+                (Some(p), None) => p.clone(),
+                (None, None) => return Err(bad(&key("path"), "missing: the source file".into())),
+                (Some(_), Some(_)) => {
+                    return Err(bad(
+                        &key("path"),
+                        "an LDAP source has a url, not a path".into(),
+                    ));
+                }
+                (None, Some(_)) => PathBuf::new(),
+            };
+            let interval = match &s.interval {
+                None => Duration::from_secs(15 * 60),
+                Some(t) => parse_duration(t)
+                    .filter(|d| *d >= Duration::from_secs(1))
+                    .ok_or_else(|| {
+                        bad(
+                            &key("interval"),
+                            format!("{t:?} is not a duration like \"15m\""),
+                        )
+                    })?,
+            };
+            for d in s.domains.iter().flatten() {
+                if crate::address::normalize_domain(d).is_err() {
+                    return Err(bad(&key("domains"), format!("{d:?} is not a domain name")));
+                }
+            }
             sources.push(SourceConfig {
                 name: s.name.clone(),
                 format,
-                path: s.path.clone(),
+                path,
                 role,
+                domains: s
+                    .domains
+                    .iter()
+                    .flatten()
+                    .filter_map(|d| crate::address::normalize_domain(d).ok())
+                    .collect(),
+                ldap,
+                interval,
             });
         }
         let listen = |key: &str, list: &[String]| -> Result<Vec<ListenAddr>, ConfigError> {
@@ -475,6 +555,109 @@ impl Config {
             limits,
         })
     }
+}
+
+/// The LDAP settings of a `kind = "ldap"` source; errors as (key, message).
+fn ldap_config(
+    s: &RawSource,
+    key: &dyn Fn(&str) -> String,
+) -> Result<crate::sources::ldap::LdapConfig, (String, String)> {
+    use crate::sources::ldap::{DEFAULT_FILTER, LdapConfig, PasswordSource};
+    let url = s.url.clone().ok_or_else(|| {
+        (
+            key("url"),
+            "missing: ldaps://HOST[:PORT] or ldap://HOST[:PORT]".into(),
+        )
+    })?;
+    if !(url.starts_with("ldaps://") || url.starts_with("ldap://")) {
+        return Err((key("url"), format!("{url:?} is not ldaps://… or ldap://…")));
+    }
+    let starttls = s.starttls.unwrap_or(false);
+    if url.starts_with("ldap://") && !starttls && s.bind.is_some() {
+        return Err((
+            key("starttls"),
+            "a bind over plain ldap:// would send the password in the clear: use ldaps:// or set starttls = true".into(),
+        ));
+    }
+    let password = match (&s.password_file, &s.password_env) {
+        (Some(_), Some(_)) => {
+            return Err((
+                key("password_file"),
+                "set password_file or password_env, not both".into(),
+            ));
+        }
+        (Some(p), None) => PasswordSource::File(p.clone()),
+        (None, Some(v)) => PasswordSource::Env(v.clone()),
+        (None, None) if s.bind.is_some() => {
+            return Err((
+                key("password_file"),
+                "a bind needs a password: password_file = PATH or password_env = VARIABLE".into(),
+            ));
+        }
+        (None, None) => PasswordSource::None,
+    };
+    let default_scope = match s.scope.as_deref().unwrap_or("sub") {
+        "sub" | "subtree" => ldap3::Scope::Subtree,
+        "one" | "onelevel" => ldap3::Scope::OneLevel,
+        other => return Err((key("scope"), format!("{other:?} is not sub or one"))),
+    };
+    let mut bases = Vec::new();
+    for b in s.base_dns.iter().flatten() {
+        let (scope, dn) = match b.split_once(':') {
+            Some(("one", dn)) => (ldap3::Scope::OneLevel, dn),
+            Some(("sub", dn)) => (ldap3::Scope::Subtree, dn),
+            _ => (default_scope, b.as_str()),
+        };
+        if !dn.contains('=') {
+            return Err((
+                key("base_dns"),
+                format!("{b:?} is not a DN like \"OU=AADDC Users,DC=corp,DC=example\""),
+            ));
+        }
+        bases.push((dn.trim().to_owned(), scope));
+    }
+    if bases.is_empty() {
+        return Err((key("base_dns"), "missing: at least one base DN".into()));
+    }
+    let filter = s
+        .filter
+        .clone()
+        .unwrap_or_else(|| DEFAULT_FILTER.to_owned());
+    if !(filter.starts_with('(') && filter.ends_with(')')) {
+        return Err((
+            key("filter"),
+            format!("{filter:?} is not an LDAP filter like \"(objectClass=user)\""),
+        ));
+    }
+    let page_size = s.page_size.unwrap_or(1000);
+    if !(1..=100_000).contains(&page_size) {
+        return Err((
+            key("page_size"),
+            "must be between 1 and 100000 (AD allows 1000)".into(),
+        ));
+    }
+    let timeout = match &s.timeout {
+        None => Duration::from_secs(30),
+        Some(t) => parse_duration(t).filter(|d| !d.is_zero()).ok_or_else(|| {
+            (
+                key("timeout"),
+                format!("{t:?} is not a duration like \"30s\""),
+            )
+        })?,
+    };
+    Ok(LdapConfig {
+        url,
+        starttls,
+        ca_file: s.ca_file.clone(),
+        bind: s.bind.clone(),
+        password,
+        bases,
+        filter,
+        page_size,
+        timeout,
+        retries: s.retries.unwrap_or(3),
+        include_disabled: s.include_disabled.unwrap_or(true),
+    })
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {

@@ -75,6 +75,25 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// One full sync of the configured LDAP source(s), with progress and a summary;
+    /// `--output FILE` writes the result as a MAP upload (so the sync can feed other
+    /// gateways too).
+    Sync {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// One full sync, then exit (the daemon syncs on its own schedule).
+        #[arg(long)]
+        once: bool,
+        /// Only this source (by name).
+        #[arg(long)]
+        source: Option<String>,
+        /// Write the addresses as a MAP file (atomically).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Customer ID for the MAP file.
+        #[arg(long, default_value = "1")]
+        customer: String,
+    },
     /// The running daemon's state: snapshot, tombstones, a build held by the deletion guard
     /// (with a sample of what it removes), the last error. Talks to `control.socket`.
     Status {
@@ -157,6 +176,13 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             })
             .map_err(Into::into),
+        Command::Sync {
+            config,
+            once: _,
+            source,
+            output,
+            customer,
+        } => sync(&config, source.as_deref(), output.as_deref(), &customer),
         Command::Status { config, json } => status(&config, json),
         Command::Approve { config } => approve(&config),
         Command::Conflicts {
@@ -654,44 +680,66 @@ fn serve(config: &Path) -> Result<ExitCode> {
                 .map_or(0, |d| d.as_secs())
         };
         let guard = cfg.guard.clone();
-        let rebuild = async |why: &str| -> Result<()> {
+        // `sync_all`: sync every LDAP source now (SIGHUP), not only those due.
+        let rebuild = async |why: &str, sync_all: bool| -> Result<()> {
             eprintln!("rcptgate: {why}: rebuilding");
             let guard = guard.clone();
-            let good = with_loader(Box::new(move |l: &mut Loader| {
-                let r = l.rebuild();
-                json!(log_rebuild(&r, &guard))
+            let r = with_loader(Box::new(move |l: &mut Loader| {
+                let r = if sync_all { l.rebuild_synced() } else { l.rebuild() };
+                let good = log_rebuild(&r, &guard);
+                // max_age counts from when the data in service was read.
+                let since = match &r {
+                    Ok(Outcome::Published(p)) => Some(p.data_time),
+                    _ => None,
+                };
+                json!({"good": good, "since": since})
             }))
             .await?;
-            if good == json!(true) {
-                built_at.set(Some(now()));
+            if r["good"] == json!(true) {
+                built_at.set(Some(r["since"].as_u64().unwrap_or_else(now)));
                 metrics.reloads_ok.fetch_add(1, Relaxed);
             } else {
                 metrics.reloads_failed.fetch_add(1, Relaxed);
             }
             Ok(())
         };
-        rebuild("start").await?;
+        rebuild("start", false).await?;
         let expiry_tried = std::cell::Cell::new(0u64);
+        let sync_tried = std::cell::Cell::new(now());
+        let retry_gap = cfg
+            .sources
+            .iter()
+            .filter(|s| s.ldap.is_some())
+            .map(|s| s.interval.as_secs())
+            .min()
+            .unwrap_or(60)
+            .min(60);
         if let Ok(l) = loader.lock() {
             update_gauges(&l);
         }
         let mut settle: Option<tokio::time::Instant> = None;
+        // Often enough for max_age, tombstone expiry and the shortest LDAP interval.
         let mut tick = tokio::time::interval(
-            cfg.max_age
-                .map_or(std::time::Duration::from_secs(10), |m| {
-                    (m / 4).clamp(std::time::Duration::from_millis(100), std::time::Duration::from_secs(10))
-                }),
+            cfg.sources
+                .iter()
+                .filter(|s| s.ldap.is_some())
+                .map(|s| s.interval / 2)
+                .chain(cfg.max_age.map(|m| m / 4))
+                .chain([std::time::Duration::from_secs(10)])
+                .min()
+                .unwrap_or(std::time::Duration::from_secs(10))
+                .max(std::time::Duration::from_millis(100)),
         );
         loop {
             tokio::select! {
-                _ = hup.recv() => rebuild("SIGHUP").await?,
+                _ = hup.recv() => rebuild("SIGHUP", true).await?,
                 // Debounce: every change moves the deadline; signals stay served meanwhile.
                 Some(()) = changed.recv() => {
                     settle = Some(tokio::time::Instant::now() + cfg.debounce);
                 }
                 _ = async { if let Some(at) = settle { tokio::time::sleep_until(at).await } }, if settle.is_some() => {
                     settle = None;
-                    rebuild("source changed").await?;
+                    rebuild("source changed", false).await?;
                 }
                 Some((cmd, reply)) = ctl_rx.recv() => {
                     let guard = cfg.guard.clone();
@@ -748,7 +796,14 @@ fn serve(config: &Path) -> Result<ExitCode> {
                     let due = loader.lock().ok().and_then(|l| l.next_expiry()).is_some_and(|t| t <= now());
                     if due && now() >= expiry_tried.get() + 60 {
                         expiry_tried.set(now());
-                        rebuild("tombstone grace period over").await?;
+                        rebuild("tombstone grace period over", false).await?;
+                    }
+                    // An LDAP source's interval is up (at most one attempt a minute while
+                    // syncs fail; the snapshot in service stays meanwhile).
+                    let sync = loader.lock().is_ok_and(|l| l.sync_due());
+                    if sync && now() >= sync_tried.get() + retry_gap {
+                        sync_tried.set(now());
+                        rebuild("directory sync due", false).await?;
                     }
                 }
                 _ = term.recv() => break,
@@ -1015,4 +1070,95 @@ fn csv_writer(output: Option<&Path>) -> Result<csv::Writer<Box<dyn Write>>> {
         None => Box::new(std::io::stdout()),
     };
     Ok(csv::Writer::from_writer(out))
+}
+
+fn sync(
+    config: &Path,
+    only: Option<&str>,
+    output: Option<&Path>,
+    customer: &str,
+) -> Result<ExitCode> {
+    use std::io::IsTerminal;
+    let cfg = rcptgate::config::Config::load(config)?;
+    let picked: Vec<_> = cfg
+        .sources
+        .iter()
+        .filter(|s| s.ldap.is_some() && only.is_none_or(|n| n == s.name))
+        .collect();
+    if picked.is_empty() {
+        bail!(
+            "{}: no LDAP source{}",
+            config.display(),
+            only.map(|n| format!(" named {n:?}")).unwrap_or_default()
+        );
+    }
+    if output.is_some() && picked.len() > 1 {
+        bail!("--output writes one source: pick it with --source NAME");
+    }
+    let tty = std::io::stderr().is_terminal();
+    for s in picked {
+        let Some(l) = &s.ldap else { continue };
+        let name: Arc<str> = Arc::from(s.name.as_str());
+        eprintln!(
+            "rcptgate: {}: syncing {} ({} base DN(s))",
+            s.name,
+            l.url,
+            l.bases.len()
+        );
+        let mut last_line = Instant::now();
+        let mut last = sources::ldap::Progress::default();
+        let data = sources::ldap::fetch(&name, l, |p| {
+            last = p;
+            let rate = p.entries as f64 / p.elapsed.as_secs_f64().max(1e-3);
+            let line = format!(
+                "  {} entries, {} pages, {:.0} entries/s, {:.1} s",
+                p.entries,
+                p.pages,
+                rate,
+                p.elapsed.as_secs_f64()
+            );
+            if tty {
+                eprint!("\r{line}   ");
+            } else if p.pages == 1 || last_line.elapsed().as_secs() >= 2 {
+                eprintln!("{line}");
+                last_line = Instant::now();
+            }
+        })
+        .with_context(|| format!("source {}", s.name))?;
+        if tty {
+            eprintln!();
+        }
+        let mut kinds: std::collections::BTreeMap<&str, usize> = Default::default();
+        for e in &data.entries {
+            *kinds.entry(e.kind.as_str()).or_default() += 1;
+        }
+        let mut domains: Vec<&str> = data.entries.iter().map(|e| e.domain.as_str()).collect();
+        domains.sort_unstable();
+        domains.dedup();
+        for d in &data.diagnostics {
+            eprintln!("rcptgate: {d}");
+        }
+        println!(
+            "{}: {} entries in {} page(s), {:.1} s: {} addresses in {} domain(s) ({}); {} diagnostics",
+            s.name,
+            last.entries,
+            last.pages,
+            last.elapsed.as_secs_f64(),
+            data.entries.len(),
+            domains.len(),
+            kinds
+                .iter()
+                .map(|(k, n)| format!("{n} {k}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            data.diagnostics.len()
+        );
+        if let Some(out) = output {
+            let text = sources::mapfile::write(&data, customer, &s.domains);
+            directory::write_atomic(out, text.as_bytes())
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("wrote {}", out.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
-# The whole test suite, including the tests that drive a real Postfix. Installs Postfix (and its
-# lmdb: tables, for the end-to-end benchmark's smoke run) from Debian's packages when missing
-# (needs root), then runs every test target.
+# The whole test suite, including the tests that drive a real Postfix and a real LDAP server.
+# Installs Postfix (with lmdb: tables, for the end-to-end benchmark's smoke run), OpenLDAP's
+# slapd and the LDAP tools from Debian's packages when missing (needs root), then runs every
+# test target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v postfix >/dev/null 2>&1 || ! dpkg -s postfix-lmdb >/dev/null 2>&1; then
+need=""
+for p in postfix postfix-lmdb slapd ldap-utils openssl; do
+    dpkg -s "$p" >/dev/null 2>&1 || need="$need $p"
+done
+if [ -n "$need" ]; then
     if [ "$(id -u)" != 0 ]; then
-        echo "tests/run.sh: Postfix is not installed and this is not root;" >&2
-        echo "  install it: apt-get install postfix postfix-lmdb (debconf: main_mailer_type = No configuration)" >&2
+        echo "tests/run.sh: missing packages:$need, and this is not root;" >&2
+        echo "  install them: apt-get install$need (debconf: postfix main_mailer_type = No configuration)" >&2
         exit 2
     fi
     apt-get update -qq
     echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postfix postfix-lmdb >/dev/null
+    echo "slapd slapd/no_configuration boolean true" | debconf-set-selections
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $need >/dev/null
 fi
-cargo test --all-targets --features postfix-tests
+cargo test --all-targets --features postfix-tests,ldap-tests

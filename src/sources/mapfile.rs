@@ -321,6 +321,48 @@ fn domain_option(decl: &mut DomainDecl, kv: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Write a source's addresses as a MAP upload (what sync agents send to gateways): a
+/// `DOMAIN:` line per accepted domain, `DIR:` for every address in one, `MAP:` from alias to
+/// primary, `UCFG: kind=` for everything but plain users, `++++` at the end. `domains` are
+/// the accepted domains; without any, those of the source's users, groups and shared
+/// mailboxes.
+pub fn write(data: &SourceData, customer: &str, domains: &[String]) -> String {
+    use std::collections::BTreeSet;
+    use std::fmt::Write;
+    let accepted: BTreeSet<&str> = if domains.is_empty() {
+        data.entries
+            .iter()
+            .filter(|e| super::derives_domain(e.object))
+            .map(|e| e.domain.as_str())
+            .collect()
+    } else {
+        domains.iter().map(String::as_str).collect()
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "# {} ({} entries)", data.name, data.entries.len());
+    for d in &accepted {
+        let _ = writeln!(out, "{customer}|{d}\tDOMAIN:\t{d}");
+    }
+    for e in data
+        .entries
+        .iter()
+        .filter(|e| accepted.contains(e.domain.as_str()))
+    {
+        let d = &e.domain;
+        let addr = format!("{}@{d}", e.local);
+        let _ = writeln!(out, "{customer}|{d}\tDIR:\t{addr}");
+        if let Some(owner) = &e.owner {
+            let _ = writeln!(out, "{customer}|{d}\tMAP:\t{addr}\t{owner}");
+        }
+        if !matches!(e.object, Kind::User) {
+            let _ = writeln!(out, "{customer}|{d}\tUCFG:\t{addr}\tkind={}", e.object);
+        }
+    }
+    out.push_str(TRAILER);
+    out.push('\n');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

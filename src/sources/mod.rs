@@ -4,6 +4,7 @@
 
 pub mod ad;
 pub mod csv;
+pub mod ldap;
 pub mod ldif;
 pub mod mapfile;
 pub mod postfix;
@@ -180,6 +181,8 @@ pub enum Format {
     Postfix,
     Csv,
     Ldif,
+    /// A live directory (configured, not a file).
+    Ldap,
 }
 
 impl Format {
@@ -189,6 +192,7 @@ impl Format {
             "postfix" => Some(Format::Postfix),
             "csv" => Some(Format::Csv),
             "ldif" | "ldf" => Some(Format::Ldif),
+            "ldap" | "ldaps" => Some(Format::Ldap),
             _ => None,
         }
     }
@@ -207,6 +211,7 @@ impl Format {
             Format::Postfix => "postfix",
             Format::Csv => "csv",
             Format::Ldif => "ldif",
+            Format::Ldap => "ldap",
         }
     }
 }
@@ -299,6 +304,10 @@ pub fn parse_text(format: Format, name: &Arc<str>, text: &str) -> Result<SourceD
         Format::Postfix => Ok(postfix::parse(name, text)),
         Format::Csv => csv::parse(name, text),
         Format::Ldif => Ok(ldif::parse(name, text, &ad::AdOptions::default())),
+        Format::Ldap => Err(SourceError::Refused(
+            Location::new(name, 0, 0),
+            "an LDAP source is a live directory, not a file".into(),
+        )),
     }
 }
 

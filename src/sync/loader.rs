@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::config::{AuditConfig, Config};
 use crate::directory::{self, Directory, Snapshot};
-use crate::sources::{self, Severity};
+use crate::sources::{self, Severity, SourceData, ldap};
 use crate::sync::lifecycle::{self, Plan, State, StateError};
 use crate::sync::merge::{self, Conflict};
 
@@ -44,6 +44,8 @@ pub struct Report {
     pub warnings: usize,
     /// Published by `approve` after the guard held it.
     pub approved: bool,
+    /// When the oldest data in the build was read (see [`Loader::data_time`]).
+    pub data_time: u64,
 }
 
 /// The result of [`Loader::rebuild`].
@@ -72,6 +74,8 @@ pub enum LoadError {
     NothingHeld,
     #[error("{0}: no such tombstone")]
     NoTombstone(String),
+    #[error("source {0}: {1}")]
+    Ldap(String, ldap::LdapError),
 }
 
 /// A build the guard held, kept until approved or replaced.
@@ -145,6 +149,10 @@ pub struct Loader {
     /// No state file at start: tombstones found in the persisted snapshot are taken in
     /// again (from the first publish on, the state file is the truth).
     adopt_orphans: bool,
+    /// The last good sync of each LDAP source, and when it was read.
+    ldap_cache: std::collections::HashMap<String, (SourceData, u64)>,
+    /// When the oldest data of the snapshot in service was read.
+    data_time: Option<u64>,
 }
 
 impl std::fmt::Debug for Loader {
@@ -177,6 +185,8 @@ impl Loader {
             conflicts: Vec::new(),
             last_error: None,
             adopt_orphans,
+            ldap_cache: Default::default(),
+            data_time: None,
         })
     }
 
@@ -224,19 +234,87 @@ impl Loader {
     /// Build from every configured source; publish, or hold if the guard says so. Any
     /// refused source, build error or an empty result over a non-empty directory leaves the
     /// directory as it was.
+    ///
+    /// LDAP sources are synced when their last sync is older than their `interval` (or
+    /// never happened); otherwise the data of the last sync is used, so a changed file does
+    /// not cost a directory pull.
     pub fn rebuild(&mut self) -> Result<Outcome, LoadError> {
-        let r = self.try_rebuild();
+        let r = self.try_rebuild(false);
         self.last_error = r.as_ref().err().map(|e| e.to_string());
         r
     }
 
-    fn try_rebuild(&mut self) -> Result<Outcome, LoadError> {
+    /// Like [`Self::rebuild`], but sync every LDAP source now (SIGHUP, `rcptgate sync`).
+    pub fn rebuild_synced(&mut self) -> Result<Outcome, LoadError> {
+        let r = self.try_rebuild(true);
+        self.last_error = r.as_ref().err().map(|e| e.to_string());
+        r
+    }
+
+    /// True when an LDAP source is due for its next sync.
+    pub fn sync_due(&self) -> bool {
+        let now = (self.clock)();
+        self.cfg.sources.iter().any(|s| {
+            s.ldap.is_some()
+                && self
+                    .ldap_cache
+                    .get(&s.name)
+                    .is_none_or(|(_, at)| now >= at.saturating_add(s.interval.as_secs()))
+        })
+    }
+
+    /// When the oldest data of the snapshot in service was read (LDAP syncs; files are read
+    /// at every build). The daemon's `max_age` counts from here.
+    pub fn data_time(&self) -> Option<u64> {
+        self.data_time
+    }
+
+    /// Read every source: files always, LDAP when due (or `sync_all`).
+    fn read_sources(&mut self, sync_all: bool) -> Result<(Vec<SourceData>, u64), LoadError> {
+        let now = (self.clock)();
+        let mut oldest = now;
         let mut data = Vec::with_capacity(self.cfg.sources.len());
         for s in &self.cfg.sources {
-            let mut d = sources::load(&s.spec())?;
+            let mut d = match &s.ldap {
+                None => sources::load(&s.spec())?,
+                Some(l) => {
+                    let fresh = self
+                        .ldap_cache
+                        .get(&s.name)
+                        .filter(|(_, at)| now < at.saturating_add(s.interval.as_secs()));
+                    if let (Some((d, at)), false) = (fresh, sync_all) {
+                        oldest = oldest.min(*at);
+                        d.clone()
+                    } else {
+                        let name: Arc<str> = Arc::from(s.name.as_str());
+                        let started = std::time::Instant::now();
+                        let d = ldap::fetch(&name, l, |_| {})
+                            .map_err(|e| LoadError::Ldap(s.name.clone(), e))?;
+                        eprintln!(
+                            "rcptgate: {}: synced {} addresses from {} in {:.1} s",
+                            s.name,
+                            d.entries.len(),
+                            l.url,
+                            started.elapsed().as_secs_f64()
+                        );
+                        self.ldap_cache.insert(s.name.clone(), (d.clone(), now));
+                        d
+                    }
+                }
+            };
             d.role = s.role;
+            if !s.domains.is_empty() {
+                let name: Arc<str> = Arc::from(s.name.as_str());
+                d.domains = ldap::declared_domains(&s.domains, &name);
+                d.derive_domains = false;
+            }
             data.push(d);
         }
+        Ok((data, oldest))
+    }
+
+    fn try_rebuild(&mut self, sync_all: bool) -> Result<Outcome, LoadError> {
+        let (data, data_time) = self.read_sources(sync_all)?;
         let view = self.dir.view();
         let old = view.snapshot();
         let in_service = old.map_or(0, |s| s.record_count());
@@ -287,6 +365,7 @@ impl Loader {
             errors,
             warnings,
             approved: false,
+            data_time,
         };
         drop(view);
         self.conflicts = conflicts;
@@ -331,6 +410,7 @@ impl Loader {
         self.state = report.plan.state.clone();
         self.held = None;
         self.adopt_orphans = false;
+        self.data_time = Some(report.data_time);
         let old = self.dir.publish(Arc::new(snap));
         // Drop the old snapshot here, off the request path.
         drop(old);

@@ -1,0 +1,271 @@
+//! Live directory sync against a real LDAP server: OpenLDAP's slapd with the Active Directory
+//! attribute names (Debian's `slapd`, started on loopback by the test; AD's 1000-entry limit
+//! on unpaged searches enforced). Run with `cargo test --features ldap-tests --test ldap`;
+//! `tests/run.sh` installs slapd.
+#![cfg(feature = "ldap-tests")]
+
+#[path = "support/slapd.rs"]
+mod slapd;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use slapd::{OU, SVC_DN, SVC_PW, Slapd, ad_ldif};
+
+fn rcptgate(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_rcptgate"))
+        .args(args)
+        .output()
+        .expect("run rcptgate");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A config with one LDAP source; `extra` goes into the source table.
+fn config(dir: &Path, url: &str, ca: &Path, extra: &str) -> PathBuf {
+    std::fs::write(dir.join("pw"), format!("{SVC_PW}\n")).expect("pw");
+    let cfg = dir.join("rcptgate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[directory]\nsnapshot = \"{d}/snap.bin\"\n\n[[source]]\nname = \"corp-ad\"\nkind = \"ldap\"\n\
+url = \"{url}\"\nca_file = \"{ca}\"\nbind = \"{SVC_DN}\"\npassword_file = \"{d}/pw\"\n\
+base_dns = [\"{OU}\"]\ndomains = [\"corp.test\", \"alias.test\"]\ntimeout = \"5s\"\nretries = 0\n{extra}\n\
+[policy]\nlisten = [\"127.0.0.1:0\"]\n",
+            d = dir.display(),
+            ca = ca.display()
+        ),
+    )
+    .expect("config");
+    cfg
+}
+
+#[test]
+fn sync_once_pages_maps_and_writes_a_map_file() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let slapd = Slapd::start(&tmp.path().join("slapd"), &ad_ldif(1500, 10, 5));
+    let cfg = config(tmp.path(), &slapd.url(), &slapd.ca, "");
+    let map = tmp.path().join("out.map");
+    let (ok, out, err) = rcptgate(&[
+        "sync",
+        "--once",
+        "--config",
+        cfg.to_str().expect("path"),
+        "--output",
+        map.to_str().expect("path"),
+    ]);
+    assert!(ok, "{out}{err}");
+    // The filter takes mail-enabled objects: 1485 users (15 have no mail; 15 of the rest
+    // are disabled = shared mailboxes) + 10 groups + 5 contacts = 1500 entries, more than
+    // one page of 1000, so paging worked. Addresses: 1485 x 3 + 10 x 2 + 5 = 4480, in
+    // corp.test, alias.test and the contacts' partner.test.
+    assert!(out.contains("corp-ad: 1500 entries in 2 page(s)"), "{out}");
+    assert!(out.contains(": 4480 addresses in 3 domain(s)"), "{out}");
+    assert!(out.contains("10 group"), "{out}");
+    assert!(err.contains("1000 entries, 1 pages"), "{err}");
+
+    // The MAP file answers as the directory would.
+    let q = |addr: &str| -> String {
+        let (ok, out, err) = rcptgate(&["lookup", map.to_str().expect("path"), addr]);
+        assert!(ok, "{err}");
+        out
+    };
+    assert!(q("user.7@corp.test").contains("accept 250 2.1.5 kind=user"));
+    assert!(q("U000007@CORP.test").contains("kind=alias owner=user.7@corp.test"));
+    assert!(q("user.7@alias.test").contains("kind=alias"));
+    assert!(
+        q("user.50@corp.test").contains("kind=shared"),
+        "disabled = shared mailbox"
+    );
+    assert!(q("grp00003@alias.test").contains("kind=alias owner=grp00003@corp.test"));
+    assert!(
+        q("user.100@corp.test").contains("reject 550 5.1.1"),
+        "no mail attribute"
+    );
+    assert!(
+        q("hidden@corp.test").contains("reject 550 5.1.1"),
+        "out of scope OU"
+    );
+    assert!(
+        q("ext1@partner.test").contains("not_ours"),
+        "a contact's domain is not ours"
+    );
+}
+
+#[test]
+fn wrong_password_wrong_ca_and_closed_port_say_what_to_fix() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let slapd = Slapd::start(&tmp.path().join("slapd"), &ad_ldif(3, 0, 0));
+    let sync = |cfg: &Path| {
+        let (ok, out, err) = rcptgate(&["sync", "--once", "--config", cfg.to_str().expect("p")]);
+        assert!(!ok, "{out}");
+        err
+    };
+    let cfg = config(tmp.path(), &slapd.url(), &slapd.ca, "");
+    std::fs::write(tmp.path().join("pw"), "wrong\n").expect("pw");
+    let err = sync(&cfg);
+    assert!(
+        err.contains("bind as CN=svc-smtp") && err.contains("result code 49 (invalid credentials)"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("wrong"),
+        "the password is never printed: {err}"
+    );
+
+    let other = tmp.path().join("other-ca");
+    slapd::make_pki(&other, "Some Other CA");
+    let cfg = config(tmp.path(), &slapd.url(), &other.join("ca.pem"), "");
+    let err = sync(&cfg);
+    assert!(
+        err.contains("TLS with ldaps://127.0.0.1") && err.contains("set ca_file"),
+        "{err}"
+    );
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let cfg = config(
+        tmp.path(),
+        &format!("ldaps://127.0.0.1:{closed}"),
+        &slapd.ca,
+        "",
+    );
+    let err = sync(&cfg);
+    assert!(
+        err.contains("cannot connect to ldaps://127.0.0.1") && err.contains("firewall"),
+        "{err}"
+    );
+
+    // StartTLS on the plain port works with the same CA.
+    let cfg = config(
+        tmp.path(),
+        &format!("ldap://127.0.0.1:{}", slapd.plain_port),
+        &slapd.ca,
+        "starttls = true\n",
+    );
+    std::fs::write(tmp.path().join("pw"), format!("{SVC_PW}\n")).expect("pw");
+    let (ok, out, err) = rcptgate(&["sync", "--once", "--config", cfg.to_str().expect("p")]);
+    assert!(ok && out.contains(": 9 addresses"), "{out}{err}");
+}
+
+struct Daemon {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    policy: String,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    fn start(cfg: &Path) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_rcptgate"))
+            .args(["serve", "--config"])
+            .arg(cfg)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut d = Daemon {
+            child,
+            lines,
+            policy: String::new(),
+        };
+        let l = d.wait_for("policy listening on ");
+        d.policy = l.rsplit(' ').next().expect("addr").to_owned();
+        d
+    }
+
+    fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(l) => seen.push(l),
+                Err(_) => break,
+            }
+        }
+        panic!("daemon never said {needle:?}: {seen:#?}");
+    }
+
+    fn ask(&self, rcpt: &str) -> String {
+        let mut s = TcpStream::connect(&self.policy).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        write!(
+            s,
+            "request=smtpd_access_policy\nprotocol_state=RCPT\nrecipient={rcpt}\n\n"
+        )
+        .expect("write");
+        let mut reply = Vec::new();
+        let mut byte = [0u8; 1];
+        while !reply.ends_with(b"\n\n") {
+            assert_eq!(s.read(&mut byte).expect("read"), 1, "closed");
+            reply.push(byte[0]);
+        }
+        String::from_utf8_lossy(&reply).trim().to_owned()
+    }
+}
+
+#[test]
+fn the_daemon_syncs_changes_tombstones_deletions_and_survives_an_outage() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut slapd = Slapd::start(&tmp.path().join("slapd"), &ad_ldif(40, 2, 1));
+    let cfg = config(tmp.path(), &slapd.url(), &slapd.ca, "interval = \"1s\"\n");
+    let mut d = Daemon::start(&cfg);
+    d.wait_for("published generation 1");
+    let reject = "action=550 5.1.1 User unknown";
+    assert_eq!(d.ask("user.7@corp.test"), "action=DUNNO");
+    assert_eq!(d.ask("u000007@corp.test"), "action=DUNNO");
+    assert_eq!(d.ask("grp00001@alias.test"), "action=DUNNO");
+    assert_eq!(d.ask("new.alias@corp.test"), reject);
+    assert_eq!(d.ask("hidden@corp.test"), reject);
+
+    // An alias added in the directory is accepted after the next sync.
+    slapd.modify(&format!(
+        "dn: CN=User 000007,{OU}\nchangetype: modify\nadd: proxyAddresses\nproxyAddresses: smtp:new.alias@corp.test\n"
+    ));
+    d.wait_for("published generation 2");
+    assert_eq!(d.ask("new.alias@corp.test"), "action=DUNNO");
+
+    // A user deleted in the directory is tombstoned, not bounced.
+    slapd.modify(&format!("dn: CN=User 000008,{OU}\nchangetype: delete\n"));
+    let l = d.wait_for("published generation 3");
+    assert!(l.contains("3 tombstoned"), "{l}");
+    assert_eq!(d.ask("user.8@corp.test"), "action=DUNNO");
+
+    // The server goes away: syncs fail, the snapshot in service stays.
+    slapd.stop();
+    d.wait_for("rebuild failed, snapshot in service kept");
+    assert_eq!(d.ask("user.7@corp.test"), "action=DUNNO");
+    assert_eq!(d.ask("nobody@corp.test"), reject);
+    // It comes back: syncs resume.
+    slapd.run();
+    slapd.modify(&format!(
+        "dn: CN=User 000009,{OU}\nchangetype: modify\nadd: proxyAddresses\nproxyAddresses: smtp:back.again@corp.test\n"
+    ));
+    d.wait_for("published generation 4");
+    assert_eq!(d.ask("back.again@corp.test"), "action=DUNNO");
+}
