@@ -94,6 +94,16 @@ enum Command {
         #[arg(long, default_value = "1")]
         customer: String,
     },
+    /// Test the connection to each LDAP source step by step (resolve, connect, TLS and the
+    /// server certificate with its expiry, bind, search per base DN, a few mapped entries),
+    /// saying what to fix. Exit status 1 when a step fails.
+    LdapTest {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this source (by name).
+        #[arg(long)]
+        source: Option<String>,
+    },
     /// The running daemon's state: snapshot, tombstones, a build held by the deletion guard
     /// (with a sample of what it removes), the last error. Talks to `control.socket`.
     Status {
@@ -183,6 +193,7 @@ fn main() -> ExitCode {
             output,
             customer,
         } => sync(&config, source.as_deref(), output.as_deref(), &customer),
+        Command::LdapTest { config, source } => ldap_test(&config, source.as_deref()),
         Command::Status { config, json } => status(&config, json),
         Command::Approve { config } => approve(&config),
         Command::Conflicts {
@@ -1161,4 +1172,42 @@ fn sync(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn ldap_test(config: &Path, only: Option<&str>) -> Result<ExitCode> {
+    use rcptgate::sources::ldap_check::{self, Status};
+    let cfg = rcptgate::config::Config::load(config)?;
+    let mut failed = false;
+    let mut any = false;
+    for s in cfg
+        .sources
+        .iter()
+        .filter(|s| only.is_none_or(|n| n == s.name))
+    {
+        let Some(l) = &s.ldap else { continue };
+        any = true;
+        println!("{} ({}):", s.name, l.url);
+        for step in ldap_check::run(l) {
+            let tag = match step.status {
+                Status::Ok => "ok  ",
+                Status::Warn => "WARN",
+                Status::Fail => {
+                    failed = true;
+                    "FAIL"
+                }
+            };
+            println!("  {tag}  {:<12} {}", step.name, step.detail);
+            if let Some(f) = step.fix {
+                println!("        fix: {f}");
+            }
+        }
+    }
+    if !any {
+        bail!("{}: no LDAP source to test", config.display());
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

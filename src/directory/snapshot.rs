@@ -179,6 +179,19 @@ impl Snapshot {
         Snapshot::from_backing(Arc::new(Backing::Mmap(map)), huge_fst)
     }
 
+    /// Check a snapshot's header and its hot sections' checksums without loading it (before
+    /// it replaces a persisted file).
+    pub fn verify(bytes: &[u8]) -> Result<(), SnapshotError> {
+        let header = Header::decode(bytes)?;
+        for sec in Sec::ALL {
+            header.section(bytes, sec)?;
+            if !sec.is_cold() {
+                header.check(bytes, sec)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Check and load a snapshot held in memory.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Snapshot, SnapshotError> {
         Snapshot::from_backing(Arc::new(Backing::Heap(bytes)), false)

@@ -5,6 +5,7 @@
 pub mod ad;
 pub mod csv;
 pub mod ldap;
+pub mod ldap_check;
 pub mod ldif;
 pub mod mapfile;
 pub mod postfix;

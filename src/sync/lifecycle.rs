@@ -119,8 +119,8 @@ pub struct Plan {
     /// Live addresses the build removes (tombstoned or not) and the first [`SAMPLE`].
     pub removed: u64,
     pub removed_sample: Vec<String>,
-    /// Live addresses new in this build, and the first [`SAMPLE`] (in address order); all
-    /// of them for a first build.
+    /// Live addresses new in this build, and the first [`SAMPLE`] (in address order; in
+    /// source order for a first build, which adds all of them).
     pub added: u64,
     pub added_sample: Vec<String>,
     /// Removed addresses that became tombstones in this build.
@@ -193,7 +193,11 @@ pub fn plan(
         .iter()
         .map(|r| (rank[r.domain as usize], r.local.as_bytes(), r.kind))
         .collect();
-    keys.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    // Sorted for the walk beside the old snapshot and for finding tombstones; a first
+    // build without tombstones needs neither.
+    if old.is_some() || !state.tombstones.is_empty() {
+        keys.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    }
     let find = |domain: &str, local: &[u8]| -> Option<Kind> {
         let r = *rank_of.get(domain)?;
         keys.binary_search_by(|k| (k.0, k.1).cmp(&(r, local)))

@@ -270,36 +270,64 @@ impl Loader {
     }
 
     /// Read every source: files always, LDAP when due (or `sync_all`).
-    fn read_sources(&mut self, sync_all: bool) -> Result<(Vec<SourceData>, u64), LoadError> {
+    /// Read every source: files always, LDAP when due (or `sync_all`). The data of LDAP
+    /// sources is moved out of the cache (not copied); [`Self::give_back`] returns it.
+    #[allow(clippy::type_complexity)]
+    fn read_sources(
+        &mut self,
+        sync_all: bool,
+    ) -> Result<(Vec<SourceData>, u64, Vec<Option<(String, u64)>>), LoadError> {
         let now = (self.clock)();
         let mut oldest = now;
         let mut data = Vec::with_capacity(self.cfg.sources.len());
-        for s in &self.cfg.sources {
-            let mut d = match &s.ldap {
-                None => sources::load(&s.spec())?,
+        let mut back = Vec::with_capacity(self.cfg.sources.len());
+        let cfg = self.cfg.clone();
+        for s in &cfg.sources {
+            let loaded = match &s.ldap {
+                None => sources::load(&s.spec())
+                    .map(|d| (d, None))
+                    .map_err(LoadError::from),
                 Some(l) => {
                     let fresh = self
                         .ldap_cache
                         .get(&s.name)
-                        .filter(|(_, at)| now < at.saturating_add(s.interval.as_secs()));
-                    if let (Some((d, at)), false) = (fresh, sync_all) {
-                        oldest = oldest.min(*at);
-                        d.clone()
-                    } else {
-                        let name: Arc<str> = Arc::from(s.name.as_str());
-                        let started = std::time::Instant::now();
-                        let d = ldap::fetch(&name, l, |_| {})
-                            .map_err(|e| LoadError::Ldap(s.name.clone(), e))?;
-                        eprintln!(
-                            "rcptgate: {}: synced {} addresses from {} in {:.1} s",
-                            s.name,
-                            d.entries.len(),
-                            l.url,
-                            started.elapsed().as_secs_f64()
-                        );
-                        self.ldap_cache.insert(s.name.clone(), (d.clone(), now));
-                        d
+                        .is_some_and(|(_, at)| now < at.saturating_add(s.interval.as_secs()));
+                    match self.ldap_cache.remove(&s.name) {
+                        Some((d, at)) if fresh && !sync_all => {
+                            oldest = oldest.min(at);
+                            Ok((d, Some((s.name.clone(), at))))
+                        }
+                        stale => {
+                            let name: Arc<str> = Arc::from(s.name.as_str());
+                            let started = std::time::Instant::now();
+                            match ldap::fetch(&name, l, |_| {}) {
+                                Ok(d) => {
+                                    eprintln!(
+                                        "rcptgate: {}: synced {} addresses from {} in {:.1} s",
+                                        s.name,
+                                        d.entries.len(),
+                                        l.url,
+                                        started.elapsed().as_secs_f64()
+                                    );
+                                    Ok((d, Some((s.name.clone(), now))))
+                                }
+                                Err(e) => {
+                                    // Keep the last good sync for the next file change.
+                                    if let Some(old) = stale {
+                                        self.ldap_cache.insert(s.name.clone(), old);
+                                    }
+                                    Err(LoadError::Ldap(s.name.clone(), e))
+                                }
+                            }
+                        }
                     }
+                }
+            };
+            let (mut d, from) = match loaded {
+                Ok(x) => x,
+                Err(e) => {
+                    self.give_back(data, back);
+                    return Err(e);
                 }
             };
             d.role = s.role;
@@ -309,12 +337,22 @@ impl Loader {
                 d.derive_domains = false;
             }
             data.push(d);
+            back.push(from);
         }
-        Ok((data, oldest))
+        Ok((data, oldest, back))
+    }
+
+    /// Put the LDAP sources' data back into the cache.
+    fn give_back(&mut self, data: Vec<SourceData>, back: Vec<Option<(String, u64)>>) {
+        for (d, from) in data.into_iter().zip(back) {
+            if let Some((name, at)) = from {
+                self.ldap_cache.insert(name, (d, at));
+            }
+        }
     }
 
     fn try_rebuild(&mut self, sync_all: bool) -> Result<Outcome, LoadError> {
-        let (data, data_time) = self.read_sources(sync_all)?;
+        let (data, data_time, back) = self.read_sources(sync_all)?;
         let view = self.dir.view();
         let old = view.snapshot();
         let in_service = old.map_or(0, |s| s.record_count());
@@ -335,6 +373,10 @@ impl Loader {
         for c in &merged.conflicts {
             eprintln!("rcptgate: conflict: {c}");
         }
+        drop(view);
+        self.give_back(data, back);
+        let view = self.dir.view();
+        let old = view.snapshot();
         let live = merged
             .input
             .records
@@ -354,13 +396,12 @@ impl Loader {
             self.adopt_orphans,
         );
         let conflicts = std::mem::take(&mut merged.conflicts);
-        let (bytes, _stats) = directory::build(merged.input)?;
-        let snap = Snapshot::from_bytes(bytes.clone())?;
+        let (bytes, stats) = directory::build(merged.input)?;
         let report = Report {
-            generation: snap.generation(),
+            generation,
             plan,
-            addresses: snap.record_count(),
-            domains: snap.domain_count(),
+            addresses: stats.records as u64,
+            domains: stats.domains as u32,
             conflicts: conflicts.len(),
             errors,
             warnings,
@@ -399,6 +440,8 @@ impl Loader {
     fn publish(&mut self, bytes: Vec<u8>, report: Report) -> Result<Report, LoadError> {
         let snap = match self.cfg.snapshot.as_deref() {
             Some(path) => {
+                // Checked before it replaces the persisted file.
+                Snapshot::verify(&bytes)?;
                 directory::write_atomic(path, &bytes)?;
                 Snapshot::open(path)?
             }

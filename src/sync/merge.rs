@@ -2,7 +2,6 @@
 //! conflict reported (DESIGN.md §6, first two points).
 
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::fmt;
 
 use crate::address;
@@ -54,15 +53,29 @@ pub struct Merged {
     pub overridden: usize,
 }
 
-/// Bookkeeping per record for conflict resolution.
+/// Bookkeeping per record for conflict resolution: which entry of which source made it.
+#[derive(Debug, Clone, Copy)]
 struct Claim {
-    owner: String,
+    source: u32,
+    entry: u32,
     primary: bool,
-    origin: String,
     role: Role,
 }
 
-fn origin(e: &sources::Entry) -> String {
+fn entry_of<'a>(sources: &'a [SourceData], c: &Claim) -> &'a sources::Entry {
+    &sources[c.source as usize].entries[c.entry as usize]
+}
+
+/// The primary address of the object that claims the address (itself for a primary).
+fn owner_of(sources: &[SourceData], c: &Claim) -> String {
+    let e = entry_of(sources, c);
+    e.owner
+        .clone()
+        .unwrap_or_else(|| join_key(&e.local, &e.domain))
+}
+
+fn origin_of(sources: &[SourceData], c: &Claim) -> String {
+    let e = entry_of(sources, c);
     match &e.dn {
         Some(dn) => format!("{} ({dn})", e.loc),
         None => e.loc.to_string(),
@@ -142,69 +155,87 @@ pub fn merge(sources: &[SourceData], generation: u64) -> Merged {
         }
     }
 
-    let mut index: HashMap<(u32, Box<str>), usize> = HashMap::new();
-    let mut records: Vec<RecordSpec> = Vec::new();
-    let mut claims: Vec<Claim> = Vec::new();
+    // Records by (domain, folded local part): a hash of the key to the first record with
+    // that hash, chained through `next`, so no key is allocated twice.
+    let total: usize = sources.iter().map(|s| s.entries.len()).sum();
+    let mut heads: HashMap<u64, u32> = HashMap::with_capacity(total);
+    let mut next: Vec<u32> = Vec::with_capacity(total);
+    let mut records: Vec<RecordSpec> = Vec::with_capacity(total);
+    let mut claims: Vec<Claim> = Vec::with_capacity(total);
     let mut local = Vec::with_capacity(128);
     let mut order: Vec<usize> = (0..sources.len()).collect();
     order.sort_by_key(|&i| sources[i].role);
+    let hasher = std::collections::hash_map::RandomState::new();
     for si in order {
         let src = &sources[si];
-        for e in &src.entries {
+        for (ei, e) in src.entries.iter().enumerate() {
             let Some(&d) = by_name.get(&e.domain) else {
                 m.outside_domains += 1;
                 continue;
             };
             local.clear();
             address::fold_local_into(&e.local, domains[d as usize].keep_case, &mut local);
-            let key: Box<str> = String::from_utf8_lossy(&local).into();
-            let owner = e
-                .owner
-                .clone()
-                .unwrap_or_else(|| join_key(&e.local, &e.domain));
+            let h = {
+                use std::hash::{BuildHasher, Hash, Hasher};
+                let mut st = hasher.build_hasher();
+                d.hash(&mut st);
+                local.hash(&mut st);
+                st.finish()
+            };
+            let mut found = heads.get(&h).copied().unwrap_or(u32::MAX);
+            while found != u32::MAX {
+                let r = &records[found as usize];
+                if r.domain == d && r.local.as_bytes() == local.as_slice() {
+                    break;
+                }
+                found = next[found as usize];
+            }
             let claim = Claim {
-                owner,
+                source: si as u32,
+                entry: ei as u32,
                 primary: e.is_primary(),
-                origin: origin(e),
                 role: src.role,
             };
-            let kind = match src.role {
-                Role::Directory => e.kind,
-                Role::Additions => Kind::Addition,
-                Role::Exceptions => Kind::Exception,
-            };
-            let mut rec = RecordSpec::new(d, key.clone(), kind);
-            if src.role != Role::Exceptions {
-                rec.profile = opt(&mut strings, &e.profile);
-                rec.route = opt(&mut strings, &e.route);
-            }
-            rec.owner = e.owner.as_deref().map(Box::from);
-            rec.source = si as u32;
-            rec.line = e.loc.line;
-            rec.dn = e.dn.clone();
-            rec.attributes = e.attributes.as_deref().map(Box::from);
             match src.role {
                 Role::Directory => {}
                 Role::Additions => m.additions += 1,
                 Role::Exceptions => m.exceptions += 1,
             }
-            let i = match index.entry((d, key)) {
-                Entry::Vacant(v) => {
-                    v.insert(records.len());
-                    records.push(rec);
-                    claims.push(claim);
-                    continue;
+            let record = |strings: &mut Interner| {
+                let kind = match src.role {
+                    Role::Directory => e.kind,
+                    Role::Additions => Kind::Addition,
+                    Role::Exceptions => Kind::Exception,
+                };
+                let mut rec =
+                    RecordSpec::new(d, String::from_utf8_lossy(&local).into_owned(), kind);
+                if src.role != Role::Exceptions {
+                    rec.profile = opt(strings, &e.profile);
+                    rec.route = opt(strings, &e.route);
                 }
-                Entry::Occupied(o) => *o.get(),
+                rec.owner = e.owner.as_deref().map(Box::from);
+                rec.source = si as u32;
+                rec.line = e.loc.line;
+                rec.dn = e.dn.clone();
+                rec.attributes = e.attributes.as_deref().map(Box::from);
+                rec
             };
+            if found == u32::MAX {
+                next.push(heads.insert(h, records.len() as u32).unwrap_or(u32::MAX));
+                records.push(record(&mut strings));
+                claims.push(claim);
+                continue;
+            }
+            let i = found as usize;
             if claims[i].role < claim.role {
                 // Additions beat the directory; exceptions beat both.
                 m.overridden += 1;
-                records[i] = rec;
+                records[i] = record(&mut strings);
                 claims[i] = claim;
                 continue;
             }
-            if claims[i].owner == claim.owner || claim.role != Role::Directory {
+            let (old_owner, new_owner) = (owner_of(sources, &claims[i]), owner_of(sources, &claim));
+            if old_owner == new_owner || claim.role != Role::Directory {
                 m.duplicates += 1;
                 continue;
             }
@@ -217,17 +248,17 @@ pub fn merge(sources: &[SourceData], generation: u64) -> Merged {
             };
             let (kept, dropped) = if new_wins {
                 let old = std::mem::replace(&mut claims[i], claim);
-                records[i] = rec;
-                (&claims[i], old)
+                records[i] = record(&mut strings);
+                ((new_owner, claims[i]), (old_owner, old))
             } else {
-                (&claims[i], claim)
+                ((old_owner, claims[i]), (new_owner, claim))
             };
             m.conflicts.push(Conflict {
                 address,
-                kept_owner: kept.owner.clone(),
-                kept_origin: kept.origin.clone(),
-                dropped_owner: dropped.owner,
-                dropped_origin: dropped.origin,
+                kept_owner: kept.0,
+                kept_origin: origin_of(sources, &kept.1),
+                dropped_owner: dropped.0,
+                dropped_origin: origin_of(sources, &dropped.1),
                 rule,
             });
         }
