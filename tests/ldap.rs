@@ -269,3 +269,86 @@ fn the_daemon_syncs_changes_tombstones_deletions_and_survives_an_outage() {
     d.wait_for("published generation 4");
     assert_eq!(d.ask("back.again@corp.test"), "action=DUNNO");
 }
+
+#[test]
+fn ldap_test_walks_every_step_and_says_what_to_fix() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("slapd");
+    // A server certificate that expires in 10 days.
+    slapd::make_pki_days(&dir.join("pki"), "Corp Test CA", 10);
+    let slapd = Slapd::start(&dir, &ad_ldif(20, 1, 0));
+    let test = |cfg: &Path| rcptgate(&["ldap-test", "--config", cfg.to_str().expect("p")]);
+
+    let cfg = config(tmp.path(), &slapd.url(), &slapd.ca, "");
+    let (ok, out, err) = test(&cfg);
+    assert!(ok, "{out}{err}");
+    for want in [
+        "ok    resolve      127.0.0.1 -> 127.0.0.1",
+        "ok    connect      127.0.0.1:",
+        "WARN  certificate  subject CN=localhost, issuer CN=Corp Test CA",
+        "fix: renew the LDAPS certificate: it expires in ",
+        "ok    bind         CN=svc-smtp",
+        "ok    tls          TLSv1_3, TLS13_",
+        "names [DNS:localhost, IP:127.0.0.1]",
+        &format!("ok    search       {OU}: 21 entries in 1 page(s)"),
+        "User 000001,",
+        "user.1@corp.test u000001@corp.test user.1@alias.test",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in\n{out}");
+    }
+
+    // StartTLS on the plain port.
+    let cfg = config(
+        tmp.path(),
+        &format!("ldap://127.0.0.1:{}", slapd.plain_port),
+        &slapd.ca,
+        "starttls = true\n",
+    );
+    let (ok, out, _) = test(&cfg);
+    assert!(ok && out.contains("ok    starttls     accepted"), "{out}");
+
+    // Unknown CA: the certificate is still shown, with the fix.
+    let other = tmp.path().join("other-ca");
+    slapd::make_pki(&other, "Some Other CA");
+    let cfg = config(tmp.path(), &slapd.url(), &other.join("ca.pem"), "");
+    let (ok, out, _) = test(&cfg);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("FAIL  tls") && out.contains("UnknownIssuer"),
+        "{out}"
+    );
+    assert!(
+        out.contains("point ca_file at the CA that issued it"),
+        "{out}"
+    );
+    assert!(
+        out.contains("FAIL  certificate  subject CN=localhost, issuer CN=Corp Test CA"),
+        "{out}"
+    );
+
+    // Wrong password.
+    let cfg = config(tmp.path(), &slapd.url(), &slapd.ca, "");
+    std::fs::write(tmp.path().join("pw"), "wrong\n").expect("pw");
+    let (ok, out, _) = test(&cfg);
+    assert!(
+        !ok && out.contains("FAIL  bind") && out.contains("invalid credentials"),
+        "{out}"
+    );
+
+    // Nothing listening.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let cfg = config(
+        tmp.path(),
+        &format!("ldaps://127.0.0.1:{closed}"),
+        &slapd.ca,
+        "",
+    );
+    let (ok, out, _) = test(&cfg);
+    assert!(
+        !ok && out.contains("FAIL  connect") && out.contains("nothing listens on port"),
+        "{out}"
+    );
+}

@@ -181,6 +181,7 @@ fn describe_cert(der: &[u8], now_unix: i64) -> (String, i64) {
         Ok((_, cert)) => {
             let not_after = cert.validity().not_after.timestamp();
             let days = (not_after - now_unix).div_euclid(86_400);
+            use x509_parser::extensions::GeneralName;
             let sans = cert
                 .subject_alternative_name()
                 .ok()
@@ -189,7 +190,19 @@ fn describe_cert(der: &[u8], now_unix: i64) -> (String, i64) {
                     ext.value
                         .general_names
                         .iter()
-                        .map(|n| n.to_string())
+                        .map(|n| match n {
+                            GeneralName::DNSName(d) => format!("DNS:{d}"),
+                            GeneralName::IPAddress(b) => match b.len() {
+                                4 => <[u8; 4]>::try_from(*b)
+                                    .map(|a| format!("IP:{}", std::net::Ipv4Addr::from(a)))
+                                    .unwrap_or_default(),
+                                16 => <[u8; 16]>::try_from(*b)
+                                    .map(|a| format!("IP:{}", std::net::Ipv6Addr::from(a)))
+                                    .unwrap_or_default(),
+                                _ => "IP:?".into(),
+                            },
+                            other => other.to_string(),
+                        })
                         .collect::<Vec<_>>()
                         .join(", ")
                 })
@@ -199,7 +212,7 @@ fn describe_cert(der: &[u8], now_unix: i64) -> (String, i64) {
                     "subject {}, issuer {}, names [{sans}], expires {} ({days} days)",
                     cert.subject(),
                     cert.issuer(),
-                    cert.validity().not_after
+                    cert.validity().not_after.to_datetime().date()
                 ),
                 days,
             )
@@ -287,7 +300,7 @@ fn tls_steps(cfg: &LdapConfig, host: &str, sock: &mut TcpStream, out: &mut Vec<S
                 Status::Ok,
                 "tls",
                 format!(
-                    "{:?}, {:?}",
+                    "{}, {}",
                     conn.protocol_version()
                         .map_or("?".to_owned(), |v| format!("{v:?}")),
                     conn.negotiated_cipher_suite()

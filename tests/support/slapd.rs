@@ -35,6 +35,12 @@ fn sh(cmd: &mut Command) -> String {
 
 /// Make a CA and a server certificate for localhost / 127.0.0.1 in `dir` (CN `name`).
 pub fn make_pki(dir: &Path, name: &str) {
+    make_pki_days(dir, name, 825);
+}
+
+/// The same, with a server certificate valid for `days`.
+pub fn make_pki_days(dir: &Path, name: &str, days: u32) {
+    let days = days.to_string();
     std::fs::create_dir_all(dir).expect("pki dir");
     let o = |args: &[&str]| sh(Command::new("openssl").current_dir(dir).args(args));
     o(&[
@@ -88,7 +94,7 @@ extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
         "-out",
         "server.pem",
         "-days",
-        "825",
+        &days,
         "-sha256",
         "-extfile",
         "server.ext",
@@ -106,7 +112,8 @@ pub struct Slapd {
 }
 
 impl Slapd {
-    /// Start slapd in `dir` with `ldif` loaded (slapadd: fast for 100k entries).
+    /// Start slapd in `dir` with `ldif` loaded (slapadd: fast for 100k entries). A PKI
+    /// already in `dir/pki` is used as it is.
     pub fn start(dir: &Path, ldif: &str) -> Slapd {
         std::fs::create_dir_all(dir.join("db")).expect("db dir");
         if !dir.join("pki/server.pem").exists() {
