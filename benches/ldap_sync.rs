@@ -91,7 +91,7 @@ password_file = \"{pw}\"\nbase_dns = [\"{OU}\"]\ndomains = [\"corp.test\", \"ali
             if l.starts_with("T ") {
                 eprintln!("{l}");
             }
-            if l.contains(": synced ") {
+            if l.contains(": full sync: ") {
                 fetch_line = l.clone();
             }
             if l.contains("published generation 1") {

@@ -123,6 +123,7 @@ struct RawSource {
     timeout: Option<String>,
     retries: Option<u32>,
     interval: Option<String>,
+    full_interval: Option<String>,
     include_disabled: Option<bool>,
 }
 
@@ -170,6 +171,9 @@ pub struct SourceConfig {
     /// `kind = "ldap"`: the directory, and how often to sync it.
     pub ldap: Option<crate::sources::ldap::LdapConfig>,
     pub interval: Duration,
+    /// Active Directory: syncs are incremental (uSNChanged) between full syncs this far
+    /// apart; a full sync is what notices deleted objects.
+    pub full_interval: Duration,
 }
 
 impl SourceConfig {
@@ -348,6 +352,7 @@ impl Config {
                     ("password_file", s.password_file.is_some()),
                     ("password_env", s.password_env.is_some()),
                     ("interval", s.interval.is_some()),
+                    ("full_interval", s.full_interval.is_some()),
                 ];
                 if let Some((k, _)) = ldap_only.iter().find(|(_, set)| *set) {
                     return Err(bad(
@@ -379,6 +384,17 @@ impl Config {
                         )
                     })?,
             };
+            let full_interval = match &s.full_interval {
+                None => Duration::from_secs(6 * 3600),
+                Some(t) => parse_duration(t)
+                    .filter(|d| *d >= interval)
+                    .ok_or_else(|| {
+                        bad(
+                            &key("full_interval"),
+                            format!("{t:?} is not a duration like \"6h\", at least the interval"),
+                        )
+                    })?,
+            };
             for d in s.domains.iter().flatten() {
                 if crate::address::normalize_domain(d).is_err() {
                     return Err(bad(&key("domains"), format!("{d:?} is not a domain name")));
@@ -397,6 +413,7 @@ impl Config {
                     .collect(),
                 ldap,
                 interval,
+                full_interval,
             });
         }
         let listen = |key: &str, list: &[String]| -> Result<Vec<ListenAddr>, ConfigError> {

@@ -524,6 +524,14 @@ fn log_rebuild(
             );
             true
         }
+        Ok(Outcome::Unchanged(p)) => {
+            eprintln!(
+                "rcptgate: no change: generation {} stays in service ({} addresses)",
+                p.generation - 1,
+                p.addresses
+            );
+            true
+        }
         Ok(Outcome::Held(p)) => {
             eprintln!(
                 "rcptgate: deletion guard: holding generation {}: it {}; the snapshot in service stays (rcptgate status shows it, rcptgate approve publishes it)",
@@ -695,12 +703,18 @@ fn serve(config: &Path) -> Result<ExitCode> {
         let rebuild = async |why: &str, sync_all: bool| -> Result<()> {
             eprintln!("rcptgate: {why}: rebuilding");
             let guard = guard.clone();
+            let counters = metrics.clone();
             let r = with_loader(Box::new(move |l: &mut Loader| {
                 let r = if sync_all { l.rebuild_synced() } else { l.rebuild() };
+                // Counted before it is logged, so whoever reads the log sees it counted.
+                match &r {
+                    Ok(_) => counters.reloads_ok.fetch_add(1, Relaxed),
+                    Err(_) => counters.reloads_failed.fetch_add(1, Relaxed),
+                };
                 let good = log_rebuild(&r, &guard);
                 // max_age counts from when the data in service was read.
                 let since = match &r {
-                    Ok(Outcome::Published(p)) => Some(p.data_time),
+                    Ok(Outcome::Published(p) | Outcome::Unchanged(p)) => Some(p.data_time),
                     _ => None,
                 };
                 json!({"good": good, "since": since})
@@ -708,9 +722,6 @@ fn serve(config: &Path) -> Result<ExitCode> {
             .await?;
             if r["good"] == json!(true) {
                 built_at.set(Some(r["since"].as_u64().unwrap_or_else(now)));
-                metrics.reloads_ok.fetch_add(1, Relaxed);
-            } else {
-                metrics.reloads_failed.fetch_add(1, Relaxed);
             }
             Ok(())
         };

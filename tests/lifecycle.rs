@@ -91,9 +91,10 @@ fn kind(l: &Loader, rcpt: &str) -> Option<Kind> {
     }
 }
 
+/// A build in service: published, or the same content as the snapshot in service.
 fn published(o: Result<Outcome, LoadError>) -> rcptgate::sync::loader::Report {
     match o.expect("rebuild") {
-        Outcome::Published(r) => r,
+        Outcome::Published(r) | Outcome::Unchanged(r) => r,
         Outcome::Held(r) => panic!("held: {r:?}"),
     }
 }
@@ -111,7 +112,7 @@ fn guard_holds_a_build_that_removes_eleven_percent_until_approved() {
     f.write(&map_text(100, &gone, ""));
     let held = match l.rebuild().expect("rebuild") {
         Outcome::Held(r) => r,
-        Outcome::Published(r) => panic!("published {r:?}"),
+        Outcome::Published(r) | Outcome::Unchanged(r) => panic!("not held: {r:?}"),
     };
     assert_eq!((held.plan.removed, held.plan.live_before), (11, 100));
     assert!(
@@ -466,4 +467,23 @@ fn a_lost_state_file_keeps_the_tombstones_of_the_persisted_snapshot() {
         .expect_err("corrupt state")
         .to_string();
     assert!(e.contains("snap.bin.state.json:1:15: invalid type"), "{e}");
+}
+
+#[test]
+fn a_build_with_nothing_new_keeps_the_generation_in_service() {
+    let f = Fixture::new();
+    f.write(&map_text(10, &[], ""));
+    let mut l = f.loader("");
+    published(l.rebuild());
+    assert!(matches!(l.rebuild(), Ok(Outcome::Unchanged(_))));
+    assert_eq!(
+        l.directory().view().snapshot().map(|s| s.generation()),
+        Some(1)
+    );
+    f.write(&map_text(11, &[], ""));
+    assert!(matches!(l.rebuild(), Ok(Outcome::Published(_))));
+    assert_eq!(
+        l.directory().view().snapshot().map(|s| s.generation()),
+        Some(2)
+    );
 }

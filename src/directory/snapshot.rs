@@ -192,6 +192,25 @@ impl Snapshot {
         Ok(())
     }
 
+    /// Length and checksum of every section: equal for two snapshots with the same content,
+    /// whatever their generation and build time.
+    pub fn content_digest(&self) -> Vec<(u64, u32)> {
+        self.header
+            .sections
+            .iter()
+            .map(|r| (r.len, r.crc))
+            .collect()
+    }
+
+    /// [`Self::content_digest`] of snapshot bytes not loaded yet.
+    pub fn digest_of(bytes: &[u8]) -> Result<Vec<(u64, u32)>, SnapshotError> {
+        Ok(Header::decode(bytes)?
+            .sections
+            .iter()
+            .map(|r| (r.len, r.crc))
+            .collect())
+    }
+
     /// Check and load a snapshot held in memory.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Snapshot, SnapshotError> {
         Snapshot::from_backing(Arc::new(Backing::Heap(bytes)), false)

@@ -316,60 +316,27 @@ fn fetch_once(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<SourceData, LdapError> {
     let started = Instant::now();
-    let secs = cfg.timeout.as_secs();
     let mut conn = connect(cfg)?;
-    let file: Arc<str> = Arc::from(cfg.url.as_str());
     let mut out = SourceData::new(name, Format::Ldap);
-    let opts = AdOptions {
-        include_disabled: cfg.include_disabled,
-    };
     let mut p = Progress::default();
     for (base, scope) in &cfg.bases {
-        let adapters: Vec<Box<dyn Adapter<_, _>>> = vec![
-            Box::new(EntriesOnly::new()),
-            Box::new(PagedResults::new(cfg.page_size)),
-        ];
-        let mut search = conn
-            .with_timeout(cfg.timeout)
-            .streaming_search_with(adapters, base, *scope, &cfg.filter, ATTRIBUTES.to_vec())
-            .map_err(|e| in_search(base, classify(&cfg.url, e, "search", secs)))?;
-        let mut in_base = 0u64;
-        loop {
-            let next = search
-                .next()
-                .map_err(|e| in_search(base, classify(&cfg.url, e, "search", secs)))?;
-            let Some(raw) = next else { break };
-            let entry = SearchEntry::construct(raw);
-            let mut attrs = Vec::new();
-            for (k, vs) in entry.attrs {
-                for v in vs {
-                    attrs.push((k.clone(), v, 0));
+        let n = search_into(
+            &mut conn,
+            cfg,
+            base,
+            *scope,
+            &cfg.filter,
+            &mut out,
+            &mut |_| {
+                p.entries += 1;
+                if p.entries % cfg.page_size.max(1) as u64 == 0 {
+                    p.pages = p.entries / cfg.page_size.max(1) as u64;
+                    p.elapsed = started.elapsed();
+                    progress(p);
                 }
-            }
-            let dir = DirEntry {
-                dn: entry.dn,
-                line: 0,
-                attrs,
-            };
-            let mapped = ad::map_entry(&dir, &file, &opts);
-            out.entries.extend(mapped.entries);
-            out.diagnostics.extend(mapped.diagnostics);
-            in_base += 1;
-            p.entries += 1;
-            if p.entries % cfg.page_size.max(1) as u64 == 0 {
-                p.pages = p.entries / cfg.page_size.max(1) as u64;
-                p.elapsed = started.elapsed();
-                progress(p);
-            }
-        }
-        let res = search.result();
-        if res.rc != 0 {
-            return Err(LdapError::Search {
-                base: base.clone(),
-                detail: describe(res.rc, &res.text),
-            });
-        }
-        if in_base == 0 {
+            },
+        )?;
+        if n == 0 {
             return Err(LdapError::Empty(base.clone()));
         }
     }
@@ -378,6 +345,245 @@ fn fetch_once(
     p.elapsed = started.elapsed();
     progress(p);
     Ok(out)
+}
+
+/// One paged search of `base`; every entry mapped into `out`. Returns the entry count.
+fn search_into(
+    conn: &mut LdapConn,
+    cfg: &LdapConfig,
+    base: &str,
+    scope: Scope,
+    filter: &str,
+    out: &mut SourceData,
+    each: &mut dyn FnMut(u64),
+) -> Result<u64, LdapError> {
+    let secs = cfg.timeout.as_secs();
+    let file: Arc<str> = Arc::from(cfg.url.as_str());
+    let opts = AdOptions {
+        include_disabled: cfg.include_disabled,
+    };
+    let adapters: Vec<Box<dyn Adapter<_, _>>> = vec![
+        Box::new(EntriesOnly::new()),
+        Box::new(PagedResults::new(cfg.page_size)),
+    ];
+    let mut search = conn
+        .with_timeout(cfg.timeout)
+        .streaming_search_with(adapters, base, scope, filter, ATTRIBUTES.to_vec())
+        .map_err(|e| in_search(base, classify(&cfg.url, e, "search", secs)))?;
+    let mut n = 0u64;
+    loop {
+        let next = search
+            .next()
+            .map_err(|e| in_search(base, classify(&cfg.url, e, "search", secs)))?;
+        let Some(raw) = next else { break };
+        let entry = SearchEntry::construct(raw);
+        let mut attrs = Vec::new();
+        for (k, vs) in entry.attrs {
+            for v in vs {
+                attrs.push((k.clone(), v, 0));
+            }
+        }
+        let dir = DirEntry {
+            dn: entry.dn,
+            line: 0,
+            attrs,
+        };
+        let mapped = ad::map_entry(&dir, &file, &opts);
+        out.entries.extend(mapped.entries);
+        out.diagnostics.extend(mapped.diagnostics);
+        n += 1;
+        each(n);
+    }
+    let res = search.result();
+    if res.rc != 0 {
+        return Err(LdapError::Search {
+            base: base.to_owned(),
+            detail: describe(res.rc, &res.text),
+        });
+    }
+    Ok(n)
+}
+
+/// Where an Active Directory sync left off: the server (its `dsServiceName`) and its
+/// `highestCommittedUSN` read *before* the last search began, so nothing committed during a
+/// search is missed (it is fetched again next time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsnMark {
+    pub server: String,
+    pub usn: u64,
+    /// When the last full sync ran (Unix seconds).
+    pub full_at: u64,
+}
+
+/// The server's identity and highest committed USN (AD only; `None` elsewhere).
+pub fn usn_mark(conn: &mut LdapConn, cfg: &LdapConfig) -> Result<Option<(String, u64)>, LdapError> {
+    let secs = cfg.timeout.as_secs();
+    let res = conn
+        .with_timeout(cfg.timeout)
+        .search(
+            "",
+            Scope::Base,
+            "(objectClass=*)",
+            vec!["highestCommittedUSN", "dsServiceName"],
+        )
+        .map_err(|e| classify(&cfg.url, e, "rootDSE", secs))?;
+    let Some(raw) = res.0.into_iter().next() else {
+        return Ok(None);
+    };
+    let e = SearchEntry::construct(raw);
+    let get = |k: &str| {
+        e.attrs
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(k))
+            .and_then(|(_, v)| v.first().cloned())
+    };
+    Ok(match (get("dsServiceName"), get("highestCommittedUSN")) {
+        (Some(server), Some(usn)) => usn.trim().parse().ok().map(|u| (server, u)),
+        _ => None,
+    })
+}
+
+/// What [`sync`] did.
+#[derive(Debug)]
+pub enum Synced {
+    /// A full sync; the mark is `None` when the server is not Active Directory.
+    Full(SourceData, Option<UsnMark>),
+    /// The objects changed since the last mark were fetched again (`changed` of them) and
+    /// applied to a copy of the previous data.
+    Incremental {
+        data: SourceData,
+        mark: UsnMark,
+        changed: u64,
+    },
+    /// The server's USN has not moved: the previous data stands.
+    Unchanged,
+}
+
+/// Sync a source: incrementally when the server is Active Directory (it has a
+/// `highestCommittedUSN`), the last sync was against the same server, and the last full sync
+/// is younger than `full_every`; in full otherwise. An incremental sync fetches the objects
+/// whose `uSNChanged` is above the mark, and the DNs of every changed object (with any
+/// filter), so an object changed out of the filter is dropped too. Deleted objects are not
+/// seen by an incremental sync: the periodic full sync notices them (and the lifecycle turns
+/// them into tombstones).
+pub fn sync(
+    name: &Arc<str>,
+    cfg: &LdapConfig,
+    prev: Option<(&SourceData, &UsnMark)>,
+    now: u64,
+    full_every: Duration,
+    mut progress: impl FnMut(Progress),
+) -> Result<Synced, LdapError> {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut conn = match connect(cfg) {
+            Ok(c) => c,
+            // Unreachable or slow: the full sync below retries with backoff.
+            Err(LdapError::Connect { .. } | LdapError::Timeout { .. }) => return Ok(Ok(None)),
+            Err(e) => return Err(e),
+        };
+        let mark = usn_mark(&mut conn, cfg)?;
+        match (mark, prev) {
+            (Some((server, usn)), Some((data, m)))
+                if m.server == server
+                    && usn >= m.usn
+                    && now < m.full_at.saturating_add(full_every.as_secs()) =>
+            {
+                if usn == m.usn {
+                    return Ok(Err(Synced::Unchanged));
+                }
+                let (data, changed) = incremental(&mut conn, cfg, data.clone(), m.usn)?;
+                let _ = conn.unbind();
+                Ok(Err(Synced::Incremental {
+                    data,
+                    mark: UsnMark {
+                        server,
+                        usn,
+                        full_at: m.full_at,
+                    },
+                    changed,
+                }))
+            }
+            (mark, _) => {
+                let _ = conn.unbind();
+                Ok(Ok(mark.map(|(server, usn)| UsnMark {
+                    server,
+                    usn,
+                    full_at: now,
+                })))
+            }
+        }
+    }))
+    .unwrap_or_else(|_| {
+        Err(LdapError::Connect {
+            url: cfg.url.clone(),
+            detail: "malformed data from the server".into(),
+        })
+    })?;
+    match r {
+        // A full sync: its own connection, with retries.
+        Ok(mark) => Ok(Synced::Full(fetch(name, cfg, &mut progress)?, mark)),
+        Err(done) => Ok(done),
+    }
+}
+
+/// Fetch what changed above `usn` into `data`; returns it and how many objects changed.
+fn incremental(
+    conn: &mut LdapConn,
+    cfg: &LdapConfig,
+    mut data: SourceData,
+    usn: u64,
+) -> Result<(SourceData, u64), LdapError> {
+    let above = ldap3::ldap_escape((usn + 1).to_string()).into_owned();
+    let mut fresh = SourceData::new(&data.name, Format::Ldap);
+    let mut touched: std::collections::HashSet<String> = Default::default();
+    for (base, scope) in &cfg.bases {
+        let filter = format!("(&{}(uSNChanged>={above}))", cfg.filter);
+        search_into(conn, cfg, base, *scope, &filter, &mut fresh, &mut |_| {})?;
+        // Every changed object, whatever the filter says now: one that no longer matches
+        // loses its addresses.
+        let secs = cfg.timeout.as_secs();
+        let adapters: Vec<Box<dyn Adapter<_, _>>> = vec![
+            Box::new(EntriesOnly::new()),
+            Box::new(PagedResults::new(cfg.page_size)),
+        ];
+        let mut s = conn
+            .with_timeout(cfg.timeout)
+            .streaming_search_with(
+                adapters,
+                base,
+                *scope,
+                &format!("(uSNChanged>={above})"),
+                vec!["1.1"],
+            )
+            .map_err(|e| in_search(base, classify(&cfg.url, e, "search", secs)))?;
+        while let Some(raw) = s
+            .next()
+            .map_err(|e| in_search(base, classify(&cfg.url, e, "search", secs)))?
+        {
+            touched.insert(SearchEntry::construct(raw).dn.to_ascii_lowercase());
+        }
+        let res = s.result();
+        if res.rc != 0 {
+            return Err(LdapError::Search {
+                base: base.clone(),
+                detail: describe(res.rc, &res.text),
+            });
+        }
+    }
+    for e in &fresh.entries {
+        if let Some(dn) = &e.dn {
+            touched.insert(dn.to_ascii_lowercase());
+        }
+    }
+    let hit = |dn: &Option<Box<str>>| {
+        dn.as_deref()
+            .is_some_and(|d| touched.contains(&d.to_ascii_lowercase()))
+    };
+    data.entries.retain(|e| !hit(&e.dn));
+    data.diagnostics.retain(|d| !hit(&d.dn));
+    data.entries.append(&mut fresh.entries);
+    data.diagnostics.append(&mut fresh.diagnostics);
+    Ok((data, touched.len() as u64))
 }
 
 fn in_search(base: &str, e: LdapError) -> LdapError {

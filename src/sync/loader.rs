@@ -52,6 +52,9 @@ pub struct Report {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Published(Report),
+    /// The build has the same content as the snapshot in service, which stays (no new
+    /// generation); any hold is released.
+    Unchanged(Report),
     /// The deletion guard held the build; the snapshot in service stays.
     Held(Report),
 }
@@ -77,6 +80,10 @@ pub enum LoadError {
     #[error("source {0}: {1}")]
     Ldap(String, ldap::LdapError),
 }
+
+/// For each source of a build, where its data goes back to: (LDAP source name, when it was
+/// read, its USN mark); `None` for files.
+type Back = Option<(String, u64, Option<ldap::UsnMark>)>;
 
 /// A build the guard held, kept until approved or replaced.
 #[derive(Debug)]
@@ -149,8 +156,9 @@ pub struct Loader {
     /// No state file at start: tombstones found in the persisted snapshot are taken in
     /// again (from the first publish on, the state file is the truth).
     adopt_orphans: bool,
-    /// The last good sync of each LDAP source, and when it was read.
-    ldap_cache: std::collections::HashMap<String, (SourceData, u64)>,
+    /// The last good sync of each LDAP source, when it was read, and where an incremental
+    /// sync continues from.
+    ldap_cache: std::collections::HashMap<String, (SourceData, u64, Option<ldap::UsnMark>)>,
     /// When the oldest data of the snapshot in service was read.
     data_time: Option<u64>,
 }
@@ -259,7 +267,7 @@ impl Loader {
                 && self
                     .ldap_cache
                     .get(&s.name)
-                    .is_none_or(|(_, at)| now >= at.saturating_add(s.interval.as_secs()))
+                    .is_none_or(|(_, at, _)| now >= at.saturating_add(s.interval.as_secs()))
         })
     }
 
@@ -276,7 +284,7 @@ impl Loader {
     fn read_sources(
         &mut self,
         sync_all: bool,
-    ) -> Result<(Vec<SourceData>, u64, Vec<Option<(String, u64)>>), LoadError> {
+    ) -> Result<(Vec<SourceData>, u64, Vec<Back>), LoadError> {
         let now = (self.clock)();
         let mut oldest = now;
         let mut data = Vec::with_capacity(self.cfg.sources.len());
@@ -291,26 +299,58 @@ impl Loader {
                     let fresh = self
                         .ldap_cache
                         .get(&s.name)
-                        .is_some_and(|(_, at)| now < at.saturating_add(s.interval.as_secs()));
+                        .is_some_and(|(_, at, _)| now < at.saturating_add(s.interval.as_secs()));
                     match self.ldap_cache.remove(&s.name) {
-                        Some((d, at)) if fresh && !sync_all => {
+                        Some((d, at, mark)) if fresh && !sync_all => {
                             oldest = oldest.min(at);
-                            Ok((d, Some((s.name.clone(), at))))
+                            Ok((d, Some((s.name.clone(), at, mark))))
                         }
                         stale => {
                             let name: Arc<str> = Arc::from(s.name.as_str());
                             let started = std::time::Instant::now();
-                            match ldap::fetch(&name, l, |_| {}) {
-                                Ok(d) => {
+                            // SIGHUP (sync_all) asks for a full sync.
+                            let prev = stale
+                                .as_ref()
+                                .filter(|_| !sync_all)
+                                .and_then(|(d, _, m)| Some((d, m.as_ref()?)));
+                            let took = || started.elapsed().as_secs_f64();
+                            match ldap::sync(&name, l, prev, now, s.full_interval, |_| {}) {
+                                Ok(ldap::Synced::Full(d, mark)) => {
                                     eprintln!(
-                                        "rcptgate: {}: synced {} addresses from {} in {:.1} s",
+                                        "rcptgate: {}: full sync: {} addresses from {} in {:.1} s",
                                         s.name,
                                         d.entries.len(),
                                         l.url,
-                                        started.elapsed().as_secs_f64()
+                                        took()
                                     );
-                                    Ok((d, Some((s.name.clone(), now))))
+                                    Ok((d, Some((s.name.clone(), now, mark))))
                                 }
+                                Ok(ldap::Synced::Incremental {
+                                    data,
+                                    mark,
+                                    changed,
+                                }) => {
+                                    eprintln!(
+                                        "rcptgate: {}: incremental sync: {changed} changed object(s) up to USN {}, {} addresses, in {:.2} s",
+                                        s.name,
+                                        mark.usn,
+                                        data.entries.len(),
+                                        took()
+                                    );
+                                    Ok((data, Some((s.name.clone(), now, Some(mark)))))
+                                }
+                                Ok(ldap::Synced::Unchanged) => match stale {
+                                    Some((d, _, mark)) => {
+                                        Ok((d, Some((s.name.clone(), now, mark))))
+                                    }
+                                    None => Err(LoadError::Ldap(
+                                        s.name.clone(),
+                                        ldap::LdapError::Config(
+                                            "internal: no change reported without earlier data"
+                                                .into(),
+                                        ),
+                                    )),
+                                },
                                 Err(e) => {
                                     // Keep the last good sync for the next file change.
                                     if let Some(old) = stale {
@@ -343,10 +383,10 @@ impl Loader {
     }
 
     /// Put the LDAP sources' data back into the cache.
-    fn give_back(&mut self, data: Vec<SourceData>, back: Vec<Option<(String, u64)>>) {
+    fn give_back(&mut self, data: Vec<SourceData>, back: Vec<Back>) {
         for (d, from) in data.into_iter().zip(back) {
-            if let Some((name, at)) = from {
-                self.ldap_cache.insert(name, (d, at));
+            if let Some((name, at, mark)) = from {
+                self.ldap_cache.insert(name, (d, at, mark));
             }
         }
     }
@@ -408,8 +448,22 @@ impl Loader {
             approved: false,
             data_time,
         };
+        let same =
+            old.is_some_and(|o| Snapshot::digest_of(&bytes).is_ok_and(|d| d == o.content_digest()));
         drop(view);
         self.conflicts = conflicts;
+        if same {
+            if report.plan.state != self.state {
+                if let Some(p) = &self.cfg.guard.state {
+                    report.plan.state.save(p)?;
+                }
+                self.state = report.plan.state.clone();
+            }
+            self.held = None;
+            self.adopt_orphans = false;
+            self.data_time = Some(report.data_time);
+            return Ok(Outcome::Unchanged(report));
+        }
         if report.plan.hold {
             self.audit.write(&self.audit_line("held", &report));
             self.held = Some(Held {
