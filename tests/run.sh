@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The whole test suite, including the tests that drive a real Postfix and a real LDAP server.
+# The whole test suite, including the tests that drive a real Postfix and real LDAP servers.
 # Installs Postfix (with lmdb: tables, for the end-to-end benchmark's smoke run), OpenLDAP's
-# slapd and the LDAP tools from Debian's packages when missing (needs root), then runs every
-# test target.
+# slapd, a Samba AD domain controller and the LDAP tools from Debian's packages when missing
+# (needs root), then runs every test target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=""
-for p in postfix postfix-lmdb slapd ldap-utils openssl; do
+for p in postfix postfix-lmdb slapd ldap-utils openssl samba samba-ad-dc samba-ad-provision samba-dsdb-modules; do
     dpkg -s "$p" >/dev/null 2>&1 || need="$need $p"
 done
 if [ -n "$need" ]; then
