@@ -145,6 +145,23 @@ fn wrong_password_wrong_ca_and_closed_port_say_what_to_fix() {
         "{err}"
     );
 
+    // A base DN with nothing in it: refused, never an empty directory.
+    let cfg = config(tmp.path(), &slapd.url(), &slapd.ca, "");
+    std::fs::write(
+        &cfg,
+        std::fs::read_to_string(&cfg).expect("cfg").replace(
+            &format!("base_dns = [\"{OU}\"]"),
+            "base_dns = [\"OU=Empty,DC=corp,DC=test\"]",
+        ),
+    )
+    .expect("cfg");
+    std::fs::write(tmp.path().join("pw"), format!("{SVC_PW}\n")).expect("pw");
+    let err = sync(&cfg);
+    assert!(
+        err.contains("returned no entries; refusing an empty directory"),
+        "{err}"
+    );
+
     // StartTLS on the plain port works with the same CA.
     let cfg = config(
         tmp.path(),
@@ -234,6 +251,14 @@ fn the_daemon_syncs_changes_tombstones_deletions_and_survives_an_outage() {
     let tmp = tempfile::tempdir().expect("tmp");
     let mut slapd = Slapd::start(&tmp.path().join("slapd"), &ad_ldif(40, 2, 1));
     let cfg = config(tmp.path(), &slapd.url(), &slapd.ca, "interval = \"1s\"\n");
+    // Answers must come within a second here, so a frozen server is noticed fast.
+    std::fs::write(
+        &cfg,
+        std::fs::read_to_string(&cfg)
+            .expect("cfg")
+            .replace("timeout = \"5s\"", "timeout = \"1s\""),
+    )
+    .expect("cfg");
     let mut d = Daemon::start(&cfg);
     d.wait_for("published generation 1");
     let reject = "action=550 5.1.1 User unknown";
@@ -255,6 +280,14 @@ fn the_daemon_syncs_changes_tombstones_deletions_and_survives_an_outage() {
     let l = d.wait_for("published generation 3");
     assert!(l.contains("3 tombstoned"), "{l}");
     assert_eq!(d.ask("user.8@corp.test"), "action=DUNNO");
+
+    // The server hangs (frozen mid-service): the sync times out, the snapshot stays.
+    slapd.pause();
+    let l = d.wait_for("rebuild failed, snapshot in service kept");
+    assert!(l.contains("no answer within"), "{l}");
+    assert_eq!(d.ask("user.7@corp.test"), "action=DUNNO");
+    assert_eq!(d.ask("nobody@corp.test"), reject);
+    slapd.resume();
 
     // The server goes away: syncs fail, the snapshot in service stays.
     slapd.stop();

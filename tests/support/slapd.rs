@@ -196,7 +196,26 @@ access to * by users read by * none\n"
             .arg(&path));
     }
 
+    /// Freeze the server (SIGSTOP): connections hang, as with a server that stops
+    /// answering mid-sync. `resume` lets it go on.
+    pub fn pause(&self) {
+        if let Some(pid) = self.pid {
+            let _ = Command::new("kill")
+                .args(["-STOP", &pid.to_string()])
+                .status();
+        }
+    }
+
+    pub fn resume(&self) {
+        if let Some(pid) = self.pid {
+            let _ = Command::new("kill")
+                .args(["-CONT", &pid.to_string()])
+                .status();
+        }
+    }
+
     pub fn stop(&mut self) {
+        self.resume();
         let Some(pid) = self.pid.take() else { return };
         let _ = Command::new("kill").arg(pid.to_string()).status();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -230,6 +249,7 @@ pub fn ad_ldif(users: usize, groups: usize, contacts: usize) -> String {
         "dn: {BASE}\nobjectClass: top\nobjectClass: dcObject\nobjectClass: organization\ndc: corp\no: corp.test\n\n\
 dn: {OU}\nobjectClass: top\nobjectClass: organizationalUnit\nou: AADDC Users\n\n\
 dn: OU=Out Of Scope,{BASE}\nobjectClass: top\nobjectClass: organizationalUnit\nou: Out Of Scope\n\n\
+dn: OU=Empty,{BASE}\nobjectClass: top\nobjectClass: organizationalUnit\nou: Empty\n\n\
 dn: CN=Hidden User,OU=Out Of Scope,{BASE}\nobjectClass: top\nobjectClass: person\nobjectClass: organizationalPerson\nobjectClass: user\n\
 cn: Hidden User\nsn: hidden\nmail: hidden@corp.test\nproxyAddresses: SMTP:hidden@corp.test\nuserAccountControl: 512\n\n\
 dn: {SVC_DN}\nobjectClass: top\nobjectClass: person\nobjectClass: organizationalPerson\nobjectClass: user\n\
