@@ -2,6 +2,7 @@
 //! conflict reported (DESIGN.md §6, first two points).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::fmt;
 
 use crate::address;
@@ -158,30 +159,35 @@ pub fn merge(sources: &[SourceData], generation: u64) -> Merged {
     // Records by (domain, folded local part): a hash of the key to the first record with
     // that hash, chained through `next`, so no key is allocated twice.
     let total: usize = sources.iter().map(|s| s.entries.len()).sum();
-    let mut heads: HashMap<u64, u32> = HashMap::with_capacity(total);
+    let mut heads: HashMap<u64, u32, BuildHasherDefault<Prehashed>> =
+        HashMap::with_capacity_and_hasher(total, Default::default());
     let mut next: Vec<u32> = Vec::with_capacity(total);
     let mut records: Vec<RecordSpec> = Vec::with_capacity(total);
     let mut claims: Vec<Claim> = Vec::with_capacity(total);
     let mut local = Vec::with_capacity(128);
     let mut order: Vec<usize> = (0..sources.len()).collect();
     order.sort_by_key(|&i| sources[i].role);
-    let hasher = std::collections::hash_map::RandomState::new();
+    let mut last_domain: Option<(&str, u32)> = None;
     for si in order {
         let src = &sources[si];
         for (ei, e) in src.entries.iter().enumerate() {
-            let Some(&d) = by_name.get(&e.domain) else {
-                m.outside_domains += 1;
-                continue;
+            // An object's addresses usually share a domain: look it up once.
+            let d = match last_domain {
+                Some((name, d)) if name == e.domain => d,
+                _ => match by_name.get(&e.domain) {
+                    Some(&d) => {
+                        last_domain = Some((e.domain.as_str(), d));
+                        d
+                    }
+                    None => {
+                        m.outside_domains += 1;
+                        continue;
+                    }
+                },
             };
             local.clear();
             address::fold_local_into(&e.local, domains[d as usize].keep_case, &mut local);
-            let h = {
-                use std::hash::{BuildHasher, Hash, Hasher};
-                let mut st = hasher.build_hasher();
-                d.hash(&mut st);
-                local.hash(&mut st);
-                st.finish()
-            };
+            let h = key_hash(d, &local);
             let mut found = heads.get(&h).copied().unwrap_or(u32::MAX);
             while found != u32::MAX {
                 let r = &records[found as usize];
@@ -278,15 +284,59 @@ pub fn merge(sources: &[SourceData], generation: u64) -> Merged {
     m
 }
 
+/// A fast, non-cryptographic hash of a record key (FxHash's multiply-rotate over 8-byte
+/// words). Keys come from the administrator's own directory; a crafted collision would only
+/// lengthen one chain in the merge index, never change a result.
+fn key_hash(domain: u32, local: &[u8]) -> u64 {
+    const K: u64 = 0x517c_c1b7_2722_0a95;
+    let mut h = u64::from(domain).wrapping_mul(K);
+    let mut words = local.chunks_exact(8);
+    for w in words.by_ref() {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(w);
+        h = (h.rotate_left(5) ^ u64::from_le_bytes(b)).wrapping_mul(K);
+    }
+    let rest = words.remainder();
+    let mut b = [0u8; 8];
+    b[..rest.len()].copy_from_slice(rest);
+    h = (h.rotate_left(5) ^ u64::from_le_bytes(b) ^ (rest.len() as u64) << 56).wrapping_mul(K);
+    h ^ (h >> 29)
+}
+
+/// A hasher for keys that are hashes already.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
 /// An alias delivers to its owner's mailbox: without a profile or route of its own it takes
 /// the owner's (user-based routing must not split one mailbox across two next hops).
 fn inherit_from_owners(records: &mut [RecordSpec], domains: &[DomainSpec]) {
+    // Only primaries with a profile or route of their own have anything to give (directory
+    // syncs usually have none: routes come from domains and map files).
     let primaries: HashMap<String, usize> = records
         .iter()
         .enumerate()
-        .filter(|(_, r)| r.owner.is_none())
+        .filter(|(_, r)| r.owner.is_none() && (r.profile != NONE || r.route != NONE))
         .map(|(i, r)| (join_key(&r.local, &domains[r.domain as usize].name), i))
         .collect();
+    if primaries.is_empty() {
+        return;
+    }
     for i in 0..records.len() {
         let Some(owner) = records[i].owner.as_deref() else {
             continue;
