@@ -2,8 +2,8 @@
 //! conflict reported (DESIGN.md §6, first two points).
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::address;
 use crate::directory::{BuildInput, DomainSpec, Interner, Kind, NONE, RecordSpec};
