@@ -192,8 +192,8 @@ impl LdapConfig {
     }
 }
 
-/// A rustls client configuration that trusts only the CA certificates in `ca` (PEM).
-pub fn tls_config(ca: &std::path::Path) -> Result<rustls::ClientConfig, LdapError> {
+/// The CA certificates in `ca` (PEM), as the only trust anchors.
+pub fn ca_roots(ca: &std::path::Path) -> Result<rustls::RootCertStore, LdapError> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let bad = |why: String| LdapError::Config(format!("ca_file {}: {why}", ca.display()));
@@ -206,12 +206,47 @@ pub fn tls_config(ca: &std::path::Path) -> Result<rustls::ClientConfig, LdapErro
     if roots.is_empty() {
         return Err(bad("no certificate in the file".into()));
     }
+    Ok(roots)
+}
+
+/// A rustls client configuration that trusts only the CA certificates in `ca` (PEM).
+pub fn tls_config(ca: &std::path::Path) -> Result<rustls::ClientConfig, LdapError> {
+    let roots = ca_roots(ca)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| bad(e.to_string()))?
+        .map_err(|e| LdapError::Config(format!("ca_file {}: {e}", ca.display())))?
         .with_root_certificates(roots)
         .with_no_client_auth())
+}
+
+/// The adapters every search uses: entries only (AD's continuation references would make
+/// the entry decoder panic), paged by `page_size` (AD stops unpaged searches at 1000).
+pub fn paged<'a, S, A>(page_size: i32) -> Vec<Box<dyn Adapter<'a, S, A>>>
+where
+    S: AsRef<str> + Clone + std::fmt::Debug + Send + Sync + 'a,
+    A: AsRef<[S]> + Clone + std::fmt::Debug + Send + Sync + 'a,
+{
+    vec![
+        Box::new(EntriesOnly::new()),
+        Box::new(PagedResults::new(page_size)),
+    ]
+}
+
+/// A search result as the AD mapper reads it.
+pub fn dir_entry(raw: ldap3::ResultEntry) -> DirEntry {
+    let entry = SearchEntry::construct(raw);
+    let mut attrs = Vec::new();
+    for (k, vs) in entry.attrs {
+        for v in vs {
+            attrs.push((k.clone(), v, 0));
+        }
+    }
+    DirEntry {
+        dn: entry.dn,
+        line: 0,
+        attrs,
+    }
 }
 
 /// How a sync is going (for progress bars).
@@ -362,13 +397,15 @@ fn search_into(
     let opts = AdOptions {
         include_disabled: cfg.include_disabled,
     };
-    let adapters: Vec<Box<dyn Adapter<_, _>>> = vec![
-        Box::new(EntriesOnly::new()),
-        Box::new(PagedResults::new(cfg.page_size)),
-    ];
     let mut search = conn
         .with_timeout(cfg.timeout)
-        .streaming_search_with(adapters, base, scope, filter, ATTRIBUTES.to_vec())
+        .streaming_search_with(
+            paged(cfg.page_size),
+            base,
+            scope,
+            filter,
+            ATTRIBUTES.to_vec(),
+        )
         .map_err(|e| in_search(base, classify(&cfg.url, e, "search", secs)))?;
     let mut n = 0u64;
     loop {
@@ -376,19 +413,7 @@ fn search_into(
             .next()
             .map_err(|e| in_search(base, classify(&cfg.url, e, "search", secs)))?;
         let Some(raw) = next else { break };
-        let entry = SearchEntry::construct(raw);
-        let mut attrs = Vec::new();
-        for (k, vs) in entry.attrs {
-            for v in vs {
-                attrs.push((k.clone(), v, 0));
-            }
-        }
-        let dir = DirEntry {
-            dn: entry.dn,
-            line: 0,
-            attrs,
-        };
-        let mapped = ad::map_entry(&dir, &file, &opts);
+        let mapped = ad::map_entry(&dir_entry(raw), &file, &opts);
         out.entries.extend(mapped.entries);
         out.diagnostics.extend(mapped.diagnostics);
         n += 1;
@@ -542,14 +567,10 @@ fn incremental(
         // Every changed object, whatever the filter says now: one that no longer matches
         // loses its addresses.
         let secs = cfg.timeout.as_secs();
-        let adapters: Vec<Box<dyn Adapter<_, _>>> = vec![
-            Box::new(EntriesOnly::new()),
-            Box::new(PagedResults::new(cfg.page_size)),
-        ];
         let mut s = conn
             .with_timeout(cfg.timeout)
             .streaming_search_with(
-                adapters,
+                paged(cfg.page_size),
                 base,
                 *scope,
                 &format!("(uSNChanged>={above})"),

@@ -5,16 +5,14 @@
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use ldap3::SearchEntry;
-use ldap3::adapters::{Adapter, EntriesOnly, PagedResults};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
-use super::ad::{self, AdOptions, DirEntry};
-use super::ldap::{ATTRIBUTES, LdapConfig, LdapError, connect};
+use super::ad::{self, AdOptions};
+use super::ldap::{ATTRIBUTES, LdapConfig, LdapError, ca_roots, connect, dir_entry, paged};
 
 /// Warn when the server certificate expires within this many days.
 pub const EXPIRY_WARNING_DAYS: i64 = 30;
@@ -126,26 +124,16 @@ impl ServerCertVerifier for Recorder {
 }
 
 fn roots(cfg: &LdapConfig) -> Result<rustls::RootCertStore, String> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
     match &cfg.ca_file {
-        Some(ca) => {
-            let certs = CertificateDer::pem_file_iter(ca)
-                .map_err(|e| format!("ca_file {}: {e}", ca.display()))?;
-            for c in certs {
-                let c = c.map_err(|e| format!("ca_file {}: {e}", ca.display()))?;
-                roots
-                    .add(c)
-                    .map_err(|e| format!("ca_file {}: {e}", ca.display()))?;
-            }
-        }
+        Some(ca) => ca_roots(ca).map_err(|e| e.to_string()),
         None => {
+            let mut roots = rustls::RootCertStore::empty();
             for c in rustls_native_certs::load_native_certs().certs {
                 let _ = roots.add(c);
             }
+            Ok(roots)
         }
     }
-    Ok(roots)
 }
 
 /// The LDAP StartTLS extended request (RFC 4511 §4.14), message ID 1.
@@ -493,12 +481,8 @@ pub fn run(cfg: &LdapConfig) -> Vec<Step> {
         include_disabled: cfg.include_disabled,
     };
     for (base, scope) in &cfg.bases {
-        let adapters: Vec<Box<dyn Adapter<_, _>>> = vec![
-            Box::new(EntriesOnly::new()),
-            Box::new(PagedResults::new(cfg.page_size)),
-        ];
         let search = conn.with_timeout(cfg.timeout).streaming_search_with(
-            adapters,
+            paged(cfg.page_size),
             base,
             *scope,
             &cfg.filter,
@@ -517,17 +501,8 @@ pub fn run(cfg: &LdapConfig) -> Vec<Step> {
                 Ok(Some(raw)) => {
                     n += 1;
                     if samples.len() < 5 {
-                        let e = SearchEntry::construct(raw);
-                        let dir = DirEntry {
-                            dn: e.dn.clone(),
-                            line: 0,
-                            attrs: e
-                                .attrs
-                                .into_iter()
-                                .flat_map(|(k, vs)| vs.into_iter().map(move |v| (k.clone(), v, 0)))
-                                .collect(),
-                        };
-                        let m = ad::map_entry(&dir, &file, &opts);
+                        let e = dir_entry(raw);
+                        let m = ad::map_entry(&e, &file, &opts);
                         let addrs: Vec<String> = m
                             .entries
                             .iter()
@@ -588,7 +563,6 @@ pub fn run(cfg: &LdapConfig) -> Vec<Step> {
         }
     }
     let _ = conn.unbind();
-    let _ = Duration::ZERO;
     out
 }
 
