@@ -315,12 +315,22 @@ pub fn fetch(
     cfg: &LdapConfig,
     mut progress: impl FnMut(Progress),
 ) -> Result<SourceData, LdapError> {
+    fetch_on(name, cfg, &mut progress, None)
+}
+
+/// [`fetch`], the first attempt on `conn` when there is one (bound already).
+fn fetch_on(
+    name: &Arc<str>,
+    cfg: &LdapConfig,
+    progress: &mut dyn FnMut(Progress),
+    mut conn: Option<LdapConn>,
+) -> Result<SourceData, LdapError> {
     let mut attempt = 0;
     loop {
         // A panic inside the LDAP client (it panics on some malformed server data) must not
         // take the daemon down: it is an error like any other.
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            fetch_once(name, cfg, &mut progress)
+            fetch_once(name, cfg, progress, conn.take())
         }))
         .unwrap_or_else(|_| {
             Err(LdapError::Connect {
@@ -349,9 +359,13 @@ fn fetch_once(
     name: &Arc<str>,
     cfg: &LdapConfig,
     progress: &mut dyn FnMut(Progress),
+    conn: Option<LdapConn>,
 ) -> Result<SourceData, LdapError> {
     let started = Instant::now();
-    let mut conn = connect(cfg)?;
+    let mut conn = match conn {
+        Some(c) => c,
+        None => connect(cfg)?,
+    };
     let mut out = SourceData::new(name, Format::Ldap);
     let mut p = Progress::default();
     for (base, scope) in &cfg.bases {
@@ -503,7 +517,9 @@ pub fn sync(
         let mut conn = match connect(cfg) {
             Ok(c) => c,
             // Unreachable or slow: the full sync below retries with backoff.
-            Err(LdapError::Connect { .. } | LdapError::Timeout { .. }) => return Ok(Ok(None)),
+            Err(LdapError::Connect { .. } | LdapError::Timeout { .. }) => {
+                return Ok(Ok((None, None)));
+            }
             Err(e) => return Err(e),
         };
         let mark = usn_mark(&mut conn, cfg)?;
@@ -528,14 +544,15 @@ pub fn sync(
                     changed,
                 }))
             }
-            (mark, _) => {
-                let _ = conn.unbind();
-                Ok(Ok(mark.map(|(server, usn)| UsnMark {
+            // A full sync, on this connection.
+            (mark, _) => Ok(Ok((
+                mark.map(|(server, usn)| UsnMark {
                     server,
                     usn,
                     full_at: now,
-                })))
-            }
+                }),
+                Some(conn),
+            ))),
         }
     }))
     .unwrap_or_else(|_| {
@@ -545,8 +562,11 @@ pub fn sync(
         })
     })?;
     match r {
-        // A full sync: its own connection, with retries.
-        Ok(mark) => Ok(Synced::Full(fetch(name, cfg, &mut progress)?, mark)),
+        // A full sync, retried with backoff on fresh connections.
+        Ok((mark, conn)) => Ok(Synced::Full(
+            fetch_on(name, cfg, &mut progress, conn)?,
+            mark,
+        )),
         Err(done) => Ok(done),
     }
 }
