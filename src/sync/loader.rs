@@ -393,10 +393,11 @@ impl Loader {
 
     fn try_rebuild(&mut self, sync_all: bool) -> Result<Outcome, LoadError> {
         let (data, data_time, back) = self.read_sources(sync_all)?;
-        let view = self.dir.view();
-        let old = view.snapshot();
-        let in_service = old.map_or(0, |s| s.record_count());
-        let generation = old.map_or(0, |s| s.generation()) + 1;
+        let (in_service, generation) = self
+            .dir
+            .view()
+            .snapshot()
+            .map_or((0, 1), |s| (s.record_count(), s.generation() + 1));
         let mut merged = merge::merge(&data, generation);
         let (mut errors, mut warnings) = (0, 0);
         for d in data
@@ -413,7 +414,6 @@ impl Loader {
         for c in &merged.conflicts {
             eprintln!("rcptgate: conflict: {c}");
         }
-        drop(view);
         self.give_back(data, back);
         let view = self.dir.view();
         let old = view.snapshot();
