@@ -6,13 +6,15 @@
 //! `cargo bench --features ldap-tests --bench ldap_sync` (root; slapd, ldap-utils, openssl).
 //! Under `cargo test` it runs once on 2,000 users as a smoke test.
 
+#[path = "../tests/support/daemon.rs"]
+mod daemon;
 #[path = "../tests/support/slapd.rs"]
 mod slapd;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+use daemon::Daemon;
 use slapd::{OU, SVC_DN, SVC_PW, Slapd, ad_ldif};
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -77,32 +79,12 @@ password_file = \"{pw}\"\nbase_dns = [\"{OU}\"]\ndomains = [\"corp.test\", \"ali
             let _ = std::fs::remove_file(tmp.path().join(f));
         }
         let t = Instant::now();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_rcptgate"))
-            .args(["serve", "--config"])
-            .arg(&cfg)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn rcptgate");
-        let pid = child.id();
-        let stderr = child.stderr.take().expect("stderr");
-        let mut published = None;
-        let mut fetch_line = String::new();
-        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if l.starts_with("T ") {
-                eprintln!("{l}");
-            }
-            if l.contains(": full sync: ") {
-                fetch_line = l.clone();
-            }
-            if l.contains("published generation 1") {
-                published = Some(l);
-                break;
-            }
-            assert!(!l.contains("rebuild failed"), "{l}");
-        }
+        let mut d = Daemon::start(&cfg);
+        let fetch_line = d.wait_for(": full sync: ");
+        let line = d.wait_for("published generation 1");
         sync.push(t.elapsed().as_secs_f64());
         eprintln!("{fetch_line}");
-        let line = published.expect("rcptgate published");
+        let pid = d.child.id();
         assert!(
             line.contains(&format!("{} addresses", users / 100 * 99 * 3)),
             "{line}"
@@ -114,8 +96,6 @@ password_file = \"{pw}\"\nbase_dns = [\"{OU}\"]\ndomains = [\"corp.test\", \"ali
             .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
             .unwrap_or(0.0);
         peak.push(hwm_kb / 1024.0);
-        let _ = child.kill();
-        let _ = child.wait();
     }
     let (d, s) = (median(dump.clone()), median(sync.clone()));
     println!(

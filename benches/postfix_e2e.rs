@@ -12,6 +12,8 @@
 //! installed; 100k addresses, 5 rounds of 8 s per mode). Under `cargo test` it runs one short
 //! round on 10k addresses as a smoke test that checks every reply code.
 
+#[path = "../tests/support/daemon.rs"]
+mod daemon;
 #[path = "../tests/support/postfix.rs"]
 mod postfix;
 
@@ -19,11 +21,11 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use postfix::{Postfix, free_port, run};
+use daemon::Daemon;
+use postfix::{Postfix, run};
 
 const SESSIONS: usize = 8;
 const RCPTS_PER_TXN: usize = 50;
@@ -59,77 +61,39 @@ fn process_cpu(pid: &str) -> f64 {
     (fields.get(11).copied().unwrap_or(0.0) + fields.get(12).copied().unwrap_or(0.0)) / 100.0
 }
 
-/// The `rcptgate serve` binary on a config of its own; killed on drop.
-struct Daemon {
-    child: Child,
-    policy: u16,
-    socketmap: u16,
-    metrics: u16,
+/// The `rcptgate serve` binary on `map`, TCP and unix listeners for both protocols and
+/// metrics, its first snapshot published; (daemon, socketmap, metrics) addresses.
+fn start_daemon(dir: &Path, map: &Path) -> (Daemon, String, String) {
+    let cfg = dir.join("rcptgate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[directory]\nsnapshot = \"{}\"\n\n[[source]]\nname = \"bench\"\nkind = \"map\"\npath = \"{}\"\n\n\
+[policy]\nlisten = [\"127.0.0.1:0\", \"unix:{d}/policy.sock\"]\n\n\
+[socketmap]\nlisten = [\"127.0.0.1:0\", \"unix:{d}/socketmap.sock\"]\n\n\
+[metrics]\nlisten = \"127.0.0.1:0\"\n",
+            dir.join("snap.bin").display(),
+            map.display(),
+            d = dir.display()
+        ),
+    )
+    .expect("config");
+    let mut d = Daemon::start(&cfg);
+    let (socketmap, metrics) = (d.listener("socketmap"), d.listener("metrics"));
+    d.wait_for("published generation 1");
+    (d, socketmap, metrics)
 }
 
-impl Daemon {
-    fn start(dir: &Path, map: &Path) -> Daemon {
-        let (policy, socketmap, metrics) = (free_port(), free_port(), free_port());
-        let cfg = dir.join("rcptgate.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "[directory]\nsnapshot = \"{}\"\n\n[[source]]\nname = \"bench\"\nkind = \"map\"\npath = \"{}\"\n\n\
-[policy]\nlisten = [\"127.0.0.1:{policy}\", \"unix:{d}/policy.sock\"]\n\n\
-[socketmap]\nlisten = [\"127.0.0.1:{socketmap}\", \"unix:{d}/socketmap.sock\"]\n\n\
-[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n",
-                dir.join("snap.bin").display(),
-                map.display(),
-                d = dir.display()
-            ),
-        )
-        .expect("config");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_rcptgate"))
-            .args(["serve", "--config"])
-            .arg(&cfg)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn rcptgate");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if l.contains("rebuild failed") {
-                    eprintln!("{l}");
-                }
-                if l.contains("published generation") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(60))
-            .expect("rcptgate published its first snapshot");
-        Daemon {
-            child,
-            policy,
-            socketmap,
-            metrics,
-        }
-    }
-
-    /// Requests answered so far, all frontends (from /metrics).
-    fn requests(&self) -> f64 {
-        let mut s = TcpStream::connect(("127.0.0.1", self.metrics)).expect("metrics");
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("get");
-        let mut body = String::new();
-        std::io::Read::read_to_string(&mut s, &mut body).expect("read metrics");
-        body.lines()
-            .filter(|l| l.starts_with("rcptgate_request_seconds_count"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Requests the daemon with metrics on `metrics` answered so far, all frontends.
+fn requests(metrics: &str) -> f64 {
+    let mut s = TcpStream::connect(metrics).expect("metrics");
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("get");
+    let mut body = String::new();
+    std::io::Read::read_to_string(&mut s, &mut body).expect("read metrics");
+    body.lines()
+        .filter(|l| l.starts_with("rcptgate_request_seconds_count"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// The final line's code of one (possibly multi-line) SMTP reply.
@@ -248,7 +212,7 @@ fn main() {
     std::fs::write(base.join("dir.map"), map).expect("map");
     std::fs::write(base.join("rcpt.table"), table).expect("table");
 
-    let daemon = Daemon::start(base, &base.join("dir.map"));
+    let (daemon, socketmap, metrics) = start_daemon(base, &base.join("dir.map"));
     // Postfix's smtpd runs as `postfix`: let it into the directory of the unix sockets
     // (rcptgate makes the sockets themselves 0666).
     run(Command::new("chmod").arg("755").arg(base));
@@ -273,8 +237,7 @@ fn main() {
                 &base.join("pf-socketmap"),
                 "example.com",
                 &[&format!(
-                    "relay_recipient_maps = socketmap:inet:127.0.0.1:{}:recipients",
-                    daemon.socketmap
+                    "relay_recipient_maps = socketmap:inet:{socketmap}:recipients"
                 )],
             ),
         ),
@@ -284,7 +247,7 @@ fn main() {
                 &base.join("pf-policy"),
                 "example.com",
                 &[&format!(
-                    "smtpd_recipient_restrictions = check_policy_service {{ inet:127.0.0.1:{}, timeout=10s, default_action=DEFER_IF_PERMIT }}, permit",
+                    "smtpd_recipient_restrictions = check_policy_service {{ inet:{}, timeout=10s, default_action=DEFER_IF_PERMIT }}, permit",
                     daemon.policy
                 )],
             ),
@@ -326,7 +289,7 @@ fn main() {
     let mut results: BTreeMap<&str, Vec<Round>> = BTreeMap::new();
     for _ in 0..rounds {
         for (mode, pf) in &modes {
-            let req0 = daemon.requests();
+            let req0 = requests(&metrics);
             let (busy0, rg0, me0) = (
                 machine_busy(),
                 process_cpu(&rcptgate_pid),
@@ -339,7 +302,7 @@ fn main() {
                 process_cpu("self") - me0,
             );
             let rcpts: u64 = codes.values().sum();
-            let requests = daemon.requests() - req0;
+            let requests = requests(&metrics) - req0;
             let unknown = rcpts / UNKNOWN_EVERY as u64;
             // Every reply must be the right one: 550 for the unknown tenth (none when
             // nothing checks recipients), 250 for the rest; a 4xx would mean lost speed.

@@ -1,112 +1,21 @@
 //! The `rcptgate serve` daemon as a process: persisted snapshot at start, SIGHUP rebuilds,
 //! a truncated upload is refused, SIGTERM drains and exits 0.
 
-use std::io::{BufRead, BufReader, Read, Write};
+#[path = "support/daemon.rs"]
+mod daemon;
+
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-struct Daemon {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    /// Lines read but not yet matched by `wait_for`.
-    backlog: Vec<String>,
-    policy: String,
-    metrics: String,
-}
+use daemon::{Daemon, cli};
 
-impl Drop for Daemon {
-    /// Never leave a daemon behind, whatever the test did.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(config: &Path) -> Daemon {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rcptgate"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut d = Daemon {
-        child,
-        lines,
-        backlog: Vec::new(),
-        policy: String::new(),
-        metrics: String::new(),
-    };
-    let line = d.peek_for("policy listening on ");
-    d.policy = line.rsplit(' ').next().expect("addr").to_owned();
-    let line = d.peek_for("metrics listening on ");
-    d.metrics = line.rsplit(' ').next().expect("addr").to_owned();
-    d
-}
-
-impl Daemon {
-    /// Wait until the daemon has said `needle`; earlier lines stay available.
-    fn peek_for(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(l) = self.backlog.iter().find(|l| l.contains(needle)) {
-                return l.clone();
-            }
-            let left = deadline
-                .checked_duration_since(Instant::now())
-                .unwrap_or_else(|| panic!("daemon never said {needle:?}: {:#?}", self.backlog));
-            match self.lines.recv_timeout(left) {
-                Ok(l) => self.backlog.push(l),
-                Err(_) => panic!("daemon never said {needle:?}: {:#?}", self.backlog),
-            }
-        }
-    }
-
-    /// Wait until the daemon has said `needle`, and forget everything up to it.
-    fn wait_for(&mut self, needle: &str) -> String {
-        let line = self.peek_for(needle);
-        let at = self.backlog.iter().position(|l| *l == line).unwrap_or(0);
-        self.backlog.drain(..=at);
-        line
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(ok.success());
-    }
-
-    fn ask(&self, rcpt: &str) -> String {
-        let mut s = TcpStream::connect(&self.policy).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        write!(
-            s,
-            "request=smtpd_access_policy\nprotocol_state=RCPT\nrecipient={rcpt}\n\n"
-        )
-        .expect("write");
-        let mut reply = Vec::new();
-        let mut byte = [0u8; 1];
-        while !reply.ends_with(b"\n\n") {
-            let n = s.read(&mut byte).expect("read");
-            assert!(n > 0, "closed");
-            reply.push(byte[0]);
-        }
-        String::from_utf8_lossy(&reply).trim().to_owned()
-    }
+/// Start the daemon; its metrics address too (every config here has one).
+fn start(config: &Path) -> (Daemon, String) {
+    let mut d = Daemon::start(config);
+    let metrics = d.listener("metrics");
+    (d, metrics)
 }
 
 fn write_config(dir: &Path, map: &Path, directory: &str) -> std::path::PathBuf {
@@ -124,8 +33,8 @@ fn write_config(dir: &Path, map: &Path, directory: &str) -> std::path::PathBuf {
 }
 
 /// GET `path` from the metrics port: (status line, body).
-fn http_get(d: &Daemon, path: &str) -> (String, String) {
-    let mut s = TcpStream::connect(&d.metrics).expect("connect");
+fn http_get(metrics: &str, path: &str) -> (String, String) {
+    let mut s = TcpStream::connect(metrics).expect("connect");
     write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("write");
     let mut text = String::new();
     s.read_to_string(&mut text).expect("read");
@@ -149,7 +58,7 @@ fn watched_edits_refused_uploads_sighup_restart_and_shutdown() {
     std::fs::write(&map, &example).expect("map");
     let cfg = write_config(tmp.path(), &map, "");
 
-    let mut d = start(&cfg);
+    let (mut d, m) = start(&cfg);
     d.wait_for("published generation 1");
     assert_eq!(d.ask("alice@contoso.com"), "action=DUNNO");
     assert_eq!(
@@ -159,8 +68,8 @@ fn watched_edits_refused_uploads_sighup_restart_and_shutdown() {
     // Regression: reading a source must not count as a change (it once caused a rebuild
     // loop). Several debounce periods later, still generation 1.
     std::thread::sleep(Duration::from_millis(800));
-    assert_eq!(http_get(&d, "/healthz").0, "HTTP/1.1 200 OK");
-    let (status, body) = http_get(&d, "/metrics");
+    assert_eq!(http_get(&m, "/healthz").0, "HTTP/1.1 200 OK");
+    let (status, body) = http_get(&m, "/metrics");
     assert_eq!(status, "HTTP/1.1 200 OK");
     for want in [
         "rcptgate_lookups_total{frontend=\"policy\",verdict=\"accept\"} 1",
@@ -173,7 +82,7 @@ fn watched_edits_refused_uploads_sighup_restart_and_shutdown() {
     ] {
         assert!(body.contains(want), "missing {want:?} in\n{body}");
     }
-    assert_eq!(http_get(&d, "/nope").0, "HTTP/1.1 404 Not Found");
+    assert_eq!(http_get(&m, "/nope").0, "HTTP/1.1 404 Not Found");
 
     // Written in place while running: picked up without a signal.
     let edited = example.replace(
@@ -223,7 +132,7 @@ fn watched_edits_refused_uploads_sighup_restart_and_shutdown() {
 
     // Restart with the source gone: the persisted snapshot answers at once.
     std::fs::remove_file(&map).expect("rm");
-    let mut d = start(&cfg);
+    let (mut d, _) = start(&cfg);
     d.wait_for("serving persisted snapshot, generation 3");
     assert_eq!(d.ask("second.hire@contoso.com"), "action=DUNNO");
     d.wait_for("rebuild failed, snapshot in service kept");
@@ -238,7 +147,7 @@ fn max_age_turns_unknown_rejects_into_deferrals() {
     let map = tmp.path().join("dir.map");
     std::fs::write(&map, example()).expect("map");
     let cfg = write_config(tmp.path(), &map, "max_age = \"1s\"");
-    let mut d = start(&cfg);
+    let (mut d, _) = start(&cfg);
     d.wait_for("published generation 1");
     assert_eq!(d.ask("nobody@contoso.com"), "action=550 5.1.1 User unknown");
     // The source breaks and stays broken past max_age.
@@ -265,17 +174,17 @@ fn without_any_snapshot_everything_is_deferred() {
     let tmp = tempfile::tempdir().expect("tmp");
     let map = tmp.path().join("missing.map");
     let cfg = write_config(tmp.path(), &map, "");
-    let mut d = start(&cfg);
+    let (mut d, m) = start(&cfg);
     d.wait_for("rebuild failed");
     assert!(
         d.ask("alice@contoso.com")
             .starts_with("action=DEFER_IF_PERMIT 4.3.0")
     );
     assert_eq!(
-        http_get(&d, "/healthz").0,
+        http_get(&m, "/healthz").0,
         "HTTP/1.1 503 Service Unavailable"
     );
-    let (_, body) = http_get(&d, "/metrics");
+    let (_, body) = http_get(&m, "/metrics");
     assert!(
         body.contains("rcptgate_lookups_total{frontend=\"policy\",verdict=\"tempfail\"} 1"),
         "{body}"
@@ -287,22 +196,6 @@ fn without_any_snapshot_everything_is_deferred() {
     assert!(body.contains("rcptgate_snapshot_loaded 0"), "{body}");
     d.signal("-TERM");
     assert!(d.child.wait().expect("wait").success());
-}
-
-/// `rcptgate` run as a command; (success, stdout + stderr).
-fn cli(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_rcptgate"))
-        .args(args)
-        .output()
-        .expect("run rcptgate");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 #[test]
@@ -323,7 +216,7 @@ fn deletion_guard_status_approve_and_conflicts_over_the_control_socket() {
     std::fs::write(&cfg, text).expect("cfg");
     let cfg_s = cfg.to_str().expect("utf-8 path");
 
-    let mut d = start(&cfg);
+    let (mut d, m) = start(&cfg);
     d.wait_for("published generation 1");
     let mode = std::fs::metadata(&sock)
         .expect("socket")
@@ -345,7 +238,7 @@ fn deletion_guard_status_approve_and_conflicts_over_the_control_socket() {
     std::fs::write(&map, &edited).expect("edit");
     d.wait_for("deletion guard: holding generation 2");
     assert_eq!(d.ask("henry.hill@fabrikam.com"), "action=DUNNO");
-    let (_, body) = http_get(&d, "/metrics");
+    let (_, body) = http_get(&m, "/metrics");
     assert!(body.contains("rcptgate_guard_held 1"), "{body}");
     assert!(body.contains("rcptgate_guard_held_removals 3"), "{body}");
     let (ok, out) = cli(&["status", "--config", cfg_s]);
@@ -417,7 +310,7 @@ fn deletion_guard_status_approve_and_conflicts_over_the_control_socket() {
     let s: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
     assert_eq!(s["tombstones"], 2);
     assert_eq!(s["held"], serde_json::Value::Null);
-    let (_, body) = http_get(&d, "/metrics");
+    let (_, body) = http_get(&m, "/metrics");
     assert!(body.contains("rcptgate_tombstones 2"), "{body}");
     assert!(body.contains("rcptgate_guard_held 0"), "{body}");
     assert!(

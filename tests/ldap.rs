@@ -7,26 +7,13 @@
 #[path = "support/slapd.rs"]
 mod slapd;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+#[path = "support/daemon.rs"]
+mod daemon;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
 
+use daemon::{Daemon, cli_split as rcptgate};
 use slapd::{OU, SVC_DN, SVC_PW, Slapd, ad_ldif};
-
-fn rcptgate(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_rcptgate"))
-        .args(args)
-        .output()
-        .expect("run rcptgate");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// A config with one LDAP source; `extra` goes into the source table.
 fn config(dir: &Path, url: &str, ca: &Path, extra: &str) -> PathBuf {
@@ -129,10 +116,7 @@ fn wrong_password_wrong_ca_and_closed_port_say_what_to_fix() {
         "{err}"
     );
 
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let closed = slapd::free_port();
     let cfg = config(
         tmp.path(),
         &format!("ldaps://127.0.0.1:{closed}"),
@@ -172,78 +156,6 @@ fn wrong_password_wrong_ca_and_closed_port_say_what_to_fix() {
     std::fs::write(tmp.path().join("pw"), format!("{SVC_PW}\n")).expect("pw");
     let (ok, out, err) = rcptgate(&["sync", "--once", "--config", cfg.to_str().expect("p")]);
     assert!(ok && out.contains(": 9 addresses"), "{out}{err}");
-}
-
-struct Daemon {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    policy: String,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Daemon {
-    fn start(cfg: &Path) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_rcptgate"))
-            .args(["serve", "--config"])
-            .arg(cfg)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut d = Daemon {
-            child,
-            lines,
-            policy: String::new(),
-        };
-        let l = d.wait_for("policy listening on ");
-        d.policy = l.rsplit(' ').next().expect("addr").to_owned();
-        d
-    }
-
-    fn wait_for(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut seen = Vec::new();
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.contains(needle) => return l,
-                Ok(l) => seen.push(l),
-                Err(_) => break,
-            }
-        }
-        panic!("daemon never said {needle:?}: {seen:#?}");
-    }
-
-    fn ask(&self, rcpt: &str) -> String {
-        let mut s = TcpStream::connect(&self.policy).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        write!(
-            s,
-            "request=smtpd_access_policy\nprotocol_state=RCPT\nrecipient={rcpt}\n\n"
-        )
-        .expect("write");
-        let mut reply = Vec::new();
-        let mut byte = [0u8; 1];
-        while !reply.ends_with(b"\n\n") {
-            assert_eq!(s.read(&mut byte).expect("read"), 1, "closed");
-            reply.push(byte[0]);
-        }
-        String::from_utf8_lossy(&reply).trim().to_owned()
-    }
 }
 
 #[test]
@@ -369,10 +281,7 @@ fn ldap_test_walks_every_step_and_says_what_to_fix() {
     );
 
     // Nothing listening.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let closed = slapd::free_port();
     let cfg = config(
         tmp.path(),
         &format!("ldaps://127.0.0.1:{closed}"),

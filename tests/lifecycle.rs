@@ -3,18 +3,20 @@
 //! addresses accepted for the grace period across restarts (an injected clock, no sleeps),
 //! exceptions beat additions beat the directory, and the audit log rotates.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+#[path = "support/daemon.rs"]
+mod daemon;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use rcptgate::config::Config;
 use rcptgate::directory::{Directory, Kind, LookupOptions, Verdict};
 use rcptgate::proto::policy::Texts;
 use rcptgate::server::{Context, Limits, Protocol, serve};
 use rcptgate::sync::loader::{Clock, LoadError, Loader, Outcome};
+
+use daemon::ask;
 
 const DAY: u64 = 86_400;
 const T0: u64 = 1_800_000_000;
@@ -287,25 +289,6 @@ fn tombstones_can_be_kept_deleted_or_come_back() {
         l.directory().lookup("u4@contoso.test"),
         Verdict::Reject(_)
     ));
-}
-
-/// Ask the policy service at `addr` about `rcpt`; the action line.
-fn ask(addr: &str, rcpt: &str) -> String {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        s,
-        "request=smtpd_access_policy\nprotocol_state=RCPT\nrecipient={rcpt}\n\n"
-    )
-    .expect("write");
-    let mut reply = Vec::new();
-    let mut byte = [0u8; 1];
-    while !reply.ends_with(b"\n\n") {
-        assert_eq!(s.read(&mut byte).expect("read"), 1, "closed");
-        reply.push(byte[0]);
-    }
-    String::from_utf8_lossy(&reply).trim().to_owned()
 }
 
 fn write_source(path: &Path, text: &str) {

@@ -5,14 +5,15 @@
 #![cfg(feature = "postfix-tests")]
 
 mod common;
+#[path = "support/daemon.rs"]
+mod daemon;
 #[path = "support/postfix.rs"]
 mod postfix;
 
 use common::example_directory;
-use postfix::{Postfix, free_port, run};
-use std::io::{BufRead, BufReader};
+use daemon::Daemon;
+use postfix::Postfix;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -137,70 +138,21 @@ fn socketmap_behind_postfix() {
     }
 }
 
-/// The `rcptgate serve` binary on a config of its own; killed on drop.
-struct Daemon {
-    child: std::process::Child,
-    policy: u16,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-impl Daemon {
-    fn start(dir: &Path, map: &Path) -> Daemon {
-        let policy = free_port();
-        let cfg = dir.join("rcptgate.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "[directory]\nsnapshot = \"{}\"\ndebounce = \"100ms\"\n\n[[source]]\nname = \"m\"\nkind = \"map\"\npath = \"{}\"\n\n[policy]\nlisten = [\"127.0.0.1:{policy}\"]\n",
-                dir.join("snap.bin").display(),
-                map.display()
-            ),
-        )
-        .expect("config");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_rcptgate"))
-            .args(["serve", "--config"])
-            .arg(&cfg)
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(l);
-            }
-        });
-        let d = Daemon {
-            child,
-            policy,
-            lines,
-        };
-        d.wait_for("published generation 1");
-        d
-    }
-
-    fn wait_for(&self, needle: &str) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.contains(needle) => return,
-                Ok(_) => {}
-                Err(_) => break,
-            }
-        }
-        panic!("daemon never said {needle:?}");
-    }
-
-    fn signal(&self, sig: &str) {
-        run(Command::new("kill").args([sig, &self.child.id().to_string()]));
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The `rcptgate serve` binary on `map`, with its first snapshot published.
+fn start_daemon(dir: &Path, map: &Path) -> Daemon {
+    let cfg = dir.join("rcptgate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[directory]\nsnapshot = \"{}\"\ndebounce = \"100ms\"\n\n[[source]]\nname = \"m\"\nkind = \"map\"\npath = \"{}\"\n\n[policy]\nlisten = [\"127.0.0.1:0\"]\n",
+            dir.join("snap.bin").display(),
+            map.display()
+        ),
+    )
+    .expect("config");
+    let mut d = Daemon::start(&cfg);
+    d.wait_for("published generation 1");
+    d
 }
 
 #[test]
@@ -211,9 +163,9 @@ fn live_edits_truncated_uploads_and_sigterm_under_load_through_postfix() {
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.map"))
             .expect("example");
     std::fs::write(&map, &example).expect("map");
-    let daemon = Daemon::start(tmp.path(), &map);
+    let mut daemon = start_daemon(tmp.path(), &map);
     let restriction = format!(
-        "smtpd_recipient_restrictions = check_policy_service {{ inet:127.0.0.1:{}, timeout=10s, default_action=DEFER_IF_PERMIT }}, permit",
+        "smtpd_recipient_restrictions = check_policy_service {{ inet:{}, timeout=10s, default_action=DEFER_IF_PERMIT }}, permit",
         daemon.policy
     );
     let pf = Postfix::start(&tmp.path().join("pf"), &[&restriction]);
@@ -283,7 +235,6 @@ fn live_edits_truncated_uploads_and_sigterm_under_load_through_postfix() {
         served > 0 && deferred > 0,
         "served {served}, deferred {deferred}"
     );
-    let mut daemon = daemon;
     assert!(
         daemon.child.wait().expect("wait").success(),
         "SIGTERM exits 0"

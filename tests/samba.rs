@@ -5,19 +5,18 @@
 //! `cargo test --features ldap-tests --test samba`; `tests/run.sh` installs Samba.
 #![cfg(feature = "ldap-tests")]
 
+#[path = "support/daemon.rs"]
+mod daemon;
 #[path = "support/samba.rs"]
 mod samba;
 #[path = "support/slapd.rs"]
 mod slapd;
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use daemon::{Daemon, ask, cli as rcptgate};
 use samba::{Samba, unicode_pwd};
 
 const BASE: &str = "DC=corp,DC=test";
@@ -73,39 +72,6 @@ base_dns = [\"{OU}\"]\ntimeout = \"10s\"\nretries = 0\n{extra}\n\
     cfg
 }
 
-fn rcptgate(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_rcptgate"))
-        .args(args)
-        .output()
-        .expect("run");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
-fn ask(addr: &str, rcpt: &str) -> String {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        s,
-        "request=smtpd_access_policy\nprotocol_state=RCPT\nrecipient={rcpt}\n\n"
-    )
-    .expect("write");
-    let mut reply = Vec::new();
-    let mut byte = [0u8; 1];
-    while !reply.ends_with(b"\n\n") {
-        assert_eq!(s.read(&mut byte).expect("read"), 1, "closed");
-        reply.push(byte[0]);
-    }
-    String::from_utf8_lossy(&reply).trim().to_owned()
-}
-
 #[test]
 fn active_directory_upn_bind_sub_codes_and_incremental_sync() {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -141,41 +107,11 @@ fn active_directory_upn_bind_sub_codes_and_incremental_sync() {
         "svc-smtp@corp.test",
         "interval = \"1s\"\nfull_interval = \"1h\"\n",
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rcptgate"))
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, lines) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    let wait_for = |needle: &str| -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut seen = Vec::new();
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match lines.recv_timeout(left) {
-                Ok(l) if l.contains(needle) => return l,
-                Ok(l) => seen.push(l),
-                Err(_) => break,
-            }
-        }
-        panic!("daemon never said {needle:?}: {seen:#?}");
-    };
-    let policy = wait_for("policy listening on ")
-        .rsplit(' ')
-        .next()
-        .expect("addr")
-        .to_owned();
-    let l = wait_for("corp-ad: full sync: ");
+    let mut d = Daemon::start(&cfg);
+    let policy = d.policy.clone();
+    let l = d.wait_for("corp-ad: full sync: ");
     assert!(l.contains("26 addresses"), "{l}");
-    wait_for("published generation 1");
+    d.wait_for("published generation 1");
     let reject = "action=550 5.1.1 User unknown";
     assert_eq!(ask(&policy, "user.3@corp.test"), "action=DUNNO");
     assert_eq!(ask(&policy, "u3@corp.test"), "action=DUNNO");
@@ -192,16 +128,16 @@ fn active_directory_upn_bind_sub_codes_and_incremental_sync() {
     dc.modify(&format!(
         "dn: CN=User 3,{OU}\nchangetype: modify\nadd: proxyAddresses\nproxyAddresses: smtp:new.alias@corp.test\n"
     ));
-    let l = wait_for("corp-ad: incremental sync: ");
+    let l = d.wait_for("corp-ad: incremental sync: ");
     assert!(l.contains("1 changed object(s)"), "{l}");
-    wait_for("published generation 2");
+    d.wait_for("published generation 2");
     assert_eq!(ask(&policy, "new.alias@corp.test"), "action=DUNNO");
 
     // Mail removed from an object: the incremental sync drops its addresses (tombstoned).
     dc.modify(&format!(
         "dn: CN=User 4,{OU}\nchangetype: modify\ndelete: proxyAddresses\n-\ndelete: mail\n"
     ));
-    let l = wait_for("published generation 3");
+    let l = d.wait_for("published generation 3");
     assert!(l.contains("2 tombstoned"), "{l}");
 
     // A user deleted in AD: incremental syncs cannot see it; the full resync (SIGHUP here,
@@ -209,14 +145,8 @@ fn active_directory_upn_bind_sub_codes_and_incremental_sync() {
     dc.modify(&format!("dn: CN=User 6,{OU}\nchangetype: delete\n"));
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(ask(&policy, "user.6@corp.test"), "action=DUNNO");
-    let ok = Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(ok.success());
-    let l = wait_for("published generation");
+    d.signal("-HUP");
+    let l = d.wait_for("published generation");
     assert!(l.contains("2 tombstoned"), "{l}");
     assert_eq!(ask(&policy, "user.6@corp.test"), "action=DUNNO");
-    let _ = child.kill();
-    let _ = child.wait();
 }

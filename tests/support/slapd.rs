@@ -15,7 +15,8 @@ pub const SVC_PW: &str = "Svc!Passw0rd1";
 const ROOT_DN: &str = "CN=Manager,DC=corp,DC=test";
 const ROOT_PW: &str = "secret";
 
-fn free_port() -> u16 {
+/// A loopback port nothing listens on (for a while).
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
