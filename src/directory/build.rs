@@ -144,20 +144,23 @@ struct ShardOut {
     records: Vec<RecordSpec>,
 }
 
+/// Domains in name order (the order of a snapshot's domain table and of its address
+/// cursor): the indices in that order, and each domain's position in it.
+pub fn name_order(domains: &[DomainSpec]) -> (Vec<u32>, Vec<u32>) {
+    let mut order: Vec<u32> = (0..domains.len() as u32).collect();
+    order.sort_by(|&a, &b| domains[a as usize].name.cmp(&domains[b as usize].name));
+    let mut rank = vec![0u32; domains.len()];
+    for (r, &d) in order.iter().enumerate() {
+        rank[d as usize] = r as u32;
+    }
+    (order, rank)
+}
+
 /// Build a snapshot file image. Pure function of the input (plus timings).
 pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError> {
     let t0 = Instant::now();
     // Domains in name order; remap record domain indices.
-    let mut order: Vec<u32> = (0..input.domains.len() as u32).collect();
-    order.sort_by(|&a, &b| {
-        input.domains[a as usize]
-            .name
-            .cmp(&input.domains[b as usize].name)
-    });
-    let mut remap = vec![0u32; input.domains.len()];
-    for (new, &old) in order.iter().enumerate() {
-        remap[old as usize] = new as u32;
-    }
+    let (order, remap) = name_order(&input.domains);
     let domains: Vec<DomainSpec> = order
         .iter()
         .map(|&o| input.domains[o as usize].clone())

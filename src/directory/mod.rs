@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use arc_swap::{ArcSwapOption, Guard};
 
 pub use build::{
-    BuildError, BuildInput, BuildStats, DomainSpec, Interner, NONE, RecordSpec, build,
+    BuildError, BuildInput, BuildStats, DomainSpec, Interner, NONE, RecordSpec, build, name_order,
 };
 pub use format::{Sec, SnapshotError, write_atomic};
 pub use snapshot::{AddressCursor, DomainInfo, RecordInfo, Snapshot};

@@ -172,16 +172,7 @@ pub fn plan(
     };
     let inp: &BuildInput = input;
     // Domains by name, as ranks: (rank, local part) sorts like the snapshot's cursor.
-    let mut by_name: Vec<u32> = (0..inp.domains.len() as u32).collect();
-    by_name.sort_unstable_by(|&a, &b| {
-        inp.domains[a as usize]
-            .name
-            .cmp(&inp.domains[b as usize].name)
-    });
-    let mut rank = vec![0u32; inp.domains.len()];
-    for (r, &d) in by_name.iter().enumerate() {
-        rank[d as usize] = r as u32;
-    }
+    let (by_name, rank) = crate::directory::name_order(&inp.domains);
     let rank_of: HashMap<&str, u32> = inp
         .domains
         .iter()
