@@ -146,7 +146,7 @@ fn run_size(c: &mut Criterion, n: usize, test_mode: bool) {
         let snap = Snapshot::open(&path).expect("open");
         let dir = Directory::new(LookupOptions::default());
         dir.publish(Arc::new(snap));
-        assert!(matches!(dir.lookup(&probe), Verdict::Accept(_)));
+        assert!(matches!(dir.verdict(&probe), Verdict::Accept(_)));
         starts.push(t.elapsed());
     }
     starts.sort();
@@ -178,7 +178,7 @@ fn run_size(c: &mut Criterion, n: usize, test_mode: bool) {
     // Sanity: both structures agree on every query.
     let mut buf = AddrBuf::default();
     for q in q_hit.iter().chain(&q_sub).chain(&q_miss).take(10_000) {
-        let fst = matches!(dir.lookup(q), Verdict::Accept(_));
+        let fst = matches!(dir.verdict(q), Verdict::Accept(_));
         let hash = base.lookup(q, &mut buf).is_some();
         assert_eq!(fst, hash, "disagreement on {q}");
     }
@@ -191,10 +191,10 @@ fn run_size(c: &mut Criterion, n: usize, test_mode: bool) {
         ("miss", &q_miss),
     ] {
         let f = time_each(qs, overhead, |q| {
-            black_box(dir.lookup(black_box(q)));
+            black_box(dir.verdict(black_box(q)));
         });
         let hp = time_each(qs, overhead, |q| {
-            black_box(huge.lookup(black_box(q)));
+            black_box(huge.verdict(black_box(q)));
         });
         let mut b2 = AddrBuf::default();
         let h = time_each(qs, overhead, |q| {
@@ -264,7 +264,7 @@ fn run_size(c: &mut Criterion, n: usize, test_mode: bool) {
                     cy.next_into(&mut s);
                     s
                 },
-                |q| black_box(huge.lookup(q)),
+                |q| black_box(huge.verdict(q)),
                 criterion::BatchSize::SmallInput,
             )
         });
@@ -275,7 +275,7 @@ fn run_size(c: &mut Criterion, n: usize, test_mode: bool) {
                     cy.next_into(&mut s);
                     s
                 },
-                |q| black_box(dir.lookup(q)),
+                |q| black_box(dir.verdict(q)),
                 criterion::BatchSize::SmallInput,
             )
         });
@@ -301,7 +301,7 @@ fn run_size(c: &mut Criterion, n: usize, test_mode: bool) {
             let snap = Snapshot::open(&path).expect("open");
             let d = Directory::new(LookupOptions::default());
             d.publish(Arc::new(snap));
-            black_box(d.lookup(&probe))
+            black_box(d.verdict(&probe))
         })
     });
     g.finish();

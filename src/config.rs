@@ -57,6 +57,15 @@ struct RawConfig {
     audit: RawAudit,
     #[serde(default)]
     control: RawControl,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Option<String>,
+    format: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -98,6 +107,7 @@ struct RawDirectory {
     tempfail_text: Option<String>,
     max_age: Option<String>,
     debounce: Option<String>,
+    always_accept: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -177,13 +187,31 @@ pub struct SourceConfig {
 }
 
 impl SourceConfig {
-    /// The `FORMAT:PATH` spec that [`crate::sources::load`] reads.
-    pub fn spec(&self) -> String {
-        format!("{}:{}", self.format.as_str(), self.path.display())
+    /// A file source in the directory role, its format from the file name (`.map`, `.csv`,
+    /// `.ldif`/`.ldf`, anything else a Postfix table); `None` for an empty name.
+    pub fn file(name: &str, path: PathBuf) -> Option<SourceConfig> {
+        (!name.is_empty()).then(|| SourceConfig {
+            name: name.to_owned(),
+            format: Format::from_path(&path),
+            path,
+            role: crate::sources::Role::Directory,
+            domains: Vec::new(),
+            ldap: None,
+            interval: Duration::from_secs(900),
+            full_interval: Duration::from_secs(86_400),
+        })
     }
 }
 
-/// The resolved configuration.
+/// The resolved configuration: [`Config::load`] reads it from TOML, or build it in code from
+/// [`Config::default`] (no sources, no listeners, the documented defaults) and its fields.
+///
+/// ```
+/// use rcptgate::config::{Config, SourceConfig};
+/// let mut config = Config::default();
+/// config.sources.push(SourceConfig::file("dirsync", "config/example.map".into()).unwrap());
+/// assert_eq!(config.always_accept, ["postmaster"]);
+/// ```
 #[derive(Debug, Clone)]
 pub struct Config {
     pub snapshot: Option<PathBuf>,
@@ -192,7 +220,14 @@ pub struct Config {
     pub max_age: Option<Duration>,
     /// Quiet time after a source file changes before rebuilding.
     pub debounce: Duration,
+    /// Subaddress separators (`+` by default; empty disables).
     pub separators: String,
+    /// Local parts accepted in every domain we own (`postmaster` by default).
+    pub always_accept: Vec<String>,
+    /// Log level when `RUST_LOG` is not set (`info` by default).
+    pub log_level: String,
+    /// Log as JSON lines instead of text.
+    pub log_json: bool,
     pub texts: crate::proto::policy::Texts,
     pub sources: Vec<SourceConfig>,
     pub policy_listen: Vec<ListenAddr>,
@@ -218,6 +253,29 @@ pub struct GuardConfig {
     /// Where removal times are kept across restarts (default: the snapshot path +
     /// `.state.json`; none without a snapshot path).
     pub state: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            snapshot: None,
+            max_age: Some(Duration::from_secs(86_400)),
+            debounce: Duration::from_millis(500),
+            separators: "+".into(),
+            always_accept: vec!["postmaster".into()],
+            log_level: "info".into(),
+            log_json: false,
+            texts: crate::proto::policy::Texts::default(),
+            sources: Vec::new(),
+            policy_listen: Vec::new(),
+            socketmap_listen: Vec::new(),
+            limits: crate::server::Limits::default(),
+            metrics_listen: None,
+            guard: GuardConfig::default(),
+            audit: None,
+            control: None,
+        }
+    }
 }
 
 impl Default for GuardConfig {
@@ -510,6 +568,37 @@ impl Config {
             &raw.directory.debounce,
             Duration::from_millis(500),
         )?;
+        let always_accept = raw
+            .directory
+            .always_accept
+            .unwrap_or_else(|| vec!["postmaster".into()]);
+        for a in &always_accept {
+            if a.is_empty()
+                || a.len() > crate::address::MAX_LOCAL
+                || !a
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            {
+                return Err(bad(
+                    "directory.always_accept",
+                    format!("{a:?} is not a plain local part (letters, digits, - _ .)"),
+                ));
+            }
+        }
+        let log_level = raw.log.level.unwrap_or_else(|| "info".into());
+        if !["error", "warn", "info", "debug", "trace"].contains(&log_level.as_str()) {
+            return Err(bad(
+                "log.level",
+                format!("{log_level:?}: use error, warn, info, debug or trace"),
+            ));
+        }
+        let log_json = match raw.log.format.as_deref() {
+            None | Some("text") => false,
+            Some("json") => true,
+            Some(other) => {
+                return Err(bad("log.format", format!("{other:?}: use text or json")));
+            }
+        };
         let metrics_listen = match &raw.metrics.listen {
             None => None,
             Some(l) => Some(
@@ -565,6 +654,9 @@ impl Config {
             max_age: (!max_age.is_zero()).then_some(max_age),
             debounce,
             separators,
+            always_accept,
+            log_level,
+            log_json,
             texts,
             sources,
             policy_listen,
@@ -712,7 +804,10 @@ idle_timeout = "90s"
     #[test]
     fn a_good_config() {
         let c = Config::parse("t.toml", GOOD).expect("valid");
-        assert_eq!(c.sources[0].spec(), "map:config/example.map");
+        assert_eq!(
+            (c.sources[0].format, c.sources[0].path.as_path()),
+            (Format::Map, Path::new("config/example.map"))
+        );
         assert_eq!(
             c.policy_listen[1],
             ListenAddr::Unix("/run/rcptgate/policy.sock".into())

@@ -33,7 +33,7 @@ pub fn fuzz_snapshot(data: &[u8]) {
     if let Ok(snap) = Snapshot::from_bytes(data.to_vec()) {
         let mut buf = address::AddrBuf::default();
         for q in ["alice@contoso.com", "x+y@example.com", "a@b"] {
-            let v = snap.lookup(q, b"+", &mut buf);
+            let v = snap.lookup(q, &crate::directory::LookupOptions::default(), &mut buf);
             if let Some(hit) = v.hit() {
                 let _ = snap.route(hit);
                 let _ = snap.record_info(q, hit);

@@ -12,8 +12,11 @@ use rcptgate::sources;
 use rcptgate::sync::merge;
 
 fn example_bytes() -> Vec<u8> {
-    let src = sources::load(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.map"))
-        .expect("example loads");
+    let src = sources::load(
+        sources::Format::Map,
+        concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.map").as_ref(),
+    )
+    .expect("example loads");
     assert!(src.diagnostics.is_empty(), "{:?}", src.diagnostics);
     let merged = merge(&[src], 42);
     assert!(merged.conflicts.is_empty());
@@ -39,10 +42,10 @@ fn accept(v: Verdict) -> Hit {
 fn not_loaded_is_a_temporary_failure() {
     let dir = Directory::new(LookupOptions::default());
     assert_eq!(
-        dir.lookup("alice.andersen@contoso.com"),
+        dir.verdict("alice.andersen@contoso.com"),
         Verdict::Tempfail(Tempfail::NotLoaded)
     );
-    assert_eq!(dir.lookup("nobody@contoso.com").code(), Some("451 4.3.0"));
+    assert_eq!(dir.verdict("nobody@contoso.com").code(), Some("451 4.3.0"));
 }
 
 #[test]
@@ -51,7 +54,7 @@ fn every_verdict() {
     let view = dir.view();
     let snap = view.snapshot().expect("loaded");
 
-    let h = accept(dir.lookup("alice.andersen@contoso.com"));
+    let h = accept(dir.verdict("alice.andersen@contoso.com"));
     assert_eq!((h.kind, h.matched), (Kind::User, Match::Exact));
     assert_eq!(snap.profile(&h), Some("executives"));
     assert_eq!(snap.route(&h), Some("smtp:[exch01.corp.contoso.com]:25"));
@@ -68,7 +71,7 @@ fn every_verdict() {
     );
 
     // Alias: owner recorded, route and profile inherited from the owner.
-    let h = accept(dir.lookup("<Carol@CONTOSO.com>"));
+    let h = accept(dir.verdict("<Carol@CONTOSO.com>"));
     assert_eq!(h.kind, Kind::Alias);
     assert_eq!(
         snap.route(&h),
@@ -81,7 +84,7 @@ fn every_verdict() {
     assert_eq!(info.owner.as_deref(), Some("carol.chen@contoso.com"));
 
     // Subaddress, only after the exact key missed.
-    let h = accept(dir.lookup("bob.berger+newsletter@contoso.com"));
+    let h = accept(dir.verdict("bob.berger+newsletter@contoso.com"));
     assert_eq!((h.kind, h.matched), (Kind::User, Match::Subaddress));
     let info = snap
         .record_info("bob.berger+newsletter@contoso.com", &h)
@@ -89,18 +92,18 @@ fn every_verdict() {
         .expect("record");
     assert!(info.origin.ends_with("example.map:7"), "{}", info.origin);
 
-    assert_eq!(accept(dir.lookup("sales@contoso.com")).kind, Kind::Group);
+    assert_eq!(accept(dir.verdict("sales@contoso.com")).kind, Kind::Group);
     assert_eq!(
-        accept(dir.lookup("helpdesk@contoso.com")).kind,
+        accept(dir.verdict("helpdesk@contoso.com")).kind,
         Kind::Shared
     );
     // IDN: U-label and A-label are one key, NFD local part meets NFC.
-    let h = accept(dir.lookup("ju\u{0308}rgen.mu\u{0308}ller@MÜNCHEN-contoso.de"));
+    let h = accept(dir.verdict("ju\u{0308}rgen.mu\u{0308}ller@MÜNCHEN-contoso.de"));
     assert_eq!(h.kind, Kind::User);
-    accept(dir.lookup("jürgen.müller@xn--mnchen-contoso-gsb.de."));
+    accept(dir.verdict("jürgen.müller@xn--mnchen-contoso-gsb.de."));
 
     // Accept-all domain answers with the domain's defaults.
-    let h = accept(dir.lookup("anything@fabrikam-lab.com"));
+    let h = accept(dir.verdict("anything@fabrikam-lab.com"));
     assert_eq!((h.kind, h.matched), (Kind::CatchAll, Match::AcceptAll));
     assert_eq!(
         snap.record_info("anything@fabrikam-lab.com", &h)
@@ -110,26 +113,166 @@ fn every_verdict() {
     assert_eq!(snap.profile(&h), Some("quarantine-strict"));
 
     assert_eq!(
-        dir.lookup("nobody@contoso.com"),
+        dir.verdict("nobody@contoso.com"),
         Verdict::Reject(Reject::UnknownUser)
     );
-    assert_eq!(dir.lookup("nobody@contoso.com").code(), Some("550 5.1.1"));
-    assert_eq!(dir.lookup("someone@gmail.com"), Verdict::NotOurs);
-    assert_eq!(dir.lookup("postmaster@[192.0.2.1]"), Verdict::NotOurs);
+    assert_eq!(dir.verdict("nobody@contoso.com").code(), Some("550 5.1.1"));
+    assert_eq!(dir.verdict("someone@gmail.com"), Verdict::NotOurs);
+    assert_eq!(dir.verdict("postmaster@[192.0.2.1]"), Verdict::NotOurs);
     assert_eq!(
-        dir.lookup("no at sign"),
+        dir.verdict("no at sign"),
         Verdict::Reject(Reject::Syntax(AddrError::NoAt))
     );
-    assert_eq!(dir.lookup("<>").code(), Some("501 5.1.3"));
+    assert_eq!(dir.verdict("<>").code(), Some("501 5.1.3"));
+}
 
-    // Sources failing longer than max_age: unknown -> tempfail, known still accepted.
-    dir.set_stale(true);
+#[test]
+fn data_older_than_max_age_defers_unknown_recipients() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let now = Arc::new(AtomicU64::new(1_000_000));
+    let clock = {
+        let now = now.clone();
+        Arc::new(move || now.load(Ordering::Relaxed))
+    };
+    let dir = Directory::with_clock(LookupOptions::default(), clock);
+    dir.publish(Arc::new(
+        Snapshot::from_bytes(example_bytes()).expect("loads"),
+    ));
+    // Unknown age: never stale by itself.
+    dir.set_max_age(Some(std::time::Duration::from_secs(3600)));
     assert_eq!(
-        dir.lookup("nobody@contoso.com"),
+        dir.verdict("nobody@contoso.com"),
+        Verdict::Reject(Reject::UnknownUser)
+    );
+    dir.set_data_time(1_000_000);
+    now.store(1_000_000 + 3600, Ordering::Relaxed);
+    assert_eq!(
+        dir.verdict("nobody@contoso.com"),
+        Verdict::Reject(Reject::UnknownUser)
+    );
+    // One second past max_age: unknown -> tempfail, known still accepted, others neutral.
+    now.store(1_000_000 + 3601, Ordering::Relaxed);
+    assert!(dir.is_stale());
+    assert_eq!(
+        dir.verdict("nobody@contoso.com"),
         Verdict::Tempfail(Tempfail::Stale)
     );
-    accept(dir.lookup("alice.andersen@contoso.com"));
-    assert_eq!(dir.lookup("someone@gmail.com"), Verdict::NotOurs);
+    assert_eq!(
+        dir.lookup("nobody@contoso.com").verdict().code(),
+        Some("451 4.3.0")
+    );
+    accept(dir.verdict("alice.andersen@contoso.com"));
+    assert_eq!(dir.verdict("someone@gmail.com"), Verdict::NotOurs);
+    // Fresh data again.
+    dir.set_data_time(1_000_000 + 3601);
+    assert_eq!(
+        dir.verdict("nobody@contoso.com"),
+        Verdict::Reject(Reject::UnknownUser)
+    );
+    // max_age off.
+    now.store(u64::MAX / 2, Ordering::Relaxed);
+    dir.set_max_age(None);
+    assert_eq!(
+        dir.verdict("nobody@contoso.com"),
+        Verdict::Reject(Reject::UnknownUser)
+    );
+}
+
+#[test]
+fn postmaster_is_accepted_in_every_domain_we_own() {
+    let dir = Directory::new(LookupOptions::default());
+    dir.publish(Arc::new(
+        Snapshot::from_bytes(example_bytes()).expect("loads"),
+    ));
+    for rcpt in [
+        "postmaster@contoso.com",
+        "PostMaster@CONTOSO.com",
+        "postmaster+x@contoso.com",
+    ] {
+        let a = dir.lookup(rcpt);
+        let h = accept(a.verdict());
+        assert_eq!(
+            (h.kind, h.matched),
+            (Kind::Reserved, Match::Reserved),
+            "{rcpt}"
+        );
+        // The domain's route and profile, from the same generation.
+        assert_eq!(a.route(), Some("smtp:[exch01.corp.contoso.com]:25"));
+        assert_eq!(a.generation(), Some(42));
+    }
+    // Not ours stays neutral; abuse is not reserved unless configured.
+    assert_eq!(dir.verdict("postmaster@gmail.com"), Verdict::NotOurs);
+    assert_eq!(
+        dir.verdict("abuse@contoso.com"),
+        Verdict::Reject(Reject::UnknownUser)
+    );
+    let more = Directory::new(LookupOptions {
+        always_accept: vec!["postmaster".into(), "abuse".into()],
+        ..LookupOptions::default()
+    });
+    more.publish(Arc::new(
+        Snapshot::from_bytes(example_bytes()).expect("loads"),
+    ));
+    assert_eq!(
+        accept(more.verdict("Abuse@contoso.com")).kind,
+        Kind::Reserved
+    );
+    // An empty list turns it off.
+    let none = Directory::new(LookupOptions {
+        always_accept: Vec::new(),
+        ..LookupOptions::default()
+    });
+    none.publish(Arc::new(
+        Snapshot::from_bytes(example_bytes()).expect("loads"),
+    ));
+    assert_eq!(
+        none.verdict("postmaster@contoso.com"),
+        Verdict::Reject(Reject::UnknownUser)
+    );
+}
+
+#[test]
+fn an_exception_beats_postmaster() {
+    let name: Arc<str> = Arc::from("x.map");
+    let text = "1|x.example\tDOMAIN:\tx.example\n1|x.example\tDIR:\ta@x.example\n++++\n";
+    let src = sources::parse_text(sources::Format::Map, &name, text).expect("parses");
+    let exc = sources::parse_text(
+        sources::Format::Postfix,
+        &Arc::from("exc"),
+        "postmaster@x.example x\n",
+    )
+    .expect("parses");
+    let mut exc = exc;
+    exc.role = sources::Role::Exceptions;
+    let (bytes, _) = merge(&[src, exc], 1).build().expect("builds");
+    let dir = Directory::new(LookupOptions::default());
+    dir.publish(Arc::new(Snapshot::from_bytes(bytes).expect("loads")));
+    assert_eq!(
+        dir.verdict("postmaster@x.example"),
+        Verdict::Reject(Reject::Exception)
+    );
+}
+
+#[test]
+fn an_answer_keeps_its_generation_across_a_publish() {
+    let dir = Directory::new(LookupOptions::default());
+    dir.publish(Arc::new(
+        Snapshot::from_bytes(example_bytes()).expect("loads"),
+    ));
+    let answer = dir.lookup("carol@contoso.com");
+    // Another generation where carol has no route of her own.
+    let name: Arc<str> = Arc::from("other.map");
+    let text =
+        "1|contoso.com\tDOMAIN:\tcontoso.com\n1|contoso.com\tDIR:\tcarol@contoso.com\n++++\n";
+    let src = sources::parse_text(sources::Format::Map, &name, text).expect("parses");
+    let (bytes, _) = merge(&[src], 43).build().expect("builds");
+    dir.publish(Arc::new(Snapshot::from_bytes(bytes).expect("loads")));
+    assert_eq!(answer.generation(), Some(42));
+    assert_eq!(
+        answer.route(),
+        Some("smtp:[contoso-com.mail.protection.outlook.com]:25")
+    );
+    assert_eq!(dir.lookup("carol@contoso.com").route(), None);
 }
 
 #[test]
@@ -137,22 +280,24 @@ fn subaddressing_can_be_disabled_or_use_other_separators() {
     let bytes = example_bytes();
     let none = Directory::new(LookupOptions {
         separators: Box::from(&b""[..]),
+        ..LookupOptions::default()
     });
     none.publish(Arc::new(
         Snapshot::from_bytes(bytes.clone()).expect("loads"),
     ));
     assert_eq!(
-        none.lookup("bob.berger+x@contoso.com"),
+        none.verdict("bob.berger+x@contoso.com"),
         Verdict::Reject(Reject::UnknownUser)
     );
     let dash = Directory::new(LookupOptions {
         separators: Box::from(&b"+-"[..]),
+        ..LookupOptions::default()
     });
     dash.publish(Arc::new(Snapshot::from_bytes(bytes).expect("loads")));
-    accept(dash.lookup("bob-lists@contoso.com"));
+    accept(dash.verdict("bob-lists@contoso.com"));
     // "all-staff" exists exactly: the exact key wins over stripping at '-'.
     assert_eq!(
-        accept(dash.lookup("all-staff@contoso.com")).matched,
+        accept(dash.verdict("all-staff@contoso.com")).matched,
         Match::Exact
     );
 }
@@ -162,12 +307,12 @@ fn keep_case_domain() {
     let name: Arc<str> = Arc::from("kc.map");
     let text = "1|case.example\tDOMAIN:\tcase.example\tkeep_case=yes\n1|case.example\tDIR:\tJohn.Doe@case.example\n++++\n";
     let src = sources::parse_text(sources::Format::Map, &name, text).expect("parses");
-    let (bytes, _) = directory::build(merge(&[src], 1).input).expect("builds");
+    let (bytes, _) = merge(&[src], 1).build().expect("builds");
     let dir = Directory::new(LookupOptions::default());
     dir.publish(Arc::new(Snapshot::from_bytes(bytes).expect("loads")));
-    accept(dir.lookup("John.Doe@CASE.example"));
+    accept(dir.verdict("John.Doe@CASE.example"));
     assert_eq!(
-        dir.lookup("john.doe@case.example"),
+        dir.verdict("john.doe@case.example"),
         Verdict::Reject(Reject::UnknownUser)
     );
 }
@@ -220,7 +365,7 @@ fn truncated_or_corrupt_snapshots_give_clear_errors() {
         "x@fabrikam-lab.com",
         "grace@fabrikam.com",
     ];
-    let expected: Vec<_> = probes.iter().map(|p| reference.lookup(p).name()).collect();
+    let expected: Vec<_> = probes.iter().map(|p| reference.verdict(p).name()).collect();
     for i in 0..bytes.len() {
         let mut bad = bytes.clone();
         bad[i] ^= 0x10;
@@ -231,9 +376,9 @@ fn truncated_or_corrupt_snapshots_give_clear_errors() {
                 // cold data reports the damage instead of returning it.
                 let d = Directory::new(LookupOptions::default());
                 d.publish(Arc::new(snap));
-                let got: Vec<_> = probes.iter().map(|p| d.lookup(p).name()).collect();
+                let got: Vec<_> = probes.iter().map(|p| d.verdict(p).name()).collect();
                 assert_eq!(got, expected, "bit flip at {i} changed answers");
-                let h = accept(d.lookup("alice.andersen@contoso.com"));
+                let h = accept(d.verdict("alice.andersen@contoso.com"));
                 let v = d.view();
                 assert!(
                     matches!(
@@ -251,29 +396,32 @@ fn truncated_or_corrupt_snapshots_give_clear_errors() {
 
 #[test]
 fn ldif_source_maps_the_same_directory() {
-    let src =
-        sources::load(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.ldif")).expect("loads");
+    let src = sources::load(
+        sources::Format::Ldif,
+        concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.ldif").as_ref(),
+    )
+    .expect("loads");
     assert!(src.diagnostics.is_empty(), "{:?}", src.diagnostics);
     let merged = merge(&[src], 1);
     let (bytes, _) = directory::build(merged.input).expect("builds");
     let dir = Directory::new(LookupOptions::default());
     dir.publish(Arc::new(Snapshot::from_bytes(bytes).expect("loads")));
-    assert_eq!(accept(dir.lookup("alice@contoso.com")).kind, Kind::Alias);
+    assert_eq!(accept(dir.verdict("alice@contoso.com")).kind, Kind::Alias);
     assert_eq!(
-        accept(dir.lookup("helpdesk@contoso.com")).kind,
+        accept(dir.verdict("helpdesk@contoso.com")).kind,
         Kind::Shared
     );
-    assert_eq!(accept(dir.lookup("support@contoso.com")).kind, Kind::Alias);
+    assert_eq!(accept(dir.verdict("support@contoso.com")).kind, Kind::Alias);
     assert_eq!(
-        accept(dir.lookup("info@münchen-contoso.de")).kind,
+        accept(dir.verdict("info@münchen-contoso.de")).kind,
         Kind::Shared
     );
-    assert_eq!(accept(dir.lookup("sales@contoso.com")).kind, Kind::Group);
+    assert_eq!(accept(dir.verdict("sales@contoso.com")).kind, Kind::Group);
     // The UPN of a mail-less service account is not a recipient; the contact's domain is not ours.
-    assert_eq!(dir.lookup("svc-backup@corp.contoso.com"), Verdict::NotOurs);
-    assert_eq!(dir.lookup("partner@fabrikam.example"), Verdict::NotOurs);
+    assert_eq!(dir.verdict("svc-backup@corp.contoso.com"), Verdict::NotOurs);
+    assert_eq!(dir.verdict("partner@fabrikam.example"), Verdict::NotOurs);
     assert_eq!(
-        dir.lookup("nobody@contoso.com"),
+        dir.verdict("nobody@contoso.com"),
         Verdict::Reject(Reject::UnknownUser)
     );
 }
@@ -310,7 +458,7 @@ fn conflicts_prefer_the_primary_owner_then_source_order() {
     let (bytes, _) = directory::build(m.input).expect("builds");
     let dir = Directory::new(LookupOptions::default());
     dir.publish(Arc::new(Snapshot::from_bytes(bytes).expect("loads")));
-    assert_eq!(accept(dir.lookup("info@c.example")).kind, Kind::Shared);
+    assert_eq!(accept(dir.verdict("info@c.example")).kind, Kind::Shared);
 }
 
 #[test]
@@ -318,8 +466,7 @@ fn diff_is_right_when_domain_indices_shift() {
     let build = |text: &str| {
         let name: Arc<str> = Arc::from("d.map");
         let src = sources::parse_text(sources::Format::Map, &name, text).expect("parses");
-        Snapshot::from_bytes(directory::build(merge(&[src], 1).input).expect("builds").0)
-            .expect("loads")
+        Snapshot::from_bytes(merge(&[src], 1).build().expect("builds").0).expect("loads")
     };
     let old = build(
         "1|a.example\tDOMAIN:\ta.example\n1|a.example\tDIR:\tx@a.example\n\

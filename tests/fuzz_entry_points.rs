@@ -43,13 +43,9 @@ fn source_seeds_including_every_prefix_of_the_examples() {
 
 #[test]
 fn snapshot_seeds() {
-    let src = rcptgate::sources::load(&format!(
-        "{}/config/example.map",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .expect("load");
-    let (bytes, _) =
-        rcptgate::directory::build(rcptgate::sync::merge(&[src], 1).input).expect("build");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.map");
+    let src = rcptgate::sources::load(rcptgate::sources::Format::Map, path.as_ref()).expect("load");
+    let (bytes, _) = rcptgate::sync::merge(&[src], 1).build().expect("build");
     fuzz_snapshot(&bytes);
     for cut in (0..bytes.len()).step_by(13) {
         fuzz_snapshot(&bytes[..cut]);

@@ -8,7 +8,8 @@ mod snapshot;
 use std::cell::RefCell;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use arc_swap::{ArcSwapOption, Guard};
 
@@ -36,6 +37,9 @@ pub enum Kind {
     Tombstone,
     Exception,
     CatchAll,
+    /// A reserved local part (`postmaster`, see [`LookupOptions::always_accept`]) the
+    /// directory does not list; answered with the domain's defaults. Never stored.
+    Reserved,
 }
 
 impl Kind {
@@ -57,7 +61,7 @@ impl Kind {
 
     pub(crate) fn code(self) -> u64 {
         match self {
-            Kind::User | Kind::CatchAll => 0,
+            Kind::User | Kind::CatchAll | Kind::Reserved => 0,
             Kind::Alias => 1,
             Kind::Group => 2,
             Kind::Shared => 3,
@@ -86,6 +90,7 @@ impl Kind {
             Kind::Tombstone => "tombstone",
             Kind::Exception => "exception",
             Kind::CatchAll => "catch_all",
+            Kind::Reserved => "reserved",
         }
     }
 
@@ -121,6 +126,8 @@ pub enum Match {
     Subaddress,
     /// Nothing matched, but the domain accepts everything.
     AcceptAll,
+    /// Nothing matched, but the local part is reserved (`postmaster`).
+    Reserved,
 }
 
 /// A positive answer. Ids only (no strings), so a verdict is `Copy` and costs no allocation;
@@ -264,27 +271,80 @@ pub fn diff(old: &Snapshot, new: &Snapshot, mut f: impl FnMut(Change<'_>)) {
 pub struct LookupOptions {
     /// Subaddress separators (`+` by default; empty disables subaddressing).
     pub separators: Box<[u8]>,
+    /// Local parts accepted in every domain we own, with the domain's route and profile,
+    /// unless an exceptions source names the address (DESIGN.md §4 step 5). RFC 5321 §4.5.1
+    /// makes `postmaster` a must; RFC 2142's `abuse` is a common addition. Compared
+    /// case-insensitively.
+    pub always_accept: Vec<String>,
 }
 
 impl Default for LookupOptions {
     fn default() -> Self {
         LookupOptions {
             separators: Box::from(&b"+"[..]),
+            always_accept: vec!["postmaster".to_owned()],
         }
     }
 }
 
-/// The handle every frontend holds: the snapshot in service, swapped atomically.
+impl LookupOptions {
+    /// True when `local` (already folded) is one of [`Self::always_accept`].
+    pub(crate) fn is_reserved(&self, local: &[u8]) -> bool {
+        self.always_accept
+            .iter()
+            .any(|r| r.as_bytes().eq_ignore_ascii_case(local))
+    }
+}
+
+/// The time in Unix seconds; injectable so tests (and embedders) can move it.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    })
+}
+
+/// The handle every frontend holds: the snapshot in service, swapped atomically, and the age
+/// of its data.
 ///
-/// `lookup` takes no lock: an `ArcSwap` guard load is a few nanoseconds even while the loader
-/// publishes.
-#[derive(Debug, Default)]
+/// Lookups take no lock: an `ArcSwap` guard load is a few nanoseconds even while the loader
+/// publishes. A lookup that would reject an unknown address first checks the age of the data
+/// (one clock read, on that path only): older than `max_age`, it answers
+/// [`Tempfail::Stale`] instead, so a directory nobody refreshes can never bounce a new hire.
 pub struct Directory {
     /// The snapshot in service; `None` until the first successful load.
     current: ArcSwapOption<Snapshot>,
-    /// Set by the loader while sources have failed longer than `max_age` (§4 step 7).
-    stale: AtomicBool,
+    /// When the data in service was read (Unix seconds); `u64::MAX` = not known yet, so
+    /// never stale on its own.
+    data_time: AtomicU64,
+    /// Seconds after `data_time` from which unknown addresses are deferred; 0 = never.
+    max_age: AtomicU64,
     options: LookupOptions,
+    clock: Clock,
+}
+
+impl fmt::Debug for Directory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Directory")
+            .field(
+                "generation",
+                &self.current.load().as_deref().map(Snapshot::generation),
+            )
+            .field("data_time", &self.data_time.load(Ordering::Relaxed))
+            .field("max_age", &self.max_age.load(Ordering::Relaxed))
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+impl Default for Directory {
+    fn default() -> Self {
+        Directory::new(LookupOptions::default())
+    }
 }
 
 thread_local! {
@@ -292,34 +352,77 @@ thread_local! {
 }
 
 impl Directory {
+    /// An empty directory (every lookup answers [`Tempfail::NotLoaded`]) with no `max_age`,
+    /// on the system clock.
     pub fn new(options: LookupOptions) -> Directory {
+        Directory::with_clock(options, system_clock())
+    }
+
+    /// Like [`Self::new`], with the clock `max_age` is measured on.
+    pub fn with_clock(options: LookupOptions, clock: Clock) -> Directory {
         Directory {
             current: ArcSwapOption::const_empty(),
-            stale: AtomicBool::new(false),
+            data_time: AtomicU64::new(u64::MAX),
+            max_age: AtomicU64::new(0),
             options,
+            clock,
         }
     }
 
     /// Put `snapshot` in service; returns the one it replaces so the caller can drop it off
-    /// the request path.
+    /// the request path. The age of the data is not changed: see [`Self::set_data_time`].
     pub fn publish(&self, snapshot: Arc<Snapshot>) -> Option<Arc<Snapshot>> {
         self.current.swap(Some(snapshot))
     }
 
-    /// Mark the directory stale (or fresh again); see [`Tempfail::Stale`].
-    pub fn set_stale(&self, stale: bool) {
-        self.stale.store(stale, Ordering::Relaxed);
+    /// Record when the data in service was read (Unix seconds). A build the deletion guard
+    /// holds does not refresh it.
+    pub fn set_data_time(&self, unix: u64) {
+        self.data_time.store(unix, Ordering::Relaxed);
     }
 
+    /// When the data in service was read, if known.
+    pub fn data_time(&self) -> Option<u64> {
+        Some(self.data_time.load(Ordering::Relaxed)).filter(|&t| t != u64::MAX)
+    }
+
+    /// After this long without fresh data, unknown addresses are deferred (`None`: never).
+    pub fn set_max_age(&self, max_age: Option<Duration>) {
+        let secs = max_age.map_or(0, |d| d.as_secs().max(1));
+        self.max_age.store(secs, Ordering::Relaxed);
+    }
+
+    /// See [`Self::set_max_age`].
+    pub fn max_age(&self) -> Option<Duration> {
+        Some(self.max_age.load(Ordering::Relaxed))
+            .filter(|&s| s > 0)
+            .map(Duration::from_secs)
+    }
+
+    /// True when the data in service is older than `max_age` (§4 step 7).
     pub fn is_stale(&self) -> bool {
-        self.stale.load(Ordering::Relaxed)
+        let max = self.max_age.load(Ordering::Relaxed);
+        let at = self.data_time.load(Ordering::Relaxed);
+        max > 0 && at != u64::MAX && (self.clock)().saturating_sub(at) > max
     }
 
+    /// The options lookups run with.
     pub fn options(&self) -> &LookupOptions {
         &self.options
     }
 
-    /// A consistent view of the snapshot in service, to resolve a [`Hit`] into names.
+    /// The clock `max_age` is measured on.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// The generation in service, if any.
+    pub fn generation(&self) -> Option<u64> {
+        self.current.load().as_deref().map(Snapshot::generation)
+    }
+
+    /// A consistent view of the snapshot in service, for several lookups against one
+    /// generation.
     pub fn view(&self) -> View<'_> {
         View {
             guard: self.current.load(),
@@ -327,16 +430,37 @@ impl Directory {
         }
     }
 
-    /// Answer for one recipient, using a per-thread scratch buffer.
-    pub fn lookup(&self, rcpt: &str) -> Verdict {
+    /// The answer for one recipient: its verdict, and the snapshot that gave it, so route,
+    /// profile, owner and customer come from the same generation.
+    ///
+    /// ```
+    /// # use rcptgate::{Directory, LookupOptions, Verdict};
+    /// let dir = Directory::new(LookupOptions::default());
+    /// // Nothing loaded yet: a temporary failure, never a reject.
+    /// let answer = dir.lookup("alice@contoso.com");
+    /// assert_eq!(answer.verdict().code(), Some("451 4.3.0"));
+    /// assert_eq!(answer.route(), None);
+    /// ```
+    pub fn lookup(&self, rcpt: &str) -> Answer {
+        let guard = self.current.load();
+        let verdict = BUF.with(|b| match b.try_borrow_mut() {
+            Ok(mut buf) => verdict_for(guard.as_deref(), self, rcpt, &mut buf),
+            Err(_) => verdict_for(guard.as_deref(), self, rcpt, &mut AddrBuf::default()),
+        });
+        Answer { verdict, guard }
+    }
+
+    /// Only the verdict for one recipient (the cheapest call), using a per-thread scratch
+    /// buffer. Resolve nothing against a later [`Self::view`]: use [`Self::lookup`] for that.
+    pub fn verdict(&self, rcpt: &str) -> Verdict {
         BUF.with(|b| match b.try_borrow_mut() {
-            Ok(mut buf) => self.lookup_in(rcpt, &mut buf),
-            Err(_) => self.lookup_in(rcpt, &mut AddrBuf::default()),
+            Ok(mut buf) => self.verdict_in(rcpt, &mut buf),
+            Err(_) => self.verdict_in(rcpt, &mut AddrBuf::default()),
         })
     }
 
-    /// Answer for one recipient with a caller-owned scratch buffer.
-    pub fn lookup_in(&self, rcpt: &str, buf: &mut AddrBuf) -> Verdict {
+    /// Only the verdict for one recipient, with a caller-owned scratch buffer.
+    pub fn verdict_in(&self, rcpt: &str, buf: &mut AddrBuf) -> Verdict {
         let guard = self.current.load();
         verdict_for(guard.as_deref(), self, rcpt, buf)
     }
@@ -346,11 +470,80 @@ fn verdict_for(snap: Option<&Snapshot>, dir: &Directory, rcpt: &str, buf: &mut A
     let Some(snap) = snap else {
         return Verdict::Tempfail(Tempfail::NotLoaded);
     };
-    match snap.lookup(rcpt, &dir.options.separators, buf) {
+    match snap.lookup(rcpt, &dir.options, buf) {
         Verdict::Reject(Reject::UnknownUser) if dir.is_stale() => {
             Verdict::Tempfail(Tempfail::Stale)
         }
         v => v,
+    }
+}
+
+/// One recipient's answer, with the snapshot that gave it pinned: everything read from it
+/// (route, profile, owner, customer) belongs to the same generation as the verdict.
+pub struct Answer {
+    verdict: Verdict,
+    guard: Guard<Option<Arc<Snapshot>>>,
+}
+
+impl fmt::Debug for Answer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Answer")
+            .field("verdict", &self.verdict)
+            .field("route", &self.route())
+            .field("profile", &self.profile())
+            .finish()
+    }
+}
+
+impl Answer {
+    /// The verdict (DESIGN.md §4).
+    pub fn verdict(&self) -> Verdict {
+        self.verdict
+    }
+
+    /// The accepted record's ids, if accepted.
+    pub fn hit(&self) -> Option<&Hit> {
+        self.verdict.hit()
+    }
+
+    /// The kind of object that accepted the address, if accepted.
+    pub fn kind(&self) -> Option<Kind> {
+        self.hit().map(|h| h.kind)
+    }
+
+    /// The snapshot that answered (`None` before the first load).
+    pub fn snapshot(&self) -> Option<&Snapshot> {
+        self.guard.as_deref()
+    }
+
+    /// Next hop for the accepted address (its own, else its owner's, else its domain's).
+    pub fn route(&self) -> Option<&str> {
+        self.snapshot()?.route(self.hit()?)
+    }
+
+    /// Profile of the accepted address (its own, else its owner's, else its domain's).
+    pub fn profile(&self) -> Option<&str> {
+        self.snapshot()?.profile(self.hit()?)
+    }
+
+    /// The customer the address's domain belongs to.
+    pub fn customer(&self) -> Option<&str> {
+        self.snapshot()?.customer(self.hit()?)
+    }
+
+    /// Generation of the snapshot that answered.
+    pub fn generation(&self) -> Option<u64> {
+        self.snapshot().map(Snapshot::generation)
+    }
+
+    /// Owner, origin and attributes of the accepted record, read from the snapshot's cold
+    /// section (not on the hot path: it parses `rcpt` again). `rcpt` must be the address that
+    /// was looked up.
+    pub fn details(&self, rcpt: &str) -> Option<RecordInfo> {
+        self.snapshot()?
+            .record_info(rcpt, self.hit()?)
+            .ok()
+            .flatten()
     }
 }
 
@@ -369,10 +562,12 @@ impl fmt::Debug for View<'_> {
 }
 
 impl View<'_> {
+    /// The pinned snapshot (`None` before the first load).
     pub fn snapshot(&self) -> Option<&Snapshot> {
         self.guard.as_deref()
     }
 
+    /// The verdict for one recipient against the pinned snapshot.
     pub fn lookup_in(&self, rcpt: &str, buf: &mut AddrBuf) -> Verdict {
         verdict_for(self.guard.as_deref(), self.dir, rcpt, buf)
     }

@@ -19,7 +19,7 @@ use super::format::{
     self, COLD_AMBIGUOUS, COLD_REC, DOMAIN_REC, Header, SHARD_REC, Sec, SnapshotError, domain_hash,
     get_str, u32_at,
 };
-use super::{Hit, Kind, Match, Reject, Verdict};
+use super::{Hit, Kind, LookupOptions, Match, Reject, Verdict};
 use crate::address::{self, AddrBuf};
 
 /// Largest key built on the stack: 4-byte domain prefix plus a folded local part.
@@ -598,7 +598,7 @@ impl Snapshot {
     }
 
     /// Steps 2-5 and 8 of DESIGN.md §4 (the [`super::Directory`] adds 1 and 7).
-    pub fn lookup(&self, rcpt: &str, separators: &[u8], buf: &mut AddrBuf) -> Verdict {
+    pub fn lookup(&self, rcpt: &str, options: &LookupOptions, buf: &mut AddrBuf) -> Verdict {
         let addr = match address::parse(rcpt, buf) {
             Ok(a) => a,
             Err(e) => return Verdict::Reject(Reject::Syntax(e)),
@@ -612,18 +612,18 @@ impl Snapshot {
         let keep_case = d.rec.flags & FLAG_KEEP_CASE != 0;
         let mut key = [0u8; KEY_MAX];
         match address::fold_local_into_slice(addr.local, keep_case, &mut key) {
-            Some(n) => self.match_local(&key[..n], d, separators),
+            Some(n) => self.match_local(&key[..n], d, options),
             None => {
                 let mut long = Vec::new();
                 address::fold_local_into(addr.local, keep_case, &mut long);
-                self.match_local(&long, d, separators)
+                self.match_local(&long, d, options)
             }
         }
     }
 
-    fn match_local(&self, local: &[u8], dh: &DomainHot, separators: &[u8]) -> Verdict {
+    fn match_local(&self, local: &[u8], dh: &DomainHot, options: &LookupOptions) -> Verdict {
         let d = &dh.rec;
-        let split = address::subaddress_split(local, separators);
+        let split = address::subaddress_split(local, &options.separators);
         let excepted = |v: u64| Kind::from_code(v) == Kind::Exception;
         match self.get(dh, local, split) {
             // An exception wins over everything: the address itself, or its base address
@@ -638,11 +638,18 @@ impl Snapshot {
             }
             (None, None) => {}
         }
-        if d.flags & FLAG_ACCEPT_ALL != 0 {
+        let reserved = options.is_reserved(local)
+            || split.is_some_and(|p| options.is_reserved(local.get(..p).unwrap_or(local)));
+        if reserved || d.flags & FLAG_ACCEPT_ALL != 0 {
+            let (kind, matched) = if reserved {
+                (Kind::Reserved, Match::Reserved)
+            } else {
+                (Kind::CatchAll, Match::AcceptAll)
+            };
             return Verdict::Accept(Hit {
-                kind: Kind::CatchAll,
-                matched: Match::AcceptAll,
-                local_len: 0,
+                kind,
+                matched,
+                local_len: if reserved { local.len() as u16 } else { 0 },
                 domain: d.index,
                 attrs: d.declared,
                 generation: self.header.generation,
@@ -697,7 +704,7 @@ impl Snapshot {
     /// cold sections (checked on first use). `None` for an accept-all answer, a hit from
     /// another generation, or (p ~ 1e-6 per 10M addresses) a key whose hash is ambiguous.
     pub fn record_info(&self, rcpt: &str, hit: &Hit) -> Result<Option<RecordInfo>, SnapshotError> {
-        if hit.matched == Match::AcceptAll || !self.same_generation(hit) {
+        if matches!(hit.matched, Match::AcceptAll | Match::Reserved) || !self.same_generation(hit) {
             return Ok(None);
         }
         let mut buf = AddrBuf::default();

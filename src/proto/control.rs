@@ -3,7 +3,7 @@
 //! over a unix socket only its owner can open.
 //!
 //! ```text
-//! status | approve | conflicts | delete ADDRESS... | keep ADDRESS...
+//! status | approve | conflicts | reload | delete ADDRESS... | keep ADDRESS...
 //! ```
 
 /// The longest command line accepted, newline included.
@@ -11,11 +11,17 @@ pub const MAX_LINE: usize = 16 * 1024;
 /// At most this many addresses in one `delete` or `keep`.
 pub const MAX_ARGS: usize = 256;
 
+/// One control command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
+    /// The service's state.
     Status,
+    /// Apply the removals the deletion guard holds.
     Approve,
+    /// Tombstones and conflicting claims.
     Conflicts,
+    /// Rebuild now (files re-read, LDAP when due) and answer what it did.
+    Reload,
     /// Drop these tombstones now.
     Delete(Vec<String>),
     /// Keep these tombstones until their address returns or they are deleted.
@@ -29,7 +35,7 @@ pub enum ControlError {
     TooLong,
     #[error("command is not UTF-8 text")]
     NotText,
-    #[error("unknown command {0:?} (status, approve, conflicts, delete, keep)")]
+    #[error("unknown command {0:?} (status, approve, conflicts, reload, delete, keep)")]
     Unknown(String),
     #[error("{0} needs at least one address")]
     NoArgs(&'static str),
@@ -69,6 +75,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<Command>, ControlError> {
         "status" => bare("status", Command::Status),
         "approve" => bare("approve", Command::Approve),
         "conflicts" => bare("conflicts", Command::Conflicts),
+        "reload" => bare("reload", Command::Reload),
         "delete" if args.is_empty() => Err(ControlError::NoArgs("delete")),
         "keep" if args.is_empty() => Err(ControlError::NoArgs("keep")),
         "delete" => Ok(Some(Command::Delete(args))),
@@ -83,6 +90,7 @@ pub fn encode(cmd: &Command) -> String {
         Command::Status => ("status", &[]),
         Command::Approve => ("approve", &[]),
         Command::Conflicts => ("conflicts", &[]),
+        Command::Reload => ("reload", &[]),
         Command::Delete(a) => ("delete", a),
         Command::Keep(a) => ("keep", a),
     };
@@ -105,6 +113,7 @@ mod tests {
             Command::Status,
             Command::Approve,
             Command::Conflicts,
+            Command::Reload,
             Command::Delete(vec!["a@b.example".into(), "c@d.example".into()]),
             Command::Keep(vec!["a@b.example".into()]),
         ] {

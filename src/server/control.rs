@@ -1,6 +1,6 @@
 //! The control socket: a unix socket only its owner can open (mode 0600), one command per
-//! connection. Commands go to the daemon's main loop (the loader's single owner) and the
-//! answer comes back as one JSON line.
+//! connection. Commands go to the directory service ([`crate::service::Handle::control`]) and
+//! its typed [`Reply`] comes back as one JSON line.
 
 use std::io;
 use std::path::Path;
@@ -8,12 +8,11 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::watch;
+use tracing::warn;
 
-use crate::proto::control::{self, Command};
-
-/// A command and where its answer goes.
-pub type Request = (Command, oneshot::Sender<serde_json::Value>);
+use crate::proto::control;
+use crate::service::{Handle, Reply};
 
 /// How long a client may take to send its command line.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,7 +31,7 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 /// Serve control connections until shutdown.
 pub async fn serve(
     listener: UnixListener,
-    requests: mpsc::Sender<Request>,
+    service: Handle,
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
     loop {
@@ -42,22 +41,22 @@ pub async fn serve(
         };
         match stream {
             Ok((s, _)) => {
-                let requests = requests.clone();
+                let service = service.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = handle(s, requests).await {
-                        eprintln!("rcptgate: control connection: {e}");
+                    if let Err(e) = handle(s, service).await {
+                        warn!(error = %e, "control connection: {e}");
                     }
                 });
             }
             Err(e) => {
-                eprintln!("rcptgate: control accept failed: {e}");
+                warn!(error = %e, "control accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
 }
 
-async fn handle(mut s: UnixStream, requests: mpsc::Sender<Request>) -> io::Result<()> {
+async fn handle(mut s: UnixStream, service: Handle) -> io::Result<()> {
     let mut buf = Vec::with_capacity(256);
     let decoded = tokio::time::timeout(READ_TIMEOUT, async {
         loop {
@@ -77,26 +76,17 @@ async fn handle(mut s: UnixStream, requests: mpsc::Sender<Request>) -> io::Resul
     .await
     .unwrap_or_else(|_| Err(format!("no command within {READ_TIMEOUT:?}")));
     let answer = match decoded {
-        Ok(cmd) => {
-            let (tx, rx) = oneshot::channel();
-            if requests.send((cmd, tx)).await.is_err() {
-                serde_json::json!({"ok": false, "error": "the daemon is shutting down"})
-            } else {
-                rx.await.unwrap_or_else(
-                    |_| serde_json::json!({"ok": false, "error": "the daemon dropped the command"}),
-                )
-            }
-        }
-        Err(e) => serde_json::json!({"ok": false, "error": e}),
+        Ok(cmd) => service.control(cmd).await,
+        Err(message) => Reply::Error { message },
     };
-    let mut line = answer.to_string();
+    let mut line = serde_json::to_string(&answer).map_err(io::Error::other)?;
     line.push('\n');
     s.write_all(line.as_bytes()).await?;
     s.shutdown().await
 }
 
-/// Send one command to a daemon's control socket and return its JSON answer (the CLI side).
-pub fn request(path: &Path, cmd: &Command) -> io::Result<serde_json::Value> {
+/// Send one command to a daemon's control socket and return its answer (the CLI side).
+pub fn request(path: &Path, cmd: &control::Command) -> io::Result<Reply> {
     use std::io::{Read, Write};
     let mut s = std::os::unix::net::UnixStream::connect(path)?;
     s.set_read_timeout(Some(Duration::from_secs(600)))?;

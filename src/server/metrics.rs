@@ -42,6 +42,8 @@ pub struct Metrics {
     pub tombstones: AtomicU64,
     pub held: AtomicU64,
     pub held_removals: AtomicU64,
+    /// Listeners that stopped on their own (a closed port): `/healthz` answers 503.
+    pub listeners_down: AtomicU64,
 }
 
 fn slot(p: Protocol) -> usize {
@@ -185,15 +187,21 @@ impl Metrics {
             ),
             (
                 "rcptgate_guard_held",
-                "1 while the deletion guard holds a build (rcptgate status; rcptgate approve).",
+                "1 while the deletion guard holds removals (rcptgate status; rcptgate approve).",
                 "gauge",
                 &self.held,
             ),
             (
                 "rcptgate_guard_held_removals",
-                "Addresses the held build would remove.",
+                "Removals held by the deletion guard (the addresses answer as before).",
                 "gauge",
                 &self.held_removals,
+            ),
+            (
+                "rcptgate_listeners_down",
+                "Listeners that stopped on their own (/healthz answers 503).",
+                "gauge",
+                &self.listeners_down,
             ),
         ] {
             let _ = writeln!(o, "# HELP {name} {help}");
@@ -243,8 +251,13 @@ impl Metrics {
             ),
             (
                 "rcptgate_directory_stale",
-                "1 while sources have failed longer than max_age",
+                "1 while the data in service is older than max_age (unknown recipients deferred)",
                 u64::from(dir.is_stale()),
+            ),
+            (
+                "rcptgate_data_age_seconds",
+                "seconds since the data in service was read",
+                dir.data_time().map_or(0, |t| now.saturating_sub(t)),
             ),
         ];
         for (name, help, v) in gauges {
@@ -284,6 +297,15 @@ pub async fn serve(
             let reply = match head.as_ref().map(|(m, p)| (m.as_slice(), p.as_slice())) {
                 Some((b"GET", b"/metrics")) => {
                     http::response("200 OK", "text/plain; version=0.0.4", &metrics.render(&dir))
+                }
+                Some((b"GET", b"/healthz"))
+                    if metrics.listeners_down.load(Ordering::Relaxed) > 0 =>
+                {
+                    http::response(
+                        "503 Service Unavailable",
+                        "text/plain",
+                        "a listener stopped\n",
+                    )
                 }
                 Some((b"GET", b"/healthz")) if dir.view().snapshot().is_some() => {
                     http::response("200 OK", "text/plain", "ok\n")

@@ -114,7 +114,7 @@ pub async fn serve<L: Accept>(
             Ok(s) => s,
             // Out of descriptors or a client that went away: keep serving the others.
             Err(e) => {
-                eprintln!("rcptgate: accept failed: {e}");
+                tracing::warn!(error = %e, "accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -123,7 +123,7 @@ pub async fn serve<L: Accept>(
         let stop = shutdown.clone();
         conns.spawn(async move {
             if let Err(e) = handle(stream, protocol, &ctx, stop).await {
-                eprintln!("rcptgate: {protocol:?} connection closed: {e}");
+                tracing::info!(?protocol, error = %e, "{protocol:?} connection closed: {e}");
             }
             drop(permit);
         });
@@ -203,9 +203,9 @@ fn note_tombstone(ctx: &Context, rcpt: &[u8], verdict: &crate::directory::Verdic
         && hit.kind == crate::directory::Kind::Tombstone
         && ctx.metrics.log_tombstone_now()
     {
-        eprintln!(
-            "rcptgate: accepted {} as a tombstone (removed from the directory; see rcptgate conflicts)",
-            String::from_utf8_lossy(&rcpt[..rcpt.len().min(320)])
+        let rcpt = String::from_utf8_lossy(&rcpt[..rcpt.len().min(320)]);
+        tracing::warn!(
+            "accepted {rcpt} as a tombstone (removed from the directory; see rcptgate conflicts)"
         );
     }
 }

@@ -342,10 +342,11 @@ fn fetch_on(
             Err(LdapError::Connect { .. } | LdapError::Timeout { .. }) if attempt < cfg.retries => {
                 attempt += 1;
                 let wait = Duration::from_secs(1 << attempt.min(5));
-                eprintln!(
-                    "rcptgate: {}: {}; retry {attempt} of {} in {wait:?}",
-                    name,
-                    r.as_ref().err().map(|e| e.to_string()).unwrap_or_default(),
+                let why = r.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+                tracing::warn!(
+                    source = %name,
+                    attempt,
+                    "{name}: {why}; retry {attempt} of {} in {wait:?}",
                     cfg.retries
                 );
                 std::thread::sleep(wait);

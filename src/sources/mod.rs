@@ -312,14 +312,8 @@ pub fn parse_text(format: Format, name: &Arc<str>, text: &str) -> Result<SourceD
     }
 }
 
-/// Read and parse a source named `FORMAT:PATH` or `PATH` (format from the extension).
-pub fn load(spec: &str) -> Result<SourceData, SourceError> {
-    let (format, path) = match spec.split_once(':') {
-        Some((f, p)) if Format::parse(f).is_some() => (Format::parse(f), p),
-        _ => (None, spec),
-    };
-    let path = Path::new(path);
-    let format = format.unwrap_or_else(|| Format::from_path(path));
+/// Read and parse a source file of the given format.
+pub fn load(format: Format, path: &Path) -> Result<SourceData, SourceError> {
     let name: Arc<str> = Arc::from(path.display().to_string());
     let bytes = std::fs::read(path).map_err(|source| SourceError::Io {
         path: name.to_string(),
@@ -327,6 +321,14 @@ pub fn load(spec: &str) -> Result<SourceData, SourceError> {
     })?;
     let text = decode_utf8(&name, &bytes)?;
     parse_text(format, &name, text)
+}
+
+/// A command-line source argument, `FORMAT:PATH` or `PATH` (format from the extension).
+pub fn parse_spec(spec: &str) -> (Format, &Path) {
+    match spec.split_once(':') {
+        Some((f, p)) if let Some(format) = Format::parse(f) => (format, Path::new(p)),
+        _ => (Format::from_path(Path::new(spec)), Path::new(spec)),
+    }
 }
 
 /// UTF-8 text without a BOM, or an error that says where the first bad byte is.

@@ -6,13 +6,13 @@
 //! its grace period, and says whether the guard holds the build. It touches no file and reads
 //! the time only from its argument, so tests drive it with any clock.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::GuardConfig;
-use crate::directory::{BuildInput, Kind, NONE, RecordSpec, Snapshot};
+use crate::directory::{BuildInput, DomainSpec, Hit, Kind, NONE, RecordSpec, Snapshot};
 
 /// How many removed addresses a plan names (audit line, `rcptgate status`).
 pub const SAMPLE: usize = 100;
@@ -130,8 +130,13 @@ pub struct Plan {
     pub returned: u64,
     /// Tombstone records added to the build.
     pub tombstones: u64,
-    /// The guard holds this build: it removes too much.
+    /// The guard holds this build's removals: it removes too much. The build is still
+    /// published, with the addresses it would remove kept as they were.
     pub hold: bool,
+    /// Held: every address whose removal waits for approval (kept in the build as it was).
+    pub held_removals: Vec<String>,
+    /// Removals that were approved beforehand (see [`plan_approved`]).
+    pub approved: u64,
 }
 
 impl Plan {
@@ -164,6 +169,25 @@ pub fn plan(
     now: u64,
     guard: &GuardConfig,
     adopt: bool,
+) -> Plan {
+    plan_approved(old, input, state, now, guard, adopt, &HashSet::new())
+}
+
+/// [`plan`], where the removal of the addresses in `approved` (`local@domain` as the snapshot
+/// stores them) was approved: they neither count towards the guard nor are kept.
+///
+/// When the guard holds the build, the build still carries everything safe (additions and
+/// changes): every address it would remove is put back as it is in `old` (kind, owner,
+/// profile, route) and listed in [`Plan::held_removals`], so it answers as before until the
+/// removal is approved.
+pub fn plan_approved(
+    old: Option<&Snapshot>,
+    input: &mut BuildInput,
+    state: &State,
+    now: u64,
+    guard: &GuardConfig,
+    adopt: bool,
+    approved: &HashSet<String>,
 ) -> Plan {
     let grace = guard.deletion_grace.as_secs();
     let mut p = Plan {
@@ -206,6 +230,10 @@ pub fn plan(
             }
         }
     };
+    // Removed live addresses: (address, what it was, removed by an exception).
+    let mut gone: Vec<(String, Hit, bool)> = Vec::new();
+    // Removals the guard holds: put back as they were.
+    let mut keep: Vec<(String, Hit)> = Vec::new();
     if let Some(old) = old {
         let mut cur = old.cursor();
         let mut j = 0usize;
@@ -264,8 +292,25 @@ pub fn plan(
             if p.removed_sample.len() < SAMPLE {
                 p.removed_sample.push(address.clone());
             }
+            if approved.contains(&address) {
+                p.approved += 1;
+            }
+            gone.push((address, hit, now_kind.is_some()));
+        }
+        for k in &keys[j..] {
+            note_added(&mut p, k);
+        }
+        let counted = p.removed - p.approved;
+        p.hold = p.live_before > 0
+            && (counted > guard.max_deletions
+                || counted as f64 > guard.max_deletion_ratio * p.live_before as f64);
+        for (address, hit, excepted) in gone {
+            if p.hold && !approved.contains(&address) {
+                keep.push((address, hit));
+                continue;
+            }
             // Removed by an exception: gone at once, never a tombstone.
-            if now_kind.is_none() && grace > 0 && !p.state.tombstones.contains_key(&address) {
+            if !excepted && grace > 0 && !p.state.tombstones.contains_key(&address) {
                 p.tombstoned += 1;
                 p.state.tombstones.insert(
                     address,
@@ -279,12 +324,6 @@ pub fn plan(
                 );
             }
         }
-        for k in &keys[j..] {
-            note_added(&mut p, k);
-        }
-        p.hold = p.live_before > 0
-            && (p.removed > guard.max_deletions
-                || p.removed as f64 > guard.max_deletion_ratio * p.live_before as f64);
     } else {
         for k in &keys {
             note_added(&mut p, k);
@@ -329,5 +368,80 @@ pub fn plan(
         input.records.push(r);
         p.tombstones += 1;
     }
+    if let Some(old) = old {
+        keep_as_before(old, input, &keep);
+    }
+    p.held_removals = keep.into_iter().map(|(a, _)| a).collect();
     p
+}
+
+/// The origin of an address kept because its removal is held.
+const KEPT: &str = "kept: removal held by the deletion guard";
+
+/// Put the addresses whose removal the guard holds back into `input` as `old` has them, with
+/// their domain when the build lost it; an exception record for one of them gives way until
+/// the removal is approved.
+fn keep_as_before(old: &Snapshot, input: &mut BuildInput, keep: &[(String, Hit)]) {
+    if keep.is_empty() {
+        return;
+    }
+    let mut domains: HashMap<String, u32> = input
+        .domains
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.name.clone(), i as u32))
+        .collect();
+    let source = input.sources.len() as u32;
+    input.sources.push(KEPT.into());
+    for (address, hit) in keep {
+        let Some((local, domain)) = address.rsplit_once('@') else {
+            continue;
+        };
+        let d = match domains.get(domain) {
+            Some(&d) => d,
+            None => {
+                let Some(info) = old.domain_info(hit.domain) else {
+                    continue;
+                };
+                let mut intern = |s: Option<&str>| s.map_or(NONE, |s| input.strings.intern(s));
+                let spec = DomainSpec {
+                    name: info.name.to_owned(),
+                    customer: intern(info.customer),
+                    profile: intern(info.profile),
+                    route: intern(info.route),
+                    accept_all: info.accept_all,
+                    keep_case: info.keep_case,
+                };
+                let d = input.domains.len() as u32;
+                input.domains.push(spec);
+                domains.insert(domain.to_owned(), d);
+                d
+            }
+        };
+        let mut r = RecordSpec::new(d, local, hit.kind);
+        r.profile = old.profile(hit).map_or(NONE, |s| input.strings.intern(s));
+        r.route = old.route(hit).map_or(NONE, |s| input.strings.intern(s));
+        if let Ok(Some(info)) = old.record_info(address, hit) {
+            r.owner = info.owner.map(Into::into);
+            // Where it came from before it was kept (kept again: the same).
+            let origin = info
+                .origin
+                .strip_prefix(KEPT)
+                .and_then(|o| o.strip_prefix(" ("))
+                .and_then(|o| o.strip_suffix(')'))
+                .unwrap_or(&info.origin);
+            r.dn = Some(origin.into());
+            r.attributes = info.attributes.map(Into::into);
+        }
+        r.source = source;
+        match input
+            .records
+            .iter()
+            .position(|x| x.domain == d && *x.local == *local)
+        {
+            // Only an exception can be there: the address was removed.
+            Some(i) => input.records[i] = r,
+            None => input.records.push(r),
+        }
+    }
 }

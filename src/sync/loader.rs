@@ -3,44 +3,46 @@
 //! service. The [`Loader`] owns everything that outlives one build: the tombstone state, a
 //! build held by the deletion guard, the last conflicts, and the audit log.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde_json::json;
+use tracing::{error, info, warn};
 
 use crate::config::{AuditConfig, Config};
 use crate::directory::{self, Directory, Snapshot};
+use crate::service::types::{Claim, Conflicts, HeldStatus, MAX_DIAGNOSTICS, Status, TombstoneView};
 use crate::sources::{self, Severity, SourceData, ldap};
 use crate::sync::lifecycle::{self, Plan, State, StateError};
 use crate::sync::merge::{self, Conflict};
 
+pub use crate::directory::{Clock, system_clock};
+
 /// How many added and removed addresses an audit line lists by name.
 pub const SAMPLE: usize = lifecycle::SAMPLE;
 
-/// The time in Unix seconds; injectable so tests can move it.
-pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
-
-/// The system clock.
-pub fn system_clock() -> Clock {
-    Arc::new(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
-    })
-}
+/// How many diagnostics a rebuild logs by text (the rest are counted; `status` and
+/// `rcptgate check` show them all).
+const LOGGED_DIAGNOSTICS: usize = 5;
 
 /// What one build did, published or held.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Report {
+    /// The build's generation (in service unless the outcome is `Unchanged`).
     pub generation: u64,
     /// The lifecycle of the build: additions and removals (with samples), tombstones, the
     /// guard.
     pub plan: Plan,
     /// Addresses served, tombstones included.
     pub addresses: u64,
+    /// Accepted domains.
     pub domains: u32,
+    /// Addresses claimed by two owners.
     pub conflicts: usize,
+    /// Entries skipped as invalid.
     pub errors: usize,
+    /// Warnings about entries kept.
     pub warnings: usize,
     /// Published by `approve` after the guard held it.
     pub approved: bool,
@@ -51,11 +53,14 @@ pub struct Report {
 /// The result of [`Loader::rebuild`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
+    /// A new generation is in service.
     Published(Report),
     /// The build has the same content as the snapshot in service, which stays (no new
     /// generation); any hold is released.
     Unchanged(Report),
-    /// The deletion guard held the build; the snapshot in service stays.
+    /// The deletion guard holds the build's removals. Its additions and changes are in
+    /// service (a new generation, unless there were none); the addresses it would remove
+    /// answer as before until [`Loader::approve`].
     Held(Report),
 }
 
@@ -63,20 +68,28 @@ pub enum Outcome {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LoadError {
+    /// A source could not be read or is incomplete.
     #[error("source refused: {0}")]
     Source(#[from] sources::SourceError),
+    /// The snapshot could not be built.
     #[error("build failed: {0}")]
     Build(#[from] directory::BuildError),
+    /// The snapshot could not be written or read back.
     #[error("snapshot: {0}")]
     Snapshot(#[from] directory::SnapshotError),
+    /// The tombstone state file could not be read or written.
     #[error("state file: {0}")]
     State(#[from] StateError),
+    /// The build came out empty over a non-empty directory.
     #[error("new build has no addresses while {0} are in service; kept the snapshot in service")]
     Empty(u64),
+    /// `approve` with no removals held.
     #[error("no build is held")]
     NothingHeld,
+    /// `delete` or `keep` of an address that is not a tombstone.
     #[error("{0}: no such tombstone")]
     NoTombstone(String),
+    /// An LDAP source failed.
     #[error("source {0}: {1}")]
     Ldap(String, ldap::LdapError),
 }
@@ -85,10 +98,9 @@ pub enum LoadError {
 /// read, its USN mark); `None` for files.
 type Back = Option<(String, u64, Option<ldap::UsnMark>)>;
 
-/// A build the guard held, kept until approved or replaced.
+/// Removals the guard holds, until approved or no longer wanted.
 #[derive(Debug)]
 struct Held {
-    bytes: Vec<u8>,
     report: Report,
     since: u64,
 }
@@ -101,12 +113,14 @@ struct Audit {
 
 impl Audit {
     fn write(&self, line: &serde_json::Value) {
-        eprintln!("rcptgate: audit {line}");
+        info!(target: "rcptgate::audit", record = %line, "audit");
         let Some(cfg) = &self.cfg else { return };
         if let Err(e) = append_rotated(cfg, &format!("{line}\n")) {
-            eprintln!(
-                "rcptgate: audit log {}: {e} (the line above is the record)",
-                cfg.path.display()
+            error!(
+                path = %cfg.path.display(),
+                error = %e,
+                record = %line,
+                "audit log not written"
             );
         }
     }
@@ -153,6 +167,10 @@ pub struct Loader {
     conflicts: Vec<Conflict>,
     audit: Audit,
     last_error: Option<String>,
+    /// Diagnostics of the last build: how many, and the first [`MAX_DIAGNOSTICS`].
+    diagnostics: (usize, Vec<String>),
+    /// Removals approved by [`Self::approve`], for the build it runs.
+    approved: HashSet<String>,
     /// No state file at start: tombstones found in the persisted snapshot are taken in
     /// again (from the first publish on, the state file is the truth).
     adopt_orphans: bool,
@@ -192,6 +210,8 @@ impl Loader {
             held: None,
             conflicts: Vec::new(),
             last_error: None,
+            diagnostics: (0, Vec::new()),
+            approved: HashSet::new(),
             adopt_orphans,
             ldap_cache: Default::default(),
             data_time: None,
@@ -199,21 +219,25 @@ impl Loader {
     }
 
     /// Put the persisted snapshot in service, if there is one, so answers are definitive at
-    /// once. Returns its generation.
-    pub fn open_persisted(&self) -> Result<Option<u64>, LoadError> {
+    /// once. Returns its generation. Its data counts as read when it was built.
+    pub fn open_persisted(&mut self) -> Result<Option<u64>, LoadError> {
         let Some(path) = self.cfg.snapshot.as_deref().filter(|p| p.exists()) else {
             return Ok(None);
         };
         let snap = Snapshot::open(path)?;
         let generation = snap.generation();
+        self.data_time = Some(snap.created_unix());
+        self.dir.set_data_time(snap.created_unix());
         self.dir.publish(Arc::new(snap));
         Ok(Some(generation))
     }
 
+    /// The directory this loader publishes to.
     pub fn directory(&self) -> &Arc<Directory> {
         &self.dir
     }
 
+    /// The configuration it builds from.
     pub fn config(&self) -> &Config {
         &self.cfg
     }
@@ -292,7 +316,7 @@ impl Loader {
         let cfg = self.cfg.clone();
         for s in &cfg.sources {
             let loaded = match &s.ldap {
-                None => sources::load(&s.spec())
+                None => sources::load(s.format, &s.path)
                     .map(|d| (d, None))
                     .map_err(LoadError::from),
                 Some(l) => {
@@ -316,8 +340,12 @@ impl Loader {
                             let took = || started.elapsed().as_secs_f64();
                             match ldap::sync(&name, l, prev, now, s.full_interval, |_| {}) {
                                 Ok(ldap::Synced::Full(d, mark)) => {
-                                    eprintln!(
-                                        "rcptgate: {}: full sync: {} addresses from {} in {:.1} s",
+                                    info!(
+                                        source = %s.name,
+                                        url = %l.url,
+                                        addresses = d.entries.len(),
+                                        seconds = took(),
+                                        "{}: full sync: {} addresses from {} in {:.1} s",
                                         s.name,
                                         d.entries.len(),
                                         l.url,
@@ -330,8 +358,13 @@ impl Loader {
                                     mark,
                                     changed,
                                 }) => {
-                                    eprintln!(
-                                        "rcptgate: {}: incremental sync: {changed} changed object(s) up to USN {}, {} addresses, in {:.2} s",
+                                    info!(
+                                        source = %s.name,
+                                        changed,
+                                        usn = mark.usn,
+                                        addresses = data.entries.len(),
+                                        seconds = took(),
+                                        "{}: incremental sync: {changed} changed object(s) up to USN {}, {} addresses, in {:.2} s",
                                         s.name,
                                         mark.usn,
                                         data.entries.len(),
@@ -400,6 +433,8 @@ impl Loader {
             .map_or((0, 1), |s| (s.record_count(), s.generation() + 1));
         let mut merged = merge::merge(&data, generation);
         let (mut errors, mut warnings) = (0, 0);
+        let mut lines = Vec::new();
+        let mut total = 0;
         for d in data
             .iter()
             .flat_map(|s| s.diagnostics.iter())
@@ -409,11 +444,29 @@ impl Loader {
                 Severity::Error => errors += 1,
                 Severity::Warning => warnings += 1,
             }
-            eprintln!("rcptgate: {d}");
+            total += 1;
+            if lines.len() < MAX_DIAGNOSTICS {
+                lines.push(d.to_string());
+            }
         }
         for c in &merged.conflicts {
-            eprintln!("rcptgate: conflict: {c}");
+            total += 1;
+            if lines.len() < MAX_DIAGNOSTICS {
+                lines.push(format!("conflict: {c}"));
+            }
         }
+        // A summary, not every diagnostic again at every sync (`status` shows them).
+        if total > 0 {
+            warn!(
+                errors,
+                warnings,
+                conflicts = merged.conflicts.len(),
+                first = ?&lines[..lines.len().min(LOGGED_DIAGNOSTICS)],
+                "build diagnostics: {errors} error(s), {warnings} warning(s), {} conflict(s) (rcptgate status shows them)",
+                merged.conflicts.len()
+            );
+        }
+        self.diagnostics = (total, lines);
         self.give_back(data, back);
         let view = self.dir.view();
         let old = view.snapshot();
@@ -427,13 +480,15 @@ impl Loader {
             return Err(LoadError::Empty(in_service));
         }
         let now = (self.clock)();
-        let plan = lifecycle::plan(
+        let approved = std::mem::take(&mut self.approved);
+        let plan = lifecycle::plan_approved(
             old,
             &mut merged.input,
             &self.state,
             now,
             &self.cfg.guard,
             self.adopt_orphans,
+            &approved,
         );
         let conflicts = std::mem::take(&mut merged.conflicts);
         let (bytes, stats) = directory::build(merged.input)?;
@@ -448,10 +503,25 @@ impl Loader {
             approved: false,
             data_time,
         };
+        let mut report = report;
+        report.approved = !approved.is_empty() && report.plan.approved > 0;
         let same =
             old.is_some_and(|o| Snapshot::digest_of(&bytes).is_ok_and(|d| d == o.content_digest()));
         drop(view);
         self.conflicts = conflicts;
+        let hold = report.plan.hold;
+        // A held build does not count as fresh data (max_age goes on counting).
+        let fresh = (!hold).then_some(report.data_time);
+        if hold {
+            let since = self.held.as_ref().map_or(now, |h| h.since);
+            self.audit.write(&self.audit_line("held", &report));
+            self.held = Some(Held {
+                report: report.clone(),
+                since,
+            });
+        } else {
+            self.held = None;
+        }
         if same {
             if report.plan.state != self.state {
                 if let Some(p) = &self.cfg.guard.state {
@@ -459,39 +529,55 @@ impl Loader {
                 }
                 self.state = report.plan.state.clone();
             }
-            self.held = None;
             self.adopt_orphans = false;
-            self.data_time = Some(report.data_time);
-            return Ok(Outcome::Unchanged(report));
-        }
-        if report.plan.hold {
-            self.audit.write(&self.audit_line("held", &report));
-            self.held = Some(Held {
-                bytes,
-                report: report.clone(),
-                since: now,
+            self.set_fresh(fresh);
+            return Ok(if hold {
+                Outcome::Held(report)
+            } else {
+                Outcome::Unchanged(report)
             });
-            return Ok(Outcome::Held(report));
         }
-        self.publish(bytes, report).map(Outcome::Published)
+        let report = self.publish(bytes, report, fresh)?;
+        Ok(if hold {
+            Outcome::Held(report)
+        } else {
+            Outcome::Published(report)
+        })
     }
 
-    /// Publish the build the guard holds.
+    /// Record when the data in service was read, here and in the directory.
+    fn set_fresh(&mut self, data_time: Option<u64>) {
+        if let Some(t) = data_time {
+            self.data_time = Some(t);
+            self.dir.set_data_time(t);
+        }
+    }
+
+    /// Approve the removals the guard holds: rebuild now, with those removals allowed (a
+    /// build that removes more than was approved, beyond the limits, is held again).
     pub fn approve(&mut self) -> Result<Report, LoadError> {
         let held = self.held.take().ok_or(LoadError::NothingHeld)?;
-        let mut report = held.report;
-        report.approved = true;
-        // A build generation may have been published since; the held one is still newer
-        // than anything it was compared with only if nothing was. Rebuild then instead.
-        let current = self.dir.view().snapshot().map_or(0, |s| s.generation());
-        if current >= report.generation {
-            return Err(LoadError::NothingHeld);
+        self.approved = held.report.plan.held_removals.iter().cloned().collect();
+        let r = self.rebuild();
+        self.approved.clear();
+        match r {
+            Ok(Outcome::Published(r) | Outcome::Unchanged(r)) => Ok(r),
+            Ok(Outcome::Held(r)) => Ok(r),
+            Err(e) => {
+                // Nothing changed: the removals are still held.
+                self.held = Some(held);
+                Err(e)
+            }
         }
-        self.publish(held.bytes, report)
     }
 
     /// Persist the snapshot and the state, then put the snapshot in service.
-    fn publish(&mut self, bytes: Vec<u8>, report: Report) -> Result<Report, LoadError> {
+    fn publish(
+        &mut self,
+        bytes: Vec<u8>,
+        report: Report,
+        fresh: Option<u64>,
+    ) -> Result<Report, LoadError> {
         let snap = match self.cfg.snapshot.as_deref() {
             Some(path) => {
                 // Checked before it replaces the persisted file.
@@ -505,10 +591,9 @@ impl Loader {
             report.plan.state.save(p)?;
         }
         self.state = report.plan.state.clone();
-        self.held = None;
         self.adopt_orphans = false;
-        self.data_time = Some(report.data_time);
         let old = self.dir.publish(Arc::new(snap));
+        self.set_fresh(fresh);
         // Drop the old snapshot here, off the request path.
         drop(old);
         let event = if report.approved {
@@ -517,6 +602,31 @@ impl Loader {
             "publish"
         };
         self.audit.write(&self.audit_line(event, &report));
+        info!(
+            generation = report.generation,
+            addresses = report.addresses,
+            domains = report.domains,
+            conflicts = report.conflicts,
+            errors = report.errors,
+            warnings = report.warnings,
+            removed = report.plan.removed,
+            tombstoned = report.plan.tombstoned,
+            expired = report.plan.expired,
+            tombstones = report.plan.tombstones,
+            held_removals = report.plan.held_removals.len(),
+            approved = report.approved,
+            "published generation {}: {} addresses, {} domains{}",
+            report.generation,
+            report.addresses,
+            report.domains,
+            if report.plan.hold {
+                " (removals held by the deletion guard)"
+            } else if report.approved {
+                " (approved)"
+            } else {
+                ""
+            }
+        );
         Ok(report)
     }
 
@@ -540,6 +650,7 @@ impl Loader {
             "returned": r.plan.returned,
             "tombstones": r.plan.tombstones,
             "held": event == "held",
+            "held_removals": r.plan.held_removals.len(),
             "added_sample": r.plan.added_sample,
             "removed_sample": r.plan.removed_sample,
         })
@@ -555,9 +666,6 @@ impl Loader {
         let mut next = self.state.clone();
         for a in addresses {
             next.tombstones.remove(a);
-            if let Some(h) = &mut self.held {
-                h.report.plan.state.tombstones.remove(a);
-            }
         }
         if let Some(p) = &self.cfg.guard.state {
             next.save(p)?;
@@ -574,13 +682,6 @@ impl Loader {
                 .get_mut(a)
                 .ok_or_else(|| LoadError::NoTombstone(a.clone()))?
                 .keep = true;
-            if let Some(t) = self
-                .held
-                .as_mut()
-                .and_then(|h| h.report.plan.state.tombstones.get_mut(a))
-            {
-                t.keep = true;
-            }
         }
         if let Some(p) = &self.cfg.guard.state {
             next.save(p)?;
@@ -589,58 +690,76 @@ impl Loader {
         Ok(())
     }
 
-    /// Everything `rcptgate status` shows, as JSON.
-    pub fn status(&self) -> serde_json::Value {
+    /// Everything `rcptgate status` shows (the service adds what runs now and the counters).
+    pub fn status(&self) -> Status {
         let now = (self.clock)();
         let view = self.dir.view();
         let snap = view.snapshot();
-        let held = self.held.as_ref().map(|h| {
-            json!({
-                "generation": h.report.generation,
-                "since": h.since,
-                "reason": h.report.plan.hold_reason(&self.cfg.guard),
-                "addresses_in_service": h.report.plan.live_before,
-                "removed": h.report.plan.removed,
-                "added": h.report.plan.added,
-                "removed_sample": h.report.plan.removed_sample,
-            })
+        let held = self.held.as_ref().map(|h| HeldStatus {
+            generation: h.report.generation,
+            since: h.since,
+            reason: h.report.plan.hold_reason(&self.cfg.guard),
+            addresses_in_service: h.report.plan.live_before,
+            removed: h.report.plan.held_removals.len() as u64,
+            added: h.report.plan.added,
+            removed_sample: h
+                .report
+                .plan
+                .held_removals
+                .iter()
+                .take(SAMPLE)
+                .cloned()
+                .collect(),
         });
-        json!({
-            "time": now,
-            "generation": snap.map(|s| s.generation()),
-            "addresses": snap.map(|s| s.record_count()),
-            "domains": snap.map(|s| s.domain_count()),
-            "snapshot_age": snap.map(|s| now.saturating_sub(s.created_unix())),
-            "stale": self.dir.is_stale(),
-            "tombstones": self.state.tombstones.len(),
-            "conflicts": self.conflicts.len(),
-            "last_error": self.last_error,
-            "held": held,
-        })
+        Status {
+            time: now,
+            generation: snap.map(|s| s.generation()),
+            addresses: snap.map(|s| s.record_count()),
+            domains: snap.map(|s| s.domain_count()),
+            snapshot_age: snap.map(|s| now.saturating_sub(s.created_unix())),
+            data_age: self.dir.data_time().map(|t| now.saturating_sub(t)),
+            stale: self.dir.is_stale(),
+            tombstones: self.state.tombstones.len(),
+            conflicts: self.conflicts.len(),
+            last_error: self.last_error.clone(),
+            diagnostics: self.diagnostics.0,
+            diagnostic_lines: self.diagnostics.1.clone(),
+            held,
+            ..Status::default()
+        }
     }
 
-    /// Tombstones (with time left) and conflicting claims, as JSON.
-    pub fn conflicts_json(&self) -> serde_json::Value {
+    /// Tombstones (with time left) and conflicting claims.
+    pub fn conflicts_view(&self) -> Conflicts {
         let now = (self.clock)();
         let grace = self.cfg.guard.deletion_grace.as_secs();
-        json!({
-            "tombstones": self.state.tombstones.iter().map(|(a, t)| json!({
-                "address": a,
-                "removed": t.removed,
-                "left": t.left(now, grace),
-                "keep": t.keep,
-                "kind": t.kind,
-                "route": t.route,
-                "profile": t.profile,
-            })).collect::<Vec<_>>(),
-            "claims": self.conflicts.iter().map(|c| json!({
-                "address": c.address,
-                "kept_owner": c.kept_owner,
-                "kept_origin": c.kept_origin,
-                "dropped_owner": c.dropped_owner,
-                "dropped_origin": c.dropped_origin,
-                "rule": c.rule,
-            })).collect::<Vec<_>>(),
-        })
+        Conflicts {
+            tombstones: self
+                .state
+                .tombstones
+                .iter()
+                .map(|(a, t)| TombstoneView {
+                    address: a.clone(),
+                    removed: t.removed,
+                    left: t.left(now, grace),
+                    keep: t.keep,
+                    kind: t.kind.clone(),
+                    route: t.route.clone(),
+                    profile: t.profile.clone(),
+                })
+                .collect(),
+            claims: self
+                .conflicts
+                .iter()
+                .map(|c| Claim {
+                    address: c.address.clone(),
+                    kept_owner: c.kept_owner.clone(),
+                    kept_origin: c.kept_origin.clone(),
+                    dropped_owner: c.dropped_owner.clone(),
+                    dropped_origin: c.dropped_origin.clone(),
+                    rule: c.rule.to_owned(),
+                })
+                .collect(),
+        }
     }
 }

@@ -54,6 +54,26 @@ pub struct Merged {
     pub overridden: usize,
 }
 
+impl Merged {
+    /// Addresses the build will hold.
+    pub fn addresses(&self) -> usize {
+        self.input.records.len()
+    }
+
+    /// Accepted domains the build will hold.
+    pub fn domains(&self) -> usize {
+        self.input.domains.len()
+    }
+
+    /// Build the snapshot image (checked, ready to write or load); the merge's diagnostics
+    /// and conflicts stay here.
+    pub fn build(
+        &mut self,
+    ) -> Result<(Vec<u8>, crate::directory::BuildStats), crate::directory::BuildError> {
+        crate::directory::build(std::mem::take(&mut self.input))
+    }
+}
+
 /// Bookkeeping per record for conflict resolution: which entry of which source made it.
 #[derive(Debug, Clone, Copy)]
 struct Claim {

@@ -1,0 +1,140 @@
+//! Commands for live LDAP sources: `sync` and `ldap-test`.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+use rcptgate::directory;
+use rcptgate::sources;
+
+pub fn sync(
+    config: &Path,
+    only: Option<&str>,
+    output: Option<&Path>,
+    customer: &str,
+) -> Result<ExitCode> {
+    use std::io::IsTerminal;
+    let cfg = rcptgate::config::Config::load(config)?;
+    let picked: Vec<_> = cfg
+        .sources
+        .iter()
+        .filter(|s| s.ldap.is_some() && only.is_none_or(|n| n == s.name))
+        .collect();
+    if picked.is_empty() {
+        bail!(
+            "{}: no LDAP source{}",
+            config.display(),
+            only.map(|n| format!(" named {n:?}")).unwrap_or_default()
+        );
+    }
+    if output.is_some() && picked.len() > 1 {
+        bail!("--output writes one source: pick it with --source NAME");
+    }
+    let tty = std::io::stderr().is_terminal();
+    for s in picked {
+        let Some(l) = &s.ldap else { continue };
+        let name: Arc<str> = Arc::from(s.name.as_str());
+        eprintln!(
+            "rcptgate: {}: syncing {} ({} base DN(s))",
+            s.name,
+            l.url,
+            l.bases.len()
+        );
+        let mut last_line = Instant::now();
+        let mut last = sources::ldap::Progress::default();
+        let data = sources::ldap::fetch(&name, l, |p| {
+            last = p;
+            let rate = p.entries as f64 / p.elapsed.as_secs_f64().max(1e-3);
+            let line = format!(
+                "  {} entries, {} pages, {:.0} entries/s, {:.1} s",
+                p.entries,
+                p.pages,
+                rate,
+                p.elapsed.as_secs_f64()
+            );
+            if tty {
+                eprint!("\r{line}   ");
+            } else if p.pages == 1 || last_line.elapsed().as_secs() >= 2 {
+                eprintln!("{line}");
+                last_line = Instant::now();
+            }
+        })
+        .with_context(|| format!("source {}", s.name))?;
+        if tty {
+            eprintln!();
+        }
+        let mut kinds: std::collections::BTreeMap<&str, usize> = Default::default();
+        for e in &data.entries {
+            *kinds.entry(e.kind.as_str()).or_default() += 1;
+        }
+        let mut domains: Vec<&str> = data.entries.iter().map(|e| e.domain.as_str()).collect();
+        domains.sort_unstable();
+        domains.dedup();
+        for d in &data.diagnostics {
+            eprintln!("rcptgate: {d}");
+        }
+        println!(
+            "{}: {} entries in {} page(s), {:.1} s: {} addresses in {} domain(s) ({}); {} diagnostics",
+            s.name,
+            last.entries,
+            last.pages,
+            last.elapsed.as_secs_f64(),
+            data.entries.len(),
+            domains.len(),
+            kinds
+                .iter()
+                .map(|(k, n)| format!("{n} {k}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            data.diagnostics.len()
+        );
+        if let Some(out) = output {
+            let text = sources::mapfile::write(&data, customer, &s.domains);
+            directory::write_atomic(out, text.as_bytes())
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("wrote {}", out.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn ldap_test(config: &Path, only: Option<&str>) -> Result<ExitCode> {
+    use rcptgate::sources::ldap_check::{self, Status};
+    let cfg = rcptgate::config::Config::load(config)?;
+    let mut failed = false;
+    let mut any = false;
+    for s in cfg
+        .sources
+        .iter()
+        .filter(|s| only.is_none_or(|n| n == s.name))
+    {
+        let Some(l) = &s.ldap else { continue };
+        any = true;
+        println!("{} ({}):", s.name, l.url);
+        for step in ldap_check::run(l) {
+            let tag = match step.status {
+                Status::Ok => "ok  ",
+                Status::Warn => "WARN",
+                Status::Fail => {
+                    failed = true;
+                    "FAIL"
+                }
+            };
+            println!("  {tag}  {:<12} {}", step.name, step.detail);
+            if let Some(f) = step.fix {
+                println!("        fix: {f}");
+            }
+        }
+    }
+    if !any {
+        bail!("{}: no LDAP source to test", config.display());
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
