@@ -79,16 +79,12 @@ password_file = \"{pw}\"\nbase_dns = [\"{OU}\"]\ndomains = [\"corp.test\", \"ali
             let _ = std::fs::remove_file(tmp.path().join(f));
         }
         let t = Instant::now();
-        let mut d = Daemon::start(&cfg);
-        let fetch_line = d.wait_for(": full sync: ");
-        let line = d.wait_for("published generation 1");
+        let d = Daemon::start(&cfg);
+        let s = d.wait_generation(1);
         sync.push(t.elapsed().as_secs_f64());
-        eprintln!("{fetch_line}");
+        eprintln!("{:?}", s.syncs);
         let pid = d.child.id();
-        assert!(
-            line.contains(&format!("{} addresses", users / 100 * 99 * 3)),
-            "{line}"
-        );
+        assert_eq!(s.addresses, Some((users / 100 * 99 * 3) as u64), "{s:?}");
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         let hwm_kb: f64 = status
             .lines()

@@ -24,7 +24,7 @@ fn main() {
     for n in sizes {
         let old_input = common::generate(n, 42).input;
         let t = Instant::now();
-        let (bytes, _) = directory::build(old_input).expect("build");
+        let (bytes, _) = rcptgate::internal::build(old_input).expect("build");
         let first_build = t.elapsed().as_secs_f64();
         let old = Snapshot::from_bytes(bytes).expect("load");
 
@@ -44,7 +44,7 @@ fn main() {
         assert_eq!(plan.hold, plan.removed > guard.max_deletions);
         assert_eq!(plan.added, 0);
         let t = Instant::now();
-        let (bytes, _) = directory::build(input).expect("build");
+        let (bytes, _) = rcptgate::internal::build(input).expect("build");
         let second_build = t.elapsed().as_secs_f64();
         let new = Snapshot::from_bytes(bytes).expect("load");
         let mut tombstones = 0;

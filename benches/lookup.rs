@@ -131,7 +131,7 @@ fn run_size(c: &mut Criterion, n: usize, test_mode: bool) {
     let addresses = syn.addresses.clone();
 
     // Build (sort + FST + sections), timed once here; criterion repeats it for sizes <= 1M.
-    let (bytes, stats) = directory::build(syn.input).expect("build");
+    let (bytes, stats) = rcptgate::internal::build(syn.input).expect("build");
     let dir_tmp = tempfile::tempdir().expect("tempdir");
     let path = dir_tmp.path().join("snapshot.bin");
     directory::write_atomic(&path, &bytes).expect("persist");
@@ -313,7 +313,7 @@ fn run_size(c: &mut Criterion, n: usize, test_mode: bool) {
         g.bench_function("sort+fst+sections", |b| {
             b.iter_batched(
                 || generate(n, 0x5EED ^ n as u64).input,
-                |input| black_box(directory::build(input).expect("build")),
+                |input| black_box(rcptgate::internal::build(input).expect("build")),
                 criterion::BatchSize::PerIteration,
             )
         });

@@ -53,7 +53,7 @@ fn main() {
     let syn = common::generate(n, 42);
     let hits = common::hits(&syn, 10_000, 7, false);
     let misses = common::misses(&syn, 10_000, 8);
-    let (bytes, _) = directory::build(syn.input).expect("build");
+    let (bytes, _) = rcptgate::internal::build(syn.input).expect("build");
     let dir = Directory::new(LookupOptions::default());
     dir.publish(Arc::new(Snapshot::from_bytes(bytes).expect("load")));
 

@@ -78,9 +78,9 @@ fn start_daemon(dir: &Path, map: &Path) -> (Daemon, String, String) {
         ),
     )
     .expect("config");
-    let mut d = Daemon::start(&cfg);
+    let d = Daemon::start(&cfg);
     let (socketmap, metrics) = (d.listener("socketmap"), d.listener("metrics"));
-    d.wait_for("published generation 1");
+    d.wait_generation(1);
     (d, socketmap, metrics)
 }
 

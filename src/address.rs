@@ -25,6 +25,8 @@ pub const MAX_INPUT: usize = 512;
 /// Why an input is not a usable mailbox. Carries evidence, never allocates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
+// Each variant's `#[error]` text is its documentation.
+#[allow(missing_docs)]
 pub enum AddrError {
     #[error("empty address")]
     Empty,
@@ -70,7 +72,9 @@ pub enum AddrError {
 /// matters); `domain` is lowercase ASCII (A-labels), or an address literal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Addr<'a> {
+    /// The local part.
     pub local: &'a str,
+    /// The domain (A-labels, lowercase), or the address literal.
     pub domain: &'a str,
     /// `domain` is an address literal such as `[192.0.2.1]`: never one of ours.
     pub literal: bool,

@@ -155,7 +155,9 @@ struct RawLimits {
 /// Where a listener listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {
+    /// A TCP address (`127.0.0.1:10040`).
     Tcp(std::net::SocketAddr),
+    /// A unix socket (`unix:/run/rcptgate/policy.sock`).
     Unix(PathBuf),
 }
 
@@ -171,15 +173,19 @@ impl std::fmt::Display for ListenAddr {
 /// One configured source.
 #[derive(Debug, Clone)]
 pub struct SourceConfig {
+    /// Its name, unique in the config (logs, status, `--source`).
     pub name: String,
+    /// How its file is read.
     pub format: Format,
     /// The file (every kind but `ldap`).
     pub path: PathBuf,
+    /// Directory, additions or exceptions.
     pub role: crate::sources::Role,
     /// Accepted domains declared for this source; empty = derived from its addresses.
     pub domains: Vec<String>,
     /// `kind = "ldap"`: the directory, and how often to sync it.
     pub ldap: Option<crate::sources::ldap::LdapConfig>,
+    /// How often an LDAP source is synced.
     pub interval: Duration,
     /// Active Directory: syncs are incremental (uSNChanged) between full syncs this far
     /// apart; a full sync is what notices deleted objects.
@@ -214,6 +220,7 @@ impl SourceConfig {
 /// ```
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The persisted snapshot: mapped at start, replaced atomically after every good build.
     pub snapshot: Option<PathBuf>,
     /// After this long without a successful build, unknown recipients are deferred instead
     /// of rejected (DESIGN.md §4 step 7). `None` disables (`max_age = "0s"`).
@@ -228,14 +235,21 @@ pub struct Config {
     pub log_level: String,
     /// Log as JSON lines instead of text.
     pub log_json: bool,
+    /// Reply texts of the policy service.
     pub texts: crate::proto::policy::Texts,
+    /// Where the directory comes from, in order (the first claim of an address wins a tie).
     pub sources: Vec<SourceConfig>,
+    /// Postfix policy listeners.
     pub policy_listen: Vec<ListenAddr>,
+    /// Postfix socketmap listeners.
     pub socketmap_listen: Vec<ListenAddr>,
+    /// Connection limits of every listener.
     pub limits: crate::server::Limits,
     /// `/metrics` and `/healthz` (TCP only).
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Deletion guard and tombstones.
     pub guard: GuardConfig,
+    /// The audit log, if kept.
     pub audit: Option<AuditConfig>,
     /// The control socket (`rcptgate status`, `approve`, `conflicts`), owner-only.
     pub control: Option<PathBuf>,
@@ -292,6 +306,7 @@ impl Default for GuardConfig {
 /// The audit log: one JSON line per publish, rotated by size.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditConfig {
+    /// The log file.
     pub path: PathBuf,
     /// Rotate when the file would grow beyond this many bytes.
     pub max_size: u64,
@@ -302,6 +317,8 @@ pub struct AuditConfig {
 /// A configuration that cannot be used, with the file and where in it.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
+// Each variant's `#[error]` text is its documentation.
+#[allow(missing_docs)]
 pub enum ConfigError {
     #[error("{path}: {source}")]
     Io {

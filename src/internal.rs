@@ -1,4 +1,9 @@
-//! Entry points shared by the fuzz targets and their unit tests. Each must never panic.
+//! Entry points shared by the fuzz targets and their unit tests (each must never panic), and
+//! the snapshot builder's raw input types for the benchmarks. Not a stable API.
+
+pub use crate::directory::build::{
+    BuildInput, DomainSpec, Interner, NONE, RecordSpec, build, name_order,
+};
 
 use std::sync::Arc;
 

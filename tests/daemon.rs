@@ -13,7 +13,7 @@ use daemon::{Daemon, cli};
 
 /// Start the daemon; its metrics address too (every config here has one).
 fn start(config: &Path) -> (Daemon, String) {
-    let mut d = Daemon::start(config);
+    let d = Daemon::start(config);
     let metrics = d.listener("metrics");
     (d, metrics)
 }
@@ -57,9 +57,13 @@ fn watched_edits_refused_uploads_sighup_restart_and_shutdown() {
     let example = example();
     std::fs::write(&map, &example).expect("map");
     let cfg = write_config(tmp.path(), &map, "");
+    let audit_log = tmp.path().join("audit.log");
+    let mut text = std::fs::read_to_string(&cfg).expect("cfg");
+    text.push_str(&format!("\n[audit]\npath = \"{}\"\n", audit_log.display()));
+    std::fs::write(&cfg, text).expect("cfg");
 
     let (mut d, m) = start(&cfg);
-    d.wait_for("published generation 1");
+    d.wait_generation(1);
     assert_eq!(d.ask("alice@contoso.com"), "action=DUNNO");
     assert_eq!(
         d.ask("new.hire@contoso.com"),
@@ -90,11 +94,11 @@ fn watched_edits_refused_uploads_sighup_restart_and_shutdown() {
         "10001|contoso.com\tDIR:\tnew.hire@contoso.com\n++++\n",
     );
     std::fs::write(&map, &edited).expect("edit");
-    // The audit line is written as the snapshot is published, before the summary line.
-    let audit = d.wait_for("rcptgate: audit ");
-    d.wait_for("published generation 2");
+    d.wait_generation(2);
+    // The audit line is written as the snapshot is published.
+    let audit = std::fs::read_to_string(&audit_log).expect("audit");
     let audit: serde_json::Value =
-        serde_json::from_str(audit.trim_start_matches("rcptgate: audit ")).expect("json");
+        serde_json::from_str(audit.lines().last().expect("line")).expect("json");
     assert_eq!(audit["generation"], 2);
     assert_eq!(
         (audit["added"].as_u64(), audit["removed"].as_u64()),
@@ -108,8 +112,13 @@ fn watched_edits_refused_uploads_sighup_restart_and_shutdown() {
         "++++\n",
         "10001|contoso.com\tDIR:\tsecond.hire@contoso.com\n++++\n",
     );
+    let failed = d.status().reloads_failed;
     std::fs::write(&map, &second[..second.len() - 5]).expect("partial");
-    d.wait_for("rebuild failed, snapshot in service kept");
+    let s = d.failed_after(failed);
+    assert!(
+        s.last_error.as_deref().is_some_and(|e| e.contains("dir.map")),
+        "{s:?}"
+    );
     assert_eq!(d.ask("new.hire@contoso.com"), "action=DUNNO");
     assert_eq!(
         d.ask("second.hire@contoso.com"),
@@ -119,12 +128,15 @@ fn watched_edits_refused_uploads_sighup_restart_and_shutdown() {
     let tmpfile = tmp.path().join("dir.map.upload");
     std::fs::write(&tmpfile, &second).expect("upload");
     std::fs::rename(&tmpfile, &map).expect("rename");
-    d.wait_for("published generation 3");
+    d.wait_generation(3);
     assert_eq!(d.ask("second.hire@contoso.com"), "action=DUNNO");
 
     // SIGHUP rebuilds too; with nothing new, the generation in service stays.
+    let n = d.rebuilds();
     d.signal("-HUP");
-    d.wait_for("no change: generation 3 stays in service");
+    let s = d.after(n);
+    assert_eq!(s.generation, Some(3));
+    assert_eq!(s.last_build.map(|b| b.outcome), Some("unchanged".into()));
 
     d.signal("-TERM");
     let status = d.child.wait().expect("wait");
@@ -133,9 +145,10 @@ fn watched_edits_refused_uploads_sighup_restart_and_shutdown() {
     // Restart with the source gone: the persisted snapshot answers at once.
     std::fs::remove_file(&map).expect("rm");
     let (mut d, _) = start(&cfg);
-    d.wait_for("serving persisted snapshot, generation 3");
+    assert_eq!(d.status().generation, Some(3));
     assert_eq!(d.ask("second.hire@contoso.com"), "action=DUNNO");
-    d.wait_for("rebuild failed, snapshot in service kept");
+    d.failed_after(0);
+    assert_eq!(d.status().generation, Some(3));
     assert_eq!(d.ask("nobody@contoso.com"), "action=550 5.1.1 User unknown");
     d.signal("-TERM");
     assert!(d.child.wait().expect("wait").success());
@@ -146,14 +159,16 @@ fn max_age_turns_unknown_rejects_into_deferrals() {
     let tmp = tempfile::tempdir().expect("tmp");
     let map = tmp.path().join("dir.map");
     std::fs::write(&map, example()).expect("map");
-    let cfg = write_config(tmp.path(), &map, "max_age = \"1s\"");
-    let (mut d, _) = start(&cfg);
-    d.wait_for("published generation 1");
+    let cfg = write_config(tmp.path(), &map, "max_age = \"4s\"");
+    let (mut d, m) = start(&cfg);
+    d.wait_generation(1);
     assert_eq!(d.ask("nobody@contoso.com"), "action=550 5.1.1 User unknown");
     // The source breaks and stays broken past max_age.
     std::fs::remove_file(&map).expect("rm");
-    d.wait_for("rebuild failed");
-    d.wait_for("unknown recipients are now deferred");
+    d.failed_after(0);
+    d.wait("stale data", |s| s.stale);
+    let (_, body) = http_get(&m, "/metrics");
+    assert!(body.contains("rcptgate_directory_stale 1"), "{body}");
     assert!(
         d.ask("nobody@contoso.com")
             .starts_with("action=DEFER_IF_PERMIT 4.3.0")
@@ -162,8 +177,8 @@ fn max_age_turns_unknown_rejects_into_deferrals() {
     // It comes back (with the same content: no new generation): rejects are definitive
     // again.
     std::fs::write(&map, example()).expect("map");
-    d.wait_for("no change: generation 1 stays in service");
-    d.wait_for("directory fresh again");
+    let s = d.wait("fresh data", |s| !s.stale);
+    assert_eq!(s.generation, Some(1));
     assert_eq!(d.ask("nobody@contoso.com"), "action=550 5.1.1 User unknown");
     d.signal("-TERM");
     assert!(d.child.wait().expect("wait").success());
@@ -175,7 +190,7 @@ fn without_any_snapshot_everything_is_deferred() {
     let map = tmp.path().join("missing.map");
     let cfg = write_config(tmp.path(), &map, "");
     let (mut d, m) = start(&cfg);
-    d.wait_for("rebuild failed");
+    d.failed_after(0);
     assert!(
         d.ask("alice@contoso.com")
             .starts_with("action=DEFER_IF_PERMIT 4.3.0")
@@ -217,14 +232,15 @@ fn deletion_guard_status_approve_and_conflicts_over_the_control_socket() {
     let cfg_s = cfg.to_str().expect("utf-8 path");
 
     let (mut d, m) = start(&cfg);
-    d.wait_for("published generation 1");
+    d.wait_generation(1);
     let mode = std::fs::metadata(&sock)
         .expect("socket")
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600, "control socket is owner-only");
 
-    // 3 of 24 addresses removed (12.5 %): held; the old answers stay.
+    // 3 of 24 addresses removed (12.5 %) and one added: the removals are held (the old
+    // answers stay), the new hire is accepted at once.
     let gone = [
         "henry.hill@fabrikam.com",
         "ines.ibarra@fabrikam.com",
@@ -234,26 +250,40 @@ fn deletion_guard_status_approve_and_conflicts_over_the_control_socket() {
         .lines()
         .filter(|l| !gone.iter().any(|g| l.contains(g)))
         .map(|l| format!("{l}\n"))
-        .collect();
+        .collect::<String>()
+        .replace(
+            "++++\n",
+            "20002|fabrikam.com\tDIR:\tnew.hire@fabrikam.com\n++++\n",
+        );
+    assert_eq!(
+        d.ask("new.hire@fabrikam.com"),
+        "action=550 5.1.1 User unknown"
+    );
     std::fs::write(&map, &edited).expect("edit");
-    d.wait_for("deletion guard: holding generation 2");
+    let s = d.wait("held removals", |s| s.held.is_some());
+    assert_eq!(s.generation, Some(2));
+    assert_eq!(d.ask("new.hire@fabrikam.com"), "action=DUNNO");
     assert_eq!(d.ask("henry.hill@fabrikam.com"), "action=DUNNO");
+    assert_eq!(d.ask("board@fabrikam.com"), "action=DUNNO");
     let (_, body) = http_get(&m, "/metrics");
     assert!(body.contains("rcptgate_guard_held 1"), "{body}");
     assert!(body.contains("rcptgate_guard_held_removals 3"), "{body}");
     let (ok, out) = cli(&["status", "--config", cfg_s]);
     assert!(ok, "{out}");
-    assert!(out.contains("HELD by the deletion guard"), "{out}");
+    assert!(out.contains("REMOVALS HELD by the deletion guard"), "{out}");
     assert!(out.contains("removes 3 of 24 addresses"), "{out}");
     assert!(out.contains("    henry.hill@fabrikam.com"), "{out}");
 
     let (ok, out) = cli(&["approve", "--config", cfg_s]);
     assert!(ok, "{out}");
-    assert!(out.contains("published generation 2"), "{out}");
-    d.wait_for("published generation 2");
+    assert!(
+        out.contains("generation 3 in service (3 addresses removed)"),
+        "{out}"
+    );
+    assert_eq!(d.status().generation, Some(3));
     // Removed, but within the grace period: still accepted, as tombstones.
     assert_eq!(d.ask("henry.hill@fabrikam.com"), "action=DUNNO");
-    d.wait_for("accepted henry.hill@fabrikam.com as a tombstone");
+    assert_eq!(d.ask("new.hire@fabrikam.com"), "action=DUNNO");
     let (ok, out) = cli(&["approve", "--config", cfg_s]);
     assert!(!ok && out.contains("no build is held"), "{out}");
 
@@ -307,9 +337,9 @@ fn deletion_guard_status_approve_and_conflicts_over_the_control_socket() {
     assert!(!ok && out.contains("no such tombstone"), "{out}");
     let (ok, out) = cli(&["status", "--config", cfg_s, "--json"]);
     assert!(ok, "{out}");
-    let s: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
-    assert_eq!(s["tombstones"], 2);
-    assert_eq!(s["held"], serde_json::Value::Null);
+    let s: rcptgate::service::Status = serde_json::from_str(out.trim()).expect("json");
+    assert_eq!(s.tombstones, 2);
+    assert_eq!(s.held, None);
     let (_, body) = http_get(&m, "/metrics");
     assert!(body.contains("rcptgate_tombstones 2"), "{body}");
     assert!(body.contains("rcptgate_guard_held 0"), "{body}");

@@ -18,9 +18,9 @@ fn example_bytes() -> Vec<u8> {
     )
     .expect("example loads");
     assert!(src.diagnostics.is_empty(), "{:?}", src.diagnostics);
-    let merged = merge(&[src], 42);
+    let mut merged = merge(&[src], 42);
     assert!(merged.conflicts.is_empty());
-    directory::build(merged.input).expect("builds").0
+    merged.build().expect("builds").0
 }
 
 fn example_dir() -> Directory {
@@ -402,8 +402,8 @@ fn ldif_source_maps_the_same_directory() {
     )
     .expect("loads");
     assert!(src.diagnostics.is_empty(), "{:?}", src.diagnostics);
-    let merged = merge(&[src], 1);
-    let (bytes, _) = directory::build(merged.input).expect("builds");
+    let mut merged = merge(&[src], 1);
+    let (bytes, _) = merged.build().expect("builds");
     let dir = Directory::new(LookupOptions::default());
     dir.publish(Arc::new(Snapshot::from_bytes(bytes).expect("loads")));
     assert_eq!(accept(dir.verdict("alice@contoso.com")).kind, Kind::Alias);
@@ -434,7 +434,7 @@ fn conflicts_prefer_the_primary_owner_then_source_order() {
     let b = "PrimarySmtpAddress,EmailAddresses,RecipientTypeDetails\ninfo@c.example,,SharedMailbox\nalice@c.example,smtp:bob@c.example,UserMailbox\n";
     let sa = sources::parse_text(sources::Format::Map, &name, a).expect("map");
     let sb = sources::parse_text(sources::Format::Csv, &b_name, b).expect("csv");
-    let m = merge(&[sa, sb], 1);
+    let mut m = merge(&[sa, sb], 1);
     assert_eq!(m.conflicts.len(), 2, "{:#?}", m.conflicts);
     let info = m
         .conflicts
@@ -455,7 +455,7 @@ fn conflicts_prefer_the_primary_owner_then_source_order() {
         (bob.kept_owner.as_str(), bob.dropped_owner.as_str()),
         ("bob@c.example", "alice@c.example")
     );
-    let (bytes, _) = directory::build(m.input).expect("builds");
+    let (bytes, _) = m.build().expect("builds");
     let dir = Directory::new(LookupOptions::default());
     dir.publish(Arc::new(Snapshot::from_bytes(bytes).expect("loads")));
     assert_eq!(accept(dir.verdict("info@c.example")).kind, Kind::Shared);

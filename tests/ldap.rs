@@ -11,6 +11,7 @@ mod slapd;
 mod daemon;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use daemon::{Daemon, cli_split as rcptgate};
 use slapd::{OU, SVC_DN, SVC_PW, Slapd, ad_ldif};
@@ -171,8 +172,8 @@ fn the_daemon_syncs_changes_tombstones_deletions_and_survives_an_outage() {
             .replace("timeout = \"5s\"", "timeout = \"1s\""),
     )
     .expect("cfg");
-    let mut d = Daemon::start(&cfg);
-    d.wait_for("published generation 1");
+    let d = Daemon::start(&cfg);
+    d.wait_generation(1);
     let reject = "action=550 5.1.1 User unknown";
     assert_eq!(d.ask("user.7@corp.test"), "action=DUNNO");
     assert_eq!(d.ask("u000007@corp.test"), "action=DUNNO");
@@ -184,26 +185,33 @@ fn the_daemon_syncs_changes_tombstones_deletions_and_survives_an_outage() {
     slapd.modify(&format!(
         "dn: CN=User 000007,{OU}\nchangetype: modify\nadd: proxyAddresses\nproxyAddresses: smtp:new.alias@corp.test\n"
     ));
-    d.wait_for("published generation 2");
+    d.wait_generation(2);
     assert_eq!(d.ask("new.alias@corp.test"), "action=DUNNO");
 
     // A user deleted in the directory is tombstoned, not bounced.
     slapd.modify(&format!("dn: CN=User 000008,{OU}\nchangetype: delete\n"));
-    let l = d.wait_for("published generation 3");
-    assert!(l.contains("3 tombstoned"), "{l}");
+    let s = d.wait_generation(3);
+    assert_eq!(s.last_build.map(|b| b.tombstoned), Some(3));
     assert_eq!(d.ask("user.8@corp.test"), "action=DUNNO");
 
     // The server hangs (frozen mid-service): the sync times out, the snapshot stays.
+    let failed = d.status().reloads_failed;
     slapd.pause();
-    let l = d.wait_for("rebuild failed, snapshot in service kept");
-    assert!(l.contains("no answer within"), "{l}");
+    let s = d.failed_after(failed);
+    let e = s.last_error.unwrap_or_default();
+    assert!(e.contains("no answer within"), "{e}");
+    // Status answers while syncs hang, and says one runs.
+    let s = d.wait("a sync in progress", |s| s.running.is_some());
+    assert_eq!(s.generation, Some(3));
     assert_eq!(d.ask("user.7@corp.test"), "action=DUNNO");
     assert_eq!(d.ask("nobody@corp.test"), reject);
     slapd.resume();
 
     // The server goes away: syncs fail, the snapshot in service stays.
+    let failed = d.status().reloads_failed;
     slapd.stop();
-    d.wait_for("rebuild failed, snapshot in service kept");
+    d.failed_after(failed);
+    assert_eq!(d.status().generation, Some(3));
     assert_eq!(d.ask("user.7@corp.test"), "action=DUNNO");
     assert_eq!(d.ask("nobody@corp.test"), reject);
     // It comes back: syncs resume.
@@ -211,8 +219,50 @@ fn the_daemon_syncs_changes_tombstones_deletions_and_survives_an_outage() {
     slapd.modify(&format!(
         "dn: CN=User 000009,{OU}\nchangetype: modify\nadd: proxyAddresses\nproxyAddresses: smtp:back.again@corp.test\n"
     ));
-    d.wait_for("published generation 4");
+    d.wait_generation(4);
     assert_eq!(d.ask("back.again@corp.test"), "action=DUNNO");
+}
+
+#[test]
+fn sigterm_during_a_hanging_sync_exits_at_once_and_status_answers_meanwhile() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut slapd = Slapd::start(&tmp.path().join("slapd"), &ad_ldif(20, 1, 0));
+    // A sync against a frozen server waits 60 s per try, with retries: minutes.
+    let cfg = config(tmp.path(), &slapd.url(), &slapd.ca, "interval = \"1h\"\n");
+    std::fs::write(
+        &cfg,
+        std::fs::read_to_string(&cfg)
+            .expect("cfg")
+            .replace("timeout = \"5s\"", "timeout = \"60s\"")
+            .replace("retries = 0", "retries = 2"),
+    )
+    .expect("cfg");
+    let mut d = Daemon::start(&cfg);
+    d.wait_generation(1);
+    slapd.pause();
+    d.signal("-HUP");
+    let s = d.wait("the sync to run", |s| {
+        s.running.as_ref().is_some_and(|r| r.reason == "SIGHUP")
+    });
+    // The directory keeps answering, and so does the control socket.
+    assert_eq!(s.generation, Some(1));
+    assert_eq!(d.ask("user.7@corp.test"), "action=DUNNO");
+    assert!(d.status().running.is_some());
+    d.signal("-TERM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(st) = d.child.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running 15 s after SIGTERM\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}\n{}", d.log());
+    slapd.resume();
 }
 
 #[test]

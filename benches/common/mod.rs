@@ -4,7 +4,8 @@
 
 #![allow(dead_code)]
 
-use rcptgate::directory::{BuildInput, DomainSpec, Interner, Kind, NONE, RecordSpec};
+use rcptgate::directory::Kind;
+use rcptgate::internal::{BuildInput, DomainSpec, Interner, NONE, RecordSpec};
 
 const FIRST: &[&str] = &[
     "james",

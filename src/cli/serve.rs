@@ -70,6 +70,7 @@ async fn run(cfg: Config) -> Result<ExitCode> {
                 .with_context(|| format!("listening on {a}"))?;
             info!("{name} listening on {bound}");
             let label = format!("{name} {bound}");
+            service.announce_listener(label.clone());
             listeners.spawn(async move { (label, task.await.unwrap_or_else(|e| Err(e.into()))) });
         }
     }
@@ -79,6 +80,7 @@ async fn run(cfg: Config) -> Result<ExitCode> {
             .with_context(|| format!("listening on {addr}"))?;
         let bound = l.local_addr()?;
         info!("metrics listening on {bound}");
+        service.announce_listener(format!("metrics {bound}"));
         let task =
             server::metrics::serve(l, metrics.clone(), ctx.directory.clone(), stop_rx.clone());
         listeners.spawn(async move { (format!("metrics {bound}"), task.await) });

@@ -28,6 +28,7 @@ pub enum Sec {
     Shards,
     /// Hot string table index: (offset u32, length u32) into `StrBlob`.
     StrIndex,
+    /// Interned strings (profiles, routes, names).
     StrBlob,
     /// Domain records, `DOMAIN_REC` bytes each, sorted by name.
     Domains,
@@ -46,6 +47,7 @@ pub enum Sec {
 }
 
 impl Sec {
+    /// Every section, in file order.
     pub const ALL: [Sec; SECTIONS] = [
         Sec::Fst,
         Sec::Shards,
@@ -60,6 +62,7 @@ impl Sec {
         Sec::ColdBlob,
     ];
 
+    /// The section's name in errors.
     pub fn name(self) -> &'static str {
         match self {
             Sec::Fst => "fst",
@@ -76,6 +79,7 @@ impl Sec {
         }
     }
 
+    /// True for the sections only diagnostics read (checked on first use).
     pub fn is_cold(self) -> bool {
         matches!(self, Sec::ColdKeys | Sec::ColdRecords | Sec::ColdBlob)
     }
@@ -91,6 +95,8 @@ pub const COLD_AMBIGUOUS: u32 = 1 << 31;
 /// Why a snapshot file cannot be used. Every variant says what to do: rebuild it.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
+// Each variant's `#[error]` text is its documentation.
+#[allow(missing_docs)]
 pub enum SnapshotError {
     #[error("{path}: {source}")]
     Io {

@@ -1,7 +1,9 @@
 //! The directory in service: an immutable [`Snapshot`] behind an `ArcSwap`, and the
 //! [`Verdict`] every frontend renders (DESIGN.md §4).
 
-mod build;
+// Reachable from outside only through the hidden `internal` module (benchmarks).
+#[allow(missing_docs)]
+pub(crate) mod build;
 mod format;
 mod snapshot;
 
@@ -13,9 +15,8 @@ use std::time::Duration;
 
 use arc_swap::{ArcSwapOption, Guard};
 
-pub use build::{
-    BuildError, BuildInput, BuildStats, DomainSpec, Interner, NONE, RecordSpec, build, name_order,
-};
+pub use build::{BuildError, BuildStats};
+pub(crate) use build::{BuildInput, DomainSpec, Interner, NONE, RecordSpec, build, name_order};
 pub use format::{Sec, SnapshotError, write_atomic};
 pub use snapshot::{AddressCursor, DomainInfo, RecordInfo, Snapshot};
 
@@ -27,15 +28,25 @@ use crate::address::{AddrBuf, AddrError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum Kind {
+    /// A mailbox (its primary address).
     User,
+    /// Another address of an object (owner set).
     Alias,
+    /// A distribution or security group.
     Group,
+    /// A shared, room or equipment mailbox.
     Shared,
+    /// A mail contact (only when its domain is accepted).
     Contact,
+    /// A public folder.
     PublicFolder,
+    /// Listed by an additions source.
     Addition,
+    /// Removed from the directory, still accepted during its grace period.
     Tombstone,
+    /// Listed by an exceptions source: never accepted.
     Exception,
+    /// No address matched in an accept-all domain.
     CatchAll,
     /// A reserved local part (`postmaster`, see [`LookupOptions::always_accept`]) the
     /// directory does not list; answered with the domain's defaults. Never stored.
@@ -78,6 +89,7 @@ impl Kind {
         Kind::STORED.get(code).copied().unwrap_or(Kind::User)
     }
 
+    /// The name used in output and config (`user`, `shared`, …).
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::User => "user",
@@ -121,6 +133,7 @@ impl fmt::Display for Kind {
 /// How an accepted address was matched (DESIGN.md §4 steps 4-6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Match {
+    /// The address itself.
     Exact,
     /// The address with its subaddress detail (`+tag`) removed.
     Subaddress,
@@ -134,7 +147,9 @@ pub enum Match {
 /// resolve names through the [`Snapshot`] of the same generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hit {
+    /// What kind of object accepted it.
     pub kind: Kind,
+    /// How it matched.
     pub matched: Match,
     /// Length of the (folded) local part that matched: shorter than the query's for a
     /// subaddress match, 0 for an accept-all domain answer.
@@ -172,10 +187,13 @@ pub enum Tempfail {
 /// The answer for one recipient (DESIGN.md §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
+    /// The recipient is ours: 250.
     Accept(Hit),
+    /// The recipient is unknown or not a mailbox: 5xx.
     Reject(Reject),
     /// The domain is not one of ours: frontends stay neutral.
     NotOurs,
+    /// rcptgate cannot answer definitively now: 4xx, never a bounce.
     Tempfail(Tempfail),
 }
 
@@ -214,6 +232,7 @@ impl Verdict {
         }
     }
 
+    /// The accepted record, if accepted.
     pub fn hit(&self) -> Option<&Hit> {
         match self {
             Verdict::Accept(h) => Some(h),
@@ -225,7 +244,9 @@ impl Verdict {
 /// One difference between two snapshots, as `local@domain`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change<'a> {
+    /// In the new snapshot only.
     Added(&'a str),
+    /// In the old snapshot only.
     Removed(&'a str),
 }
 

@@ -92,12 +92,19 @@ struct DomainHot {
 /// A domain as the CLI and frontends see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DomainInfo<'a> {
+    /// Its normalized name.
     pub name: &'a str,
+    /// The customer it belongs to.
     pub customer: Option<&'a str>,
+    /// Default profile of its addresses.
     pub profile: Option<&'a str>,
+    /// Default route of its addresses.
     pub route: Option<&'a str>,
+    /// Every local part is accepted.
     pub accept_all: bool,
+    /// Local parts compare case-sensitively.
     pub keep_case: bool,
+    /// Addresses stored for it.
     pub records: u32,
 }
 
@@ -108,6 +115,7 @@ pub struct RecordInfo {
     pub owner: Option<String>,
     /// `source:line`, and the DN for directory entries.
     pub origin: String,
+    /// Other `key=value` attributes from the source.
     pub attributes: Option<String>,
 }
 
@@ -413,18 +421,22 @@ impl Snapshot {
         Ok(shards)
     }
 
+    /// The generation number (grows by one per publish).
     pub fn generation(&self) -> u64 {
         self.header.generation
     }
 
+    /// When it was built (Unix seconds).
     pub fn created_unix(&self) -> u64 {
         self.header.created_unix
     }
 
+    /// Addresses stored, tombstones and exceptions included.
     pub fn record_count(&self) -> u64 {
         self.header.records
     }
 
+    /// Accepted domains.
     pub fn domain_count(&self) -> u32 {
         self.header.domains
     }
@@ -434,6 +446,7 @@ impl Snapshot {
         self.backing.bytes().len()
     }
 
+    /// Size in bytes of one section.
     pub fn section_bytes(&self, sec: Sec) -> u64 {
         self.header.sections[sec as usize].len
     }
@@ -517,6 +530,7 @@ impl Snapshot {
         self.find_domain(normalized).map(|d| d.rec.index)
     }
 
+    /// A domain by its index (from a [`Hit`] or [`Self::domain_index`]).
     pub fn domain_info(&self, index: u32) -> Option<DomainInfo<'_>> {
         let d = self.domain_rec(index)?;
         let (profile, route) = self.attrset(d.declared);
@@ -662,18 +676,21 @@ impl Snapshot {
         hit.generation == self.header.generation
     }
 
+    /// Profile of an accepted address (its own, its owner's or its domain's); `None` for a hit of another generation.
     pub fn profile(&self, hit: &Hit) -> Option<&str> {
         self.same_generation(hit)
             .then(|| self.attrset(hit.attrs).0)
             .flatten()
     }
 
+    /// Route (next hop) of an accepted address (its own, its owner's or its domain's); `None` for a hit of another generation.
     pub fn route(&self, hit: &Hit) -> Option<&str> {
         self.same_generation(hit)
             .then(|| self.attrset(hit.attrs).1)
             .flatten()
     }
 
+    /// Customer of an accepted address's domain; `None` for a hit of another generation.
     pub fn customer(&self, hit: &Hit) -> Option<&str> {
         let d = self.domain_rec(hit.domain)?;
         self.same_generation(hit)

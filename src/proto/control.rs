@@ -28,8 +28,11 @@ pub enum Command {
     Keep(Vec<String>),
 }
 
+/// Why a control command line is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
+// Each variant's `#[error]` text is its documentation.
+#[allow(missing_docs)]
 pub enum ControlError {
     #[error("command line longer than {MAX_LINE} bytes")]
     TooLong,

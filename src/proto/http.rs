@@ -4,8 +4,11 @@
 /// Longest request head accepted.
 pub const MAX_HEAD: usize = 8 * 1024;
 
+/// Why an HTTP request head is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
+// Each variant's `#[error]` text is its documentation.
+#[allow(missing_docs)]
 pub enum HttpError {
     #[error("request head longer than {MAX_HEAD} bytes")]
     TooLarge,
@@ -16,6 +19,7 @@ pub enum HttpError {
 /// A parsed request line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Head<'a> {
+    /// The method (`GET`).
     pub method: &'a [u8],
     /// The path without its query string.
     pub path: &'a [u8],

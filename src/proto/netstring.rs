@@ -9,12 +9,20 @@ pub enum Decoded<'a> {
     /// More bytes are needed; nothing is consumed.
     Incomplete,
     /// A whole netstring: its payload and how many bytes it took from the buffer.
-    Frame { payload: &'a [u8], consumed: usize },
+    /// A complete frame.
+    Frame {
+        /// The payload between `len:` and `,`.
+        payload: &'a [u8],
+        /// Bytes the frame took from the buffer.
+        consumed: usize,
+    },
 }
 
 /// A stream that is not netstrings, or a frame over the limit: close the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
+// Each variant's `#[error]` text is its documentation.
+#[allow(missing_docs)]
 pub enum NetstringError {
     #[error("netstring length is not a decimal number (byte {offset})")]
     BadLength { offset: usize },

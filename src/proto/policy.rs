@@ -33,6 +33,8 @@ impl Default for Limits {
 /// A protocol violation: log it and close that connection.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
+// Each variant's `#[error]` text is its documentation.
+#[allow(missing_docs)]
 pub enum PolicyError {
     #[error("request longer than {0} bytes")]
     TooLarge(usize),
@@ -49,20 +51,30 @@ pub enum PolicyError {
 /// The attributes rcptgate uses; the rest are checked for form and skipped.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Request<'a> {
+    /// `protocol_state` (`RCPT`, `DATA`, …).
     pub protocol_state: &'a [u8],
+    /// `recipient`: the address to judge.
     pub recipient: &'a [u8],
+    /// `sender`.
     pub sender: &'a [u8],
+    /// `client_address`.
     pub client_address: &'a [u8],
+    /// `queue_id`.
     pub queue_id: &'a [u8],
+    /// `instance`: the same for every request of one message.
     pub instance: &'a [u8],
 }
 
 /// One decoding step over the bytes buffered so far.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decoded<'a> {
+    /// More bytes are needed.
     Incomplete,
+    /// One complete request.
     Request {
+        /// The request's attributes.
         request: Request<'a>,
+        /// Bytes it took from the buffer.
         consumed: usize,
     },
 }
@@ -135,8 +147,11 @@ pub fn decode<'a>(buf: &'a [u8], limits: &Limits) -> Result<Decoded<'a>, PolicyE
 /// Reply texts (configurable; these are the defaults).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Texts {
+    /// After `550 5.1.1`.
     pub unknown: String,
+    /// After `501 5.1.3`.
     pub syntax: String,
+    /// After `4.3.0` in a deferral.
     pub tempfail: String,
 }
 

@@ -24,12 +24,16 @@ pub const MAX_REPLY: usize = 100_000;
 /// The maps rcptgate serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MapName {
+    /// `recipients`: for `relay_recipient_maps`.
     Recipients,
+    /// `transport`: the next hop, for `transport_maps`.
     Transport,
+    /// `profile`: the recipient's profile.
     Profile,
 }
 
 impl MapName {
+    /// The map a request names, if it is one of ours.
     pub fn parse(name: &[u8]) -> Option<MapName> {
         match name {
             b"recipients" => Some(MapName::Recipients),
@@ -45,16 +49,22 @@ impl MapName {
 pub struct Request<'a> {
     /// `None` for a map name we do not serve (answered with `PERM`).
     pub map: Option<MapName>,
+    /// The map's name as sent.
     pub name: &'a [u8],
+    /// The lookup key.
     pub key: &'a [u8],
 }
 
 /// A reply, before framing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reply<'a> {
+    /// `OK value`.
     Ok(&'a str),
+    /// `NOTFOUND `.
     NotFound,
+    /// `TEMP reason`: try again later.
     Temp(&'a str),
+    /// `PERM reason`: a configuration error.
     Perm(&'a str),
 }
 

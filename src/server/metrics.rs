@@ -32,7 +32,9 @@ struct Frontend {
 #[derive(Debug, Default)]
 pub struct Metrics {
     frontends: [Frontend; 2],
+    /// Rebuilds that succeeded (published, unchanged or held).
     pub reloads_ok: AtomicU64,
+    /// Rebuilds that failed (the snapshot in service stayed).
     pub reloads_failed: AtomicU64,
     /// Recipients accepted only because their address is a tombstone.
     tombstone_accepts: AtomicU64,
@@ -40,7 +42,9 @@ pub struct Metrics {
     tombstone_logged: AtomicU64,
     /// Set by the loader: tombstones in force, and a build held by the deletion guard.
     pub tombstones: AtomicU64,
+    /// 1 while the deletion guard holds removals.
     pub held: AtomicU64,
+    /// Removals the guard holds.
     pub held_removals: AtomicU64,
     /// Listeners that stopped on their own (a closed port): `/healthz` answers 503.
     pub listeners_down: AtomicU64,
@@ -64,6 +68,7 @@ impl Drop for OpenGuard<'_> {
 }
 
 impl Metrics {
+    /// Count an open connection until the guard drops.
     pub fn connection(&self, p: Protocol) -> OpenGuard<'_> {
         let open = &self.frontends[slot(p)].open;
         open.fetch_add(1, Ordering::Relaxed);

@@ -23,7 +23,9 @@ use crate::proto::{netstring, policy, socketmap};
 /// Which protocol a listener speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
+    /// Postfix policy delegation (`check_policy_service`).
     Policy,
+    /// Postfix socketmap tables.
     Socketmap,
 }
 
@@ -34,6 +36,7 @@ pub struct Limits {
     pub max_connections: usize,
     /// A connection with no complete request for this long is closed.
     pub idle_timeout: Duration,
+    /// Limits of one policy request.
     pub policy: policy::Limits,
 }
 
@@ -50,15 +53,21 @@ impl Default for Limits {
 /// What every connection needs.
 #[derive(Debug)]
 pub struct Context {
+    /// The directory answers come from.
     pub directory: Arc<Directory>,
+    /// Reply texts.
     pub texts: policy::Texts,
+    /// Limits.
     pub limits: Limits,
+    /// Counters.
     pub metrics: Arc<metrics::Metrics>,
 }
 
 /// Why a connection ended early (logged by the caller; other connections are unaffected).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
+// Each variant's `#[error]` text is its documentation.
+#[allow(missing_docs)]
 pub enum ConnError {
     #[error("policy protocol: {0}")]
     Policy(#[from] policy::PolicyError),
@@ -72,7 +81,9 @@ pub enum ConnError {
 
 /// Something that accepts connections: a TCP or a unix listener.
 pub trait Accept {
+    /// A connected client.
     type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// The next client.
     fn accept(&self) -> impl std::future::Future<Output = io::Result<Self::Stream>> + Send;
 }
 

@@ -39,7 +39,8 @@ use crate::proto::control::Command;
 use crate::server::metrics::Metrics;
 use crate::sync::loader::{LoadError, Loader, Outcome, Report};
 pub use types::{
-    Approved, Claim, Conflicts, HeldStatus, Rebuilt, Reply, Running, Status, TombstoneView,
+    Approved, BuildSummary, Claim, Conflicts, HeldStatus, Rebuilt, Reply, Running, SourceSync,
+    Status, TombstoneView,
 };
 
 /// Why the service could not start, or an operation failed.
@@ -146,8 +147,10 @@ impl Builder {
             clock,
         };
         shared.after_job();
+        let listeners = Arc::new(Mutex::new(Vec::new()));
         let actor = Actor {
             cfg,
+            listeners: listeners.clone(),
             shared,
             rx,
             events,
@@ -166,6 +169,7 @@ impl Builder {
         Ok(Handle {
             dir,
             metrics,
+            listeners,
             tx,
             task: Arc::new(tokio::sync::Mutex::new(Some(task))),
         })
@@ -177,6 +181,8 @@ impl Builder {
 pub struct Handle {
     dir: Arc<Directory>,
     metrics: Arc<Metrics>,
+    /// What the program running the service listens on (for `status`).
+    listeners: Arc<Mutex<Vec<String>>>,
     tx: mpsc::Sender<Msg>,
     task: Arc<tokio::sync::Mutex<Option<JoinHandle<()>>>>,
 }
@@ -190,6 +196,15 @@ impl Handle {
     /// The service's counters and gauges.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Say what the program listens on (`policy 127.0.0.1:10040`); `status` lists it, so
+    /// tools find a port that was bound as `:0`.
+    pub fn announce_listener(&self, label: String) {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(label);
     }
 
     /// Rebuild now, as a changed source file would (LDAP sources only when due), and wait
@@ -499,6 +514,7 @@ impl Shared {
 /// The service's loop: the only owner of the job queue.
 struct Actor {
     cfg: Config,
+    listeners: Arc<Mutex<Vec<String>>>,
     shared: Shared,
     rx: mpsc::Receiver<Msg>,
     events: mpsc::UnboundedReceiver<()>,
@@ -576,7 +592,7 @@ impl Actor {
                     // Data half as old as max_age: read the sources again, so files that do
                     // not change stay fresh, and sources that fail are noticed in time.
                     if let (Some(max), Some(at)) = (self.cfg.max_age, data_time) {
-                        let gap = (max.as_secs() / 24).max(60);
+                        let gap = (max.as_secs() / 24).max(60).min(max.as_secs() / 4);
                         if now >= at.saturating_add(max.as_secs() / 2) && now >= refresh_tried + gap {
                             refresh_tried = now;
                             self.enqueue_rebuild("refresh before max_age".into(), false, None);
@@ -677,6 +693,7 @@ impl Actor {
         s.data_age = self.shared.dir.data_time().map(|t| now.saturating_sub(t));
         s.stale = self.shared.dir.is_stale();
         s.running = self.running.as_ref().map(|(_, r)| r.clone());
+        s.listeners = self.listeners.lock().map(|l| l.clone()).unwrap_or_default();
         s.reloads_ok = self.shared.metrics.reloads_ok.load(Relaxed);
         s.reloads_failed = self.shared.metrics.reloads_failed.load(Relaxed);
         s

@@ -35,10 +35,53 @@ pub struct Status {
     pub held: Option<HeldStatus>,
     /// A rebuild or directory sync running now.
     pub running: Option<Running>,
+    /// What the last good build did.
+    pub last_build: Option<BuildSummary>,
+    /// The last sync of each LDAP source.
+    pub syncs: Vec<SourceSync>,
+    /// What the daemon listens on (`policy 127.0.0.1:10040`, …), as announced by the
+    /// program that runs the service.
+    pub listeners: Vec<String>,
     /// Rebuilds that succeeded and failed since start.
     pub reloads_ok: u64,
     /// See [`Self::reloads_ok`].
     pub reloads_failed: u64,
+}
+
+/// What one good build did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildSummary {
+    /// `published`, `unchanged` or `held`.
+    pub outcome: String,
+    /// The generation in service after it.
+    pub generation: u64,
+    /// Addresses served, tombstones included.
+    pub addresses: u64,
+    /// Live addresses added and removed (removals held included).
+    pub added: u64,
+    /// See [`Self::added`].
+    pub removed: u64,
+    /// Removed addresses that became tombstones.
+    pub tombstoned: u64,
+    /// Tombstones in force.
+    pub tombstones: u64,
+    /// When it finished (Unix seconds).
+    pub time: u64,
+}
+
+/// The last sync of one LDAP source.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceSync {
+    /// The source's name.
+    pub source: String,
+    /// `full`, `incremental` or `unchanged`.
+    pub kind: String,
+    /// When it was read (Unix seconds).
+    pub time: u64,
+    /// Addresses the source gave.
+    pub addresses: u64,
+    /// Objects changed (incremental syncs).
+    pub changed: u64,
 }
 
 /// How many diagnostics a status carries by text.

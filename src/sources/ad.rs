@@ -15,6 +15,7 @@ use super::{Diagnostic, Entry, Location, directory_address, join_key};
 use crate::directory::Kind;
 
 #[derive(Debug, Clone)]
+/// How Active Directory entries map to recipients.
 pub struct AdOptions {
     /// Keep mail-enabled disabled accounts that Exchange does not mark as shared.
     pub include_disabled: bool,
@@ -32,8 +33,11 @@ impl Default for AdOptions {
 /// (0 when not from a file).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DirEntry {
+    /// Its distinguished name.
     pub dn: String,
+    /// Line in the LDIF file (0 for live LDAP).
     pub line: u32,
+    /// Attributes: (name, value, line).
     pub attrs: Vec<(String, String, u32)>,
 }
 
@@ -46,6 +50,7 @@ impl DirEntry {
             .map(|(_, v, l)| (v.as_str(), *l))
     }
 
+    /// The first value of an attribute (case-insensitive name).
     pub fn first(&self, name: &str) -> Option<&str> {
         self.attrs
             .iter()
@@ -57,7 +62,9 @@ impl DirEntry {
 /// What the mapper decided for an object.
 #[derive(Debug, Default)]
 pub struct Mapped {
+    /// The recipients.
     pub entries: Vec<Entry>,
+    /// What was skipped or doubtful, with its DN.
     pub diagnostics: Vec<Diagnostic>,
     /// Why the object gives no addresses (no mail attributes, computer, disabled, ...).
     pub skipped: Option<&'static str>,

@@ -37,10 +37,12 @@ pub const DEFAULT_FILTER: &str = "(&(|(objectClass=user)(objectClass=group)(obje
 pub struct Secret(String);
 
 impl Secret {
+    /// Wrap a secret.
     pub fn new(s: String) -> Secret {
         Secret(s)
     }
 
+    /// The secret itself (to bind; never to log).
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -60,8 +62,11 @@ impl fmt::Debug for Secret {
 /// without a restart).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PasswordSource {
+    /// Anonymous bind.
     None,
+    /// The first line of this file.
     File(PathBuf),
+    /// This environment variable.
     Env(String),
 }
 
@@ -76,22 +81,28 @@ pub struct LdapConfig {
     pub ca_file: Option<PathBuf>,
     /// Bind DN or user principal name (`svc@corp.example`); none = anonymous.
     pub bind: Option<String>,
+    /// Where the bind password comes from.
     pub password: PasswordSource,
     /// (base DN, scope) pairs.
     pub bases: Vec<(String, Scope)>,
+    /// The LDAP filter.
     pub filter: String,
+    /// Entries per page (paged results).
     pub page_size: i32,
     /// Connect, bind, and each page of a search.
     pub timeout: Duration,
     /// Attempts after a connection or timeout failure (never after a refused bind, which
     /// would lock the account).
     pub retries: u32,
+    /// Keep disabled mail-enabled accounts as shared mailboxes.
     pub include_disabled: bool,
 }
 
 /// Why a sync failed, with what to fix.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
+// Each variant's `#[error]` text is its documentation.
+#[allow(missing_docs)]
 pub enum LdapError {
     #[error("{0}")]
     Config(String),
@@ -252,9 +263,11 @@ pub fn dir_entry(raw: ldap3::ResultEntry) -> DirEntry {
 /// How a sync is going (for progress bars).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Progress {
+    /// Entries read so far.
     pub entries: u64,
     /// Pages asked for so far (entries / page size, rounded up).
     pub pages: u64,
+    /// Time since the sync started.
     pub elapsed: Duration,
 }
 
@@ -449,7 +462,9 @@ fn search_into(
 /// search is missed (it is fetched again next time).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsnMark {
+    /// The server the mark belongs to (`dsServiceName`).
     pub server: String,
+    /// Changes up to this USN are in the data.
     pub usn: u64,
     /// When the last full sync ran (Unix seconds).
     pub full_at: u64,
@@ -491,8 +506,11 @@ pub enum Synced {
     /// The objects changed since the last mark were fetched again (`changed` of them) and
     /// applied to a copy of the previous data.
     Incremental {
+        /// All of the source's data, with the changes applied.
         data: SourceData,
+        /// Where the next incremental sync starts.
         mark: UsnMark,
+        /// Objects changed since the last sync.
         changed: u64,
     },
     /// The server's USN has not moved: the previous data stands.

@@ -18,17 +18,24 @@ use super::ldap::{ATTRIBUTES, LdapConfig, LdapError, ca_roots, connect, dir_entr
 pub const EXPIRY_WARNING_DAYS: i64 = 30;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a step went.
 pub enum Status {
+    /// It worked.
     Ok,
+    /// It worked, but something needs attention.
     Warn,
+    /// It failed; the sync cannot work.
     Fail,
 }
 
 /// One step's outcome.
 #[derive(Debug, Clone)]
 pub struct Step {
+    /// How it went.
     pub status: Status,
+    /// The step (`resolve`, `connect`, `tls`, `bind`, …).
     pub name: &'static str,
+    /// What was seen.
     pub detail: String,
     /// What to do about a warning or failure.
     pub fix: Option<String>,

@@ -20,12 +20,16 @@ use crate::directory::Kind;
 /// Where something was read: `file:line:column` (column 0 = whole line).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Location {
+    /// The file (or source name).
     pub file: Arc<str>,
+    /// 1-based line; 0 when not from a file.
     pub line: u32,
+    /// 1-based column; 0 when unknown.
     pub column: u32,
 }
 
 impl Location {
+    /// A location in `file`.
     pub fn new(file: &Arc<str>, line: u32, column: u32) -> Location {
         Location {
             file: file.clone(),
@@ -46,21 +50,29 @@ impl fmt::Display for Location {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// How bad a diagnostic is.
 pub enum Severity {
+    /// The entry is kept.
     Warning,
+    /// The entry is skipped.
     Error,
 }
 
 /// A problem found in a source, with its location and (for directory data) the DN.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostic {
+    /// How bad.
     pub severity: Severity,
+    /// Where.
     pub loc: Location,
+    /// The directory object, for LDIF and LDAP.
     pub dn: Option<Box<str>>,
+    /// What is wrong, in words.
     pub message: String,
 }
 
 impl Diagnostic {
+    /// An error: the entry is skipped.
     pub fn error(loc: Location, message: impl Into<String>) -> Diagnostic {
         Diagnostic {
             severity: Severity::Error,
@@ -70,6 +82,7 @@ impl Diagnostic {
         }
     }
 
+    /// A warning: the entry is kept.
     pub fn warning(loc: Location, message: impl Into<String>) -> Diagnostic {
         Diagnostic {
             severity: Severity::Warning,
@@ -77,6 +90,7 @@ impl Diagnostic {
         }
     }
 
+    /// The same, naming the directory object.
     pub fn with_dn(mut self, dn: Option<&str>) -> Diagnostic {
         self.dn = dn.map(Box::from);
         self
@@ -110,11 +124,15 @@ pub struct Entry {
     pub object: Kind,
     /// Normalized primary address of the owning object, when it is not this address.
     pub owner: Option<String>,
+    /// Its profile, if it has its own.
     pub profile: Option<String>,
+    /// Its route, if it has its own.
     pub route: Option<String>,
     /// `key=value` pairs joined by TAB (P13N:, UCFG: keys we do not interpret).
     pub attributes: Option<String>,
+    /// Where it was read.
     pub loc: Location,
+    /// Its directory object, for LDIF and LDAP.
     pub dn: Option<Box<str>>,
 }
 
@@ -152,16 +170,24 @@ impl Entry {
 /// An accepted domain as a source declares it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DomainDecl {
+    /// The normalized domain.
     pub name: String,
+    /// The customer it belongs to.
     pub customer: Option<String>,
+    /// Default profile.
     pub profile: Option<String>,
+    /// Default route.
     pub route: Option<String>,
+    /// Accept every local part.
     pub accept_all: bool,
+    /// Local parts are case-sensitive.
     pub keep_case: bool,
+    /// Where it was declared.
     pub loc: Location,
 }
 
 impl DomainDecl {
+    /// A domain with no options.
     pub fn new(name: String, loc: Location) -> DomainDecl {
         DomainDecl {
             name,
@@ -178,15 +204,20 @@ impl DomainDecl {
 /// The formats rcptgate reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
+    /// The MAP format of directory-sync agents.
     Map,
+    /// A Postfix `key value` table.
     Postfix,
+    /// `Export-Csv` output.
     Csv,
+    /// An LDIF export of Active Directory.
     Ldif,
     /// A live directory (configured, not a file).
     Ldap,
 }
 
 impl Format {
+    /// By name (`map`, `postfix`, `csv`, `ldif`, `ldap`).
     pub fn parse(s: &str) -> Option<Format> {
         match s.to_ascii_lowercase().as_str() {
             "map" => Some(Format::Map),
@@ -206,6 +237,7 @@ impl Format {
             .unwrap_or(Format::Postfix)
     }
 
+    /// The name (`map`, …).
     pub fn as_str(self) -> &'static str {
         match self {
             Format::Map => "map",
@@ -231,6 +263,7 @@ pub enum Role {
 }
 
 impl Role {
+    /// By name (`directory`, `additions`, `exceptions`).
     pub fn parse(s: &str) -> Option<Role> {
         match s.to_ascii_lowercase().as_str() {
             "directory" => Some(Role::Directory),
@@ -240,6 +273,7 @@ impl Role {
         }
     }
 
+    /// The name.
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Directory => "directory",
@@ -252,19 +286,25 @@ impl Role {
 /// What one source contributed.
 #[derive(Debug, Clone)]
 pub struct SourceData {
+    /// The source's name.
     pub name: Arc<str>,
+    /// Its format.
     pub format: Format,
     /// Set by whoever configured the source; `Directory` unless said otherwise.
     pub role: Role,
+    /// Domains it declares.
     pub domains: Vec<DomainDecl>,
     /// Accept the domains of this source's users, groups and shared mailboxes even without a
     /// declaration (LDIF, CSV and Postfix tables have no domain records).
     pub derive_domains: bool,
+    /// Its recipients.
     pub entries: Vec<Entry>,
+    /// What was skipped or doubtful.
     pub diagnostics: Vec<Diagnostic>,
 }
 
 impl SourceData {
+    /// An empty source.
     pub fn new(name: &Arc<str>, format: Format) -> SourceData {
         SourceData {
             name: name.clone(),
@@ -277,6 +317,7 @@ impl SourceData {
         }
     }
 
+    /// Diagnostics that skipped an entry.
     pub fn errors(&self) -> usize {
         self.diagnostics
             .iter()
@@ -288,6 +329,8 @@ impl SourceData {
 /// A source that cannot be used at all (the snapshot in service must stay).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
+// Each variant's `#[error]` text is its documentation.
+#[allow(missing_docs)]
 pub enum SourceError {
     #[error("{path}: {source}")]
     Io {

@@ -28,8 +28,10 @@ pub struct Tombstone {
     /// What it was, and where its mail went.
     pub kind: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Its profile then.
     pub profile: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Its route then.
     pub route: Option<String>,
 }
 
@@ -43,12 +45,16 @@ impl Tombstone {
 /// What survives a restart: the tombstones, by `local@domain` as the snapshot stores it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
+    /// Format version of the state file.
     pub version: u32,
+    /// The tombstones, by `local@domain`.
     pub tombstones: BTreeMap<String, Tombstone>,
 }
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
+// Each variant's `#[error]` text is its documentation.
+#[allow(missing_docs)]
 pub enum StateError {
     #[error("{path}: {source}")]
     Io {
@@ -65,6 +71,7 @@ pub enum StateError {
 }
 
 impl State {
+    /// The state file format this build writes.
     pub const VERSION: u32 = 1;
 
     /// Read the state file; a missing file is an empty state.
@@ -118,15 +125,18 @@ pub struct Plan {
     pub live_before: u64,
     /// Live addresses the build removes (tombstoned or not) and the first [`SAMPLE`].
     pub removed: u64,
+    /// The first [`SAMPLE`] removed addresses.
     pub removed_sample: Vec<String>,
     /// Live addresses new in this build, and the first [`SAMPLE`] (in address order; in
     /// source order for a first build, which adds all of them).
     pub added: u64,
+    /// The first [`SAMPLE`] added addresses.
     pub added_sample: Vec<String>,
     /// Removed addresses that became tombstones in this build.
     pub tombstoned: u64,
     /// Tombstones whose grace ran out, and those whose address came back.
     pub expired: u64,
+    /// Tombstones whose address came back.
     pub returned: u64,
     /// Tombstone records added to the build.
     pub tombstones: u64,

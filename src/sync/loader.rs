@@ -12,7 +12,10 @@ use tracing::{error, info, warn};
 
 use crate::config::{AuditConfig, Config};
 use crate::directory::{self, Directory, Snapshot};
-use crate::service::types::{Claim, Conflicts, HeldStatus, MAX_DIAGNOSTICS, Status, TombstoneView};
+use crate::service::types::{
+    BuildSummary, Claim, Conflicts, HeldStatus, MAX_DIAGNOSTICS, SourceSync, Status,
+    TombstoneView,
+};
 use crate::sources::{self, Severity, SourceData, ldap};
 use crate::sync::lifecycle::{self, Plan, State, StateError};
 use crate::sync::merge::{self, Conflict};
@@ -171,6 +174,10 @@ pub struct Loader {
     diagnostics: (usize, Vec<String>),
     /// Removals approved by [`Self::approve`], for the build it runs.
     approved: HashSet<String>,
+    /// What the last good build did.
+    last_build: Option<BuildSummary>,
+    /// The last sync of each LDAP source, by name.
+    syncs: std::collections::BTreeMap<String, SourceSync>,
     /// No state file at start: tombstones found in the persisted snapshot are taken in
     /// again (from the first publish on, the state file is the truth).
     adopt_orphans: bool,
@@ -212,6 +219,8 @@ impl Loader {
             last_error: None,
             diagnostics: (0, Vec::new()),
             approved: HashSet::new(),
+            last_build: None,
+            syncs: Default::default(),
             adopt_orphans,
             ldap_cache: Default::default(),
             data_time: None,
@@ -340,6 +349,16 @@ impl Loader {
                             let took = || started.elapsed().as_secs_f64();
                             match ldap::sync(&name, l, prev, now, s.full_interval, |_| {}) {
                                 Ok(ldap::Synced::Full(d, mark)) => {
+                                    self.syncs.insert(
+                                        s.name.clone(),
+                                        SourceSync {
+                                            source: s.name.clone(),
+                                            kind: "full".into(),
+                                            time: now,
+                                            addresses: d.entries.len() as u64,
+                                            changed: 0,
+                                        },
+                                    );
                                     info!(
                                         source = %s.name,
                                         url = %l.url,
@@ -358,6 +377,16 @@ impl Loader {
                                     mark,
                                     changed,
                                 }) => {
+                                    self.syncs.insert(
+                                        s.name.clone(),
+                                        SourceSync {
+                                            source: s.name.clone(),
+                                            kind: "incremental".into(),
+                                            time: now,
+                                            addresses: data.entries.len() as u64,
+                                            changed: changed as u64,
+                                        },
+                                    );
                                     info!(
                                         source = %s.name,
                                         changed,
@@ -374,6 +403,16 @@ impl Loader {
                                 }
                                 Ok(ldap::Synced::Unchanged) => match stale {
                                     Some((d, _, mark)) => {
+                                        self.syncs.insert(
+                                            s.name.clone(),
+                                            SourceSync {
+                                                source: s.name.clone(),
+                                                kind: "unchanged".into(),
+                                                time: now,
+                                                addresses: d.entries.len() as u64,
+                                                changed: 0,
+                                            },
+                                        );
                                         Ok((d, Some((s.name.clone(), now, mark))))
                                     }
                                     None => Err(LoadError::Ldap(
@@ -425,6 +464,26 @@ impl Loader {
     }
 
     fn try_rebuild(&mut self, sync_all: bool) -> Result<Outcome, LoadError> {
+        let outcome = self.build_and_publish(sync_all)?;
+        let (name, r) = match &outcome {
+            Outcome::Published(r) => ("published", r),
+            Outcome::Unchanged(r) => ("unchanged", r),
+            Outcome::Held(r) => ("held", r),
+        };
+        self.last_build = Some(BuildSummary {
+            outcome: name.into(),
+            generation: self.dir.generation().unwrap_or(r.generation),
+            addresses: r.addresses,
+            added: r.plan.added,
+            removed: r.plan.removed,
+            tombstoned: r.plan.tombstoned,
+            tombstones: r.plan.tombstones,
+            time: (self.clock)(),
+        });
+        Ok(outcome)
+    }
+
+    fn build_and_publish(&mut self, sync_all: bool) -> Result<Outcome, LoadError> {
         let (data, data_time, back) = self.read_sources(sync_all)?;
         let (in_service, generation) = self
             .dir
@@ -514,7 +573,6 @@ impl Loader {
         let fresh = (!hold).then_some(report.data_time);
         if hold {
             let since = self.held.as_ref().map_or(now, |h| h.since);
-            self.audit.write(&self.audit_line("held", &report));
             self.held = Some(Held {
                 report: report.clone(),
                 since,
@@ -596,7 +654,9 @@ impl Loader {
         self.set_fresh(fresh);
         // Drop the old snapshot here, off the request path.
         drop(old);
-        let event = if report.approved {
+        let event = if report.plan.hold {
+            "held"
+        } else if report.approved {
             "approved"
         } else {
             "publish"
@@ -725,6 +785,8 @@ impl Loader {
             diagnostics: self.diagnostics.0,
             diagnostic_lines: self.diagnostics.1.clone(),
             held,
+            last_build: self.last_build.clone(),
+            syncs: self.syncs.values().cloned().collect(),
             ..Status::default()
         }
     }

@@ -12,10 +12,15 @@ use crate::sources::{self, Diagnostic, Role, SourceData, derives_domain, join_ke
 /// One address claimed by two owners.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Conflict {
+    /// The address.
     pub address: String,
+    /// The owner that keeps it.
     pub kept_owner: String,
+    /// Where the kept claim came from.
     pub kept_origin: String,
+    /// The owner that lost it.
     pub dropped_owner: String,
+    /// Where the lost claim came from.
     pub dropped_origin: String,
     /// Why the kept claim won.
     pub rule: &'static str,
@@ -40,8 +45,10 @@ impl fmt::Display for Conflict {
 /// The result of a merge: what to build, and what to tell the administrator.
 #[derive(Debug, Default)]
 pub struct Merged {
-    pub input: BuildInput,
+    pub(crate) input: BuildInput,
+    /// Entries skipped or doubtful.
     pub diagnostics: Vec<Diagnostic>,
+    /// Addresses claimed by two owners.
     pub conflicts: Vec<Conflict>,
     /// Entries whose domain is not accepted (typically contacts elsewhere): not an error.
     pub outside_domains: usize,
@@ -50,7 +57,9 @@ pub struct Merged {
     /// Records from additions and exceptions sources (those that replaced a directory
     /// record are counted in `overridden` too).
     pub additions: usize,
+    /// Records from exceptions sources.
     pub exceptions: usize,
+    /// Directory records replaced by additions or exceptions.
     pub overridden: usize,
 }
 
