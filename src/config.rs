@@ -269,6 +269,21 @@ pub struct GuardConfig {
     pub state: Option<PathBuf>,
 }
 
+impl Config {
+    /// What `rcptgate serve` needs beyond a valid config (an embedded service needs no
+    /// listener): at least one policy or socketmap listener.
+    pub fn check_daemon(&self, path: &Path) -> Result<(), ConfigError> {
+        if self.policy_listen.is_empty() && self.socketmap_listen.is_empty() {
+            return Err(ConfigError::Value {
+                path: path.display().to_string(),
+                key: "policy.listen".into(),
+                message: "no listener configured (set policy.listen or socketmap.listen)".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -502,12 +517,6 @@ impl Config {
         };
         let policy_listen = listen("policy.listen", &raw.policy.listen)?;
         let socketmap_listen = listen("socketmap.listen", &raw.socketmap.listen)?;
-        if policy_listen.is_empty() && socketmap_listen.is_empty() {
-            return Err(bad(
-                "policy.listen",
-                "no listener configured (set policy.listen or socketmap.listen)".into(),
-            ));
-        }
         let mut limits = crate::server::Limits::default();
         if let Some(n) = raw.limits.max_connections {
             if n == 0 {

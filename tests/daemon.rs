@@ -116,7 +116,9 @@ fn watched_edits_refused_uploads_sighup_restart_and_shutdown() {
     std::fs::write(&map, &second[..second.len() - 5]).expect("partial");
     let s = d.failed_after(failed);
     assert!(
-        s.last_error.as_deref().is_some_and(|e| e.contains("dir.map")),
+        s.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("dir.map")),
         "{s:?}"
     );
     assert_eq!(d.ask("new.hire@contoso.com"), "action=DUNNO");

@@ -110,9 +110,14 @@ fn active_directory_upn_bind_sub_codes_and_incremental_sync() {
     let mut d = Daemon::start(&cfg);
     let policy = d.policy.clone();
     let s = d.wait_generation(1);
-    let sync = |s: &rcptgate::service::Status| s.syncs.iter().find(|x| x.source == "corp-ad").cloned();
+    let sync =
+        |s: &rcptgate::service::Status| s.syncs.iter().find(|x| x.source == "corp-ad").cloned();
     let first = sync(&s).expect("synced");
-    assert_eq!((first.kind.as_str(), first.addresses), ("full", 26), "{s:?}");
+    assert_eq!(
+        (first.kind.as_str(), first.addresses),
+        ("full", 26),
+        "{s:?}"
+    );
     let reject = "action=550 5.1.1 User unknown";
     assert_eq!(ask(&policy, "user.3@corp.test"), "action=DUNNO");
     assert_eq!(ask(&policy, "u3@corp.test"), "action=DUNNO");
@@ -131,7 +136,11 @@ fn active_directory_upn_bind_sub_codes_and_incremental_sync() {
     ));
     let s = d.wait_generation(2);
     let inc = sync(&s).expect("synced");
-    assert_eq!((inc.kind.as_str(), inc.changed), ("incremental", 1), "{s:?}");
+    assert_eq!(
+        (inc.kind.as_str(), inc.changed),
+        ("incremental", 1),
+        "{s:?}"
+    );
     assert_eq!(ask(&policy, "new.alias@corp.test"), "action=DUNNO");
 
     // Mail removed from an object: the incremental sync drops its addresses (tombstoned).

@@ -180,6 +180,7 @@ pub fn main() -> ExitCode {
         Command::Diff { old, new } => build::diff(&old, &new),
         Command::Serve { config } => serve::serve(&config, cli.log_format),
         Command::ConfigCheck { config } => rcptgate::config::Config::load(&config)
+            .and_then(|c| c.check_daemon(&config).map(|()| c))
             .map(|c| {
                 println!(
                     "{}: ok ({} source(s), {} policy and {} socketmap listener(s))",

@@ -24,6 +24,7 @@ const DRAIN: Duration = Duration::from_secs(10);
 
 pub fn serve(config: &Path, log_format: Option<LogFormat>) -> Result<ExitCode> {
     let cfg = Config::load(config)?;
+    cfg.check_daemon(config)?;
     let json = log_format.map_or(cfg.log_json, |f| f == LogFormat::Json);
     init_logging(&cfg.log_level, json);
     let runtime = tokio::runtime::Builder::new_multi_thread()

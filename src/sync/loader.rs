@@ -13,8 +13,7 @@ use tracing::{error, info, warn};
 use crate::config::{AuditConfig, Config};
 use crate::directory::{self, Directory, Snapshot};
 use crate::service::types::{
-    BuildSummary, Claim, Conflicts, HeldStatus, MAX_DIAGNOSTICS, SourceSync, Status,
-    TombstoneView,
+    BuildSummary, Claim, Conflicts, HeldStatus, MAX_DIAGNOSTICS, SourceSync, Status, TombstoneView,
 };
 use crate::sources::{self, Severity, SourceData, ldap};
 use crate::sync::lifecycle::{self, Plan, State, StateError};

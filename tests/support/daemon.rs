@@ -69,7 +69,10 @@ impl Daemon {
         d.policy = s
             .listeners
             .iter()
-            .find_map(|l| l.strip_prefix("policy ").filter(|a| !a.starts_with("unix:")))
+            .find_map(|l| {
+                l.strip_prefix("policy ")
+                    .filter(|a| !a.starts_with("unix:"))
+            })
             .unwrap_or_default()
             .to_owned();
         d
@@ -123,7 +126,9 @@ impl Daemon {
 
     /// Wait until a rebuild has failed (`reloads_failed` above `n`).
     pub fn failed_after(&self, n: u64) -> Status {
-        self.wait(&format!("failed rebuild {}", n + 1), |s| s.reloads_failed > n)
+        self.wait(&format!("failed rebuild {}", n + 1), |s| {
+            s.reloads_failed > n
+        })
     }
 
     /// The address a listener (`policy`, `socketmap`, `metrics`) was bound to (TCP first).
