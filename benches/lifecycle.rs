@@ -10,7 +10,7 @@ mod common;
 use std::time::Instant;
 
 use rcptgate::config::GuardConfig;
-use rcptgate::directory::{self, Kind, Snapshot};
+use rcptgate::directory::{Kind, Snapshot};
 use rcptgate::sync::lifecycle::{self, State};
 
 fn main() {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use rcptgate::directory::{self, Directory, LookupOptions, Snapshot};
+use rcptgate::directory::{Directory, LookupOptions, Snapshot};
 use rcptgate::proto::policy::Texts;
 use rcptgate::server::{Context, Limits, Protocol, serve};
 

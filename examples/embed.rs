@@ -13,12 +13,13 @@ use rcptgate::{Service, Verdict};
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Where the directory comes from: the bundled example MAP file, watched for changes.
-    let mut config = Config::default();
-    config.sources.push(
-        SourceConfig::file("example", "config/example.map".into())
-            .ok_or("a source needs a name")?,
-    );
-    config.max_age = Some(Duration::from_secs(24 * 3600));
+    let source = SourceConfig::file("example", "config/example.map".into())
+        .ok_or("a source needs a name")?;
+    let config = Config {
+        sources: vec![source],
+        max_age: Some(Duration::from_secs(24 * 3600)),
+        ..Config::default()
+    };
     let service = Service::start(config).await?;
     // The first build runs in the background; wait for it here.
     let built = service.reload().await?;

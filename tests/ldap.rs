@@ -226,7 +226,7 @@ fn the_daemon_syncs_changes_tombstones_deletions_and_survives_an_outage() {
 #[test]
 fn sigterm_during_a_hanging_sync_exits_at_once_and_status_answers_meanwhile() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let mut slapd = Slapd::start(&tmp.path().join("slapd"), &ad_ldif(20, 1, 0));
+    let slapd = Slapd::start(&tmp.path().join("slapd"), &ad_ldif(20, 1, 0));
     // A sync against a frozen server waits 60 s per try, with retries: minutes.
     let cfg = config(tmp.path(), &slapd.url(), &slapd.ca, "interval = \"1h\"\n");
     std::fs::write(

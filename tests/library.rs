@@ -30,13 +30,13 @@ async fn an_embedder_follows_edits_gets_tempfails_past_max_age_and_shuts_down() 
             .expect("example");
     std::fs::write(&map, &example).expect("map");
 
-    let mut config = Config::default();
-    config.snapshot = Some(tmp.path().join("snapshot.bin"));
-    config.max_age = Some(Duration::from_secs(3600));
-    config.debounce = Duration::from_millis(50);
-    config
-        .sources
-        .push(SourceConfig::file("dirsync", map.clone()).expect("source"));
+    let config = Config {
+        snapshot: Some(tmp.path().join("snapshot.bin")),
+        max_age: Some(Duration::from_secs(3600)),
+        debounce: Duration::from_millis(50),
+        sources: vec![SourceConfig::file("dirsync", map.clone()).expect("source")],
+        ..Config::default()
+    };
     let now = Arc::new(AtomicU64::new(T0));
     let clock = {
         let now = now.clone();

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The whole test suite, including the tests that drive a real Postfix and real LDAP servers.
 # Installs Postfix (with lmdb: tables, for the end-to-end benchmark's smoke run), OpenLDAP's
-# slapd, a Samba AD domain controller and the LDAP tools from Debian's packages when missing
-# (needs root), then runs every test target.
+# slapd, a Samba AD domain controller, the LDAP tools and Python (for an SMTP client) from
+# Debian's packages when missing (needs root), then runs every test target (examples too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=""
 for p in postfix postfix-lmdb slapd ldap-utils openssl samba samba-ad-dc samba-ad-provision samba-dsdb-modules; do
     dpkg -s "$p" >/dev/null 2>&1 || need="$need $p"
 done
+# tests/examples.rs drives the SMTP receiver example with Python's smtplib.
+command -v python3 >/dev/null 2>&1 || need="$need python3"
 if [ -n "$need" ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "tests/run.sh: missing packages:$need, and this is not root;" >&2

@@ -107,7 +107,7 @@ fn active_directory_upn_bind_sub_codes_and_incremental_sync() {
         "svc-smtp@corp.test",
         "interval = \"1s\"\nfull_interval = \"1h\"\n",
     );
-    let mut d = Daemon::start(&cfg);
+    let d = Daemon::start(&cfg);
     let policy = d.policy.clone();
     let s = d.wait_generation(1);
     let sync =

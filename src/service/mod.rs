@@ -247,7 +247,7 @@ impl Handle {
     /// The state of the service; answered at once, even while a sync runs.
     pub async fn status(&self) -> Result<Status, ServiceError> {
         match self.control(Command::Status).await {
-            Reply::Status(s) => Ok(s),
+            Reply::Status(s) => Ok(*s),
             other => Err(unexpected(other)),
         }
     }
@@ -634,7 +634,7 @@ impl Actor {
     fn control(&mut self, command: Command, reply: oneshot::Sender<Reply>) {
         match command {
             Command::Status => {
-                let _ = reply.send(Reply::Status(self.status()));
+                let _ = reply.send(Reply::Status(Box::new(self.status())));
             }
             Command::Conflicts => {
                 let c = self

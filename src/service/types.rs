@@ -255,7 +255,7 @@ pub enum Rebuilt {
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
     /// `status`.
-    Status(Status),
+    Status(Box<Status>),
     /// `conflicts`.
     Conflicts(Conflicts),
     /// `approve`.

@@ -1,6 +1,6 @@
 //! Sources of directory data (DESIGN.md §5). Each parser turns text into [`SourceData`]:
 //! accepted domains, address entries and diagnostics, every one with its location. Parsers
-//! know nothing of FSTs; [`crate::sync::merge`] joins sources into a build input.
+//! know nothing of FSTs; [`crate::sync::merge()`] joins sources into a build input.
 
 pub mod ad;
 pub mod csv;

@@ -383,7 +383,7 @@ impl Loader {
                                             kind: "incremental".into(),
                                             time: now,
                                             addresses: data.entries.len() as u64,
-                                            changed: changed as u64,
+                                            changed,
                                         },
                                     );
                                     info!(

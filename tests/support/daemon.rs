@@ -81,7 +81,7 @@ impl Daemon {
     /// The daemon's status, or why not.
     pub fn try_status(&self) -> Result<Status, String> {
         match request(&self.control, "status")? {
-            Reply::Status(s) => Ok(s),
+            Reply::Status(s) => Ok(*s),
             other => Err(format!("{other:?}")),
         }
     }
@@ -176,7 +176,7 @@ fn control_of(text: &str) -> Option<&str> {
     let line = text[at..]
         .lines()
         .find(|l| l.trim_start().starts_with("socket"))?;
-    Some(line.split('"').nth(1)?)
+    line.split('"').nth(1)
 }
 
 /// One control command to the socket at `path`; its reply.
