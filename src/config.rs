@@ -406,6 +406,12 @@ impl Config {
             key: key.to_owned(),
             message,
         };
+        if raw.sources.is_empty() {
+            return Err(bad(
+                "source",
+                "no source configured (add a [[source]] with name, kind and path)".into(),
+            ));
+        }
         let mut sources = Vec::new();
         for (i, s) in raw.sources.iter().enumerate() {
             let format = Format::parse(&s.kind).ok_or_else(|| {
@@ -877,7 +883,22 @@ idle_timeout = "90s"
             .to_string();
         assert!(e.starts_with("t.toml: policy.listen: \"localhost\""), "{e}");
         let none = "[directory]\n";
-        assert!(Config::parse("t.toml", none).is_err());
+        let e = Config::parse("t.toml", none)
+            .expect_err("no source")
+            .to_string();
+        assert!(e.starts_with("t.toml: source: no source configured"), "{e}");
+        // A config without listeners serves a library; the daemon needs one.
+        let quiet = GOOD.replace(
+            "[policy]\nlisten = [\"127.0.0.1:10040\", \"unix:/run/rcptgate/policy.sock\"]\n",
+            "",
+        );
+        assert_ne!(quiet, GOOD);
+        let c = Config::parse("t.toml", &quiet).expect("valid without listeners");
+        let e = c
+            .check_daemon(Path::new("t.toml"))
+            .expect_err("daemon")
+            .to_string();
+        assert!(e.contains("no listener configured"), "{e}");
     }
 
     #[test]
