@@ -6,14 +6,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// An example's binary, built by `cargo test --all-targets` (tests/run.sh) next to the tests.
+/// An example's binary, built by `cargo build --examples` (tests/run.sh does) next to the
+/// tests.
 fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let bin = dir.join("examples").join(name);
     assert!(
         bin.exists(),
-        "{} is missing: run `cargo test --all-targets` (or `cargo build --examples`)",
+        "{} is missing: run `cargo build --examples` first (tests/run.sh does)",
         bin.display()
     );
     bin

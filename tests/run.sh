@@ -23,4 +23,7 @@ if [ -n "$need" ]; then
     # shellcheck disable=SC2086
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $need >/dev/null
 fi
+# tests/examples.rs runs the examples' binaries (`cargo test --all-targets` builds them only as
+# test harnesses).
+cargo build --examples --features postfix-tests,ldap-tests
 cargo test --all-targets --features postfix-tests,ldap-tests
