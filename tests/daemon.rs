@@ -45,6 +45,26 @@ fn http_get(metrics: &str, path: &str) -> (String, String) {
     )
 }
 
+/// The audit log's line for `generation`, once it is there.
+fn wait_audit(path: &Path, generation: u64) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(v) = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["generation"] == generation)
+        {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no audit line for generation {generation} in\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn example() -> String {
     std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.map"))
         .expect("example")
@@ -95,10 +115,8 @@ fn watched_edits_refused_uploads_sighup_restart_and_shutdown() {
     );
     std::fs::write(&map, &edited).expect("edit");
     d.wait_generation(2);
-    // The audit line is written as the snapshot is published.
-    let audit = std::fs::read_to_string(&audit_log).expect("audit");
-    let audit: serde_json::Value =
-        serde_json::from_str(audit.lines().last().expect("line")).expect("json");
+    // The audit line is written as the snapshot is published (right after the swap).
+    let audit = wait_audit(&audit_log, 2);
     assert_eq!(audit["generation"], 2);
     assert_eq!(
         (audit["added"].as_u64(), audit["removed"].as_u64()),

@@ -144,3 +144,12 @@ async fn an_embedder_follows_edits_gets_tempfails_past_max_age_and_shuts_down() 
     ));
     assert!(service.status().await.is_err());
 }
+
+/// An answer can be held across an `.await` in a spawned task.
+#[test]
+fn answers_and_handles_are_send() {
+    fn send<T: Send + 'static>() {}
+    send::<rcptgate::Answer>();
+    send::<rcptgate::Handle>();
+    send::<rcptgate::Verdict>();
+}

@@ -137,7 +137,9 @@ impl Builder {
         }
         let (events_tx, events) = mpsc::unbounded_channel();
         let watcher = watch_sources(&cfg, events_tx)?;
-        let (tx, rx) = mpsc::channel(64);
+        // Unbounded: messages are small, and a signal must never be dropped; every job that
+        // waits is one entry (rebuild requests merge).
+        let (tx, rx) = mpsc::unbounded_channel();
         let cache = Arc::new(Mutex::new((loader.status(), loader.conflicts_view())));
         let shared = Shared {
             loader: Arc::new(Mutex::new(loader)),
@@ -164,7 +166,6 @@ impl Builder {
             sync_all: false,
             reply: None,
         })
-        .await
         .map_err(|_| ServiceError::Stopped)?;
         Ok(Handle {
             dir,
@@ -183,7 +184,7 @@ pub struct Handle {
     metrics: Arc<Metrics>,
     /// What the program running the service listens on (for `status`).
     listeners: Arc<Mutex<Vec<String>>>,
-    tx: mpsc::Sender<Msg>,
+    tx: mpsc::UnboundedSender<Msg>,
     task: Arc<tokio::sync::Mutex<Option<JoinHandle<()>>>>,
 }
 
@@ -226,17 +227,17 @@ impl Handle {
                 sync_all,
                 reply: Some(reply),
             })
-            .await
             .map_err(|_| ServiceError::Stopped)?;
         rx.await
             .map_err(|_| ServiceError::Stopped)?
             .map_err(ServiceError::Failed)
     }
 
-    /// Start a rebuild and return at once (what the daemon does on SIGHUP).
+    /// Start a rebuild with a full sync and return at once (what the daemon does on
+    /// SIGHUP); it joins a rebuild that waits to start.
     pub fn request_sync(&self, reason: &str) -> Result<(), ServiceError> {
         self.tx
-            .try_send(Msg::Rebuild {
+            .send(Msg::Rebuild {
                 reason: reason.into(),
                 sync_all: true,
                 reply: None,
@@ -289,7 +290,7 @@ impl Handle {
     /// sends).
     pub async fn control(&self, command: Command) -> Reply {
         let (reply, rx) = oneshot::channel();
-        if self.tx.send(Msg::Control { command, reply }).await.is_err() {
+        if self.tx.send(Msg::Control { command, reply }).is_err() {
             return Reply::Error {
                 message: "the service has stopped".into(),
             };
@@ -303,7 +304,7 @@ impl Handle {
     /// left to end on its own (it never publishes half a snapshot). The directory keeps
     /// answering from the snapshot in service for as long as it is held.
     pub async fn shutdown(&self) {
-        let _ = self.tx.send(Msg::Shutdown).await;
+        let _ = self.tx.send(Msg::Shutdown);
         if let Some(task) = self.task.lock().await.take() {
             let _ = task.await;
         }
@@ -516,7 +517,7 @@ struct Actor {
     cfg: Config,
     listeners: Arc<Mutex<Vec<String>>>,
     shared: Shared,
-    rx: mpsc::Receiver<Msg>,
+    rx: mpsc::UnboundedReceiver<Msg>,
     events: mpsc::UnboundedReceiver<()>,
     /// Kept alive for as long as the loop runs.
     _watcher: notify::RecommendedWatcher,
@@ -682,14 +683,13 @@ impl Actor {
             .lock()
             .map(|c| c.0.clone())
             .unwrap_or_default();
+        // The snapshot's figures are those of the last finished job, so they agree with
+        // `last_build`, `held` and the rest; only what time changes is read now.
         let now = self.now();
-        let view = self.shared.dir.view();
-        let snap = view.snapshot();
+        s.snapshot_age = s
+            .snapshot_age
+            .map(|a| a.saturating_add(now.saturating_sub(s.time)));
         s.time = now;
-        s.generation = snap.map(|s| s.generation());
-        s.addresses = snap.map(|s| s.record_count());
-        s.domains = snap.map(|s| s.domain_count());
-        s.snapshot_age = snap.map(|s| now.saturating_sub(s.created_unix()));
         s.data_age = self.shared.dir.data_time().map(|t| now.saturating_sub(t));
         s.stale = self.shared.dir.is_stale();
         s.running = self.running.as_ref().map(|(_, r)| r.clone());
