@@ -232,7 +232,7 @@ fn run_size(c: &mut Criterion, n: usize, test_mode: bool) {
         warm_start.as_secs_f64() * 1e3
     );
     println!(
-        "per-lookup latency through Directory::lookup (normalize + ArcSwap + lookup), timer overhead {overhead:.0} ns subtracted:"
+        "per-lookup latency through Directory::verdict (normalize + ArcSwap + lookup), timer overhead {overhead:.0} ns subtracted:"
     );
     for (name, f, hp, h) in &report {
         println!(
