@@ -30,6 +30,8 @@ pub const MAX_INPUT: usize = 512;
 pub enum AddrError {
     #[error("empty address")]
     Empty,
+    #[error("address is not UTF-8 text")]
+    NotText,
     #[error("null path <> is not a recipient")]
     NullPath,
     #[error("input of {0} octets is longer than {MAX_INPUT}")]

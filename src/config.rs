@@ -149,6 +149,9 @@ struct RawListeners {
 struct RawLimits {
     max_connections: Option<usize>,
     idle_timeout: Option<String>,
+    request_timeout: Option<String>,
+    write_timeout: Option<String>,
+    drain_timeout: Option<String>,
     max_request: Option<usize>,
 }
 
@@ -530,13 +533,33 @@ impl Config {
             }
             limits.max_connections = n;
         }
-        if let Some(t) = &raw.limits.idle_timeout {
-            limits.idle_timeout = parse_duration(t).filter(|d| !d.is_zero()).ok_or_else(|| {
-                bad(
-                    "limits.idle_timeout",
-                    format!("{t:?} is not a duration like \"5m\""),
-                )
-            })?;
+        for (key, value, slot) in [
+            (
+                "limits.idle_timeout",
+                &raw.limits.idle_timeout,
+                &mut limits.idle_timeout,
+            ),
+            (
+                "limits.request_timeout",
+                &raw.limits.request_timeout,
+                &mut limits.request_timeout,
+            ),
+            (
+                "limits.write_timeout",
+                &raw.limits.write_timeout,
+                &mut limits.write_timeout,
+            ),
+            (
+                "limits.drain_timeout",
+                &raw.limits.drain_timeout,
+                &mut limits.drain_timeout,
+            ),
+        ] {
+            if let Some(t) = value {
+                *slot = parse_duration(t)
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| bad(key, format!("{t:?} is not a duration like \"5m\"")))?;
+            }
         }
         if let Some(n) = raw.limits.max_request {
             if n < 1024 {

@@ -66,8 +66,9 @@ fn lookup_json_has_the_documented_fields() {
             "Carol+x@Contoso.com",
             "nobody@contoso.com",
             "x@gmail.com",
-            "bad@@x",
+            "bad@@contoso.com",
             "anyone@fabrikam-lab.com",
+            "bad@@x",
         ])
         .output()
         .expect("runs");
@@ -77,7 +78,7 @@ fn lookup_json_has_the_documented_fields() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("json"))
         .collect();
-    assert_eq!(lines.len(), 5);
+    assert_eq!(lines.len(), 6);
     let carol = &lines[0];
     assert_eq!(carol["input"], "Carol+x@Contoso.com");
     assert_eq!(carol["address"], "carol+x@contoso.com");
@@ -104,6 +105,8 @@ fn lookup_json_has_the_documented_fields() {
     assert_eq!(lines[3]["verdict"], "reject");
     assert_eq!(lines[3]["code"], "501 5.1.3");
     assert_eq!(lines[4]["kind"], "catch_all");
+    // Not a mailbox, and not in a domain we own: neutral, never a 501 (DESIGN.md §4).
+    assert_eq!(lines[5]["verdict"], "not_ours");
 }
 
 #[test]

@@ -119,11 +119,33 @@ fn every_verdict() {
     assert_eq!(dir.verdict("nobody@contoso.com").code(), Some("550 5.1.1"));
     assert_eq!(dir.verdict("someone@gmail.com"), Verdict::NotOurs);
     assert_eq!(dir.verdict("postmaster@[192.0.2.1]"), Verdict::NotOurs);
+    // Not a mailbox: 501 only in a domain we own (DESIGN.md §4 step 2); what names no domain
+    // of ours is neutral.
+    assert_eq!(dir.verdict("no at sign"), Verdict::NotOurs);
+    assert_eq!(dir.verdict("<>"), Verdict::NotOurs);
+    assert_eq!(dir.verdict("   "), Verdict::NotOurs);
+    assert_eq!(dir.verdict("a@b@gmail.com"), Verdict::NotOurs);
+    assert!(matches!(
+        dir.verdict("a@b@contoso.com"),
+        Verdict::Reject(Reject::Syntax(_))
+    ));
     assert_eq!(
-        dir.verdict("no at sign"),
-        Verdict::Reject(Reject::Syntax(AddrError::NoAt))
+        dir.verdict(&format!("{}@Contoso.com.", "x".repeat(65))),
+        Verdict::Reject(Reject::Syntax(AddrError::LocalTooLong(65)))
     );
-    assert_eq!(dir.verdict("<>").code(), Some("501 5.1.3"));
+    assert_eq!(dir.verdict("a\0b@contoso.com").code(), Some("501 5.1.3"));
+    let view = dir.view();
+    let mut buf = Default::default();
+    // Latin-1 bytes, not UTF-8: 501 in our domain, neutral elsewhere.
+    assert_eq!(
+        view.lookup_bytes(b"j\xfcrgen@contoso.com", &mut buf),
+        Verdict::Reject(Reject::Syntax(AddrError::NotText))
+    );
+    assert_eq!(
+        view.lookup_bytes(b"j\xfcrgen@example.org", &mut buf),
+        Verdict::NotOurs
+    );
+    assert_eq!(view.lookup_bytes(b"\xff\xfe", &mut buf), Verdict::NotOurs);
 }
 
 #[test]

@@ -48,7 +48,7 @@ async fn read_policy_replies(s: &mut TcpStream, n: usize) -> Vec<String> {
     let mut buf = Vec::new();
     while buf.windows(2).filter(|w| w == b"\n\n").count() < n {
         let mut chunk = [0u8; 1024];
-        let got = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+        let got = tokio::time::timeout(Duration::from_secs(15), s.read(&mut chunk))
             .await
             .expect("reply in time")
             .expect("read");
@@ -102,6 +102,49 @@ async fn policy_answers_many_requests_per_connection() {
     srv.stop.send(true).expect("stop");
     drop(s);
     srv.task.await.expect("join").expect("served");
+}
+
+/// Regression: a RCPT request with no recipient, or an empty one, got `501 5.1.3`; there is
+/// nothing to judge, so no verdict at all. A non-UTF-8 recipient outside our domains is
+/// neutral.
+#[tokio::test]
+async fn requests_without_a_recipient_or_a_readable_one_are_not_verdicts() {
+    let srv = start(Protocol::Policy, example_directory(true), Limits::default()).await;
+    let mut s = TcpStream::connect(srv.addr).await.expect("connect");
+    s.write_all(b"request=smtpd_access_policy\nprotocol_state=RCPT\nsender=a@b.example\n\n")
+        .await
+        .expect("write");
+    s.write_all(policy_request("", "RCPT").as_bytes())
+        .await
+        .expect("write");
+    s.write_all(policy_request("  ", "RCPT").as_bytes())
+        .await
+        .expect("write");
+    let mut latin1 = policy_request("J\u{fc}rgen@example.org", "RCPT").into_bytes();
+    let at = latin1
+        .windows(2)
+        .position(|w| w == "\u{fc}".as_bytes())
+        .expect("u");
+    latin1.splice(at..at + 2, [0xfc]);
+    s.write_all(&latin1).await.expect("write");
+    let mut ours = policy_request("J\u{fc}rgen@contoso.com", "RCPT").into_bytes();
+    let at = ours
+        .windows(2)
+        .position(|w| w == "\u{fc}".as_bytes())
+        .expect("u");
+    ours.splice(at..at + 2, [0xfc]);
+    s.write_all(&ours).await.expect("write");
+    let replies = read_policy_replies(&mut s, 5).await;
+    assert_eq!(
+        replies,
+        [
+            "action=DUNNO",
+            "action=DUNNO",
+            "action=DUNNO",
+            "action=DUNNO",
+            "action=501 5.1.3 Bad recipient address syntax"
+        ]
+    );
 }
 
 #[tokio::test]
@@ -164,15 +207,125 @@ async fn idle_connections_are_closed() {
     };
     let srv = start(Protocol::Policy, example_directory(true), limits).await;
     let mut s = TcpStream::connect(srv.addr).await.expect("connect");
-    s.write_all(b"request=smtpd_access_policy\n")
-        .await
-        .expect("write");
     let mut rest = Vec::new();
     let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
         .await
         .expect("closed by the server")
         .expect("read");
     assert_eq!(n, 0);
+}
+
+/// Regression (slowloris): clients that trickle one byte at a time, each within the idle
+/// timeout, held every slot for as long as they liked, and real clients got no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_trickled_in_is_cut_at_the_request_timeout() {
+    let limits = Limits {
+        max_connections: 2,
+        idle_timeout: Duration::from_secs(30),
+        request_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let srv = start(Protocol::Policy, example_directory(true), limits).await;
+    let request = policy_request("alice@contoso.com", "RCPT");
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(srv.addr).await.expect("connect");
+        let bytes = request.clone().into_bytes();
+        slow.push(tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            for b in bytes {
+                if s.write_all(&[b]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let mut probe = [0u8; 1];
+                if let Ok(Ok(0)) =
+                    tokio::time::timeout(Duration::from_millis(1), s.read(&mut probe)).await
+                {
+                    return started.elapsed();
+                }
+            }
+            started.elapsed()
+        }));
+    }
+    // Both slots are taken by the slow clients; a real one is answered once they are cut.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut s = TcpStream::connect(srv.addr).await.expect("connect");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let answer = tokio::time::timeout(Duration::from_secs(5), read_policy_replies(&mut s, 1))
+        .await
+        .expect("answered while slow clients trickle");
+    assert_eq!(answer, vec!["action=DUNNO"]);
+    for t in slow {
+        let held = t.await.expect("slow client");
+        // Cut near the request timeout, long before the whole request (~400 bytes × 50 ms).
+        assert!(held < Duration::from_secs(3), "held {held:?}");
+    }
+}
+
+/// Regression: a client that pipelines requests and never reads its answers blocked the
+/// server's write forever, keeping its slot and the shutdown waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_and_shutdown_refuses_new_clients_at_once() {
+    let limits = Limits {
+        max_connections: 1,
+        write_timeout: Duration::from_millis(300),
+        drain_timeout: Duration::from_secs(1),
+        ..Limits::default()
+    };
+    let srv = start(Protocol::Policy, example_directory(true), limits).await;
+    // ~15 MB of short requests whose replies (more than the socket buffers hold) are never
+    // read: the server's write blocks.
+    let many = "request=smtpd_access_policy\nprotocol_state=RCPT\nrecipient=nobody@contoso.com\n\n"
+        .repeat(200_000);
+    let mut stalled = {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("rcvbuf");
+        socket.connect(srv.addr).await.expect("connect")
+    };
+    let m = many.clone();
+    let writer = tokio::spawn(async move {
+        let _ = stalled.write_all(m.as_bytes()).await;
+        stalled
+    });
+    // The only slot is freed once the write times out: a new client gets its answer.
+    let mut s = TcpStream::connect(srv.addr).await.expect("connect");
+    s.write_all(policy_request("alice@contoso.com", "RCPT").as_bytes())
+        .await
+        .expect("write");
+    let answer = tokio::time::timeout(Duration::from_secs(20), read_policy_replies(&mut s, 1))
+        .await
+        .expect("slot freed by the write timeout");
+    assert_eq!(answer, vec!["action=DUNNO"]);
+    drop(s);
+    let _stalled = writer.await.expect("writer");
+
+    // A second stalled reader, then shutdown: the listener closes at once (new clients are
+    // refused, not left waiting), and serving ends within the timeouts.
+    let mut stalled = {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("rcvbuf");
+        socket.connect(srv.addr).await.expect("connect")
+    };
+    let writer = tokio::spawn(async move {
+        let _ = stalled.write_all(many.as_bytes()).await;
+        stalled
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopped = std::time::Instant::now();
+    srv.stop.send(true).expect("stop");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        TcpStream::connect(srv.addr).await.is_err(),
+        "listener still open after shutdown"
+    );
+    tokio::time::timeout(Duration::from_secs(5), srv.task)
+        .await
+        .expect("serving ended")
+        .expect("join")
+        .expect("served");
+    assert!(stopped.elapsed() < Duration::from_secs(3));
+    let _ = writer.await;
 }
 
 async fn socketmap_query(s: &mut TcpStream, query: &str) -> String {
@@ -187,7 +340,7 @@ async fn socketmap_query(s: &mut TcpStream, query: &str) -> String {
             return String::from_utf8_lossy(payload).into_owned();
         }
         let mut chunk = [0u8; 512];
-        let got = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+        let got = tokio::time::timeout(Duration::from_secs(15), s.read(&mut chunk))
             .await
             .expect("reply in time")
             .expect("read");
@@ -223,6 +376,12 @@ async fn socketmap_maps() {
         ("profile alice@contoso.com", "OK executives"),
         ("profile x@gmail.com", "NOTFOUND "),
         ("colours alice@contoso.com", "PERM unknown map"),
+        // Keys that name no domain of ours are never a NOTFOUND (a 550 through
+        // relay_recipient_maps): regression for spaces-only keys.
+        ("recipients    ", "TEMP domain not in directory"),
+        ("recipients no-at-sign", "TEMP domain not in directory"),
+        // Not a mailbox in a domain we own: the directory's verdict.
+        ("recipients a@b@contoso.com", "NOTFOUND "),
     ];
     for (q, want) in cases {
         assert_eq!(socketmap_query(&mut s, q).await, want, "query {q}");

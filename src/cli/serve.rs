@@ -19,8 +19,8 @@ use rcptgate::service::Service;
 
 use super::{LogFormat, init_logging};
 
-/// How long connections in flight get to finish after SIGTERM.
-const DRAIN: Duration = Duration::from_secs(10);
+/// Beyond the listeners' own `drain_timeout`, how long their tasks may take to end.
+const DRAIN_MARGIN: Duration = Duration::from_secs(2);
 
 pub fn serve(config: &Path, log_format: Option<LogFormat>) -> Result<ExitCode> {
     let cfg = Config::load(config)?;
@@ -117,13 +117,14 @@ async fn run(cfg: Config) -> Result<ExitCode> {
     }
     info!("shutting down: finishing requests in flight");
     stop.send(true).ok();
-    if tokio::time::timeout(DRAIN, async {
+    let drain = cfg.limits.drain_timeout + DRAIN_MARGIN;
+    if tokio::time::timeout(drain, async {
         while listeners.join_next().await.is_some() {}
     })
     .await
     .is_err()
     {
-        error!("connections still open after {DRAIN:?}; closing them");
+        error!("listeners still open after {drain:?}; closing them");
         listeners.abort_all();
     }
     service.shutdown().await;

@@ -592,4 +592,16 @@ impl View<'_> {
     pub fn lookup_in(&self, rcpt: &str, buf: &mut AddrBuf) -> Verdict {
         verdict_for(self.guard.as_deref(), self.dir, rcpt, buf)
     }
+
+    /// The verdict for a recipient as it came off the wire: bytes that are not UTF-8 are not
+    /// a mailbox, which is a verdict (501) only in a domain we own.
+    pub fn lookup_bytes(&self, rcpt: &[u8], buf: &mut AddrBuf) -> Verdict {
+        match std::str::from_utf8(rcpt) {
+            Ok(r) => self.lookup_in(r, buf),
+            Err(_) => match self.snapshot() {
+                None => Verdict::Tempfail(Tempfail::NotLoaded),
+                Some(s) => s.syntax_verdict(rcpt, crate::address::AddrError::NotText),
+            },
+        }
+    }
 }

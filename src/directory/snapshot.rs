@@ -20,7 +20,7 @@ use super::format::{
     get_str, u32_at,
 };
 use super::{Hit, Kind, LookupOptions, Match, Reject, Verdict};
-use crate::address::{self, AddrBuf};
+use crate::address::{self, AddrBuf, AddrError};
 
 /// Largest key built on the stack: 4-byte domain prefix plus a folded local part.
 const KEY_MAX: usize = 4 + 4 * address::MAX_LOCAL;
@@ -615,7 +615,7 @@ impl Snapshot {
     pub fn lookup(&self, rcpt: &str, options: &LookupOptions, buf: &mut AddrBuf) -> Verdict {
         let addr = match address::parse(rcpt, buf) {
             Ok(a) => a,
-            Err(e) => return Verdict::Reject(Reject::Syntax(e)),
+            Err(e) => return self.syntax_verdict(rcpt.as_bytes(), e),
         };
         if addr.literal {
             return Verdict::NotOurs;
@@ -632,6 +632,25 @@ impl Snapshot {
                 address::fold_local_into(addr.local, keep_case, &mut long);
                 self.match_local(&long, d, options)
             }
+        }
+    }
+
+    /// DESIGN.md §4 step 2 for input that is not a mailbox: a permanent `501` only when what
+    /// follows the last `@` names a domain we own; otherwise (no domain, a domain that cannot
+    /// be parsed or is not ours) the answer is neutral, because what we cannot read is not a
+    /// verdict on a mailbox of ours. `raw` may be any bytes.
+    pub fn syntax_verdict(&self, raw: &[u8], e: AddrError) -> Verdict {
+        let owned = raw
+            .iter()
+            .rposition(|&b| b == b'@')
+            .and_then(|at| std::str::from_utf8(raw.get(at + 1..)?).ok())
+            .map(|d| d.trim().trim_end_matches('>').trim_end())
+            .and_then(|d| address::normalize_domain(d).ok())
+            .is_some_and(|d| self.find_domain(&d).is_some());
+        if owned {
+            Verdict::Reject(Reject::Syntax(e))
+        } else {
+            Verdict::NotOurs
         }
     }
 

@@ -31,13 +31,17 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head<'_>>, HttpError> {
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .or_else(|| buf.windows(2).position(|w| w == b"\n\n"));
-    let Some(_) = end else {
+    let Some(end) = end else {
         return if buf.len() > MAX_HEAD {
             Err(HttpError::TooLarge)
         } else {
             Ok(None)
         };
     };
+    // However it arrived (one read can bring more than the limit).
+    if end > MAX_HEAD {
+        return Err(HttpError::TooLarge);
+    }
     let line_end = buf.iter().position(|&b| b == b'\n').unwrap_or(buf.len());
     let line = buf[..line_end]
         .strip_suffix(b"\r")
@@ -101,6 +105,12 @@ mod tests {
             parse_head(&vec![b'x'; MAX_HEAD + 1]),
             Err(HttpError::TooLarge)
         );
+        // Regression: a head over the limit that arrives whole, in one read, is refused too.
+        let big = format!(
+            "GET /nope HTTP/1.1\r\nX-Pad: {}\r\n\r\n",
+            "a".repeat(MAX_HEAD)
+        );
+        assert_eq!(parse_head(big.as_bytes()), Err(HttpError::TooLarge));
         let r = response("200 OK", "text/plain", "ok\n");
         assert_eq!(
             r,

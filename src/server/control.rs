@@ -4,18 +4,21 @@
 
 use std::io;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tracing::warn;
 
 use crate::proto::control;
 use crate::service::{Handle, Reply};
 
-/// How long a client may take to send its command line.
+/// How long a client may take to send its command line, and to read the answer.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Control connections served at once.
+const MAX_CONNECTIONS: usize = 16;
 
 /// Bind the control socket (a stale socket file is replaced) with owner-only permissions.
 pub fn bind(path: &Path) -> io::Result<UnixListener> {
@@ -34,7 +37,12 @@ pub async fn serve(
     service: Handle,
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.map_err(io::Error::other)?,
+            _ = shutdown.changed() => return Ok(()),
+        };
         let stream = tokio::select! {
             s = listener.accept() => s,
             _ = shutdown.changed() => return Ok(()),
@@ -46,12 +54,10 @@ pub async fn serve(
                     if let Err(e) = handle(s, service).await {
                         warn!(error = %e, "control connection: {e}");
                     }
+                    drop(permit);
                 });
             }
-            Err(e) => {
-                warn!(error = %e, "control accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            Err(e) => super::accept_backoff("control", &e).await,
         }
     }
 }
@@ -81,8 +87,12 @@ async fn handle(mut s: UnixStream, service: Handle) -> io::Result<()> {
     };
     let mut line = serde_json::to_string(&answer).map_err(io::Error::other)?;
     line.push('\n');
-    s.write_all(line.as_bytes()).await?;
-    s.shutdown().await
+    tokio::time::timeout(READ_TIMEOUT, async {
+        s.write_all(line.as_bytes()).await?;
+        s.shutdown().await
+    })
+    .await
+    .map_err(|_| io::Error::other("the client did not read the answer"))?
 }
 
 /// Send one command to a daemon's control socket and return its answer (the CLI side).

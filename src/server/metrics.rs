@@ -272,58 +272,84 @@ impl Metrics {
     }
 }
 
-/// Serve `/metrics` and `/healthz` (200 with a snapshot in service, else 503) until shutdown.
+/// Connections the metrics port serves at once (scrapers and health checks are few).
+pub const MAX_CONNECTIONS: usize = 32;
+/// A request head must arrive, and the response be written, within this.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serve `/metrics` and `/healthz` (200 with a snapshot in service and every listener up,
+/// else 503) until shutdown. At most [`MAX_CONNECTIONS`] at once, each done within
+/// [`REQUEST_TIMEOUT`] however slowly its bytes come.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     dir: Arc<Directory>,
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.map_err(io::Error::other)?,
+            _ = shutdown.changed() => return Ok(()),
+        };
         let stream = tokio::select! {
             s = listener.accept() => s,
             _ = shutdown.changed() => return Ok(()),
         };
-        let Ok((mut s, _)) = stream else { continue };
+        let mut s = match stream {
+            Ok((s, _)) => s,
+            Err(e) => {
+                super::accept_backoff("metrics", &e).await;
+                continue;
+            }
+        };
         let (metrics, dir) = (metrics.clone(), dir.clone());
         tokio::spawn(async move {
-            let mut buf = Vec::with_capacity(1024);
-            let head = loop {
-                match http::parse_head(&buf) {
-                    Ok(Some(h)) => break Some((h.method.to_vec(), h.path.to_vec())),
-                    Ok(None) => {}
-                    Err(_) => break None,
-                }
-                let read = tokio::time::timeout(Duration::from_secs(5), s.read_buf(&mut buf)).await;
-                if !matches!(read, Ok(Ok(n)) if n > 0) {
-                    return;
-                }
-            };
-            let reply = match head.as_ref().map(|(m, p)| (m.as_slice(), p.as_slice())) {
-                Some((b"GET", b"/metrics")) => {
-                    http::response("200 OK", "text/plain; version=0.0.4", &metrics.render(&dir))
-                }
-                Some((b"GET", b"/healthz"))
-                    if metrics.listeners_down.load(Ordering::Relaxed) > 0 =>
-                {
-                    http::response(
-                        "503 Service Unavailable",
-                        "text/plain",
-                        "a listener stopped\n",
-                    )
-                }
-                Some((b"GET", b"/healthz")) if dir.view().snapshot().is_some() => {
-                    http::response("200 OK", "text/plain", "ok\n")
-                }
-                Some((b"GET", b"/healthz")) => http::response(
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "no snapshot loaded\n",
-                ),
-                Some(_) => http::response("404 Not Found", "text/plain", "not found\n"),
-                None => http::response("400 Bad Request", "text/plain", "bad request\n"),
-            };
-            let _ = s.write_all(&reply).await;
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(&mut s, &metrics, &dir)).await;
+            drop(permit);
         });
     }
+}
+
+/// Read one request head and write its response.
+async fn answer(s: &mut tokio::net::TcpStream, metrics: &Metrics, dir: &Directory) {
+    let mut buf = Vec::with_capacity(1024);
+    let head = loop {
+        match http::parse_head(&buf) {
+            Ok(Some(h)) => break Ok((h.method.to_vec(), h.path.to_vec())),
+            Ok(None) => {}
+            Err(e) => break Err(e),
+        }
+        if !matches!(s.read_buf(&mut buf).await, Ok(n) if n > 0) {
+            return;
+        }
+    };
+    let reply = match head.as_ref().map(|(m, p)| (m.as_slice(), p.as_slice())) {
+        Ok((b"GET", b"/metrics")) => {
+            http::response("200 OK", "text/plain; version=0.0.4", &metrics.render(dir))
+        }
+        Ok((b"GET", b"/healthz")) if metrics.listeners_down.load(Ordering::Relaxed) > 0 => {
+            http::response(
+                "503 Service Unavailable",
+                "text/plain",
+                "a listener stopped\n",
+            )
+        }
+        Ok((b"GET", b"/healthz")) if dir.view().snapshot().is_some() => {
+            http::response("200 OK", "text/plain", "ok\n")
+        }
+        Ok((b"GET", b"/healthz")) => http::response(
+            "503 Service Unavailable",
+            "text/plain",
+            "no snapshot loaded\n",
+        ),
+        Ok(_) => http::response("404 Not Found", "text/plain", "not found\n"),
+        Err(http::HttpError::TooLarge) => http::response(
+            "431 Request Header Fields Too Large",
+            "text/plain",
+            "request head too large\n",
+        ),
+        Err(_) => http::response("400 Bad Request", "text/plain", "bad request\n"),
+    };
+    let _ = s.write_all(&reply).await;
 }

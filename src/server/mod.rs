@@ -34,8 +34,15 @@ pub enum Protocol {
 pub struct Limits {
     /// Connections served at once; further clients wait in the accept queue.
     pub max_connections: usize,
-    /// A connection with no complete request for this long is closed.
+    /// A connection that starts no request for this long is closed.
     pub idle_timeout: Duration,
+    /// A request must be complete this long after its first byte, however slowly the rest
+    /// trickles in (a slow client cannot hold its slot).
+    pub request_timeout: Duration,
+    /// Every reply must be written within this (a client that stops reading is closed).
+    pub write_timeout: Duration,
+    /// On shutdown, connections in flight get this long to finish, then are closed.
+    pub drain_timeout: Duration,
     /// Limits of one policy request.
     pub policy: policy::Limits,
 }
@@ -45,6 +52,9 @@ impl Default for Limits {
         Limits {
             max_connections: 256,
             idle_timeout: Duration::from_secs(300),
+            request_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(10),
             policy: policy::Limits::default(),
         }
     }
@@ -75,6 +85,10 @@ pub enum ConnError {
     Netstring(#[from] netstring::NetstringError),
     #[error("idle for {0:?}")]
     Idle(Duration),
+    #[error("request not complete within {0:?}")]
+    RequestTimeout(Duration),
+    #[error("reply not written within {0:?} (the client stopped reading)")]
+    WriteTimeout(Duration),
     #[error("{0}")]
     Io(#[from] io::Error),
 }
@@ -102,8 +116,23 @@ impl Accept for tokio::net::UnixListener {
     }
 }
 
-/// Accept and serve connections until `shutdown` turns true, then stop accepting and wait
-/// for the connections in flight to finish the request they are on.
+/// After a failed `accept` (out of descriptors, most often): wait a little so the loop does
+/// not spin, and log at most once a second. Every accept loop uses it.
+pub(crate) async fn accept_backoff(what: &str, e: &io::Error) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LOGGED: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if LOGGED.swap(now, Ordering::Relaxed) != now {
+        tracing::warn!(listener = what, error = %e, "{what}: accept failed: {e}; backing off");
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+/// Accept and serve connections until `shutdown` turns true; then stop accepting at once (the
+/// listener is closed, so new clients are refused rather than left waiting) and give the
+/// connections in flight `drain_timeout` to finish the request they are on.
 pub async fn serve<L: Accept>(
     listener: L,
     protocol: Protocol,
@@ -125,8 +154,7 @@ pub async fn serve<L: Accept>(
             Ok(s) => s,
             // Out of descriptors or a client that went away: keep serving the others.
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                accept_backoff(&format!("{protocol:?}"), &e).await;
                 continue;
             }
         };
@@ -140,11 +168,27 @@ pub async fn serve<L: Accept>(
         });
         while conns.try_join_next().is_some() {}
     }
-    while conns.join_next().await.is_some() {}
+    drop(listener);
+    let drained = tokio::time::timeout(ctx.limits.drain_timeout, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            ?protocol,
+            open = conns.len(),
+            "{protocol:?}: closing {} connection(s) still open after {:?}",
+            conns.len(),
+            ctx.limits.drain_timeout
+        );
+        conns.shutdown().await;
+    }
     Ok(())
 }
 
 /// Serve one connection: decode every complete request in the buffer, answer it, read more.
+/// Every wait is bounded: `idle_timeout` before a request starts, `request_timeout` from its
+/// first byte to its end, `write_timeout` for each reply.
 pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     protocol: Protocol,
@@ -152,9 +196,12 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
     let _open = ctx.metrics.connection(protocol);
+    let limits = &ctx.limits;
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut out: Vec<u8> = Vec::with_capacity(512);
     let mut scratch = AddrBuf::default();
+    // When the first byte of the request not yet complete arrived.
+    let mut request_started: Option<tokio::time::Instant> = None;
     loop {
         loop {
             out.clear();
@@ -168,17 +215,28 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             };
             ctx.metrics
                 .observe(protocol, verdict.as_ref(), started.elapsed());
-            stream.write_all(&out).await?;
+            tokio::time::timeout(limits.write_timeout, stream.write_all(&out))
+                .await
+                .map_err(|_| ConnError::WriteTimeout(limits.write_timeout))??;
             buf.drain(..consumed);
+            // What is left arrived with the last read: a new request starts there.
+            request_started = None;
         }
         if *shutdown.borrow() && buf.is_empty() {
             return Ok(());
         }
+        let now = tokio::time::Instant::now();
+        let deadline = if buf.is_empty() {
+            now + limits.idle_timeout
+        } else {
+            *request_started.get_or_insert(now) + limits.request_timeout
+        };
         buf.reserve(4096);
         tokio::select! {
-            read = tokio::time::timeout(ctx.limits.idle_timeout, stream.read_buf(&mut buf)) => {
+            read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)) => {
                 match read {
-                    Err(_) => return Err(ConnError::Idle(ctx.limits.idle_timeout)),
+                    Err(_) if buf.is_empty() => return Err(ConnError::Idle(limits.idle_timeout)),
+                    Err(_) => return Err(ConnError::RequestTimeout(limits.request_timeout)),
                     Ok(Ok(0)) => return Ok(()),
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => return Err(e.into()),
@@ -192,20 +250,6 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// What answering one request gives: bytes consumed, and the verdict if there was a lookup.
 type Answered = Option<(usize, Option<crate::directory::Verdict>)>;
-
-/// Look up a recipient as it came off the wire: bytes that are not text are not a mailbox.
-fn lookup_raw(
-    view: &crate::directory::View<'_>,
-    rcpt: &[u8],
-    scratch: &mut AddrBuf,
-) -> crate::directory::Verdict {
-    match std::str::from_utf8(rcpt) {
-        Ok(r) => view.lookup_in(r, scratch),
-        Err(_) => crate::directory::Verdict::Reject(crate::directory::Reject::Syntax(
-            crate::address::AddrError::Empty,
-        )),
-    }
-}
 
 /// Log (at most once a second) that a recipient was accepted only as a tombstone: mail for
 /// someone removed from the directory, which the administrator should look at.
@@ -232,8 +276,13 @@ fn answer_policy(
     else {
         return Ok(None);
     };
-    let verdict = policy::is_rcpt(&request)
-        .then(|| lookup_raw(&ctx.directory.view(), request.recipient, scratch));
+    // A request without a recipient is no verdict at all (DESIGN.md §4 step 2).
+    let verdict =
+        (policy::is_rcpt(&request) && !request.recipient.trim_ascii().is_empty()).then(|| {
+            ctx.directory
+                .view()
+                .lookup_bytes(request.recipient, scratch)
+        });
     if let Some(v) = &verdict {
         note_tombstone(ctx, request.recipient, v);
     }
@@ -261,7 +310,7 @@ fn answer_socketmap(
             key,
             ..
         }) => {
-            let verdict = lookup_raw(&view, key, scratch);
+            let verdict = view.lookup_bytes(key, scratch);
             if map == socketmap::MapName::Recipients {
                 note_tombstone(ctx, key, &verdict);
             }
