@@ -384,6 +384,33 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
     result.map_err(io)
 }
 
+/// Remove what [`write_atomic`] of `path` left behind when a process died mid-write
+/// (`.NAME.tmp.PID` beside it, from any process but this one); how many were removed.
+pub fn clean_temporaries(path: &Path) -> usize {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return 0;
+    };
+    let prefix = format!(".{name}.tmp.");
+    let mine = std::process::id().to_string();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.strip_prefix(&prefix)
+                .is_some_and(|pid| pid != mine && pid.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .filter(|e| std::fs::remove_file(e.path()).is_ok())
+        .count()
+}
+
 /// Stable 64-bit hash for the persisted domain index (must never change within a version).
 pub fn domain_hash(s: &[u8]) -> u64 {
     const K: u64 = 0x9E37_79B9_7F4A_7C15;

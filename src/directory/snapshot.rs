@@ -421,6 +421,11 @@ impl Snapshot {
         Ok(shards)
     }
 
+    /// The whole snapshot file image (what is persisted).
+    pub fn image(&self) -> &[u8] {
+        self.backing.bytes()
+    }
+
     /// The generation number (grows by one per publish).
     pub fn generation(&self) -> u64 {
         self.header.generation

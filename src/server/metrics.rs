@@ -48,6 +48,8 @@ pub struct Metrics {
     pub held_removals: AtomicU64,
     /// Listeners that stopped on their own (a closed port): `/healthz` answers 503.
     pub listeners_down: AtomicU64,
+    /// 1 while the snapshot or state in service is not on disk (disk full; retried).
+    pub persist_pending: AtomicU64,
 }
 
 fn slot(p: Protocol) -> usize {
@@ -201,6 +203,12 @@ impl Metrics {
                 "Removals held by the deletion guard (the addresses answer as before).",
                 "gauge",
                 &self.held_removals,
+            ),
+            (
+                "rcptgate_persist_pending",
+                "1 while the snapshot or state in service is not on disk (served from memory; retried).",
+                "gauge",
+                &self.persist_pending,
             ),
             (
                 "rcptgate_listeners_down",

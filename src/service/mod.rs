@@ -348,6 +348,8 @@ enum Job {
 /// A control operation that changes the loader.
 #[derive(Debug)]
 enum LoaderOp {
+    /// Write the snapshot and state in service that a full disk kept in memory.
+    Persist,
     Approve,
     Delete(Vec<String>),
     Keep(Vec<String>),
@@ -381,6 +383,9 @@ impl Shared {
         self.metrics
             .held_removals
             .store(status.held.as_ref().map_or(0, |h| h.removed), Relaxed);
+        self.metrics
+            .persist_pending
+            .store(u64::from(status.persist_error.is_some()), Relaxed);
         drop(l);
         *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = (status, conflicts);
     }
@@ -486,6 +491,12 @@ impl Shared {
 
     fn control(&self, op: LoaderOp) -> Reply {
         let out = match op {
+            LoaderOp::Persist => self.with_loader("persist", |l| {
+                l.retry_persist();
+                Ok::<_, LoadError>(Reply::Rebuilt(Rebuilt::Unchanged {
+                    generation: l.directory().generation().unwrap_or(0),
+                }))
+            }),
             LoaderOp::Approve => self.with_loader("approve", |l| {
                 l.approve().map(|r: Report| {
                     Reply::Approved(Approved {
@@ -511,6 +522,9 @@ impl Shared {
         }
     }
 }
+
+/// Seconds between attempts to write a snapshot a full disk kept in memory.
+const PERSIST_RETRY: u64 = 10;
 
 /// The service's loop: the only owner of the job queue.
 struct Actor {
@@ -538,6 +552,7 @@ impl Actor {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // When each scheduled kind of rebuild was last tried (Unix seconds).
         let (mut expiry_tried, mut sync_tried, mut refresh_tried) = (0u64, self.now(), 0u64);
+        let mut persist_tried = 0u64;
         let retry_gap = self
             .cfg
             .sources
@@ -574,11 +589,17 @@ impl Actor {
                 }
                 _ = tick.tick() => {
                     let now = self.now();
-                    let (expiry, sync_due, data_time) = match self.shared.loader.try_lock() {
-                        Ok(l) => (l.next_expiry(), l.sync_due(), l.data_time()),
+                    let (expiry, sync_due, data_time, persist) = match self.shared.loader.try_lock() {
+                        Ok(l) => (l.next_expiry(), l.sync_due(), l.data_time(), l.persist_pending()),
                         // A job runs: look again at the next tick.
                         Err(_) => continue,
                     };
+                    // The disk was full: write what is in service again, every 10 s.
+                    if persist && now >= persist_tried + PERSIST_RETRY && self.queue.is_empty() {
+                        persist_tried = now;
+                        let (reply, _) = oneshot::channel();
+                        self.queue.push(Job::Control { op: LoaderOp::Persist, reply });
+                    }
                     // A tombstone's grace ran out: rebuild so it stops being accepted (at
                     // most once a minute while such rebuilds fail or are held).
                     if expiry.is_some_and(|t| t <= now) && now >= expiry_tried + 60 {

@@ -37,6 +37,9 @@ pub struct Status {
     pub running: Option<Running>,
     /// What the last good build did.
     pub last_build: Option<BuildSummary>,
+    /// Why the snapshot or state in service is not on disk yet (it is served from memory;
+    /// writing is retried).
+    pub persist_error: Option<String>,
     /// The last sync of each LDAP source.
     pub syncs: Vec<SourceSync>,
     /// What the daemon listens on (`policy 127.0.0.1:10040`, …), as announced by the

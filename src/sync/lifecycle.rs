@@ -49,6 +49,19 @@ pub struct State {
     pub version: u32,
     /// The tombstones, by `local@domain`.
     pub tombstones: BTreeMap<String, Tombstone>,
+    /// The last publish: what a restart that lost the persisted snapshot compares a first
+    /// build with (the deletion guard must not be bypassed by losing a file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_publish: Option<LastPublish>,
+}
+
+/// What the last publish put in service.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastPublish {
+    /// Its generation.
+    pub generation: u64,
+    /// Its live addresses (tombstones and exceptions not counted).
+    pub live: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

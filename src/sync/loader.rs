@@ -38,6 +38,8 @@ pub struct Report {
     pub plan: Plan,
     /// Addresses served, tombstones included.
     pub addresses: u64,
+    /// Live addresses (tombstones and exceptions not counted).
+    pub live: u64,
     /// Accepted domains.
     pub domains: u32,
     /// Addresses claimed by two owners.
@@ -105,6 +107,31 @@ type Back = Option<(String, u64, Option<ldap::UsnMark>)>;
 struct Held {
     report: Report,
     since: u64,
+    /// Held because the persisted snapshot was lost and this first build removes too much of
+    /// what the state says was in service (nothing is published): why, in words.
+    lost: Option<String>,
+}
+
+/// Why a first build after a lost snapshot is held, if it is: it removes more of the last
+/// publish's addresses than the guard allows.
+fn lost_snapshot_hold(
+    guard: &crate::config::GuardConfig,
+    last: lifecycle::LastPublish,
+    live: u64,
+) -> Option<String> {
+    let removed = last.live.saturating_sub(live);
+    (last.live > 0
+        && (removed > guard.max_deletions
+            || removed as f64 > guard.max_deletion_ratio * last.live as f64))
+        .then(|| {
+            format!(
+                "the persisted snapshot is missing; the last publish (generation {}) had {} addresses and this build has {live} ({} fewer, {:.1} %)",
+                last.generation,
+                last.live,
+                removed,
+                removed as f64 * 100.0 / last.live as f64
+            )
+        })
 }
 
 /// One append-only JSON-lines audit log, rotated by size.
@@ -173,6 +200,10 @@ pub struct Loader {
     diagnostics: (usize, Vec<String>),
     /// Removals approved by [`Self::approve`], for the build it runs.
     approved: HashSet<String>,
+    /// [`Self::approve`] of a first build held after a lost snapshot.
+    approve_lost: bool,
+    /// Why the snapshot or the state in service is not on disk yet (disk full, …); retried.
+    persist_error: Option<String>,
     /// What the last good build did.
     last_build: Option<BuildSummary>,
     /// The last sync of each LDAP source, by name.
@@ -205,6 +236,16 @@ impl Loader {
             None => State::default(),
         };
         let adopt_orphans = cfg.guard.state.as_deref().is_none_or(|p| !p.exists());
+        // Partial files of a process killed mid-write.
+        for p in [cfg.snapshot.as_deref(), cfg.guard.state.as_deref()]
+            .into_iter()
+            .flatten()
+        {
+            let n = directory::clean_temporaries(p);
+            if n > 0 {
+                info!(path = %p.display(), removed = n, "removed {n} partial file(s) left by an interrupted write");
+            }
+        }
         Ok(Loader {
             audit: Audit {
                 cfg: cfg.audit.clone(),
@@ -218,6 +259,8 @@ impl Loader {
             last_error: None,
             diagnostics: (0, Vec::new()),
             approved: HashSet::new(),
+            approve_lost: false,
+            persist_error: None,
             last_build: None,
             syncs: Default::default(),
             adopt_orphans,
@@ -484,11 +527,13 @@ impl Loader {
 
     fn build_and_publish(&mut self, sync_all: bool) -> Result<Outcome, LoadError> {
         let (data, data_time, back) = self.read_sources(sync_all)?;
+        // Without a snapshot in service, generations go on from the last publish.
+        let after_last = self.state.last_publish.map_or(1, |l| l.generation + 1);
         let (in_service, generation) = self
             .dir
             .view()
             .snapshot()
-            .map_or((0, 1), |s| (s.record_count(), s.generation() + 1));
+            .map_or((0, after_last), |s| (s.record_count(), s.generation() + 1));
         let mut merged = merge::merge(&data, generation);
         let (mut errors, mut warnings) = (0, 0);
         let mut lines = Vec::new();
@@ -538,6 +583,47 @@ impl Loader {
             return Err(LoadError::Empty(in_service));
         }
         let now = (self.clock)();
+        // The persisted snapshot is gone but the state says what was in service: a first
+        // build that removes too much of that is held (nothing in service: every answer is a
+        // temporary failure, nothing is bounced) until approved.
+        if old.is_none()
+            && !std::mem::take(&mut self.approve_lost)
+            && let Some(last) = self.state.last_publish
+            && let Some(reason) = lost_snapshot_hold(&self.cfg.guard, last, live as u64)
+        {
+            let report = Report {
+                generation,
+                plan: Plan {
+                    state: self.state.clone(),
+                    live_before: last.live,
+                    removed: last.live.saturating_sub(live as u64),
+                    hold: true,
+                    ..Plan::default()
+                },
+                addresses: live as u64,
+                live: live as u64,
+                domains: merged.input.domains.len() as u32,
+                conflicts: merged.conflicts.len(),
+                errors,
+                warnings,
+                approved: false,
+                data_time,
+            };
+            drop(view);
+            warn!(
+                generation = last.generation,
+                live = last.live,
+                new = live,
+                "{reason}; nothing published until rcptgate approve"
+            );
+            let since = self.held.as_ref().map_or(now, |h| h.since);
+            self.held = Some(Held {
+                report: report.clone(),
+                since,
+                lost: Some(reason),
+            });
+            return Ok(Outcome::Held(report));
+        }
         let approved = std::mem::take(&mut self.approved);
         let plan = lifecycle::plan_approved(
             old,
@@ -549,11 +635,23 @@ impl Loader {
             &approved,
         );
         let conflicts = std::mem::take(&mut merged.conflicts);
+        let live_now = merged
+            .input
+            .records
+            .iter()
+            .filter(|r| {
+                !matches!(
+                    r.kind,
+                    directory::Kind::Exception | directory::Kind::Tombstone
+                )
+            })
+            .count() as u64;
         let (bytes, stats) = directory::build(merged.input)?;
         let report = Report {
             generation,
             plan,
             addresses: stats.records as u64,
+            live: live_now,
             domains: stats.domains as u32,
             conflicts: conflicts.len(),
             errors,
@@ -575,6 +673,7 @@ impl Loader {
             self.held = Some(Held {
                 report: report.clone(),
                 since,
+                lost: None,
             });
         } else {
             self.held = None;
@@ -602,6 +701,48 @@ impl Loader {
         })
     }
 
+    /// Write the state, then the snapshot in service; remember why if that fails.
+    fn persist(&mut self) {
+        let r = (|| -> Result<(), LoadError> {
+            if let Some(p) = &self.cfg.guard.state {
+                self.state.save(p)?;
+            }
+            if let Some(path) = &self.cfg.snapshot {
+                let view = self.dir.view();
+                if let Some(snap) = view.snapshot() {
+                    directory::write_atomic(path, snap.image())?;
+                }
+            }
+            Ok(())
+        })();
+        match r {
+            Ok(()) => {
+                if self.persist_error.take().is_some() {
+                    info!("snapshot and state written to disk again");
+                }
+            }
+            Err(e) => {
+                error!(
+                    error = %e,
+                    "persisting failed: {e}; the new snapshot is in service from memory, and writing is retried"
+                );
+                self.persist_error = Some(e.to_string());
+            }
+        }
+    }
+
+    /// True while the snapshot or state in service is not on disk.
+    pub fn persist_pending(&self) -> bool {
+        self.persist_error.is_some()
+    }
+
+    /// Try again to write the state and the snapshot in service.
+    pub fn retry_persist(&mut self) {
+        if self.persist_error.is_some() {
+            self.persist();
+        }
+    }
+
     /// Record when the data in service was read, here and in the directory.
     fn set_fresh(&mut self, data_time: Option<u64>) {
         if let Some(t) = data_time {
@@ -615,8 +756,10 @@ impl Loader {
     pub fn approve(&mut self) -> Result<Report, LoadError> {
         let held = self.held.take().ok_or(LoadError::NothingHeld)?;
         self.approved = held.report.plan.held_removals.iter().cloned().collect();
+        self.approve_lost = held.lost.is_some();
         let r = self.rebuild();
         self.approved.clear();
+        self.approve_lost = false;
         match r {
             Ok(Outcome::Published(r) | Outcome::Unchanged(r)) => Ok(r),
             Ok(Outcome::Held(r)) => Ok(r),
@@ -628,31 +771,32 @@ impl Loader {
         }
     }
 
-    /// Persist the snapshot and the state, then put the snapshot in service.
+    /// Put the snapshot in service and persist it with its state. The state is written first
+    /// and the snapshot only after it: a restart that finds the new state beside the old
+    /// snapshot plans the same removals again, with the same removal times, while the other
+    /// way round it would forget tombstones. A persist that fails (disk full) does not hold
+    /// back the publish: the build goes in service from memory, status and metrics say the
+    /// disk is behind, and [`Self::retry_persist`] tries again.
     fn publish(
         &mut self,
         bytes: Vec<u8>,
         report: Report,
         fresh: Option<u64>,
     ) -> Result<Report, LoadError> {
-        let snap = match self.cfg.snapshot.as_deref() {
-            Some(path) => {
-                // Checked before it replaces the persisted file.
-                Snapshot::verify(&bytes)?;
-                directory::write_atomic(path, &bytes)?;
-                Snapshot::open(path)?
-            }
-            None => Snapshot::from_bytes(bytes)?,
-        };
-        if let Some(p) = &self.cfg.guard.state {
-            report.plan.state.save(p)?;
-        }
-        self.state = report.plan.state.clone();
+        Snapshot::verify(&bytes)?;
+        let mut state = report.plan.state.clone();
+        state.last_publish = Some(lifecycle::LastPublish {
+            generation: report.generation,
+            live: report.live,
+        });
+        let snap = Snapshot::from_bytes(bytes)?;
+        self.state = state;
         self.adopt_orphans = false;
         let old = self.dir.publish(Arc::new(snap));
         self.set_fresh(fresh);
         // Drop the old snapshot here, off the request path.
         drop(old);
+        self.persist();
         let event = if report.plan.hold {
             "held"
         } else if report.approved {
@@ -757,7 +901,10 @@ impl Loader {
         let held = self.held.as_ref().map(|h| HeldStatus {
             generation: h.report.generation,
             since: h.since,
-            reason: h.report.plan.hold_reason(&self.cfg.guard),
+            reason: h
+                .lost
+                .clone()
+                .unwrap_or_else(|| h.report.plan.hold_reason(&self.cfg.guard)),
             addresses_in_service: h.report.plan.live_before,
             removed: h.report.plan.held_removals.len() as u64,
             added: h.report.plan.added,
@@ -785,6 +932,7 @@ impl Loader {
             diagnostic_lines: self.diagnostics.1.clone(),
             held,
             last_build: self.last_build.clone(),
+            persist_error: self.persist_error.clone(),
             syncs: self.syncs.values().cloned().collect(),
             ..Status::default()
         }
