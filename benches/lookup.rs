@@ -153,7 +153,7 @@ fn run_size(c: &mut Criterion, n: usize, test_mode: bool) {
     let warm_start = starts[starts.len() / 2];
 
     let dir = Directory::new(LookupOptions::default());
-    dir.publish(Arc::new(Snapshot::open_mapped(&path).expect("open")));
+    dir.publish(Arc::new(Snapshot::open_plain(&path).expect("open")));
     let huge = Directory::new(LookupOptions::default());
     huge.publish(Arc::new(Snapshot::open(&path).expect("open")));
 

@@ -4,7 +4,7 @@
 //!
 //! ```toml
 //! [directory]
-//! snapshot = "/var/lib/rcptgate/snapshot.bin"   # persisted, mapped at start (optional)
+//! snapshot = "/var/lib/rcptgate/snapshot.bin"   # persisted, read at start (optional)
 //! subaddress_separator = "+"                    # "" disables subaddressing
 //! max_age = "24h"                               # then unknown -> tempfail; "0s" disables
 //! debounce = "500ms"                            # quiet time after a source file changes
@@ -223,7 +223,7 @@ impl SourceConfig {
 /// ```
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The persisted snapshot: mapped at start, replaced atomically after every good build.
+    /// The persisted snapshot: read at start, replaced atomically after every good build.
     pub snapshot: Option<PathBuf>,
     /// After this long without a successful build, unknown recipients are deferred instead
     /// of rejected (DESIGN.md §4 step 7). `None` disables (`max_age = "0s"`).

@@ -340,7 +340,7 @@ fn keep_case_domain() {
 }
 
 #[test]
-fn persisted_snapshot_round_trips_through_mmap() {
+fn persisted_snapshot_round_trips_through_a_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("snapshot.bin");
     directory::write_atomic(&path, &example_bytes()).expect("written");
@@ -407,11 +407,67 @@ fn truncated_or_corrupt_snapshots_give_clear_errors() {
                         v.snapshot()
                             .expect("loaded")
                             .record_info("alice.andersen@contoso.com", &h),
-                        Err(SnapshotError::SectionChecksum { .. })
+                        Err(SnapshotError::Cold(m)) if m.contains("checksum mismatch")
                     ),
                     "flip at {i}"
                 );
             }
+        }
+    }
+}
+
+/// Regression: the persisted snapshot was mapped shared; `truncate -s 0` on it killed the
+/// daemon with SIGBUS, and zeroing it in place made every route empty. A snapshot is served
+/// from memory the process owns: nothing done to the file changes an answer.
+#[test]
+fn a_snapshot_file_changed_under_an_open_snapshot_changes_nothing() {
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::tempdir().expect("tmp");
+    for (name, damage) in [("truncated", 0u8), ("zeroed", 1u8)] {
+        let path = tmp.path().join(format!("{name}.bin"));
+        directory::write_atomic(&path, &example_bytes()).expect("written");
+        for open in [Snapshot::open, Snapshot::open_plain] {
+            let dir = Directory::new(LookupOptions::default());
+            dir.publish(Arc::new(open(&path).expect("opens")));
+            let before = dir.lookup("carol@contoso.com");
+            assert_eq!(
+                before.route(),
+                Some("smtp:[contoso-com.mail.protection.outlook.com]:25")
+            );
+            drop(before);
+            let len = std::fs::metadata(&path).expect("meta").len();
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .expect("open for writing");
+            if damage == 0 {
+                f.set_len(0).expect("truncate");
+            } else {
+                f.write_all_at(&vec![0u8; len as usize], 0).expect("zero");
+            }
+            drop(f);
+            let after = dir.lookup("carol@contoso.com");
+            assert_eq!(
+                after.route(),
+                Some("smtp:[contoso-com.mail.protection.outlook.com]:25"),
+                "{name}"
+            );
+            assert_eq!(after.profile(), Some("standard"), "{name}");
+            assert_eq!(
+                dir.verdict("nobody@contoso.com"),
+                Verdict::Reject(Reject::UnknownUser)
+            );
+            // Diagnostics read later say the file changed; they never return its bytes.
+            let hit = *after.hit().expect("accepted");
+            let info = after
+                .snapshot()
+                .expect("loaded")
+                .record_info("carol@contoso.com", &hit);
+            assert!(
+                matches!(info, Err(SnapshotError::Cold(_))),
+                "{name}: {info:?}"
+            );
+            directory::write_atomic(&path, &example_bytes()).expect("rewritten");
         }
     }
 }

@@ -139,6 +139,8 @@ pub enum SnapshotError {
     },
     #[error("snapshot FST is malformed: {0}; rebuild it")]
     Fst(String),
+    #[error("snapshot cold sections (diagnostics) unusable: {0}")]
+    Cold(String),
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

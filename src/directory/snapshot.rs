@@ -25,19 +25,34 @@ use crate::address::{self, AddrBuf, AddrError};
 /// Largest key built on the stack: 4-byte domain prefix plus a folded local part.
 const KEY_MAX: usize = 4 + 4 * address::MAX_LOCAL;
 
-/// The bytes behind a snapshot: a read-only file mapping, or memory.
+/// The bytes behind a snapshot, always memory this process owns: nothing done to the file
+/// afterwards (truncated, rewritten in place) can change an answer or crash the process.
 enum Backing {
-    Mmap(memmap2::Mmap),
+    /// Anonymous memory: the FST in huge pages.
+    Anon(memmap2::Mmap),
+    /// The whole image (a build, or a snapshot given as bytes).
     Heap(Vec<u8>),
+    /// Read from a file: the header and every hot section in `image` (the length of the
+    /// file; cold ranges stay zero and untouched, so they take no memory), and the file, to
+    /// read the cold sections on first use (checked against their checksums).
+    Partial { image: Vec<u8>, file: File },
 }
 
 impl Backing {
     fn bytes(&self) -> &[u8] {
         match self {
-            Backing::Mmap(m) => m,
+            Backing::Anon(m) => m,
             Backing::Heap(v) => v,
+            Backing::Partial { image, .. } => image,
         }
     }
+}
+
+/// The cold sections once read: `bytes` covers file offsets `base..`, or is `None` when they
+/// are in the backing already.
+struct Cold {
+    base: usize,
+    bytes: Option<Vec<u8>>,
 }
 
 /// One shard's FST bytes inside the backing (what `fst::Map` reads).
@@ -140,8 +155,8 @@ pub struct Snapshot {
     cold_keys: Range<usize>,
     cold_records: Range<usize>,
     cold_blob: Range<usize>,
-    /// Result of the cold-section checksum, computed on first use.
-    cold_ok: OnceLock<Result<(), (Sec, u32, u32)>>,
+    /// The cold sections, read and checked on first use (or why they cannot be used).
+    cold: OnceLock<Result<Cold, String>>,
 }
 
 impl fmt::Debug for Snapshot {
@@ -154,37 +169,55 @@ impl fmt::Debug for Snapshot {
     }
 }
 
-#[allow(unsafe_code)]
-fn map_file(file: &File) -> std::io::Result<memmap2::Mmap> {
-    // SAFETY: a mapping is only sound while nobody modifies the file. rcptgate never writes a
-    // snapshot in place: `write_atomic` creates a new file and renames it over the old name,
-    // so the inode mapped here keeps its content for as long as we hold the mapping. The
-    // snapshot path must not be shared with tools that rewrite files in place.
-    unsafe { memmap2::Mmap::map(file) }
-}
-
 impl Snapshot {
-    /// Open a persisted snapshot: memory-map the file and check it, then copy the FST into
-    /// anonymous memory advised to use transparent huge pages (Linux `madvise` mode), which
-    /// cuts TLB misses on random lookups in a large directory. Tables and the cold sections
-    /// stay mapped. Falls back to the mapping if the copy cannot be made.
+    /// Open a persisted snapshot: read the header and every hot section into memory this
+    /// process owns (the FST into anonymous memory advised to use transparent huge pages, in
+    /// Linux `madvise` mode, which cuts TLB misses on random lookups in a large directory)
+    /// and check their checksums. The cold sections (diagnostics) are read on first use.
+    /// Whatever happens to the file afterwards cannot change an answer or crash the
+    /// process.
     pub fn open(path: &Path) -> Result<Snapshot, SnapshotError> {
         Snapshot::open_with(path, true)
     }
 
-    /// Open a persisted snapshot entirely memory-mapped (no copy; shares the page cache).
-    pub fn open_mapped(path: &Path) -> Result<Snapshot, SnapshotError> {
+    /// Like [`Self::open`], without the huge-page copy of the FST.
+    pub fn open_plain(path: &Path) -> Result<Snapshot, SnapshotError> {
         Snapshot::open_with(path, false)
     }
 
     fn open_with(path: &Path, huge_fst: bool) -> Result<Snapshot, SnapshotError> {
+        use std::os::unix::fs::FileExt;
         let io = |source| SnapshotError::Io {
             path: path.to_path_buf(),
             source,
         };
         let file = File::open(path).map_err(io)?;
-        let map = map_file(&file).map_err(io)?;
-        Snapshot::from_backing(Arc::new(Backing::Mmap(map)), huge_fst)
+        let len = usize::try_from(file.metadata().map_err(io)?.len())
+            .map_err(|_| io(std::io::Error::other("file too large")))?;
+        // Zeroed, so untouched (cold) pages are never committed.
+        let mut image = vec![0u8; len];
+        let head = len.min(format::HEADER_LEN);
+        file.read_exact_at(&mut image[..head], 0).map_err(io)?;
+        let header = Header::decode(&image)?;
+        let mut fst = None;
+        for sec in Sec::ALL.into_iter().filter(|s| !s.is_cold()) {
+            let range = section_range(&header, &image, sec)?;
+            let at = range.start as u64;
+            if sec == Sec::Fst
+                && huge_fst
+                && let Some(mut anon) = huge_page_memory(range.len())
+            {
+                file.read_exact_at(&mut anon[..range.len()], at)
+                    .map_err(io)?;
+                fst = anon.make_read_only().ok();
+                if fst.is_some() {
+                    continue;
+                }
+            }
+            let dst = image.get_mut(range).unwrap_or_default();
+            file.read_exact_at(dst, at).map_err(io)?;
+        }
+        Snapshot::from_backing(Arc::new(Backing::Partial { image, file }), fst, false)
     }
 
     /// Check a snapshot's header and its hot sections' checksums without loading it (before
@@ -221,16 +254,37 @@ impl Snapshot {
 
     /// Check and load a snapshot held in memory.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Snapshot, SnapshotError> {
-        Snapshot::from_backing(Arc::new(Backing::Heap(bytes)), false)
+        Snapshot::from_backing(Arc::new(Backing::Heap(bytes)), None, false)
     }
 
-    fn from_backing(backing: Arc<Backing>, huge_fst: bool) -> Result<Snapshot, SnapshotError> {
+    /// `fst`: the FST section already read into its own memory (its range in `backing` is
+    /// not used then); else `huge_fst` copies it there.
+    fn from_backing(
+        backing: Arc<Backing>,
+        fst: Option<memmap2::Mmap>,
+        huge_fst: bool,
+    ) -> Result<Snapshot, SnapshotError> {
         let file = backing.bytes();
         let header = Header::decode(file)?;
         for sec in Sec::ALL {
             header.section(file, sec)?;
-            if !sec.is_cold() {
-                header.check(file, sec)?;
+            match (&fst, sec) {
+                (Some(m), Sec::Fst) => {
+                    let expected = header.sections[sec as usize].crc;
+                    let got = crc32fast::hash(
+                        m.get(..header.sections[sec as usize].len as usize)
+                            .unwrap_or(&[]),
+                    );
+                    if expected != got {
+                        return Err(SnapshotError::SectionChecksum {
+                            section: sec.name(),
+                            expected,
+                            got,
+                        });
+                    }
+                }
+                _ if !sec.is_cold() => header.check(file, sec)?,
+                _ => {}
             }
         }
         let range = |sec: Sec| -> Range<usize> {
@@ -250,12 +304,12 @@ impl Snapshot {
             cold_keys: range(Sec::ColdKeys),
             cold_records: range(Sec::ColdRecords),
             cold_blob: range(Sec::ColdBlob),
-            cold_ok: OnceLock::new(),
+            cold: OnceLock::new(),
             header,
             backing: backing.clone(),
         };
         snap.validate_tables()?;
-        snap.shards = snap.load_shards(&backing, huge_fst)?;
+        snap.shards = snap.load_shards(&backing, fst, huge_fst)?;
         snap.hot = (0..snap.header.domains)
             .map(|i| {
                 snap.domain_hot(i).ok_or(SnapshotError::Malformed {
@@ -385,14 +439,16 @@ impl Snapshot {
     fn load_shards(
         &self,
         backing: &Arc<Backing>,
+        fst: Option<memmap2::Mmap>,
         huge_fst: bool,
     ) -> Result<Vec<(u32, Fst<FstBytes>)>, SnapshotError> {
         let table = self.header.section(backing.bytes(), Sec::Shards)?;
         let fst_sec = self.header.sections[Sec::Fst as usize];
         let fst_bytes = self.header.section(backing.bytes(), Sec::Fst)?;
         // Where the FST bytes live, and the offset of the FST section inside that.
-        let (fst_backing, base) = match huge_fst.then(|| copy_to_huge_pages(fst_bytes)).flatten() {
-            Some(copy) => (Arc::new(Backing::Mmap(copy)), 0),
+        let copy = fst.or_else(|| huge_fst.then(|| copy_to_huge_pages(fst_bytes)).flatten());
+        let (fst_backing, base) = match copy {
+            Some(copy) => (Arc::new(Backing::Anon(copy)), 0),
             None => (backing.clone(), fst_sec.off as usize),
         };
         let mut shards = Vec::new();
@@ -421,9 +477,13 @@ impl Snapshot {
         Ok(shards)
     }
 
-    /// The whole snapshot file image (what is persisted).
-    pub fn image(&self) -> &[u8] {
-        self.backing.bytes()
+    /// The whole snapshot file image (what is persisted), when it is all in memory (a build,
+    /// or [`Self::from_bytes`]); `None` for a snapshot opened from a file.
+    pub fn image(&self) -> Option<&[u8]> {
+        match &*self.backing {
+            Backing::Heap(v) => Some(v),
+            Backing::Partial { .. } | Backing::Anon(_) => None,
+        }
     }
 
     /// The generation number (grows by one per publish).
@@ -722,23 +782,64 @@ impl Snapshot {
             .flatten()
     }
 
+    /// Read (for a snapshot opened from a file) and check the cold sections, once.
     fn check_cold(&self) -> Result<(), SnapshotError> {
-        let res = self.cold_ok.get_or_init(|| {
-            let file = self.backing.bytes();
-            for sec in [Sec::ColdKeys, Sec::ColdRecords, Sec::ColdBlob] {
-                let expected = self.header.sections[sec as usize].crc;
-                let got = crc32fast::hash(self.header.section(file, sec).unwrap_or(&[]));
-                if expected != got {
-                    return Err((sec, expected, got));
-                }
+        let res = self.cold.get_or_init(|| self.load_cold());
+        res.as_ref()
+            .map(|_| ())
+            .map_err(|e| SnapshotError::Cold(e.clone()))
+    }
+
+    fn load_cold(&self) -> Result<Cold, String> {
+        use std::os::unix::fs::FileExt;
+        let cold = [Sec::ColdKeys, Sec::ColdRecords, Sec::ColdBlob];
+        let ranges: Vec<(Sec, Range<usize>)> = cold
+            .iter()
+            .map(|&sec| {
+                let r = self.header.sections[sec as usize];
+                (sec, r.off as usize..(r.off + r.len) as usize)
+            })
+            .collect();
+        let base = ranges.iter().map(|(_, r)| r.start).min().unwrap_or(0);
+        let end = ranges.iter().map(|(_, r)| r.end).max().unwrap_or(0);
+        let read = match &*self.backing {
+            Backing::Partial { file, .. } => {
+                let mut bytes = vec![0u8; end.saturating_sub(base)];
+                file.read_exact_at(&mut bytes, base as u64)
+                    .map_err(|e| format!("reading them from the snapshot file: {e}"))?;
+                Some(bytes)
             }
-            Ok(())
-        });
-        res.map_err(|(sec, expected, got)| SnapshotError::SectionChecksum {
-            section: sec.name(),
-            expected,
-            got,
-        })
+            Backing::Heap(_) | Backing::Anon(_) => None,
+        };
+        let c = Cold { base, bytes: read };
+        for (sec, r) in &ranges {
+            let expected = self.header.sections[*sec as usize].crc;
+            let got = crc32fast::hash(self.cold_slice(&c, r));
+            if expected != got {
+                return Err(format!(
+                    "section '{}' checksum mismatch (expected {expected:#010x}, got {got:#010x}): the file changed or is corrupt",
+                    sec.name()
+                ));
+            }
+        }
+        Ok(c)
+    }
+
+    fn cold_slice<'a>(&'a self, c: &'a Cold, r: &Range<usize>) -> &'a [u8] {
+        match &c.bytes {
+            Some(b) => b
+                .get(r.start.saturating_sub(c.base)..r.end.saturating_sub(c.base))
+                .unwrap_or(&[]),
+            None => self.bytes(r),
+        }
+    }
+
+    /// A cold section's bytes ([`Self::check_cold`] first; empty if that failed).
+    fn cold_section(&self, r: &Range<usize>) -> &[u8] {
+        match self.cold.get() {
+            Some(Ok(c)) => self.cold_slice(c, r),
+            _ => &[],
+        }
     }
 
     /// Owner, origin and attributes of the record that answered `rcpt` with `hit`, from the
@@ -761,7 +862,7 @@ impl Snapshot {
         key.truncate(w + hit.local_len as usize);
         let h = domain_hash(&key);
         self.check_cold()?;
-        let keys = self.bytes(&self.cold_keys);
+        let keys = self.cold_section(&self.cold_keys);
         let n = keys.len() / 8;
         let key_at = |i: usize| {
             keys.get(i * 8..i * 8 + 8)
@@ -782,8 +883,8 @@ impl Snapshot {
         }
         let ordinal = lo;
         self.check_cold()?;
-        let t = self.bytes(&self.cold_records);
-        let blob = self.bytes(&self.cold_blob);
+        let t = self.cold_section(&self.cold_records);
+        let blob = self.cold_section(&self.cold_blob);
         let f = |field| u32_at(t, COLD_REC, ordinal, field);
         let bad = || SnapshotError::Malformed {
             section: Sec::ColdRecords.name(),
@@ -931,15 +1032,28 @@ impl AddressCursor<'_> {
 }
 
 /// A read-only copy of `bytes` in anonymous memory advised for transparent huge pages.
-fn copy_to_huge_pages(bytes: &[u8]) -> Option<memmap2::Mmap> {
-    let mut anon = memmap2::MmapOptions::new()
-        .len(bytes.len().max(1))
+/// Anonymous memory of `len` bytes advised to use transparent huge pages.
+fn huge_page_memory(len: usize) -> Option<memmap2::MmapMut> {
+    let anon = memmap2::MmapOptions::new()
+        .len(len.max(1))
         .map_anon()
         .ok()?;
     #[cfg(target_os = "linux")]
     let _ = anon.advise(memmap2::Advice::HugePage);
+    Some(anon)
+}
+
+fn copy_to_huge_pages(bytes: &[u8]) -> Option<memmap2::Mmap> {
+    let mut anon = huge_page_memory(bytes.len())?;
     anon.get_mut(..bytes.len())?.copy_from_slice(bytes);
     anon.make_read_only().ok()
+}
+
+/// The byte range of a section, checked against the file's length.
+fn section_range(header: &Header, file: &[u8], sec: Sec) -> Result<Range<usize>, SnapshotError> {
+    header.section(file, sec)?;
+    let r = header.sections[sec as usize];
+    Ok(r.off as usize..(r.off + r.len) as usize)
 }
 
 /// Follow `key` from node `addr`, gathering outputs; the node reached, or `None` if a byte

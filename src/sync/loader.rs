@@ -709,8 +709,8 @@ impl Loader {
             }
             if let Some(path) = &self.cfg.snapshot {
                 let view = self.dir.view();
-                if let Some(snap) = view.snapshot() {
-                    directory::write_atomic(path, snap.image())?;
+                if let Some(image) = view.snapshot().and_then(Snapshot::image) {
+                    directory::write_atomic(path, image)?;
                 }
             }
             Ok(())
@@ -720,6 +720,7 @@ impl Loader {
                 if self.persist_error.take().is_some() {
                     info!("snapshot and state written to disk again");
                 }
+                self.reopen_persisted();
             }
             Err(e) => {
                 error!(
@@ -728,6 +729,35 @@ impl Loader {
                 );
                 self.persist_error = Some(e.to_string());
             }
+        }
+    }
+
+    /// Serve the snapshot just written from its file: hot sections in memory (the FST in huge
+    /// pages), cold sections read on demand, instead of the whole build image. The same
+    /// generation; if the file cannot be read back, the image stays in service.
+    fn reopen_persisted(&mut self) {
+        let Some(path) = self.cfg.snapshot.as_deref() else {
+            return;
+        };
+        let Some(generation) = self.dir.generation() else {
+            return;
+        };
+        match Snapshot::open(path) {
+            Ok(snap) if snap.generation() == generation => {
+                drop(self.dir.publish(Arc::new(snap)));
+            }
+            Ok(snap) => warn!(
+                path = %path.display(),
+                "{} holds generation {}, not {generation}; serving the build from memory",
+                path.display(),
+                snap.generation()
+            ),
+            Err(e) => warn!(
+                path = %path.display(),
+                error = %e,
+                "reading back {}: {e}; serving the build from memory",
+                path.display()
+            ),
         }
     }
 
