@@ -472,3 +472,120 @@ fn a_build_with_nothing_new_keeps_the_generation_in_service() {
         Some(2)
     );
 }
+
+/// Regression: with the persisted snapshot lost (deleted, corrupt) but the state file still
+/// there, a source missing 60 % of the addresses was published as a first build.
+#[test]
+fn a_lost_snapshot_does_not_bypass_the_deletion_guard() {
+    let f = Fixture::new();
+    f.write(&map_text(100, &[], ""));
+    let mut l = f.loader("");
+    published(l.rebuild());
+    drop(l);
+    std::fs::remove_file(f.path("snap.bin")).expect("lose the snapshot");
+    let gone: Vec<usize> = (0..60).collect();
+    f.write(&map_text(100, &gone, ""));
+    let mut l = f.loader("");
+    match l.rebuild().expect("rebuild") {
+        Outcome::Held(r) => assert_eq!((r.plan.live_before, r.plan.removed), (100, 60)),
+        other => panic!("not held: {other:?}"),
+    }
+    // Nothing in service: deferred, never bounced.
+    assert_eq!(l.directory().generation(), None);
+    assert!(matches!(
+        l.directory().verdict("u70@contoso.test"),
+        Verdict::Tempfail(_)
+    ));
+    let s = l.status();
+    let reason = s.held.expect("held").reason;
+    assert!(reason.contains("persisted snapshot is missing"), "{reason}");
+    // Approved: in service, and the generations go on from the last publish.
+    l.approve().expect("approve");
+    assert_eq!(l.directory().generation(), Some(2));
+    assert_eq!(kind(&l, "u70@contoso.test"), Some(Kind::User));
+    assert!(l.held().is_none());
+
+    // A first build after a lost snapshot that removes little is published as usual.
+    drop(l);
+    std::fs::remove_file(f.path("snap.bin")).expect("lose it again");
+    f.write(&map_text(100, &(0..61).collect::<Vec<_>>(), ""));
+    let mut l = f.loader("");
+    let r = published(l.rebuild());
+    assert_eq!(r.generation, 3);
+}
+
+/// Regression: a full disk between writing the snapshot and the state lost tombstones (the
+/// snapshot was ahead of the state), and a full disk held back every change. Now the state
+/// goes first, and a publish that cannot be persisted is served from memory and retried.
+#[test]
+fn a_publish_the_disk_refuses_is_served_from_memory_and_never_loses_tombstones() {
+    let f = Fixture::new();
+    f.write(&map_text(20, &[], ""));
+    let mut l = f.loader("");
+    published(l.rebuild());
+    let saved = std::fs::read(f.path("snap.bin")).expect("snapshot");
+    // The snapshot can no longer be written (its path is taken by a non-empty directory):
+    // u3 leaves, new.hire arrives.
+    std::fs::remove_file(f.path("snap.bin")).expect("rm");
+    std::fs::create_dir(f.path("snap.bin")).expect("dir");
+    std::fs::write(f.path("snap.bin/blocker"), "x").expect("blocker");
+    f.now.store(T0 + 100, Ordering::Relaxed);
+    f.write(&map_text(
+        20,
+        &[3],
+        "7|contoso.test\tDIR:\tnew.hire@contoso.test\n",
+    ));
+    let r = published(l.rebuild());
+    assert_eq!(r.plan.tombstoned, 1);
+    // In service from memory at once.
+    assert_eq!(kind(&l, "new.hire@contoso.test"), Some(Kind::User));
+    assert_eq!(kind(&l, "u3@contoso.test"), Some(Kind::Tombstone));
+    assert!(l.persist_pending());
+    assert!(l.status().persist_error.is_some());
+    // The state was written first: it has the tombstone.
+    let state = std::fs::read_to_string(f.path("snap.bin.state.json")).expect("state");
+    assert!(state.contains("u3@contoso.test"), "{state}");
+
+    // A crash now: the old snapshot on disk beside the new state. After the restart the
+    // tombstone keeps its removal time (the grace period is not restarted, nor lost).
+    drop(l);
+    std::fs::remove_dir_all(f.path("snap.bin")).expect("rm dir");
+    std::fs::write(f.path("snap.bin"), &saved).expect("old snapshot back");
+    f.now.store(T0 + DAY, Ordering::Relaxed);
+    let mut l = f.loader("");
+    published(l.rebuild());
+    assert_eq!(kind(&l, "u3@contoso.test"), Some(Kind::Tombstone));
+    let t = l.conflicts_view().tombstones;
+    assert_eq!((t.len(), t[0].removed), (1, T0 + 100));
+    assert!(!l.persist_pending());
+
+    // Retried once the disk takes it again.
+    std::fs::remove_file(f.path("snap.bin")).expect("rm");
+    std::fs::create_dir(f.path("snap.bin")).expect("dir");
+    std::fs::write(f.path("snap.bin/blocker"), "x").expect("blocker");
+    f.write(&map_text(21, &[3], ""));
+    published(l.rebuild());
+    assert!(l.persist_pending());
+    l.retry_persist();
+    assert!(l.persist_pending());
+    std::fs::remove_dir_all(f.path("snap.bin")).expect("rm dir");
+    l.retry_persist();
+    assert!(!l.persist_pending());
+    let on_disk = rcptgate::Snapshot::open(&f.path("snap.bin")).expect("persisted");
+    assert_eq!(Some(on_disk.generation()), l.directory().generation());
+}
+
+/// Regression: every kill -9 during a publish left a partial `.snap.bin.tmp.PID` behind.
+#[test]
+fn partial_files_of_an_interrupted_write_are_removed_at_start() {
+    let f = Fixture::new();
+    f.write(&map_text(5, &[], ""));
+    for name in [".snap.bin.tmp.4242", ".snap.bin.state.json.tmp.77"] {
+        std::fs::write(f.path(name), "partial").expect("partial");
+    }
+    std::fs::write(f.path(".other.tmp.1"), "not ours").expect("other");
+    let _l = f.loader("");
+    assert!(!f.path(".snap.bin.tmp.4242").exists());
+    assert!(!f.path(".snap.bin.state.json.tmp.77").exists());
+    assert!(f.path(".other.tmp.1").exists());
+}
