@@ -25,5 +25,5 @@ if [ -n "$need" ]; then
 fi
 # tests/examples.rs runs the examples' binaries (`cargo test --all-targets` builds them only as
 # test harnesses).
-cargo build --examples --features postfix-tests,ldap-tests
-cargo test --all-targets --features postfix-tests,ldap-tests
+cargo build --examples --features postfix-tests,ldap-tests,fault-tests
+cargo test --all-targets --features postfix-tests,ldap-tests,fault-tests
