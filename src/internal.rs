@@ -33,6 +33,33 @@ pub fn fuzz_source(format: Format, data: &[u8]) {
     }
 }
 
+/// A valid snapshot of the bundled example directory, built once.
+fn example_image() -> &'static [u8] {
+    static IMAGE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let name: Arc<str> = Arc::from("example.map");
+        sources::parse_text(Format::Map, &name, include_str!("../config/example.map"))
+            .ok()
+            .and_then(|src| crate::sync::merge(&[src], 1).build().ok())
+            .map(|(bytes, _)| bytes)
+            .unwrap_or_default()
+    })
+}
+
+/// Structure-aware: the example snapshot with one section (chosen by the first byte)
+/// replaced by the rest of the input and every checksum made to match, so the input reaches
+/// the FST decoder and the table validators instead of stopping at a checksum.
+pub fn fuzz_snapshot_section(data: &[u8]) {
+    let Some((&which, content)) = data.split_first() else {
+        return;
+    };
+    if let Some(image) =
+        crate::directory::with_section(example_image(), usize::from(which), content)
+    {
+        fuzz_snapshot(&image);
+    }
+}
+
 /// Load arbitrary bytes as a snapshot, and answer a few lookups if it loads.
 pub fn fuzz_snapshot(data: &[u8]) {
     if let Ok(snap) = Snapshot::from_bytes(data.to_vec()) {

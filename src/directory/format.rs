@@ -386,6 +386,33 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
     result.map_err(io)
 }
 
+/// `image` with section number `index` (modulo [`SECTIONS`]) replaced by `content`, the
+/// sections laid out again one after the other and every checksum recomputed: a snapshot
+/// whose checksums all pass around hostile content (the structure-aware fuzz target).
+pub(crate) fn with_section(image: &[u8], index: usize, content: &[u8]) -> Option<Vec<u8>> {
+    let header = Header::decode(image).ok()?;
+    let index = index % SECTIONS;
+    let mut out = vec![0u8; HEADER_LEN];
+    let mut sections = header.sections;
+    for (i, sec) in Sec::ALL.into_iter().enumerate() {
+        let bytes = if i == index {
+            content
+        } else {
+            header.section(image, sec).ok()?
+        };
+        sections[i] = SectionRef {
+            off: out.len() as u64,
+            len: bytes.len() as u64,
+            crc: crc32fast::hash(bytes),
+        };
+        out.extend_from_slice(bytes);
+    }
+    let head = Header { sections, ..header }.encode();
+    out.get_mut(..HEADER_LEN)?
+        .copy_from_slice(head.get(..HEADER_LEN)?);
+    Some(out)
+}
+
 /// Remove what [`write_atomic`] of `path` left behind when a process died mid-write
 /// (`.NAME.tmp.PID` beside it, from any process but this one); how many were removed.
 pub fn clean_temporaries(path: &Path) -> usize {

@@ -472,6 +472,10 @@ impl Snapshot {
                 range: start..start + len as usize,
             };
             let map = Fst::new(bytes).map_err(|e| SnapshotError::Fst(e.to_string()))?;
+            // The FST's own checksum too: its node decoder trusts its bytes (hostile bytes
+            // behind a forged section checksum could make it index out of bounds).
+            map.verify()
+                .map_err(|e| SnapshotError::Fst(format!("shard {}: {e}", shards.len())))?;
             shards.push((first, map));
         }
         Ok(shards)
