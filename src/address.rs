@@ -214,6 +214,11 @@ pub fn fold_local_into_slice(local: &str, keep_case: bool, out: &mut [u8]) -> Op
 
 /// The normalized `local@domain` string with the default (case-insensitive) rule. Allocates;
 /// for build time, tests and display, not for the lookup path.
+///
+/// The RFC 5321 limits apply to the address as given; case folding can lengthen a local part
+/// (`İ`, two octets, lowercases to `i̇`, three), so the normalized form of a local part at the
+/// 64-octet limit can be longer, and is then a key rather than an address that passes the
+/// limit again.
 pub fn normalize(input: &str) -> Result<String, AddrError> {
     let mut buf = AddrBuf::default();
     let addr = parse(input, &mut buf)?;

@@ -2,8 +2,8 @@
 //! themselves are one line each; see fuzz/).
 
 use rcptgate::internal::{
-    fuzz_address, fuzz_control, fuzz_http, fuzz_policy, fuzz_snapshot, fuzz_snapshot_section,
-    fuzz_socketmap, fuzz_source,
+    fuzz_address, fuzz_control, fuzz_http, fuzz_milter, fuzz_policy, fuzz_snapshot,
+    fuzz_snapshot_section, fuzz_socketmap, fuzz_source,
 };
 use rcptgate::sources::Format;
 
@@ -124,4 +124,40 @@ fn snapshot_sections_with_valid_checksums() {
         input[1 + i / 8] ^= 1 << (i % 8);
         fuzz_snapshot_section(&input);
     }
+}
+
+#[test]
+fn milter_seeds() {
+    let frame = |c: u8, d: &[u8]| {
+        let mut f = ((d.len() + 1) as u32).to_be_bytes().to_vec();
+        f.push(c);
+        f.extend_from_slice(d);
+        f
+    };
+    let mut stream = frame(b'O', &[0, 0, 0, 6, 0, 0, 1, 0xff, 0, 0x1f, 0xff, 0xff]);
+    stream.extend(frame(b'D', b"R{rcpt_addr}\0a@b.example\0"));
+    stream.extend(frame(b'R', b"<a@b.example>\0"));
+    stream.extend(frame(b'L', b"X-Rcptgate-Profile\0forged\0"));
+    stream.extend(frame(b'E', b""));
+    stream.extend(frame(b'Q', b""));
+    for cut in 0..=stream.len() {
+        fuzz_milter(&stream[..cut]);
+    }
+    fuzz_milter(&[0, 0, 0, 0]);
+    fuzz_milter(&[0xff, 0xff, 0xff, 0xff, b'R']);
+    fuzz_milter(&frame(b'O', &[0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]));
+}
+
+/// Found by fuzzing: a local part of 62 octets with five `İ` folds to 67 octets; its key is
+/// longer than the limit (which applies to the address as sent) and is not an address again.
+#[test]
+fn folding_can_lengthen_a_local_part_at_the_limit() {
+    let input = "DDDDDDDDDDDDDDag\u{130}DDDDDDDDDDag\u{130}DDDDDDDDDDag\u{130}OOagDDDag\u{130}OOag\u{130}@g";
+    fuzz_address(input.as_bytes());
+    let n = rcptgate::address::normalize(input).expect("valid as sent");
+    assert!(n.starts_with("ddddddddddddddagi\u{307}"));
+    assert_eq!(
+        rcptgate::address::normalize(&n),
+        Err(rcptgate::address::AddrError::LocalTooLong(68))
+    );
 }

@@ -3,6 +3,7 @@
 
 pub mod control;
 pub mod http;
+pub mod milter;
 pub mod netstring;
 pub mod policy;
 pub mod socketmap;

@@ -391,16 +391,7 @@ impl Loader {
                             let took = || started.elapsed().as_secs_f64();
                             match ldap::sync(&name, l, prev, now, s.full_interval, |_| {}) {
                                 Ok(ldap::Synced::Full(d, mark)) => {
-                                    self.syncs.insert(
-                                        s.name.clone(),
-                                        SourceSync {
-                                            source: s.name.clone(),
-                                            kind: "full".into(),
-                                            time: now,
-                                            addresses: d.entries.len() as u64,
-                                            changed: 0,
-                                        },
-                                    );
+                                    self.note_sync(&s.name, "full", now, d.entries.len(), 0);
                                     info!(
                                         source = %s.name,
                                         url = %l.url,
@@ -419,15 +410,12 @@ impl Loader {
                                     mark,
                                     changed,
                                 }) => {
-                                    self.syncs.insert(
-                                        s.name.clone(),
-                                        SourceSync {
-                                            source: s.name.clone(),
-                                            kind: "incremental".into(),
-                                            time: now,
-                                            addresses: data.entries.len() as u64,
-                                            changed,
-                                        },
+                                    self.note_sync(
+                                        &s.name,
+                                        "incremental",
+                                        now,
+                                        data.entries.len(),
+                                        changed,
                                     );
                                     info!(
                                         source = %s.name,
@@ -445,15 +433,12 @@ impl Loader {
                                 }
                                 Ok(ldap::Synced::Unchanged) => match stale {
                                     Some((d, _, mark)) => {
-                                        self.syncs.insert(
-                                            s.name.clone(),
-                                            SourceSync {
-                                                source: s.name.clone(),
-                                                kind: "unchanged".into(),
-                                                time: now,
-                                                addresses: d.entries.len() as u64,
-                                                changed: 0,
-                                            },
+                                        self.note_sync(
+                                            &s.name,
+                                            "unchanged",
+                                            now,
+                                            d.entries.len(),
+                                            0,
                                         );
                                         Ok((d, Some((s.name.clone(), now, mark))))
                                     }
@@ -494,6 +479,20 @@ impl Loader {
             back.push(from);
         }
         Ok((data, oldest, back))
+    }
+
+    /// Remember how an LDAP source was last synced (for `status`).
+    fn note_sync(&mut self, source: &str, kind: &str, time: u64, addresses: usize, changed: u64) {
+        self.syncs.insert(
+            source.to_owned(),
+            SourceSync {
+                source: source.to_owned(),
+                kind: kind.into(),
+                time,
+                addresses: addresses as u64,
+                changed,
+            },
+        );
     }
 
     /// Put the LDAP sources' data back into the cache.
