@@ -138,7 +138,16 @@ pub fn fuzz_control(data: &[u8]) {
 /// Decode a stream of milter frames as a server loop would, parse every command, negotiate
 /// on an offer; every reply rcptgate could send about the input frames back whole.
 pub fn fuzz_milter(data: &[u8]) {
-    use crate::proto::milter::{self, Command, Decoded, Reply};
+    use crate::proto::milter::{self, Command, Decoded, RcptAnswer, Reply, Session, Step};
+    let mut session = Session::new(milter::SessionOptions {
+        headers: vec!["X-Rcptgate-Profile".into()],
+    });
+    let mut judge = |rcpt: &str| RcptAnswer {
+        reply: rcpt
+            .contains('x')
+            .then(|| "550 5.1.1 User unknown".to_owned()),
+        headers: vec![format!("standard; rcpt={rcpt}")],
+    };
     let mut at = 0;
     while let Ok(Decoded::Frame {
         command,
@@ -171,5 +180,14 @@ pub fn fuzz_milter(data: &[u8]) {
             milter::decode(&out),
             Ok(Decoded::Frame { consumed, .. }) if consumed == out.len()
         ));
+        match session.on_command(cmd, &mut judge) {
+            Ok(Step::Reply(replies)) => {
+                out.clear();
+                for r in &replies {
+                    milter::encode(&r.as_reply(), &mut out);
+                }
+            }
+            Ok(Step::Close) | Err(_) => break,
+        }
     }
 }

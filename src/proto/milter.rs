@@ -147,6 +147,9 @@ pub enum MilterError {
     /// More than [`MAX_MACROS`] macros or [`MAX_ARGS`] arguments.
     #[error("{0:?} command has too many entries")]
     TooMany(char),
+    /// A command that is not legal where the connection is.
+    #[error("protocol state: {0}")]
+    OutOfOrder(&'static str),
     /// The MTA speaks a version older than [`MIN_VERSION`].
     #[error("milter protocol version {0} is not supported (at least {MIN_VERSION})")]
     UnsupportedVersion(u32),
@@ -482,6 +485,265 @@ pub fn negotiate(
     })
 }
 
+/// What the filter says of one recipient (the frontend's lookup, rendered): the SMTP reply
+/// to give at RCPT (`None`: go on), and the header values the message gets for it at end of
+/// message when it is accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RcptAnswer {
+    /// `550 5.1.1 User unknown`, `501 5.1.3 …`, `451 4.3.0 …`, or `None` to go on.
+    pub reply: Option<String>,
+    /// One value per configured header name (in [`SessionOptions::headers`] order); empty
+    /// for a rejected recipient or one that gets no headers.
+    pub headers: Vec<String>,
+}
+
+/// How sessions behave.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionOptions {
+    /// Header names rcptgate manages: any incoming header of these names is deleted, and
+    /// each accepted recipient adds one of each. Empty: headers are not touched (and not
+    /// asked for).
+    pub headers: Vec<String>,
+}
+
+/// Where a connection is in the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Before `SMFIC_OPTNEG`.
+    Negotiate,
+    /// Between messages.
+    Idle,
+    /// After `SMFIC_MAIL`: recipients, then headers and the end of the message.
+    Message,
+    /// After `SMFIC_QUIT` or an error: nothing more is read.
+    Closed,
+}
+
+/// What to do after a command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Send these replies (possibly none) and read on.
+    Reply(Vec<OwnedReply>),
+    /// Close the connection (after `SMFIC_QUIT`).
+    Close,
+}
+
+/// A reply that owns its strings (what a [`Session`] returns).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnedReply {
+    /// `SMFIR_CONTINUE`.
+    Continue,
+    /// `SMFIR_TEMPFAIL`.
+    TempFail,
+    /// `SMFIR_REPLYCODE`.
+    ReplyCode(String),
+    /// `SMFIR_ADDHEADER`.
+    AddHeader(String, String),
+    /// `SMFIR_CHGHEADER`: (index, name, value).
+    ChangeHeader(u32, String, String),
+    /// The option negotiation reply.
+    OptNeg(Negotiated),
+}
+
+impl OwnedReply {
+    /// The borrowed form [`encode`] takes.
+    pub fn as_reply(&self) -> Reply<'_> {
+        match self {
+            OwnedReply::Continue => Reply::Continue,
+            OwnedReply::TempFail => Reply::TempFail,
+            OwnedReply::ReplyCode(t) => Reply::ReplyCode(t),
+            OwnedReply::AddHeader(name, value) => Reply::AddHeader { name, value },
+            OwnedReply::ChangeHeader(index, name, value) => Reply::ChangeHeader {
+                index: *index,
+                name,
+                value,
+            },
+            OwnedReply::OptNeg(n) => Reply::OptNeg(*n),
+        }
+    }
+}
+
+/// One milter connection, sans-IO: feed it each command; it says what to reply. It knows
+/// which commands are legal when (a command out of order is an error, and the connection is
+/// closed), remembers the recipients accepted in the message in progress, and at end of
+/// message deletes forged copies of the managed headers and adds one per accepted recipient.
+#[derive(Debug)]
+pub struct Session {
+    options: SessionOptions,
+    phase: Phase,
+    negotiated: Option<Negotiated>,
+    /// `{rcpt_addr}` from the macros sent just before the next `SMFIC_RCPT`.
+    rcpt_macro: Option<String>,
+    /// Header values of the recipients accepted in the message in progress.
+    accepted: Vec<Vec<String>>,
+    /// Occurrences of each managed header name seen in the message (same order as
+    /// `options.headers`).
+    seen: Vec<u32>,
+}
+
+impl Session {
+    /// A new connection.
+    pub fn new(options: SessionOptions) -> Session {
+        let n = options.headers.len();
+        Session {
+            options,
+            phase: Phase::Negotiate,
+            negotiated: None,
+            rcpt_macro: None,
+            accepted: Vec::new(),
+            seen: vec![0; n],
+        }
+    }
+
+    /// The options agreed, once negotiated.
+    pub fn negotiated(&self) -> Option<Negotiated> {
+        self.negotiated
+    }
+
+    /// Inside a message (a shutdown answers such a connection `SMFIR_TEMPFAIL`).
+    pub fn in_message(&self) -> bool {
+        self.phase == Phase::Message
+    }
+
+    fn reset_message(&mut self) {
+        self.rcpt_macro = None;
+        self.accepted.clear();
+        self.seen.iter_mut().for_each(|n| *n = 0);
+    }
+
+    /// Handle one command; `judge` answers for a recipient address (as the MTA sent it,
+    /// brackets included).
+    pub fn on_command(
+        &mut self,
+        cmd: Command<'_>,
+        judge: &mut dyn FnMut(&str) -> RcptAnswer,
+    ) -> Result<Step, MilterError> {
+        let out_of_order = |what| MilterError::Malformed { command: '?', what };
+        if self.phase == Phase::Closed {
+            return Err(out_of_order("command after the connection was closed"));
+        }
+        let cont = |n: Option<Negotiated>, flag: u32| {
+            if n.is_none_or(|n| n.wants_reply(flag)) {
+                vec![OwnedReply::Continue]
+            } else {
+                Vec::new()
+            }
+        };
+        let n = self.negotiated;
+        let replies = match (self.phase, cmd) {
+            (
+                Phase::Negotiate,
+                Command::OptNeg {
+                    version,
+                    actions,
+                    protocol,
+                },
+            ) => {
+                let agreed =
+                    negotiate(version, actions, protocol, !self.options.headers.is_empty())?;
+                self.negotiated = Some(agreed);
+                self.phase = Phase::Idle;
+                vec![OwnedReply::OptNeg(agreed)]
+            }
+            (Phase::Negotiate, _) => return Err(out_of_order("a command before OPTNEG")),
+            (_, Command::OptNeg { .. }) => return Err(out_of_order("OPTNEG twice")),
+            (
+                _,
+                Command::Macro {
+                    for_command,
+                    macros,
+                },
+            ) => {
+                if for_command == command::RCPT {
+                    self.rcpt_macro = macros
+                        .iter()
+                        .find(|(k, _)| *k == b"{rcpt_addr}")
+                        .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+                }
+                Vec::new()
+            }
+            (_, Command::Quit) => {
+                self.phase = Phase::Closed;
+                return Ok(Step::Close);
+            }
+            (_, Command::QuitNewConnection) => {
+                self.reset_message();
+                self.phase = Phase::Idle;
+                Vec::new()
+            }
+            (_, Command::Abort) => {
+                self.reset_message();
+                self.phase = Phase::Idle;
+                Vec::new()
+            }
+            (Phase::Idle, Command::Connect) => cont(n, step::NO_REPLY_CONNECT),
+            (Phase::Idle, Command::Helo) => cont(n, step::NO_REPLY_HELO),
+            (Phase::Idle | Phase::Message, Command::Unknown) => cont(n, step::NO_REPLY_UNKNOWN),
+            (Phase::Idle | Phase::Message, Command::Mail { .. }) => {
+                self.reset_message();
+                self.phase = Phase::Message;
+                cont(n, step::NO_REPLY_MAIL)
+            }
+            (Phase::Message, Command::Rcpt { args }) => {
+                let arg = String::from_utf8_lossy(args[0]);
+                let macro_addr = self.rcpt_macro.take();
+                // The argument is what the client sent; `{rcpt_addr}` when it is unusable.
+                let rcpt = if arg.trim_matches(['<', '>', ' ']).is_empty() {
+                    macro_addr.unwrap_or_default()
+                } else {
+                    arg.into_owned()
+                };
+                let answer = judge(&rcpt);
+                match answer.reply {
+                    Some(code) => vec![OwnedReply::ReplyCode(code)],
+                    None => {
+                        if !answer.headers.is_empty() {
+                            self.accepted.push(answer.headers);
+                        }
+                        cont(n, step::NO_REPLY_RCPT)
+                    }
+                }
+            }
+            (Phase::Message, Command::Data) => cont(n, step::NO_REPLY_DATA),
+            (Phase::Message, Command::Header { name, .. }) => {
+                if let Some(i) = self
+                    .options
+                    .headers
+                    .iter()
+                    .position(|h| h.as_bytes().eq_ignore_ascii_case(name))
+                {
+                    self.seen[i] += 1;
+                }
+                cont(n, step::NO_REPLY_HEADER)
+            }
+            (Phase::Message, Command::EndOfHeaders) => cont(n, step::NO_REPLY_END_OF_HEADERS),
+            (Phase::Message, Command::Body) => cont(n, step::NO_REPLY_BODY),
+            (Phase::Message, Command::EndOfMessage) => {
+                let mut out = Vec::new();
+                if n.is_some_and(|n| n.can_manage_headers()) {
+                    // Forged copies first, highest index first so the others keep theirs.
+                    for (name, &count) in self.options.headers.iter().zip(&self.seen) {
+                        for index in (1..=count).rev() {
+                            out.push(OwnedReply::ChangeHeader(index, name.clone(), String::new()));
+                        }
+                    }
+                    for values in &self.accepted {
+                        for (name, value) in self.options.headers.iter().zip(values) {
+                            out.push(OwnedReply::AddHeader(name.clone(), value.clone()));
+                        }
+                    }
+                }
+                out.push(OwnedReply::Continue);
+                self.reset_message();
+                self.phase = Phase::Idle;
+                out
+            }
+            _ => return Err(out_of_order("a command out of order")),
+        };
+        Ok(Step::Reply(replies))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -664,5 +926,154 @@ mod tests {
             negotiate(1, 0, 0, true),
             Err(MilterError::UnsupportedVersion(1))
         );
+    }
+
+    fn judge(rcpt: &str) -> RcptAnswer {
+        match rcpt {
+            "<alice@contoso.com>" => RcptAnswer {
+                reply: None,
+                headers: vec!["executives; rcpt=<alice@contoso.com>".into()],
+            },
+            "<carol@contoso.com>" => RcptAnswer {
+                reply: None,
+                headers: vec!["standard; rcpt=<carol@contoso.com>".into()],
+            },
+            "<someone@gmail.com>" => RcptAnswer {
+                reply: None,
+                headers: Vec::new(),
+            },
+            "<nobody@contoso.com>" => RcptAnswer {
+                reply: Some("550 5.1.1 User unknown".into()),
+                headers: Vec::new(),
+            },
+            other => panic!("unexpected {other}"),
+        }
+    }
+
+    fn run(s: &mut Session, cmd: Command<'_>) -> Result<Step, MilterError> {
+        s.on_command(cmd, &mut judge)
+    }
+
+    fn optneg() -> Command<'static> {
+        Command::OptNeg {
+            version: 6,
+            actions: 0x1ff,
+            protocol: 0x1f_ffff,
+        }
+    }
+
+    #[test]
+    fn a_message_rejects_unknown_recipients_and_tags_the_others() {
+        let mut s = Session::new(SessionOptions {
+            headers: vec!["X-Rcptgate-Profile".into()],
+        });
+        let Ok(Step::Reply(r)) = run(&mut s, optneg()) else {
+            panic!("negotiation");
+        };
+        assert!(matches!(r[..], [OwnedReply::OptNeg(n)] if n.can_manage_headers()));
+        let mail = Command::Mail {
+            args: vec![b"<sender@example.org>"],
+        };
+        assert_eq!(
+            run(&mut s, mail),
+            Ok(Step::Reply(vec![OwnedReply::Continue]))
+        );
+        for (rcpt, want) in [
+            ("<alice@contoso.com>", OwnedReply::Continue),
+            (
+                "<nobody@contoso.com>",
+                OwnedReply::ReplyCode("550 5.1.1 User unknown".into()),
+            ),
+            ("<carol@contoso.com>", OwnedReply::Continue),
+            ("<someone@gmail.com>", OwnedReply::Continue),
+        ] {
+            let cmd = Command::Rcpt {
+                args: vec![rcpt.as_bytes()],
+            };
+            assert_eq!(run(&mut s, cmd), Ok(Step::Reply(vec![want])), "{rcpt}");
+        }
+        // Two forged copies of the managed header, in any case; headers get no reply.
+        for name in ["X-Rcptgate-Profile", "Subject", "x-rcptgate-profile"] {
+            let cmd = Command::Header {
+                name: name.as_bytes(),
+                value: b"forged",
+            };
+            assert_eq!(run(&mut s, cmd), Ok(Step::Reply(Vec::new())));
+        }
+        assert_eq!(
+            run(&mut s, Command::EndOfHeaders),
+            Ok(Step::Reply(Vec::new()))
+        );
+        let Ok(Step::Reply(eom)) = run(&mut s, Command::EndOfMessage) else {
+            panic!("end of message");
+        };
+        let h = "X-Rcptgate-Profile".to_owned();
+        assert_eq!(
+            eom,
+            vec![
+                OwnedReply::ChangeHeader(2, h.clone(), String::new()),
+                OwnedReply::ChangeHeader(1, h.clone(), String::new()),
+                OwnedReply::AddHeader(h.clone(), "executives; rcpt=<alice@contoso.com>".into()),
+                OwnedReply::AddHeader(h, "standard; rcpt=<carol@contoso.com>".into()),
+                OwnedReply::Continue,
+            ]
+        );
+        // The next message starts clean; an abort forgets the message.
+        let mail = Command::Mail { args: vec![b"<>"] };
+        run(&mut s, mail).expect("mail");
+        let rcpt = Command::Rcpt {
+            args: vec![b"<alice@contoso.com>"],
+        };
+        run(&mut s, rcpt).expect("rcpt");
+        assert_eq!(run(&mut s, Command::Abort), Ok(Step::Reply(Vec::new())));
+        assert!(!s.in_message());
+        assert_eq!(run(&mut s, Command::Quit), Ok(Step::Close));
+    }
+
+    #[test]
+    fn the_macro_stands_in_for_an_unusable_argument() {
+        let mut s = Session::new(SessionOptions::default());
+        run(&mut s, optneg()).expect("negotiate");
+        run(&mut s, Command::Mail { args: vec![b"<>"] }).expect("mail");
+        let m = Command::Macro {
+            for_command: b'R',
+            macros: vec![(b"{rcpt_addr}", b"<alice@contoso.com>")],
+        };
+        assert_eq!(run(&mut s, m), Ok(Step::Reply(Vec::new())));
+        let r = Command::Rcpt { args: vec![b"<>"] };
+        assert_eq!(run(&mut s, r), Ok(Step::Reply(vec![OwnedReply::Continue])));
+        // Without managed headers nothing is added at the end.
+        assert_eq!(
+            run(&mut s, Command::EndOfMessage),
+            Ok(Step::Reply(vec![OwnedReply::Continue]))
+        );
+    }
+
+    #[test]
+    fn commands_out_of_order_are_errors() {
+        let mut s = Session::new(SessionOptions::default());
+        assert!(
+            run(
+                &mut s,
+                Command::Mail {
+                    args: vec![b"<a@b>"]
+                }
+            )
+            .is_err()
+        );
+        let mut s = Session::new(SessionOptions::default());
+        run(&mut s, optneg()).expect("negotiate");
+        assert!(run(&mut s, optneg()).is_err());
+        let mut s = Session::new(SessionOptions::default());
+        run(&mut s, optneg()).expect("negotiate");
+        let r = Command::Rcpt {
+            args: vec![b"<alice@contoso.com>"],
+        };
+        assert!(run(&mut s, r).is_err(), "RCPT before MAIL");
+        let mut s = Session::new(SessionOptions::default());
+        run(&mut s, optneg()).expect("negotiate");
+        assert!(run(&mut s, Command::EndOfMessage).is_err());
+        assert_eq!(run(&mut s, Command::Quit), Ok(Step::Close));
+        assert!(run(&mut s, Command::Abort).is_err(), "after QUIT");
     }
 }
