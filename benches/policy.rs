@@ -73,6 +73,7 @@ fn main() {
         texts: Texts::default(),
         limits: Limits::default(),
         metrics: Default::default(),
+        milter: Default::default(),
     });
     server_rt.spawn(serve(listener, Protocol::Policy, ctx, rx));
 

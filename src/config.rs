@@ -48,6 +48,8 @@ struct RawConfig {
     #[serde(default)]
     socketmap: RawListeners,
     #[serde(default)]
+    milter: RawMilter,
+    #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
     metrics: RawMetrics,
@@ -59,6 +61,15 @@ struct RawConfig {
     control: RawControl,
     #[serde(default)]
     log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMilter {
+    #[serde(default)]
+    listen: Vec<String>,
+    header: Option<String>,
+    header_details: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -246,6 +257,13 @@ pub struct Config {
     pub policy_listen: Vec<ListenAddr>,
     /// Postfix socketmap listeners.
     pub socketmap_listen: Vec<ListenAddr>,
+    /// Milter listeners (`smtpd_milters`, `INPUT_MAIL_FILTER`).
+    pub milter_listen: Vec<ListenAddr>,
+    /// The header the milter adds per accepted recipient (and deletes when it comes in):
+    /// `None` adds none.
+    pub milter_header: Option<String>,
+    /// The milter header also names the recipient's customer and route.
+    pub milter_header_details: bool,
     /// Connection limits of every listener.
     pub limits: crate::server::Limits,
     /// `/metrics` and `/healthz` (TCP only).
@@ -276,11 +294,16 @@ impl Config {
     /// What `rcptgate serve` needs beyond a valid config (an embedded service needs no
     /// listener): at least one policy or socketmap listener.
     pub fn check_daemon(&self, path: &Path) -> Result<(), ConfigError> {
-        if self.policy_listen.is_empty() && self.socketmap_listen.is_empty() {
+        if self.policy_listen.is_empty()
+            && self.socketmap_listen.is_empty()
+            && self.milter_listen.is_empty()
+        {
             return Err(ConfigError::Value {
                 path: path.display().to_string(),
                 key: "policy.listen".into(),
-                message: "no listener configured (set policy.listen or socketmap.listen)".into(),
+                message:
+                    "no listener configured (set policy.listen, socketmap.listen or milter.listen)"
+                        .into(),
             });
         }
         Ok(())
@@ -301,6 +324,9 @@ impl Default for Config {
             sources: Vec::new(),
             policy_listen: Vec::new(),
             socketmap_listen: Vec::new(),
+            milter_listen: Vec::new(),
+            milter_header: None,
+            milter_header_details: false,
             limits: crate::server::Limits::default(),
             metrics_listen: None,
             guard: GuardConfig::default(),
@@ -526,6 +552,17 @@ impl Config {
         };
         let policy_listen = listen("policy.listen", &raw.policy.listen)?;
         let socketmap_listen = listen("socketmap.listen", &raw.socketmap.listen)?;
+        let milter_listen = listen("milter.listen", &raw.milter.listen)?;
+        let milter_header = match raw.milter.header.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(h) if h.bytes().all(|b| b.is_ascii_graphic() && b != b':') => Some(h.to_owned()),
+            Some(h) => {
+                return Err(bad(
+                    "milter.header",
+                    format!("{h:?} is not a header name (printable ASCII, no colon)"),
+                ));
+            }
+        };
         let mut limits = crate::server::Limits::default();
         if let Some(n) = raw.limits.max_connections {
             if n == 0 {
@@ -716,6 +753,9 @@ impl Config {
             sources,
             policy_listen,
             socketmap_listen,
+            milter_listen,
+            milter_header,
+            milter_header_details: raw.milter.header_details.unwrap_or(false),
             limits,
         })
     }

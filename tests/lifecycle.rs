@@ -341,6 +341,7 @@ fn exceptions_beat_additions_beat_the_directory_through_the_policy_service() {
         texts: Texts::default(),
         limits: Limits::default(),
         metrics: Default::default(),
+        milter: Default::default(),
     });
     rt.spawn(serve(listener, Protocol::Policy, ctx, rx));
 

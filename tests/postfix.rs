@@ -39,6 +39,7 @@ fn rcptgate(
         texts: Texts::default(),
         limits: Limits::default(),
         metrics: Default::default(),
+        milter: Default::default(),
     });
     rt.spawn(serve(listener, protocol, ctx, rx));
     (port, stop)

@@ -30,6 +30,7 @@ async fn start(protocol: Protocol, dir: Arc<Directory>, limits: Limits) -> Runni
         texts: Texts::default(),
         limits,
         metrics: Default::default(),
+        milter: Default::default(),
     });
     let task = tokio::spawn(serve(listener, protocol, ctx, rx));
     Running { addr, stop, task }

@@ -54,16 +54,22 @@ async fn run(cfg: Config) -> Result<ExitCode> {
         texts: cfg.texts.clone(),
         limits: cfg.limits.clone(),
         metrics: metrics.clone(),
+        milter: rcptgate::server::MilterOptions {
+            header: cfg.milter_header.clone(),
+            details: cfg.milter_header_details,
+        },
     });
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let mut listeners: JoinSet<(String, std::io::Result<()>)> = JoinSet::new();
     for (protocol, addrs) in [
         (Protocol::Policy, &cfg.policy_listen),
         (Protocol::Socketmap, &cfg.socketmap_listen),
+        (Protocol::Milter, &cfg.milter_listen),
     ] {
         let name = match protocol {
             Protocol::Policy => "policy",
             Protocol::Socketmap => "socketmap",
+            Protocol::Milter => "milter",
         };
         for a in addrs {
             let (bound, task) = server::bind_and_serve(a, protocol, ctx.clone(), stop_rx.clone())

@@ -16,7 +16,7 @@ use crate::proto::http;
 /// Upper bounds of the latency histogram, in seconds.
 const BUCKETS: [f64; 9] = [1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 1e-3, 1e-2];
 const VERDICTS: [&str; 4] = ["accept", "reject", "tempfail", "not_ours"];
-const FRONTENDS: [&str; 2] = ["policy", "socketmap"];
+const FRONTENDS: [&str; 3] = ["policy", "socketmap", "milter"];
 
 #[derive(Debug, Default)]
 struct Frontend {
@@ -31,7 +31,7 @@ struct Frontend {
 /// Everything `/metrics` reports besides the snapshot itself.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    frontends: [Frontend; 2],
+    frontends: [Frontend; 3],
     /// Rebuilds that succeeded (published, unchanged or held).
     pub reloads_ok: AtomicU64,
     /// Rebuilds that failed (the snapshot in service stayed).
@@ -56,6 +56,7 @@ fn slot(p: Protocol) -> usize {
     match p {
         Protocol::Policy => 0,
         Protocol::Socketmap => 1,
+        Protocol::Milter => 2,
     }
 }
 

@@ -18,11 +18,13 @@ use tokio::task::JoinSet;
 
 use crate::address::AddrBuf;
 use crate::directory::Directory;
-use crate::proto::{netstring, policy, socketmap};
+use crate::proto::{milter, netstring, policy, socketmap};
 
 /// Which protocol a listener speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
+    /// The milter protocol (`smtpd_milters`, Sendmail's `INPUT_MAIL_FILTER`).
+    Milter,
     /// Postfix policy delegation (`check_policy_service`).
     Policy,
     /// Postfix socketmap tables.
@@ -71,6 +73,18 @@ pub struct Context {
     pub limits: Limits,
     /// Counters.
     pub metrics: Arc<metrics::Metrics>,
+    /// What the milter adds to messages.
+    pub milter: MilterOptions,
+}
+
+/// What the milter frontend adds to a message for each accepted recipient.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MilterOptions {
+    /// The header name (`X-Rcptgate-Profile`); `None` adds none. Incoming headers of this
+    /// name are deleted, so a sender cannot choose its own profile.
+    pub header: Option<String>,
+    /// The header names the customer and the route too.
+    pub details: bool,
 }
 
 /// Why a connection ended early (logged by the caller; other connections are unaffected).
@@ -83,6 +97,8 @@ pub enum ConnError {
     Policy(#[from] policy::PolicyError),
     #[error("socketmap protocol: {0}")]
     Netstring(#[from] netstring::NetstringError),
+    #[error("milter protocol: {0}")]
+    Milter(#[from] milter::MilterError),
     #[error("idle for {0:?}")]
     Idle(Duration),
     #[error("request not complete within {0:?}")]
@@ -195,6 +211,9 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &Context,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
+    if protocol == Protocol::Milter {
+        return handle_milter(stream, ctx, shutdown).await;
+    }
     let _open = ctx.metrics.connection(protocol);
     let limits = &ctx.limits;
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
@@ -209,6 +228,7 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             let consumed = match protocol {
                 Protocol::Policy => answer_policy(&buf, ctx, &mut scratch, &mut out)?,
                 Protocol::Socketmap => answer_socketmap(&buf, ctx, &mut scratch, &mut out)?,
+                Protocol::Milter => return Err(ConnError::Io(io::Error::other("not a milter"))),
             };
             let Some((consumed, verdict)) = consumed else {
                 break;
@@ -246,6 +266,129 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             _ = shutdown.changed(), if buf.is_empty() => return Ok(()),
         }
     }
+}
+
+/// Serve one milter connection: a [`milter::Session`] per connection, fed every complete
+/// frame; the same bounds as the other protocols on every wait. On shutdown a connection in
+/// the middle of a message is answered `SMFIR_TEMPFAIL` (never an accept) and closed.
+async fn handle_milter<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    ctx: &Context,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ConnError> {
+    let _open = ctx.metrics.connection(Protocol::Milter);
+    let limits = &ctx.limits;
+    let mut session = milter::Session::new(milter::SessionOptions {
+        headers: ctx.milter.header.iter().cloned().collect(),
+    });
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut out: Vec<u8> = Vec::with_capacity(512);
+    let mut scratch = AddrBuf::default();
+    let mut request_started: Option<tokio::time::Instant> = None;
+    loop {
+        while let milter::Decoded::Frame {
+            command,
+            data,
+            consumed,
+        } = milter::decode(&buf)?
+        {
+            let cmd = milter::parse(command, data)?;
+            let started = std::time::Instant::now();
+            let mut verdicts = Vec::new();
+            let step = session.on_command(cmd, &mut |rcpt: &str| {
+                let (verdict, answer) = judge_rcpt(ctx, rcpt, &mut scratch);
+                verdicts.push(verdict);
+                answer
+            })?;
+            for v in &verdicts {
+                ctx.metrics
+                    .observe(Protocol::Milter, Some(v), started.elapsed());
+            }
+            let replies = match step {
+                milter::Step::Close => return Ok(()),
+                milter::Step::Reply(r) => r,
+            };
+            out.clear();
+            for r in &replies {
+                milter::encode(&r.as_reply(), &mut out);
+            }
+            if !out.is_empty() {
+                tokio::time::timeout(limits.write_timeout, stream.write_all(&out))
+                    .await
+                    .map_err(|_| ConnError::WriteTimeout(limits.write_timeout))??;
+            }
+            buf.drain(..consumed);
+            request_started = None;
+        }
+        if *shutdown.borrow() {
+            if session.in_message() {
+                out.clear();
+                milter::encode(&milter::Reply::TempFail, &mut out);
+                let _ = tokio::time::timeout(limits.write_timeout, stream.write_all(&out)).await;
+            }
+            return Ok(());
+        }
+        let now = tokio::time::Instant::now();
+        let deadline = if buf.is_empty() {
+            now + limits.idle_timeout
+        } else {
+            *request_started.get_or_insert(now) + limits.request_timeout
+        };
+        buf.reserve(4096);
+        tokio::select! {
+            read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)) => {
+                match read {
+                    Err(_) if buf.is_empty() => return Err(ConnError::Idle(limits.idle_timeout)),
+                    Err(_) => return Err(ConnError::RequestTimeout(limits.request_timeout)),
+                    Ok(Ok(0)) => return Ok(()),
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Err(e.into()),
+                }
+            }
+            // The loop's top answers a message in progress with a temporary failure.
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+/// The milter's answer for one recipient (as the MTA sent it, brackets and all), rendered
+/// like every frontend's verdict (DESIGN.md §4): 550 / 501 / 451 replies, nothing for
+/// accepted and not-ours recipients; an accepted one gets its header value.
+fn judge_rcpt(
+    ctx: &Context,
+    rcpt: &str,
+    scratch: &mut AddrBuf,
+) -> (crate::directory::Verdict, milter::RcptAnswer) {
+    use crate::directory::{Reject, Verdict};
+    let view = ctx.directory.view();
+    let verdict = view.lookup_bytes(rcpt.as_bytes(), scratch);
+    note_tombstone(ctx, rcpt.as_bytes(), &verdict);
+    let t = &ctx.texts;
+    let reply = match verdict {
+        Verdict::Reject(Reject::UnknownUser | Reject::Exception) => {
+            Some(format!("550 5.1.1 {}", t.unknown))
+        }
+        Verdict::Reject(Reject::Syntax(_)) => Some(format!("501 5.1.3 {}", t.syntax)),
+        Verdict::Tempfail(_) => Some(format!("451 4.3.0 {}", t.tempfail)),
+        Verdict::Accept(_) | Verdict::NotOurs => None,
+    };
+    let headers = match (&verdict, &ctx.milter.header, view.snapshot()) {
+        (Verdict::Accept(hit), Some(_), Some(snap)) => {
+            let addr = rcpt.trim().trim_start_matches('<').trim_end_matches('>');
+            let mut value = format!("{}; rcpt=<{addr}>", snap.profile(hit).unwrap_or("none"));
+            if ctx.milter.details {
+                if let Some(c) = snap.customer(hit) {
+                    value.push_str(&format!("; customer={c}"));
+                }
+                if let Some(r) = snap.route(hit) {
+                    value.push_str(&format!("; route={r}"));
+                }
+            }
+            vec![value]
+        }
+        _ => Vec::new(),
+    };
+    (verdict, milter::RcptAnswer { reply, headers })
 }
 
 /// What answering one request gives: bytes consumed, and the verdict if there was a lookup.
