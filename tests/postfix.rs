@@ -242,3 +242,170 @@ fn live_edits_truncated_uploads_and_sigterm_under_load_through_postfix() {
         "SIGTERM exits 0"
     );
 }
+
+/// The `rcptgate serve` binary's milter on `map` (header on), its first snapshot published.
+fn start_milter_daemon(dir: &Path, map: &Path) -> Daemon {
+    let cfg = dir.join("rcptgate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[directory]\nsnapshot = \"{}\"\n\n[[source]]\nname = \"m\"\nkind = \"map\"\npath = \"{}\"\n\n\
+[milter]\nlisten = [\"127.0.0.1:0\"]\nheader = \"X-Rcptgate-Profile\"\n",
+            dir.join("snap.bin").display(),
+            map.display()
+        ),
+    )
+    .expect("config");
+    Daemon::start(&cfg)
+}
+
+/// One SMTP session sending a message to `rcpts`: the reply to each RCPT (or the reply to
+/// MAIL alone when that is not 250), and to the end of DATA (or `None` when no recipient was
+/// accepted).
+fn send_message(port: u16, rcpts: &[&str], message: &str) -> (Vec<String>, Option<String>) {
+    use std::io::{BufRead, BufReader, Write};
+    let s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut r = BufReader::new(s.try_clone().expect("clone"));
+    let mut w = s;
+    let reply = |r: &mut BufReader<std::net::TcpStream>| -> String {
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).expect("reply");
+            if line.as_bytes().get(3) != Some(&b'-') || line.is_empty() {
+                return line.trim_end().to_owned();
+            }
+        }
+    };
+    assert!(reply(&mut r).starts_with("220"));
+    write!(w, "EHLO client.example\r\n").expect("write");
+    reply(&mut r);
+    write!(w, "MAIL FROM:<sender@example.net>\r\n").expect("write");
+    let mail = reply(&mut r);
+    if !mail.starts_with("250") {
+        return (vec![mail], None);
+    }
+    let mut got = Vec::new();
+    for rcpt in rcpts {
+        write!(w, "RCPT TO:<{rcpt}>\r\n").expect("write");
+        got.push(reply(&mut r));
+    }
+    if !got.iter().any(|g| g.starts_with("250")) {
+        return (got, None);
+    }
+    write!(w, "DATA\r\n").expect("write");
+    assert!(reply(&mut r).starts_with("354"));
+    write!(w, "{message}\r\n.\r\n").expect("write");
+    let end = reply(&mut r);
+    write!(w, "QUIT\r\n").expect("write");
+    (got, Some(end))
+}
+
+#[test]
+fn milter_behind_postfix_rejects_at_rcpt_and_tags_each_recipient() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let map = tmp.path().join("dir.map");
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.map"),
+        &map,
+    )
+    .expect("map");
+    let daemon = start_milter_daemon(tmp.path(), &map);
+    daemon.wait_generation(1);
+    let milter = daemon.listener("milter");
+    // Messages stay in the hold queue, where their headers can be read.
+    let pf = Postfix::start(
+        &tmp.path().join("pf"),
+        &[
+            &format!("smtpd_milters = inet:{milter}"),
+            "milter_default_action = tempfail",
+            "milter_protocol = 6",
+            "smtpd_data_restrictions = check_client_access static:HOLD",
+        ],
+    );
+    let got = pf.rcpt(&[
+        "alice@contoso.com",
+        "nobody@contoso.com",
+        "Bob.Berger+news@contoso.com",
+    ]);
+    assert!(got[0].starts_with("250"), "{got:?}\n{}", pf.log());
+    assert!(got[1].starts_with("550 5.1.1"), "{got:?}");
+    assert!(got[2].starts_with("250"), "{got:?}");
+
+    // A message to three recipients, one unknown, with a forged profile header.
+    let message = "From: <sender@example.net>\r\nTo: <alice@contoso.com>\r\n\
+X-Rcptgate-Profile: executives; rcpt=<mallory@contoso.com>\r\nSubject: test\r\n\r\nhello";
+    let (rcpts, end) = send_message(
+        pf.port,
+        &[
+            "alice@contoso.com",
+            "nobody@contoso.com",
+            "carol@contoso.com",
+        ],
+        message,
+    );
+    assert!(rcpts[1].starts_with("550 5.1.1"), "{rcpts:?}");
+    assert!(
+        end.as_deref().is_some_and(|e| e.starts_with("250")),
+        "{end:?}\n{}",
+        pf.log()
+    );
+    let etc = pf.base.join("etc");
+    let queue = std::process::Command::new("postqueue")
+        .arg("-c")
+        .arg(&etc)
+        .arg("-j")
+        .output()
+        .expect("postqueue");
+    let queue = String::from_utf8_lossy(&queue.stdout).into_owned();
+    let id = queue
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["queue_name"] == "hold")
+        .and_then(|v| v["queue_id"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| panic!("no held message: {queue}\n{}", pf.log()));
+    let copy = std::process::Command::new("postcat")
+        .arg("-c")
+        .arg(&etc)
+        .args(["-h", "-q", &id])
+        .output()
+        .expect("postcat");
+    let headers = String::from_utf8_lossy(&copy.stdout).into_owned();
+    let tags: Vec<&str> = headers
+        .lines()
+        .filter(|l| l.starts_with("X-Rcptgate-Profile:"))
+        .collect();
+    assert_eq!(
+        tags,
+        [
+            "X-Rcptgate-Profile: executives; rcpt=<alice@contoso.com>",
+            "X-Rcptgate-Profile: standard; rcpt=<carol@contoso.com>",
+        ],
+        "{headers}"
+    );
+
+    // rcptgate stopped: Postfix's milter_default_action, a temporary failure, never an accept.
+    drop(daemon);
+    let (got, end) = send_message(pf.port, &["alice@contoso.com"], "Subject: x\r\n\r\nx");
+    assert!(got[0].starts_with("451"), "{got:?}");
+    assert_eq!(end, None);
+}
+
+#[test]
+fn milter_behind_postfix_defers_when_nothing_is_loaded() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let daemon = start_milter_daemon(tmp.path(), &tmp.path().join("missing.map"));
+    daemon.wait("the failed first build", |s| s.reloads_failed > 0);
+    let pf = Postfix::start(
+        &tmp.path().join("pf"),
+        &[
+            &format!("smtpd_milters = inet:{}", daemon.listener("milter")),
+            "milter_default_action = accept",
+            "milter_protocol = 6",
+        ],
+    );
+    // Even with a milter_default_action of accept: rcptgate itself answers 451.
+    let got = pf.rcpt(&["alice@contoso.com"]);
+    assert!(got[0].starts_with("451 4.3.0"), "{got:?}\n{}", pf.log());
+}
