@@ -1,6 +1,6 @@
 //! End to end through a real Postfix (Debian's package, private instances on loopback):
-//! RCPT commands per second with rcptgate as `relay_recipient_maps = socketmap:` and as
-//! `check_policy_service`, side by side with Postfix's own `lmdb:` table holding the same
+//! RCPT commands per second with rcptgate as `relay_recipient_maps = socketmap:`, as
+//! `check_policy_service` and as a milter (`smtpd_milters`), side by side with Postfix's own `lmdb:` table holding the same
 //! addresses, and with no recipient check at all, in one run. Modes are interleaved round by
 //! round so machine noise hits them alike; each mode's figure is its median round.
 //!
@@ -61,9 +61,10 @@ fn process_cpu(pid: &str) -> f64 {
     (fields.get(11).copied().unwrap_or(0.0) + fields.get(12).copied().unwrap_or(0.0)) / 100.0
 }
 
-/// The `rcptgate serve` binary on `map`, TCP and unix listeners for both protocols and
-/// metrics, its first snapshot published; (daemon, socketmap, metrics) addresses.
-fn start_daemon(dir: &Path, map: &Path) -> (Daemon, String, String) {
+/// The `rcptgate serve` binary on `map`, TCP and unix listeners for the policy and socketmap
+/// protocols, a milter and metrics, its first snapshot published; (daemon, socketmap,
+/// metrics, milter) addresses.
+fn start_daemon(dir: &Path, map: &Path) -> (Daemon, String, String, String) {
     let cfg = dir.join("rcptgate.toml");
     std::fs::write(
         &cfg,
@@ -71,6 +72,7 @@ fn start_daemon(dir: &Path, map: &Path) -> (Daemon, String, String) {
             "[directory]\nsnapshot = \"{}\"\n\n[[source]]\nname = \"bench\"\nkind = \"map\"\npath = \"{}\"\n\n\
 [policy]\nlisten = [\"127.0.0.1:0\", \"unix:{d}/policy.sock\"]\n\n\
 [socketmap]\nlisten = [\"127.0.0.1:0\", \"unix:{d}/socketmap.sock\"]\n\n\
+[milter]\nlisten = [\"127.0.0.1:0\"]\n\n\
 [metrics]\nlisten = \"127.0.0.1:0\"\n",
             dir.join("snap.bin").display(),
             map.display(),
@@ -80,8 +82,9 @@ fn start_daemon(dir: &Path, map: &Path) -> (Daemon, String, String) {
     .expect("config");
     let d = Daemon::start(&cfg);
     let (socketmap, metrics) = (d.listener("socketmap"), d.listener("metrics"));
+    let milter = d.listener("milter");
     d.wait_generation(1);
-    (d, socketmap, metrics)
+    (d, socketmap, metrics, milter)
 }
 
 /// Requests the daemon with metrics on `metrics` answered so far, all frontends.
@@ -212,7 +215,7 @@ fn main() {
     std::fs::write(base.join("dir.map"), map).expect("map");
     std::fs::write(base.join("rcpt.table"), table).expect("table");
 
-    let (daemon, socketmap, metrics) = start_daemon(base, &base.join("dir.map"));
+    let (daemon, socketmap, metrics, milter) = start_daemon(base, &base.join("dir.map"));
     // Postfix's smtpd runs as `postfix`: let it into the directory of the unix sockets
     // (rcptgate makes the sockets themselves 0666).
     run(Command::new("chmod").arg("755").arg(base));
@@ -272,6 +275,18 @@ fn main() {
                     "smtpd_recipient_restrictions = check_policy_service {{ unix:{}/policy.sock, timeout=10s, default_action=DEFER_IF_PERMIT }}, permit",
                     base.display()
                 )],
+            ),
+        ),
+        (
+            "milter",
+            Postfix::start_for(
+                &base.join("pf-milter"),
+                "example.com",
+                &[
+                    &format!("smtpd_milters = inet:{milter}"),
+                    "milter_default_action = tempfail",
+                    "milter_protocol = 6",
+                ],
             ),
         ),
         (
@@ -341,6 +356,7 @@ fn main() {
         "socketmap-unix",
         "policy",
         "policy-unix",
+        "milter",
         "none",
     ] {
         if let Some(r) = results.get_mut(mode) {
