@@ -168,6 +168,13 @@ fn rcpt_verdicts_and_profile_headers_over_the_milter_protocol() {
         .write_all(&[0x7f, 0xff, 0xff, 0xff, b'B'])
         .expect("send");
     assert_eq!(huge.reply(), None);
+    // A client that vanishes mid-transaction.
+    let mut gone = Mta::connect(&addr);
+    gone.negotiate();
+    gone.send(b'M', b"<>\0");
+    gone.reply();
+    gone.send(b'R', b"<alice@contoso.com>\0");
+    drop(gone);
     let mut ok = Mta::connect(&addr);
     ok.negotiate();
     ok.send(b'M', b"<>\0");

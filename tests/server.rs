@@ -437,3 +437,77 @@ async fn shutdown_finishes_requests_in_flight() {
     srv.task.await.expect("join").expect("served");
     assert!(TcpStream::connect(srv.addr).await.is_err());
 }
+
+/// A thousand MTA connections at once against a cap of 32: never more than 32 served at a
+/// time, every one served in turn, nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_milter_connections_against_the_cap() {
+    let limits = Limits {
+        max_connections: 32,
+        ..Limits::default()
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (_stop, rx) = watch::channel(false);
+    let metrics: Arc<rcptgate::server::metrics::Metrics> = Default::default();
+    let ctx = Arc::new(Context {
+        directory: example_directory(true),
+        texts: Texts::default(),
+        limits,
+        metrics: metrics.clone(),
+        milter: Default::default(),
+    });
+    tokio::spawn(serve(listener, Protocol::Milter, ctx, rx));
+    let peak = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let watcher = {
+        let (metrics, peak) = (metrics.clone(), peak.clone());
+        let dir = example_directory(true);
+        tokio::spawn(async move {
+            loop {
+                let text = metrics.render(&dir);
+                let open = text
+                    .lines()
+                    .find(|l| l.starts_with("rcptgate_open_connections{frontend=\"milter\"}"))
+                    .and_then(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
+                    .unwrap_or(0);
+                peak.fetch_max(open, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let frame = |c: u8, d: &[u8]| {
+        let mut f = ((d.len() + 1) as u32).to_be_bytes().to_vec();
+        f.push(c);
+        f.extend_from_slice(d);
+        f
+    };
+    let mut session = frame(b'O', &[0, 0, 0, 6, 0, 0, 1, 0xff, 0, 0x1f, 0xff, 0xff]);
+    session.extend(frame(b'M', b"<>\0"));
+    session.extend(frame(b'R', b"<nobody@contoso.com>\0"));
+    let mut clients = Vec::new();
+    for _ in 0..1000 {
+        let session = session.clone();
+        clients.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            s.write_all(&session).await.expect("send");
+            // OPTNEG, MAIL's continue, then the RCPT's reply code.
+            let mut got = Vec::new();
+            let mut buf = [0u8; 512];
+            while !got.windows(9).any(|w| w == b"550 5.1.1") {
+                let n = s.read(&mut buf).await.expect("read");
+                assert!(n > 0, "closed early");
+                got.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(&frame(b'Q', b"")).await.expect("quit");
+        }));
+    }
+    for c in clients {
+        tokio::time::timeout(Duration::from_secs(60), c)
+            .await
+            .expect("served in time")
+            .expect("client");
+    }
+    watcher.abort();
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    assert!((1..=32).contains(&peak), "peak {peak}");
+}
