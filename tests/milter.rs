@@ -201,3 +201,37 @@ fn nothing_loaded_defers_over_the_milter_protocol() {
     assert_eq!(c, b'y');
     assert!(text.starts_with("451 4.3.0"), "{text}");
 }
+
+/// A second MTA-side client: OpenDKIM's `miltertest` (Debian's package, installed by
+/// tests/run.sh), with the testbed's script pointed at this daemon and the example domain.
+#[cfg(feature = "postfix-tests")]
+#[test]
+fn miltertest_drives_the_milter() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cfg = config(tmp.path(), &example_map(tmp.path()));
+    let d = Daemon::start(&cfg);
+    d.wait_generation(1);
+    let addr = d.listener("milter");
+    let (host, port) = addr.rsplit_once(':').expect("host:port");
+    // The testbed's script (copied into tests/support: ../shared is not in the repository),
+    // without its connection-info step: rcptgate negotiates SMFIP_NOCONNECT, and miltertest's
+    // `mt.conninfo` then fails instead of skipping the step.
+    let script = include_str!("support/miltertest_rcpt.lua")
+        .lines()
+        .filter(|l| !l.contains("mt.conninfo"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("inet:10042@127.0.0.1", &format!("inet:{port}@{host}"))
+        .replace("example.com", "contoso.com");
+    let path = tmp.path().join("rcpt.lua");
+    std::fs::write(&path, script).expect("script");
+    let out = std::process::Command::new("miltertest")
+        .arg("-s")
+        .arg(&path)
+        .output()
+        .expect("miltertest (Debian package miltertest)");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("all checks passed"), "{text}");
+}

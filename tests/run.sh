@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=""
-for p in postfix postfix-lmdb slapd ldap-utils openssl samba samba-ad-dc samba-ad-provision samba-dsdb-modules; do
+for p in postfix postfix-lmdb slapd ldap-utils openssl samba samba-ad-dc samba-ad-provision samba-dsdb-modules miltertest; do
     dpkg -s "$p" >/dev/null 2>&1 || need="$need $p"
 done
 # tests/examples.rs drives the SMTP receiver example with Python's smtplib.
