@@ -293,6 +293,7 @@ async fn handle_milter<S: AsyncRead + AsyncWrite + Unpin>(
         } = milter::decode(&buf)?
         {
             let cmd = milter::parse(command, data)?;
+            let negotiating = session.negotiated().is_none();
             let started = std::time::Instant::now();
             let mut verdicts = Vec::new();
             let step = session.on_command(cmd, &mut |rcpt: &str| {
@@ -303,6 +304,9 @@ async fn handle_milter<S: AsyncRead + AsyncWrite + Unpin>(
             for v in &verdicts {
                 ctx.metrics
                     .observe(Protocol::Milter, Some(v), started.elapsed());
+            }
+            if negotiating && let Some(n) = session.negotiated() {
+                note_negotiation(ctx, n);
             }
             let replies = match step {
                 milter::Step::Close => return Ok(()),
@@ -348,6 +352,23 @@ async fn handle_milter<S: AsyncRead + AsyncWrite + Unpin>(
             // The loop's top answers a message in progress with a temporary failure.
             _ = shutdown.changed() => {}
         }
+    }
+}
+
+/// Say in the log when an MTA gets less than the full milter (an old version, or no header
+/// actions while headers are configured).
+fn note_negotiation(ctx: &Context, n: milter::Negotiated) {
+    if n.version < milter::VERSION {
+        tracing::info!(
+            version = n.version,
+            "milter client speaks protocol version {}; rcptgate speaks it too",
+            n.version
+        );
+    }
+    if ctx.milter.header.is_some() && !n.can_manage_headers() {
+        tracing::warn!(
+            "milter client does not allow adding and changing headers: recipients are judged, no profile headers are added (and forged ones are not removed)"
+        );
     }
 }
 
