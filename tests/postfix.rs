@@ -259,49 +259,6 @@ fn start_milter_daemon(dir: &Path, map: &Path) -> Daemon {
     Daemon::start(&cfg)
 }
 
-/// One SMTP session sending a message to `rcpts`: the reply to each RCPT (or the reply to
-/// MAIL alone when that is not 250), and to the end of DATA (or `None` when no recipient was
-/// accepted).
-fn send_message(port: u16, rcpts: &[&str], message: &str) -> (Vec<String>, Option<String>) {
-    use std::io::{BufRead, BufReader, Write};
-    let s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    let mut r = BufReader::new(s.try_clone().expect("clone"));
-    let mut w = s;
-    let reply = |r: &mut BufReader<std::net::TcpStream>| -> String {
-        loop {
-            let mut line = String::new();
-            r.read_line(&mut line).expect("reply");
-            if line.as_bytes().get(3) != Some(&b'-') || line.is_empty() {
-                return line.trim_end().to_owned();
-            }
-        }
-    };
-    assert!(reply(&mut r).starts_with("220"));
-    write!(w, "EHLO client.example\r\n").expect("write");
-    reply(&mut r);
-    write!(w, "MAIL FROM:<sender@example.net>\r\n").expect("write");
-    let mail = reply(&mut r);
-    if !mail.starts_with("250") {
-        return (vec![mail], None);
-    }
-    let mut got = Vec::new();
-    for rcpt in rcpts {
-        write!(w, "RCPT TO:<{rcpt}>\r\n").expect("write");
-        got.push(reply(&mut r));
-    }
-    if !got.iter().any(|g| g.starts_with("250")) {
-        return (got, None);
-    }
-    write!(w, "DATA\r\n").expect("write");
-    assert!(reply(&mut r).starts_with("354"));
-    write!(w, "{message}\r\n.\r\n").expect("write");
-    let end = reply(&mut r);
-    write!(w, "QUIT\r\n").expect("write");
-    (got, Some(end))
-}
-
 #[test]
 fn milter_behind_postfix_rejects_at_rcpt_and_tags_each_recipient() {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -336,14 +293,13 @@ fn milter_behind_postfix_rejects_at_rcpt_and_tags_each_recipient() {
     // A message to three recipients, one unknown, with a forged profile header.
     let message = "From: <sender@example.net>\r\nTo: <alice@contoso.com>\r\n\
 X-Rcptgate-Profile: executives; rcpt=<mallory@contoso.com>\r\nSubject: test\r\n\r\nhello";
-    let (rcpts, end) = send_message(
-        pf.port,
+    let (rcpts, end) = pf.session(
         &[
             "alice@contoso.com",
             "nobody@contoso.com",
             "carol@contoso.com",
         ],
-        message,
+        Some(message),
     );
     assert!(rcpts[1].starts_with("550 5.1.1"), "{rcpts:?}");
     assert!(
@@ -387,7 +343,7 @@ X-Rcptgate-Profile: executives; rcpt=<mallory@contoso.com>\r\nSubject: test\r\n\
 
     // rcptgate stopped: Postfix's milter_default_action, a temporary failure, never an accept.
     drop(daemon);
-    let (got, end) = send_message(pf.port, &["alice@contoso.com"], "Subject: x\r\n\r\nx");
+    let (got, end) = pf.session(&["alice@contoso.com"], Some("Subject: x\r\n\r\nx"));
     assert!(got[0].starts_with("451"), "{got:?}");
     assert_eq!(end, None);
 }

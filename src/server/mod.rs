@@ -245,25 +245,15 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         if *shutdown.borrow() && buf.is_empty() {
             return Ok(());
         }
-        let now = tokio::time::Instant::now();
-        let deadline = if buf.is_empty() {
-            now + limits.idle_timeout
-        } else {
-            *request_started.get_or_insert(now) + limits.request_timeout
-        };
-        buf.reserve(4096);
+        let idle = buf.is_empty();
         tokio::select! {
-            read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)) => {
-                match read {
-                    Err(_) if buf.is_empty() => return Err(ConnError::Idle(limits.idle_timeout)),
-                    Err(_) => return Err(ConnError::RequestTimeout(limits.request_timeout)),
-                    Ok(Ok(0)) => return Ok(()),
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return Err(e.into()),
+            more = read_bounded(&mut stream, &mut buf, &mut request_started, limits) => {
+                if !more? {
+                    return Ok(());
                 }
             }
             // Between requests, a shutdown ends the connection at once.
-            _ = shutdown.changed(), if buf.is_empty() => return Ok(()),
+            _ = shutdown.changed(), if idle => return Ok(()),
         }
     }
 }
@@ -332,21 +322,10 @@ async fn handle_milter<S: AsyncRead + AsyncWrite + Unpin>(
             }
             return Ok(());
         }
-        let now = tokio::time::Instant::now();
-        let deadline = if buf.is_empty() {
-            now + limits.idle_timeout
-        } else {
-            *request_started.get_or_insert(now) + limits.request_timeout
-        };
-        buf.reserve(4096);
         tokio::select! {
-            read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)) => {
-                match read {
-                    Err(_) if buf.is_empty() => return Err(ConnError::Idle(limits.idle_timeout)),
-                    Err(_) => return Err(ConnError::RequestTimeout(limits.request_timeout)),
-                    Ok(Ok(0)) => return Ok(()),
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return Err(e.into()),
+            more = read_bounded(&mut stream, &mut buf, &mut request_started, limits) => {
+                if !more? {
+                    return Ok(());
                 }
             }
             // The loop's top answers a message in progress with a temporary failure.
@@ -410,6 +389,31 @@ fn judge_rcpt(
         _ => Vec::new(),
     };
     (verdict, milter::RcptAnswer { reply, headers })
+}
+
+/// Read more bytes into `buf`, every wait bounded: `idle_timeout` while no request has
+/// started, `request_timeout` from a request's first byte (`started`) however slowly the rest
+/// comes. `Ok(false)` at the end of the stream.
+async fn read_bounded<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    started: &mut Option<tokio::time::Instant>,
+    limits: &Limits,
+) -> Result<bool, ConnError> {
+    let now = tokio::time::Instant::now();
+    let deadline = if buf.is_empty() {
+        now + limits.idle_timeout
+    } else {
+        *started.get_or_insert(now) + limits.request_timeout
+    };
+    buf.reserve(4096);
+    match tokio::time::timeout_at(deadline, stream.read_buf(buf)).await {
+        Err(_) if buf.is_empty() => Err(ConnError::Idle(limits.idle_timeout)),
+        Err(_) => Err(ConnError::RequestTimeout(limits.request_timeout)),
+        Ok(Ok(0)) => Ok(false),
+        Ok(Ok(_)) => Ok(true),
+        Ok(Err(e)) => Err(e.into()),
+    }
 }
 
 /// What answering one request gives: bytes consumed, and the verdict if there was a lookup.

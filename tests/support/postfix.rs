@@ -104,6 +104,19 @@ scache unix - - n - 1 scache\npostlog unix-dgram n - n - 1 postlogd\n"
 
     /// One SMTP session: the reply line to each RCPT TO.
     pub fn rcpt(&self, recipients: &[&str]) -> Vec<String> {
+        let (replies, _) = self.session(recipients, None);
+        assert_eq!(replies.len(), recipients.len(), "MAIL refused: {replies:?}");
+        replies
+    }
+
+    /// One SMTP session to `recipients`, and with `message` its DATA when one was accepted:
+    /// the reply to each RCPT (or, when MAIL is not answered 250, that reply alone), and the
+    /// reply to the end of DATA.
+    pub fn session(
+        &self,
+        recipients: &[&str],
+        message: Option<&str>,
+    ) -> (Vec<String>, Option<String>) {
         let s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(30)))
             .expect("timeout");
@@ -123,14 +136,24 @@ scache unix - - n - 1 scache\npostlog unix-dgram n - n - 1 postlogd\n"
         write!(w, "EHLO client.example\r\n").expect("write");
         assert!(reply(&mut r).starts_with("250"));
         write!(w, "MAIL FROM:<sender@example.net>\r\n").expect("write");
-        assert!(reply(&mut r).starts_with("250"));
+        let mail = reply(&mut r);
+        if !mail.starts_with("250") {
+            return (vec![mail], None);
+        }
         let mut out = Vec::new();
         for rcpt in recipients {
             write!(w, "RCPT TO:<{rcpt}>\r\n").expect("write");
             out.push(reply(&mut r));
         }
+        let mut end = None;
+        if let Some(message) = message.filter(|_| out.iter().any(|o| o.starts_with("250"))) {
+            write!(w, "DATA\r\n").expect("write");
+            assert!(reply(&mut r).starts_with("354"));
+            write!(w, "{message}\r\n.\r\n").expect("write");
+            end = Some(reply(&mut r));
+        }
         write!(w, "QUIT\r\n").expect("write");
-        out
+        (out, end)
     }
 
     pub fn postmap_q(&self, key: &str, table: &str) -> (bool, String) {
