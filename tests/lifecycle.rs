@@ -498,8 +498,13 @@ fn a_lost_snapshot_does_not_bypass_the_deletion_guard() {
         Verdict::Tempfail(_)
     ));
     let s = l.status();
-    let reason = s.held.expect("held").reason;
-    assert!(reason.contains("persisted snapshot is missing"), "{reason}");
+    let held = s.held.expect("held");
+    assert!(
+        held.reason.contains("persisted snapshot is missing"),
+        "{}",
+        held.reason
+    );
+    assert_eq!(held.removed, 60);
     // Approved: in service, and the generations go on from the last publish.
     l.approve().expect("approve");
     assert_eq!(l.directory().generation(), Some(2));

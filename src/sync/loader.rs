@@ -935,7 +935,13 @@ impl Loader {
                 .clone()
                 .unwrap_or_else(|| h.report.plan.hold_reason(&self.cfg.guard)),
             addresses_in_service: h.report.plan.live_before,
-            removed: h.report.plan.held_removals.len() as u64,
+            // After a lost snapshot the removals are counted against the last publish; they
+            // have no names (the snapshot that had them is gone).
+            removed: if h.lost.is_some() {
+                h.report.plan.removed
+            } else {
+                h.report.plan.held_removals.len() as u64
+            },
             added: h.report.plan.added,
             removed_sample: h
                 .report
