@@ -129,9 +129,8 @@ fn snapshot_sections_with_valid_checksums() {
 #[test]
 fn milter_seeds() {
     let frame = |c: u8, d: &[u8]| {
-        let mut f = ((d.len() + 1) as u32).to_be_bytes().to_vec();
-        f.push(c);
-        f.extend_from_slice(d);
+        let mut f = Vec::new();
+        rcptgate::proto::milter::frame(c, d, &mut f);
         f
     };
     let mut stream = frame(b'O', &[0, 0, 0, 6, 0, 0, 1, 0xff, 0, 0x1f, 0xff, 0xff]);

@@ -45,9 +45,8 @@ impl Mta {
     }
 
     fn send(&mut self, command: u8, data: &[u8]) {
-        let mut f = ((data.len() + 1) as u32).to_be_bytes().to_vec();
-        f.push(command);
-        f.extend_from_slice(data);
+        let mut f = Vec::new();
+        milter::frame(command, data, &mut f);
         self.s.write_all(&f).expect("send");
     }
 

@@ -476,9 +476,8 @@ async fn a_thousand_milter_connections_against_the_cap() {
         })
     };
     let frame = |c: u8, d: &[u8]| {
-        let mut f = ((d.len() + 1) as u32).to_be_bytes().to_vec();
-        f.push(c);
-        f.extend_from_slice(d);
+        let mut f = Vec::new();
+        rcptgate::proto::milter::frame(c, d, &mut f);
         f
     };
     let mut session = frame(b'O', &[0, 0, 0, 6, 0, 0, 1, 0xff, 0, 0x1f, 0xff, 0xff]);

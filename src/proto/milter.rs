@@ -193,6 +193,14 @@ pub fn decode(buf: &[u8]) -> Result<Decoded<'_>, MilterError> {
     }
 }
 
+/// Append one frame: `data` after its command byte, behind their length (what an MTA sends;
+/// [`encode`] builds replies with it).
+pub fn frame(command: u8, data: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&((data.len() + 1) as u32).to_be_bytes());
+    out.push(command);
+    out.extend_from_slice(data);
+}
+
 /// One decoded command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command<'a> {
@@ -749,9 +757,8 @@ mod tests {
     use super::*;
 
     fn frame(command: u8, data: &[u8]) -> Vec<u8> {
-        let mut f = ((data.len() + 1) as u32).to_be_bytes().to_vec();
-        f.push(command);
-        f.extend_from_slice(data);
+        let mut f = Vec::new();
+        super::frame(command, data, &mut f);
         f
     }
 
