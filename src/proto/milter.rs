@@ -693,7 +693,7 @@ impl Session {
                 cont(n, step::NO_REPLY_MAIL)
             }
             (Phase::Message, Command::Rcpt { args }) => {
-                let arg = String::from_utf8_lossy(args[0]);
+                let arg = String::from_utf8_lossy(args.first().copied().unwrap_or_default());
                 let macro_addr = self.rcpt_macro.take();
                 // The argument is what the client sent; `{rcpt_addr}` when it is unusable.
                 let rcpt = if arg.trim_matches(['<', '>', ' ']).is_empty() {
