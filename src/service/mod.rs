@@ -126,7 +126,7 @@ impl Builder {
             clock.clone(),
         ));
         dir.set_max_age(cfg.max_age);
-        let mut loader = Loader::new(cfg.clone(), dir.clone(), clock.clone())?;
+        let mut loader = Loader::new(cfg.clone(), dir.clone(), clock)?;
         // Answers are definitive at once when a persisted snapshot exists.
         match loader.open_persisted() {
             Ok(Some(g)) => info!(generation = g, "serving persisted snapshot, generation {g}"),
@@ -140,14 +140,13 @@ impl Builder {
         // Unbounded: messages are small, and a signal must never be dropped; every job that
         // waits is one entry (rebuild requests merge).
         let (tx, rx) = mpsc::unbounded_channel();
-        let cache = Arc::new(Mutex::new((loader.status(), loader.conflicts_view())));
         let shared = Shared {
             loader: Arc::new(Mutex::new(loader)),
-            cache,
+            cache: Arc::default(),
             metrics: metrics.clone(),
             dir: dir.clone(),
-            clock,
         };
+        // The cache and the gauges as the persisted snapshot left them.
         shared.after_job();
         let listeners = Arc::new(Mutex::new(Vec::new()));
         let actor = Actor {
@@ -365,7 +364,6 @@ struct Shared {
     cache: Arc<Mutex<(Status, Conflicts)>>,
     metrics: Arc<Metrics>,
     dir: Arc<Directory>,
-    clock: Clock,
 }
 
 impl Shared {
@@ -543,7 +541,7 @@ struct Actor {
 
 impl Actor {
     fn now(&self) -> u64 {
-        (self.shared.clock)()
+        (self.shared.dir.clock())()
     }
 
     async fn run(mut self) {

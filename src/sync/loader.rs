@@ -214,8 +214,6 @@ pub struct Loader {
     /// The last good sync of each LDAP source, when it was read, and where an incremental
     /// sync continues from.
     ldap_cache: std::collections::HashMap<String, (SourceData, u64, Option<ldap::UsnMark>)>,
-    /// When the oldest data of the snapshot in service was read.
-    data_time: Option<u64>,
 }
 
 impl std::fmt::Debug for Loader {
@@ -265,7 +263,6 @@ impl Loader {
             syncs: Default::default(),
             adopt_orphans,
             ldap_cache: Default::default(),
-            data_time: None,
         })
     }
 
@@ -277,7 +274,6 @@ impl Loader {
         };
         let snap = Snapshot::open(path)?;
         let generation = snap.generation();
-        self.data_time = Some(snap.created_unix());
         self.dir.set_data_time(snap.created_unix());
         self.dir.publish(Arc::new(snap));
         Ok(Some(generation))
@@ -349,7 +345,7 @@ impl Loader {
     /// When the oldest data of the snapshot in service was read (LDAP syncs; files are read
     /// at every build). The daemon's `max_age` counts from here.
     pub fn data_time(&self) -> Option<u64> {
-        self.data_time
+        self.dir.data_time()
     }
 
     /// Read every source: files always, LDAP when due (or `sync_all`).
@@ -772,10 +768,9 @@ impl Loader {
         }
     }
 
-    /// Record when the data in service was read, here and in the directory.
-    fn set_fresh(&mut self, data_time: Option<u64>) {
+    /// Record in the directory when the data in service was read.
+    fn set_fresh(&self, data_time: Option<u64>) {
         if let Some(t) = data_time {
-            self.data_time = Some(t);
             self.dir.set_data_time(t);
         }
     }
@@ -790,8 +785,7 @@ impl Loader {
         self.approved.clear();
         self.approve_lost = false;
         match r {
-            Ok(Outcome::Published(r) | Outcome::Unchanged(r)) => Ok(r),
-            Ok(Outcome::Held(r)) => Ok(r),
+            Ok(Outcome::Published(r) | Outcome::Unchanged(r) | Outcome::Held(r)) => Ok(r),
             Err(e) => {
                 // Nothing changed: the removals are still held.
                 self.held = Some(held);
