@@ -74,6 +74,7 @@ fn main() {
         limits: Limits::default(),
         metrics: Default::default(),
         milter: Default::default(),
+        dane: None,
     });
     server_rt.spawn(serve(listener, Protocol::Policy, ctx, rx));
 

@@ -61,6 +61,23 @@ struct RawConfig {
     control: RawControl,
     #[serde(default)]
     log: RawLog,
+    dane: Option<RawDane>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDane {
+    nameservers: Option<Vec<String>>,
+    trust_anchor: Option<PathBuf>,
+    rendering: Option<String>,
+    fingerprint_digest: Option<String>,
+    cache_size: Option<usize>,
+    min_ttl: Option<String>,
+    max_ttl: Option<String>,
+    temp_ttl: Option<String>,
+    query_timeout: Option<String>,
+    decision_timeout: Option<String>,
+    warm_routes: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -274,6 +291,9 @@ pub struct Config {
     pub audit: Option<AuditConfig>,
     /// The control socket (`rcptgate status`, `approve`, `conflicts`), owner-only.
     pub control: Option<PathBuf>,
+    /// Outbound TLS policy from DANE (`[dane]`): the `tls_policy` socketmap map and
+    /// [`crate::Handle::tls_policy`]. `None` without a `[dane]` section.
+    pub dane: Option<crate::dane::DaneConfig>,
 }
 
 /// The deletion guard and tombstones (DESIGN.md §6).
@@ -332,6 +352,7 @@ impl Default for Config {
             guard: GuardConfig::default(),
             audit: None,
             control: None,
+            dane: None,
         }
     }
 }
@@ -737,7 +758,12 @@ impl Config {
                 keep: raw.audit.keep.unwrap_or(5),
             }),
         };
+        let dane = match raw.dane {
+            None => None,
+            Some(d) => Some(dane_config(d, &bad, &duration)?),
+        };
         Ok(Config {
+            dane,
             guard,
             audit,
             control: raw.control.socket,
@@ -759,6 +785,88 @@ impl Config {
             limits,
         })
     }
+}
+
+/// Reads one duration key: (key, value, default).
+type DurationParser<'a> =
+    dyn Fn(&str, &Option<String>, Duration) -> Result<Duration, ConfigError> + 'a;
+
+/// The `[dane]` section.
+fn dane_config(
+    d: RawDane,
+    bad: &dyn Fn(&str, String) -> ConfigError,
+    duration: &DurationParser<'_>,
+) -> Result<crate::dane::DaneConfig, ConfigError> {
+    use crate::dane::{DaneConfig, Digest, Rendering};
+    let mut c = DaneConfig::default();
+    for ns in d.nameservers.unwrap_or_default() {
+        let addr = ns
+            .parse::<std::net::SocketAddr>()
+            .or_else(|_| {
+                ns.parse::<std::net::IpAddr>()
+                    .map(|ip| std::net::SocketAddr::new(ip, 53))
+            })
+            .map_err(|_| bad("dane.nameservers", format!("{ns:?} is not IP or IP:PORT")))?;
+        c.resolver.nameservers.push(addr);
+    }
+    if let Some(p) = d.trust_anchor {
+        if !p.is_file() {
+            return Err(bad(
+                "dane.trust_anchor",
+                format!(
+                    "{}: no such file (DNSKEY records of the root in zone-file syntax)",
+                    p.display()
+                ),
+            ));
+        }
+        c.resolver.trust_anchor = Some(p);
+    }
+    c.rendering = match d.rendering.as_deref() {
+        None | Some("dane") => Rendering::Dane,
+        Some("fingerprint") => Rendering::Fingerprint,
+        Some(o) => {
+            return Err(bad(
+                "dane.rendering",
+                format!("{o:?}: use dane or fingerprint"),
+            ));
+        }
+    };
+    c.digest = match d.fingerprint_digest.as_deref() {
+        None | Some("sha256") => Digest::Sha256,
+        Some("sha512") => Digest::Sha512,
+        Some(o) => {
+            return Err(bad(
+                "dane.fingerprint_digest",
+                format!("{o:?}: use sha256 or sha512 (as smtp_tls_fingerprint_digest)"),
+            ));
+        }
+    };
+    if let Some(n) = d.cache_size {
+        if n == 0 {
+            return Err(bad("dane.cache_size", "must be at least 1".into()));
+        }
+        c.cache_size = n;
+    }
+    c.min_ttl = duration("dane.min_ttl", &d.min_ttl, c.min_ttl)?;
+    c.max_ttl = duration("dane.max_ttl", &d.max_ttl, c.max_ttl)?;
+    if c.max_ttl < c.min_ttl {
+        return Err(bad("dane.max_ttl", "is shorter than min_ttl".into()));
+    }
+    c.temp_ttl = duration("dane.temp_ttl", &d.temp_ttl, c.temp_ttl)?;
+    c.resolver.timeout = duration("dane.query_timeout", &d.query_timeout, c.resolver.timeout)?;
+    c.decision_timeout = duration(
+        "dane.decision_timeout",
+        &d.decision_timeout,
+        c.decision_timeout,
+    )?;
+    if c.decision_timeout.is_zero() || c.resolver.timeout.is_zero() {
+        return Err(bad(
+            "dane.decision_timeout",
+            "timeouts must be above zero".into(),
+        ));
+    }
+    c.warm_routes = d.warm_routes.unwrap_or(true);
+    Ok(c)
 }
 
 /// The LDAP settings of a `kind = "ldap"` source; errors as (key, message).

@@ -36,6 +36,7 @@
 
 pub mod address;
 pub mod config;
+pub mod dane;
 pub mod directory;
 pub mod sources;
 pub mod sync;

@@ -342,6 +342,7 @@ fn exceptions_beat_additions_beat_the_directory_through_the_policy_service() {
         limits: Limits::default(),
         metrics: Default::default(),
         milter: Default::default(),
+        dane: None,
     });
     rt.spawn(serve(listener, Protocol::Policy, ctx, rx));
 

@@ -40,6 +40,7 @@ fn rcptgate(
         limits: Limits::default(),
         metrics: Default::default(),
         milter: Default::default(),
+        dane: None,
     });
     rt.spawn(serve(listener, protocol, ctx, rx));
     (port, stop)

@@ -31,6 +31,7 @@ async fn start(protocol: Protocol, dir: Arc<Directory>, limits: Limits) -> Runni
         limits,
         metrics: Default::default(),
         milter: Default::default(),
+        dane: None,
     });
     let task = tokio::spawn(serve(listener, protocol, ctx, rx));
     Running { addr, stop, task }
@@ -456,6 +457,7 @@ async fn a_thousand_milter_connections_against_the_cap() {
         limits,
         metrics: metrics.clone(),
         milter: Default::default(),
+        dane: None,
     });
     tokio::spawn(serve(listener, Protocol::Milter, ctx, rx));
     let peak = Arc::new(std::sync::atomic::AtomicI64::new(0));

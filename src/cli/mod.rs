@@ -2,6 +2,7 @@
 
 mod build;
 mod control;
+mod dane;
 mod ldap;
 mod serve;
 
@@ -135,6 +136,31 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Diagnose DANE for next hops (`example.com`, `[mx.example.com]:587`): each DNS step
+    /// with its DNSSEC status, TLSA sizes over UDP and TCP, the `tls_policy` answer, then
+    /// STARTTLS to every MX address with the TLSA records as the only trust, and what to
+    /// fix. Exit status 1 when something would make DANE senders defer.
+    DaneCheck {
+        #[arg(required = true)]
+        domains: Vec<String>,
+        /// Take `[dane]` (name servers, trust anchor, rendering) from this configuration.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Ask this name server (IP:PORT, repeatable) instead of the system's.
+        #[arg(long = "nameserver")]
+        nameservers: Vec<std::net::SocketAddr>,
+        /// Root DNSKEY records in zone-file syntax instead of the built-in IANA root keys.
+        #[arg(long)]
+        trust_anchor: Option<PathBuf>,
+        /// Connect to this port instead of 25.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Seconds per connection step.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// The user conflicts view: tombstoned addresses (removal time, time left) and addresses
     /// claimed by two owners. Actions: `delete ADDRESS...` drops tombstones now, `keep
     /// ADDRESS...` keeps them until the address returns, `export` writes CSV.
@@ -208,6 +234,25 @@ pub fn main() -> ExitCode {
             json,
             action,
         } => control::conflicts(&config, json, action),
+        Command::DaneCheck {
+            domains,
+            config,
+            nameservers,
+            trust_anchor,
+            port,
+            timeout,
+            json,
+        } => dane::dane_check(
+            &domains,
+            &dane::CheckArgs {
+                config: config.as_deref(),
+                nameservers: &nameservers,
+                trust_anchor: trust_anchor.as_ref(),
+                port,
+                timeout: std::time::Duration::from_secs(timeout.max(1)),
+                json,
+            },
+        ),
     };
     match result {
         Ok(code) => code,

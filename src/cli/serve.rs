@@ -54,6 +54,7 @@ async fn run(cfg: Config) -> Result<ExitCode> {
         texts: cfg.texts.clone(),
         limits: cfg.limits.clone(),
         metrics: metrics.clone(),
+        dane: service.dane().cloned(),
         milter: rcptgate::server::MilterOptions {
             header: cfg.milter_header.clone(),
             details: cfg.milter_header_details,

@@ -778,6 +778,17 @@ impl Snapshot {
             .flatten()
     }
 
+    /// Every distinct route (next hop) the snapshot's records and domain defaults name, in
+    /// table order: what an outbound TLS policy cache can resolve ahead of the first message.
+    pub fn routes(&self) -> Vec<&str> {
+        let n = self.bytes(&self.attrsets).len() / 8;
+        let mut seen = std::collections::HashSet::new();
+        (0..n as u32)
+            .filter_map(|id| self.attrset(id).1)
+            .filter(|r| seen.insert(*r))
+            .collect()
+    }
+
     /// Customer of an accepted address's domain; `None` for a hit of another generation.
     pub fn customer(&self, hit: &Hit) -> Option<&str> {
         let d = self.domain_rec(hit.domain)?;

@@ -9,6 +9,11 @@
 //!   so Postfix falls back to its own transport; `TEMP` when the directory cannot answer.
 //! - `profile`: the recipient's profile -> `OK <name>`, else `NOTFOUND `.
 //!
+//! - `tls_policy` (`smtp_tls_policy_maps`): the next hop's DANE policy (`OK dane-only`,
+//!   `OK dane`, `OK encrypt`, `OK fingerprint match=…`, `NOTFOUND `, `TEMP reason`) from
+//!   [`crate::dane`]; `PERM` when no `[dane]` section is configured (Postfix then defers
+//!   rather than sends without the policy).
+//!
 //! A domain that is not in the directory is `NOTFOUND ` for `transport` and `profile` (neutral),
 //! but `TEMP` for `recipients`: Postfix only asks that map for its relay domains, and
 //! `NOTFOUND ` there is a permanent reject that the directory never said.
@@ -30,6 +35,9 @@ pub enum MapName {
     Transport,
     /// `profile`: the recipient's profile.
     Profile,
+    /// `tls_policy`: the outbound TLS policy of a next hop, for `smtp_tls_policy_maps`
+    /// (DESIGN.md §8; answered by [`crate::dane`], not by the directory).
+    TlsPolicy,
 }
 
 impl MapName {
@@ -39,6 +47,7 @@ impl MapName {
             b"recipients" => Some(MapName::Recipients),
             b"transport" => Some(MapName::Transport),
             b"profile" => Some(MapName::Profile),
+            b"tls_policy" => Some(MapName::TlsPolicy),
             _ => None,
         }
     }
@@ -118,6 +127,7 @@ pub fn reply_for<'s>(map: MapName, verdict: &Verdict, snap: Option<&'s Snapshot>
             .and_then(|s| s.profile(hit))
             .map_or(Reply::NotFound, Reply::Ok),
         (MapName::Transport | MapName::Profile, _) => Reply::NotFound,
+        (MapName::TlsPolicy, _) => Reply::Perm("tls_policy is not a directory map"),
     }
 }
 

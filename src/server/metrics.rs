@@ -50,6 +50,8 @@ pub struct Metrics {
     pub listeners_down: AtomicU64,
     /// 1 while the snapshot or state in service is not on disk (disk full; retried).
     pub persist_pending: AtomicU64,
+    /// The DANE engine, whose counters are reported too (set once at start).
+    pub dane: std::sync::OnceLock<crate::dane::Dane>,
 }
 
 fn slot(p: Protocol) -> usize {
@@ -276,6 +278,9 @@ impl Metrics {
         ];
         for (name, help, v) in gauges {
             let _ = writeln!(o, "# HELP {name} {help}.\n# TYPE {name} gauge\n{name} {v}");
+        }
+        if let Some(dane) = self.dane.get() {
+            dane.render_metrics(&mut o);
         }
         o
     }

@@ -75,6 +75,8 @@ pub struct Context {
     pub metrics: Arc<metrics::Metrics>,
     /// What the milter adds to messages.
     pub milter: MilterOptions,
+    /// The DANE engine behind the `tls_policy` socketmap map (`None`: not configured).
+    pub dane: Option<crate::dane::Dane>,
 }
 
 /// What the milter frontend adds to a message for each accepted recipient.
@@ -221,18 +223,27 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     let mut scratch = AddrBuf::default();
     // When the first byte of the request not yet complete arrived.
     let mut request_started: Option<tokio::time::Instant> = None;
+    let mut tls_key: Option<Vec<u8>> = None;
     loop {
         loop {
             out.clear();
             let started = std::time::Instant::now();
             let consumed = match protocol {
                 Protocol::Policy => answer_policy(&buf, ctx, &mut scratch, &mut out)?,
-                Protocol::Socketmap => answer_socketmap(&buf, ctx, &mut scratch, &mut out)?,
+                Protocol::Socketmap => {
+                    answer_socketmap(&buf, ctx, &mut scratch, &mut out, &mut tls_key)?
+                }
                 Protocol::Milter => return Err(ConnError::Io(io::Error::other("not a milter"))),
             };
             let Some((consumed, verdict)) = consumed else {
                 break;
             };
+            // A TLS policy that is not cached: wait for DNS (bounded by the engine's
+            // decision timeout), whatever the client sends meanwhile stays buffered.
+            if let (Some(key), Some(dane)) = (tls_key.take(), &ctx.dane) {
+                let answer = dane.policy(&key).await;
+                encode_tls_policy(answer.rendered(), &mut out);
+            }
             ctx.metrics
                 .observe(protocol, verdict.as_ref(), started.elapsed());
             tokio::time::timeout(limits.write_timeout, stream.write_all(&out))
@@ -458,12 +469,26 @@ fn answer_policy(
     Ok(Some((consumed, verdict)))
 }
 
-/// Answer the first socketmap request in `buf`; `None` if it is not complete yet.
+/// Write a DANE answer as a socketmap reply.
+fn encode_tls_policy(r: &crate::dane::Rendered, out: &mut Vec<u8>) {
+    use crate::dane::Rendered;
+    let reply = match r {
+        Rendered::Ok(v) => socketmap::Reply::Ok(v),
+        Rendered::NotFound => socketmap::Reply::NotFound,
+        Rendered::Temp(t) => socketmap::Reply::Temp(t),
+    };
+    socketmap::encode_reply(reply, out);
+}
+
+/// Answer the first socketmap request in `buf`; `None` if it is not complete yet. A
+/// `tls_policy` request whose decision is not cached leaves its key in `tls_key` and
+/// nothing in `out`: the caller waits for the DANE engine.
 fn answer_socketmap(
     buf: &[u8],
     ctx: &Context,
     scratch: &mut AddrBuf,
     out: &mut Vec<u8>,
+    tls_key: &mut Option<Vec<u8>>,
 ) -> Result<Answered, ConnError> {
     let netstring::Decoded::Frame { payload, consumed } = socketmap::decode(buf)? else {
         return Ok(None);
@@ -473,6 +498,25 @@ fn answer_socketmap(
     let reply = match socketmap::parse_request(payload) {
         None => socketmap::Reply::Perm("malformed request"),
         Some(socketmap::Request { map: None, .. }) => socketmap::Reply::Perm("unknown map"),
+        Some(socketmap::Request {
+            map: Some(socketmap::MapName::TlsPolicy),
+            key,
+            ..
+        }) => match &ctx.dane {
+            None => {
+                socketmap::Reply::Perm("tls_policy needs a [dane] section in the configuration")
+            }
+            Some(dane) => match dane.cached(key) {
+                Some(answer) => {
+                    encode_tls_policy(answer.rendered(), out);
+                    return Ok(Some((consumed, None)));
+                }
+                None => {
+                    *tls_key = Some(key.to_vec());
+                    return Ok(Some((consumed, None)));
+                }
+            },
+        },
         Some(socketmap::Request {
             map: Some(map),
             key,

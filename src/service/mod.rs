@@ -57,6 +57,9 @@ pub enum ServiceError {
     /// The service has stopped.
     #[error("the service has stopped")]
     Stopped,
+    /// The `[dane]` resolver cannot be built (a bad trust anchor, no name servers).
+    #[error("DANE: {0}")]
+    Dane(String),
     /// The operation ran and failed (the snapshot in service stays).
     #[error("{0}")]
     Failed(String),
@@ -126,6 +129,15 @@ impl Builder {
             clock.clone(),
         ));
         dir.set_max_age(cfg.max_age);
+        let dane = match &cfg.dane {
+            None => None,
+            Some(d) => {
+                let engine = crate::dane::Dane::new(d.clone())
+                    .map_err(|e| ServiceError::Dane(e.to_string()))?;
+                let _ = metrics.dane.set(engine.clone());
+                Some(engine)
+            }
+        };
         let mut loader = Loader::new(cfg.clone(), dir.clone(), clock)?;
         // Answers are definitive at once when a persisted snapshot exists.
         match loader.open_persisted() {
@@ -145,6 +157,7 @@ impl Builder {
             cache: Arc::default(),
             metrics: metrics.clone(),
             dir: dir.clone(),
+            dane: dane.clone().filter(|d| d.config().warm_routes),
         };
         // The cache and the gauges as the persisted snapshot left them.
         shared.after_job();
@@ -168,6 +181,7 @@ impl Builder {
         .map_err(|_| ServiceError::Stopped)?;
         Ok(Handle {
             dir,
+            dane,
             metrics,
             listeners,
             tx,
@@ -180,6 +194,7 @@ impl Builder {
 #[derive(Debug, Clone)]
 pub struct Handle {
     dir: Arc<Directory>,
+    dane: Option<crate::dane::Dane>,
     metrics: Arc<Metrics>,
     /// What the program running the service listens on (for `status`).
     listeners: Arc<Mutex<Vec<String>>>,
@@ -191,6 +206,19 @@ impl Handle {
     /// The directory in service: hand it to every frontend; lookups on it never wait.
     pub fn directory(&self) -> &Arc<Directory> {
         &self.dir
+    }
+
+    /// The DANE engine, when `[dane]` is configured: hand it to the socketmap listeners.
+    pub fn dane(&self) -> Option<&crate::dane::Dane> {
+        self.dane.as_ref()
+    }
+
+    /// The outbound TLS policy of a next hop (`example.com`, `[mx.example.com]:587`), as
+    /// `smtp_tls_policy_maps` would get it: from the decision cache, else resolved (one
+    /// resolution for every concurrent caller, bounded by `decision_timeout`). `None` when
+    /// no `[dane]` section is configured.
+    pub async fn tls_policy(&self, next_hop: &str) -> Option<crate::dane::PolicyAnswer> {
+        Some(self.dane.as_ref()?.policy(next_hop.as_bytes()).await)
     }
 
     /// The service's counters and gauges.
@@ -364,9 +392,28 @@ struct Shared {
     cache: Arc<Mutex<(Status, Conflicts)>>,
     metrics: Arc<Metrics>,
     dir: Arc<Directory>,
+    /// Resolves the routes' next hops after each rebuild (when `warm_routes`).
+    dane: Option<crate::dane::Dane>,
 }
 
 impl Shared {
+    /// Resolve the TLS policy of every route next hop in the snapshot ahead of mail.
+    fn warm_dane(&self) {
+        let Some(dane) = &self.dane else {
+            return;
+        };
+        let view = self.dir.view();
+        let Some(snap) = view.snapshot() else {
+            return;
+        };
+        let targets: Vec<_> = snap
+            .routes()
+            .into_iter()
+            .filter_map(crate::dane::route_target)
+            .collect();
+        dane.warm(targets);
+    }
+
     /// Refresh the cached views and the gauges from the loader.
     fn after_job(&self) {
         use std::sync::atomic::Ordering::Relaxed;
@@ -431,6 +478,9 @@ impl Shared {
                     Err(_) => self.metrics.reloads_failed.fetch_add(1, Relaxed),
                 };
                 let answer = r.map(|o| self.log_outcome(&o));
+                if answer.is_ok() {
+                    self.warm_dane();
+                }
                 if let Err(e) = &answer {
                     if self.dir.generation().is_some() {
                         error!(error = %e, "rebuild failed, snapshot in service kept: {e}");
