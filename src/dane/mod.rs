@@ -55,6 +55,7 @@ impl Default for DaneConfig {
                 nameservers: Vec::new(),
                 trust_anchor: None,
                 timeout: Duration::from_secs(2),
+                record_cache_ttl: Duration::ZERO,
             },
             rendering: Rendering::Dane,
             digest: Digest::Sha256,
@@ -160,7 +161,12 @@ impl PolicyAnswer {
 impl Dane {
     /// Build the engine (the resolver; no query is sent yet).
     pub fn new(config: DaneConfig) -> Result<Dane, resolve::ResolverError> {
-        let dns = DnsResolver::new(&config.resolver)?;
+        let mut settings = config.resolver.clone();
+        // Records are kept by the resolver for less than half the shortest decision
+        // lifetime, so the refresh at four fifths of it asks the network.
+        settings.record_cache_ttl =
+            (config.min_ttl / 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let dns = DnsResolver::new(&settings)?;
         Ok(Dane {
             inner: Arc::new(Inner {
                 config,
@@ -345,11 +351,14 @@ impl Dane {
             }
         }
         slot.expires = now + fresh.ttl;
-        // Refresh when four fifths of the lifetime have passed (a TEMP is simply redone).
+        // Refresh ahead: when a fifth of the lifetime is left, or early enough that a
+        // refresh that times out still ends before expiry (never before half of it). A TEMP
+        // is simply redone when it expires.
         slot.refresh_at = if fresh.decision.level == Level::Temp {
             slot.expires
         } else {
-            now + fresh.ttl.mul_f64(0.8)
+            let lead = (fresh.ttl / 5).max(self.inner.config.decision_timeout * 2);
+            now + fresh.ttl.saturating_sub(lead).max(fresh.ttl / 2)
         };
         slot.current = Some(fresh.clone());
         fresh

@@ -77,6 +77,9 @@ pub struct ResolverSettings {
     pub trust_anchor: Option<std::path::PathBuf>,
     /// Per query (each attempt).
     pub timeout: Duration,
+    /// The longest the resolver keeps a record itself (our decision cache is the real
+    /// cache: a refresh must ask the network, not get the same records back). Zero: 60 s.
+    pub record_cache_ttl: Duration,
 }
 
 /// A validating resolver.
@@ -134,6 +137,13 @@ impl DnsResolver {
         opts.attempts = 2;
         opts.ndots = 0;
         opts.validate = true;
+        let keep = if s.record_cache_ttl.is_zero() {
+            Duration::from_secs(60)
+        } else {
+            s.record_cache_ttl
+        };
+        opts.positive_max_ttl = Some(keep);
+        opts.negative_max_ttl = Some(keep);
         let inner = hickory_resolver::Resolver::builder_with_config(
             config,
             TokioRuntimeProvider::default(),

@@ -74,7 +74,8 @@ rewrite unix - - n - - trivial-rewrite\nbounce unix - - n - 0 bounce\n\
 defer unix - - n - 0 bounce\ntrace unix - - n - 0 bounce\nverify unix - - n - 1 verify\n\
 proxymap unix - - n - - proxymap\nerror unix - - n - - error\nretry unix - - n - - error\n\
 discard unix - - n - - discard\nsmtp unix - - n - - smtp\nanvil unix - - n - 1 anvil\n\
-scache unix - - n - 1 scache\npostlog unix-dgram n - n - 1 postlogd\n"
+scache unix - - n - 1 scache\npostlog unix-dgram n - n - 1 postlogd\n\
+tlsmgr unix - - n 1000? 1 tlsmgr\nflush unix n - n 1000? 0 flush\n"
         );
         std::fs::write(base.join("etc/master.cf"), master).expect("master.cf");
         run(Command::new("postfix")
