@@ -191,3 +191,38 @@ pub fn fuzz_milter(data: &[u8]) {
         }
     }
 }
+
+/// The DANE parsing rcptgate does itself: a policy-table key and a route's next hop (the
+/// MTA's input), an SMTP reply of an MX (`dane-check`'s input) and a certificate matched
+/// against a TLSA record (the MX's certificate; the first 3 bytes choose usage, selector
+/// and matching type, the next 32 are the association data).
+pub fn fuzz_dane(data: &[u8]) {
+    use crate::dane::{Decision, Digest, Host, Rendering, Tlsa, check, policy, verify};
+    if let Ok(t) = policy::parse_key(data) {
+        assert!(!t.name.is_empty() && t.port != 0);
+        assert!(policy::tlsa_name(&t.name, t.port).ends_with('.'));
+    }
+    let text = String::from_utf8_lossy(data);
+    let _ = crate::dane::route_target(&text);
+    let mut r = std::io::Cursor::new(data);
+    while let Ok((code, lines)) = check::read_reply(&mut r) {
+        assert!(code <= 999 && !lines.is_empty() && lines.len() <= 101);
+    }
+    if data.len() >= 35 {
+        let t = Tlsa {
+            usage: data[0] % 4,
+            selector: data[1] % 3,
+            matching: data[2] % 4,
+            data: data[3..35].to_vec(),
+        };
+        let _ = verify::matches(&data[35..], &t);
+        let mut h = Host::new("mx.example");
+        h.addresses.push(std::net::IpAddr::from([127, 0, 0, 1]));
+        h.address_security = Some(policy::Security::Secure);
+        h.tlsa_security = Some(policy::Security::Secure);
+        h.tlsa.push(t);
+        let d = Decision::from_hosts(vec![h], 300);
+        let _ = d.render(Rendering::Fingerprint, Digest::Sha256);
+        let _ = d.render(Rendering::Dane, Digest::Sha512);
+    }
+}

@@ -629,3 +629,86 @@ fn postfix_delivers_only_to_the_matching_certificate_under_fingerprint() {
     assert_eq!(good.seen.mail_in_clear.load(Ordering::SeqCst), 0);
     drop(pf);
 }
+
+#[path = "support/daemon.rs"]
+mod daemon;
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("write");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read");
+    text
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+/// `rcptgate serve` with `[dane]`: `tls_policy` on the socketmap listener, and the routes of
+/// the published directory resolved ahead of the first message.
+#[test]
+fn the_daemon_serves_tls_policy_and_warms_its_routes() {
+    let tb = &bed().tb;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let map = dir.path().join("dir.map");
+    std::fs::write(
+        &map,
+        "1|contoso.com\tDOMAIN:\tcontoso.com\troute=smtp:[mx1.example.test]:25\n\
+1|contoso.com\tDIR:\talice@contoso.com\n\
+1|contoso.com\tDIR:\tbob@contoso.com\n\
+1|contoso.com\tUCFG:\tbob@contoso.com\troute=smtp:[mx2.example.test]\n\
+++++\n",
+    )
+    .expect("map");
+    let metrics = format!("127.0.0.1:{}", nsd::free_port());
+    let config = dir.path().join("rcptgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[directory]\nsnapshot = \"{snap}\"\n\n[[source]]\nname = \"dirsync\"\nkind = \"map\"\npath = \"{map}\"\n\n\
+[socketmap]\nlisten = [\"127.0.0.1:0\"]\n\n[metrics]\nlisten = \"{metrics}\"\n\n\
+[dane]\nnameservers = [\"{ns}\"]\ntrust_anchor = \"{anchor}\"\n",
+            snap = dir.path().join("snap").display(),
+            map = map.display(),
+            ns = tb.addr(),
+            anchor = tb.anchor().display()
+        ),
+    )
+    .expect("config");
+    let d = daemon::Daemon::start(&config);
+    d.wait_generation(1);
+    // Both route next hops are decided without anyone asking.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let dane_only = "rcptgate_dane_decisions_total{policy=\"dane-only\"}";
+    while metric(&http_get(&metrics, "/metrics"), dane_only) < 2 {
+        assert!(Instant::now() < deadline, "routes not warmed:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sm = d.listener("socketmap");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mut s = TcpStream::connect(&sm).await.expect("connect");
+        for key in ["[mx1.example.test]:25", "[mx2.example.test]"] {
+            assert_eq!(
+                query(&mut s, &format!("tls_policy {key}")).await,
+                "OK dane-only"
+            );
+        }
+        assert_eq!(
+            query(&mut s, "recipients alice@contoso.com").await,
+            "OK user"
+        );
+    });
+    let m = http_get(&metrics, "/metrics");
+    assert_eq!(
+        metric(&m, dane_only),
+        2,
+        "answered from the warm cache:\n{m}"
+    );
+    assert!(metric(&m, "rcptgate_dane_cache_hits_total") >= 2, "{m}");
+    assert_eq!(metric(&m, "rcptgate_dane_cache_entries"), 2, "{m}");
+}

@@ -160,3 +160,25 @@ fn folding_can_lengthen_a_local_part_at_the_limit() {
         Err(rcptgate::address::AddrError::LocalTooLong(68))
     );
 }
+
+#[test]
+fn dane_seeds() {
+    use rcptgate::internal::fuzz_dane;
+    for s in [
+        &b"example.com"[..],
+        b"[mx.example.com]:587",
+        b"[192.0.2.1]",
+        b"example.com:0",
+        b"[",
+        b"250-mx\r\n250-STARTTLS\r\n250 SIZE\r\n",
+        b"2",
+        b"\xff\xfe",
+    ] {
+        fuzz_dane(s);
+    }
+    // A real certificate behind a TLSA prefix.
+    let mut cert = vec![3, 1, 1];
+    cert.extend_from_slice(&[0u8; 32]);
+    cert.extend_from_slice(&[0x30, 0x82, 0x01, 0x00]);
+    fuzz_dane(&cert);
+}

@@ -327,7 +327,7 @@ fn transport_step(name: &str, server: SocketAddr, timeout: Duration) -> Step {
 }
 
 /// Read one SMTP reply (all its lines); `None` on a closed connection or a line too long.
-fn read_reply<R: BufRead>(r: &mut R) -> std::io::Result<(u16, Vec<String>)> {
+pub(crate) fn read_reply<R: BufRead>(r: &mut R) -> std::io::Result<(u16, Vec<String>)> {
     let mut lines = Vec::new();
     loop {
         let mut line = Vec::new();

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-pub use policy::{Decision, Digest, Level, Rendered, Rendering, Target, Tlsa};
+pub use policy::{Decision, Digest, Host, Level, Rendered, Rendering, Target, Tlsa};
 pub use resolve::{DnsResolver, ResolverSettings};
 
 /// How the engine resolves, caches and renders.
