@@ -1021,6 +1021,44 @@ idle_timeout = "90s"
     }
 
     #[test]
+    fn dane_settings() {
+        assert!(Config::parse("t.toml", GOOD).expect("valid").dane.is_none());
+        let with = format!(
+            "{GOOD}\n[dane]\nnameservers = [\"127.0.0.1:5353\", \"::1\"]\nrendering = \"fingerprint\"\n\
+fingerprint_digest = \"sha512\"\nmin_ttl = \"1m\"\nmax_ttl = \"2h\"\ndecision_timeout = \"5s\"\n"
+        );
+        let d = Config::parse("t.toml", &with)
+            .expect("valid")
+            .dane
+            .expect("dane");
+        assert_eq!(d.resolver.nameservers[0].port(), 5353);
+        assert_eq!(d.resolver.nameservers[1].port(), 53);
+        assert_eq!(d.rendering, crate::dane::Rendering::Fingerprint);
+        assert_eq!(d.digest, crate::dane::Digest::Sha512);
+        assert_eq!(
+            (d.min_ttl, d.max_ttl),
+            (Duration::from_secs(60), Duration::from_secs(7200))
+        );
+        assert_eq!(d.decision_timeout, Duration::from_secs(5));
+        assert!(d.warm_routes);
+        for (bad, key) in [
+            ("nameservers = [\"dns.example\"]", "dane.nameservers"),
+            ("rendering = \"tlsa\"", "dane.rendering"),
+            (
+                "trust_anchor = \"/nonexistent/root.key\"",
+                "dane.trust_anchor",
+            ),
+            ("min_ttl = \"1h\"\nmax_ttl = \"1m\"", "dane.max_ttl"),
+            ("cache_size = 0", "dane.cache_size"),
+        ] {
+            let e = Config::parse("t.toml", &format!("{GOOD}\n[dane]\n{bad}\n"))
+                .expect_err(bad)
+                .to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn errors_name_the_key_and_line() {
         let unknown = GOOD.replace("[limits]", "[limits]\nmax_conections = 5");
         let e = Config::parse("t.toml", &unknown)

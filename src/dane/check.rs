@@ -98,7 +98,7 @@ pub async fn check(dane: &Dane, key: &str, opts: &CheckOptions) -> Report {
     let mut steps = Vec::new();
     let decision = match tokio::time::timeout(
         dane.config().decision_timeout,
-        resolve::decide(dane.resolver(), &target, Some(&mut steps)),
+        resolve::decide(dane.resolver(), &target, true, Some(&mut steps)),
     )
     .await
     {

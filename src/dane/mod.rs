@@ -162,10 +162,8 @@ impl Dane {
     /// Build the engine (the resolver; no query is sent yet).
     pub fn new(config: DaneConfig) -> Result<Dane, resolve::ResolverError> {
         let mut settings = config.resolver.clone();
-        // Records are kept by the resolver for less than half the shortest decision
-        // lifetime, so the refresh at four fifths of it asks the network.
-        settings.record_cache_ttl =
-            (config.min_ttl / 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        // The resolver keeps records no longer than a decision may live.
+        settings.record_cache_ttl = config.max_ttl.max(Duration::from_secs(1));
         let dns = DnsResolver::new(&settings)?;
         Ok(Dane {
             inner: Arc::new(Inner {
@@ -226,7 +224,7 @@ impl Dane {
         slot.used = tick;
         if now >= slot.refresh_at && slot.inflight.is_none() {
             self.inner.stats.refreshes.fetch_add(1, Ordering::Relaxed);
-            slot.inflight = Some(self.spawn_resolution(t.clone()));
+            slot.inflight = Some(self.spawn_resolution(t.clone(), true));
         }
         drop(cache);
         self.inner.stats.hits.fetch_add(1, Ordering::Relaxed);
@@ -258,7 +256,7 @@ impl Dane {
             match &slot.inflight {
                 Some(rx) => rx.clone(),
                 None => {
-                    let rx = self.spawn_resolution(t.clone());
+                    let rx = self.spawn_resolution(t.clone(), false);
                     slot.inflight = Some(rx.clone());
                     rx
                 }
@@ -286,18 +284,22 @@ impl Dane {
     }
 
     /// Resolve in a task of its own (a requester that gives up does not cancel it), store the
-    /// result and wake everyone waiting.
-    fn spawn_resolution(&self, t: Target) -> watch::Receiver<Option<Arc<Cached>>> {
+    /// result and wake everyone waiting. A refresh (`fresh`) asks the network, not the
+    /// resolver's record cache, so DNS that went away is noticed while the decision is valid.
+    fn spawn_resolution(&self, t: Target, fresh: bool) -> watch::Receiver<Option<Arc<Cached>>> {
         let (tx, rx) = watch::channel(None);
         let me = self.clone();
         tokio::spawn(async move {
             let timeout = me.inner.config.decision_timeout;
-            let decision =
-                match tokio::time::timeout(timeout, resolve::decide(&me.inner.dns, &t, None)).await
-                {
-                    Ok(d) => d,
-                    Err(_) => Decision::temp(format!("DNS did not answer within {timeout:?}")),
-                };
+            let decision = match tokio::time::timeout(
+                timeout,
+                resolve::decide(&me.inner.dns, &t, fresh, None),
+            )
+            .await
+            {
+                Ok(d) => d,
+                Err(_) => Decision::temp(format!("DNS did not answer within {timeout:?}")),
+            };
             let fresh = Arc::new(me.cached_from(t.clone(), decision));
             let served = me.store(&t, fresh);
             let _ = tx.send(Some(served));

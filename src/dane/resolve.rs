@@ -77,8 +77,8 @@ pub struct ResolverSettings {
     pub trust_anchor: Option<std::path::PathBuf>,
     /// Per query (each attempt).
     pub timeout: Duration,
-    /// The longest the resolver keeps a record itself (our decision cache is the real
-    /// cache: a refresh must ask the network, not get the same records back). Zero: 60 s.
+    /// The longest the resolver keeps a record itself (the decision cache's `max_ttl`: a
+    /// decision never lives longer anyway). Zero: one day.
     pub record_cache_ttl: Duration,
 }
 
@@ -138,7 +138,7 @@ impl DnsResolver {
         opts.ndots = 0;
         opts.validate = true;
         let keep = if s.record_cache_ttl.is_zero() {
-            Duration::from_secs(60)
+            Duration::from_secs(86_400)
         } else {
             s.record_cache_ttl
         };
@@ -156,7 +156,18 @@ impl DnsResolver {
     }
 
     /// Ask `name` (absolute, with the trailing dot) for `rtype` and classify the answer.
-    pub async fn query(&self, name: &str, rtype: RecordType) -> Result<Answer<Record>, Failure> {
+    /// `fresh` forgets what the resolver cached for this question first, so the answer comes
+    /// from the network (a refresh, `dane-check`); otherwise a cached answer comes with its
+    /// remaining TTL.
+    pub async fn query(
+        &self,
+        name: &str,
+        rtype: RecordType,
+        fresh: bool,
+    ) -> Result<Answer<Record>, Failure> {
+        if fresh {
+            self.inner.clear_lookup_cache(name, rtype);
+        }
         classify(self.inner.lookup(name, rtype).await, rtype)
     }
 }
@@ -269,10 +280,16 @@ pub struct Step {
     pub records: Vec<String>,
 }
 
-/// Gather one target's facts and decide (no caching here). `trace` collects each query.
-pub async fn decide(dns: &DnsResolver, target: &Target, trace: Option<&mut Vec<Step>>) -> Decision {
+/// Gather one target's facts and decide (no caching here). `fresh` asks the network rather
+/// than the resolver's record cache; `trace` collects each query.
+pub async fn decide(
+    dns: &DnsResolver,
+    target: &Target,
+    fresh: bool,
+    trace: Option<&mut Vec<Step>>,
+) -> Decision {
     let mut steps = Vec::new();
-    let d = decide_inner(dns, target, &mut steps).await;
+    let d = decide_inner(dns, target, fresh, &mut steps).await;
     if let Some(t) = trace {
         *t = steps;
     }
@@ -300,10 +317,15 @@ fn step<T>(query: String, r: &Result<Answer<T>, Failure>, show: impl Fn(&T) -> S
     }
 }
 
-async fn decide_inner(dns: &DnsResolver, target: &Target, steps: &mut Vec<Step>) -> Decision {
+async fn decide_inner(
+    dns: &DnsResolver,
+    target: &Target,
+    fresh: bool,
+    steps: &mut Vec<Step>,
+) -> Decision {
     let (names, mut ttl) = if target.mx {
         let q = format!("{}.", target.name);
-        let r = dns.query(&q, RecordType::MX).await;
+        let r = dns.query(&q, RecordType::MX, fresh).await;
         steps.push(step(format!("MX {q}"), &r, |r| match &r.data {
             RData::MX(mx) => format!("{} {}", mx.preference, mx.exchange),
             d => format!("{d}"),
@@ -370,7 +392,8 @@ async fn decide_inner(dns: &DnsResolver, target: &Target, steps: &mut Vec<Step>)
     } else {
         (vec![target.name.clone()], u32::MAX)
     };
-    let facts = futures_join_all(names.iter().map(|h| host_facts(dns, h, target.port))).await;
+    let facts =
+        futures_join_all(names.iter().map(|h| host_facts(dns, h, target.port, fresh))).await;
     let mut hosts = Vec::with_capacity(facts.len());
     for (host, host_steps, host_ttl) in facts {
         steps.extend(host_steps);
@@ -409,13 +432,18 @@ async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>)
 
 /// A host's addresses and TLSA records, asked at once; TLSA only counts when the address
 /// records are signed (RFC 7672 §2.2.2).
-async fn host_facts(dns: &DnsResolver, name: &str, port: u16) -> (Host, Vec<Step>, u32) {
+async fn host_facts(
+    dns: &DnsResolver,
+    name: &str,
+    port: u16,
+    fresh: bool,
+) -> (Host, Vec<Step>, u32) {
     let q = format!("{name}.");
     let tq = tlsa_name(name, port);
     let (a, aaaa, tlsa) = tokio::join!(
-        dns.query(&q, RecordType::A),
-        dns.query(&q, RecordType::AAAA),
-        dns.query(&tq, RecordType::TLSA)
+        dns.query(&q, RecordType::A, fresh),
+        dns.query(&q, RecordType::AAAA, fresh),
+        dns.query(&tq, RecordType::TLSA, fresh)
     );
     let ip = |r: &Record| match &r.data {
         RData::A(a) => Some(IpAddr::V4(a.0)),
