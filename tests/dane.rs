@@ -33,6 +33,8 @@ struct Ports {
     closed: u16,
     deliver_good: u16,
     deliver_wrong: u16,
+    /// Only a DANE-TA record (the testbed CA's key) at this port.
+    trust_anchor: u16,
 }
 
 struct Bed {
@@ -50,6 +52,7 @@ fn bed() -> &'static Bed {
             closed: nsd::free_port(),
             deliver_good: nsd::free_port(),
             deliver_wrong: nsd::free_port(),
+            trust_anchor: nsd::free_port(),
         };
         let mut extra = vec![
             // Secure MX, one host with usable TLSA (mx1) and one without (mx3): `dane`.
@@ -66,6 +69,10 @@ fn bed() -> &'static Bed {
         ] {
             extra.push(format!("_{p}._tcp.mx2      IN TLSA 3 1 1 @EE_SPKI_SHA256@"));
         }
+        extra.push(format!(
+            "_{}._tcp.mx2      IN TLSA 2 1 1 @TA_SPKI_SHA256@",
+            ports.trust_anchor
+        ));
         Bed {
             tb: nsd::Testbed::start(&extra),
             ports,
@@ -445,6 +452,21 @@ fn dane_check_verifies_starttls_against_the_tlsa_records() {
             .expect("steps")
             .iter()
             .any(|s| s["query"].as_str().unwrap_or("").contains("over UDP")),
+        "{v:#}"
+    );
+
+    // DANE-TA: the CA in the chain the server sends matches; chain and name then verify.
+    let _ta = smtp_sink::Sink::start(
+        b.ports.trust_anchor,
+        Some((&certs.join("mx1-chain.pem"), &certs.join("mx1.key"))),
+    );
+    let (ok, v) = dane_check(&format!("[mx2.example.test]:{}", b.ports.trust_anchor));
+    assert!(ok, "{v:#}");
+    assert!(
+        v["probes"][0]["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("2 1 1"),
         "{v:#}"
     );
 
