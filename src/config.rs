@@ -163,6 +163,17 @@ struct RawSource {
     interval: Option<String>,
     full_interval: Option<String>,
     include_disabled: Option<bool>,
+    // kind = "graph"
+    tenant_id: Option<String>,
+    client_id: Option<String>,
+    client_secret_file: Option<PathBuf>,
+    client_secret_env: Option<String>,
+    certificate_key: Option<PathBuf>,
+    certificate: Option<PathBuf>,
+    authority: Option<String>,
+    graph_url: Option<String>,
+    include_guests: Option<bool>,
+    user_filter: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -216,6 +227,8 @@ pub struct SourceConfig {
     pub domains: Vec<String>,
     /// `kind = "ldap"`: the directory, and how often to sync it.
     pub ldap: Option<crate::sources::ldap::LdapConfig>,
+    /// `kind = "graph"`: the Entra ID tenant and app registration.
+    pub graph: Option<crate::sources::graph::GraphConfig>,
     /// How often an LDAP source is synced.
     pub interval: Duration,
     /// Active Directory: syncs are incremental (uSNChanged) between full syncs this far
@@ -234,6 +247,7 @@ impl SourceConfig {
             role: crate::sources::Role::Directory,
             domains: Vec::new(),
             ldap: None,
+            graph: None,
             interval: Duration::from_secs(900),
             full_interval: Duration::from_secs(86_400),
         })
@@ -467,7 +481,10 @@ impl Config {
             let format = Format::parse(&s.kind).ok_or_else(|| {
                 bad(
                     &format!("source[{i}].kind"),
-                    format!("{:?} is not one of map, postfix, csv, ldif", s.kind),
+                    format!(
+                        "{:?} is not one of map, postfix, csv, ldif, ldap, graph",
+                        s.kind
+                    ),
                 )
             })?;
             if sources.iter().any(|o: &SourceConfig| o.name == s.name) {
@@ -486,8 +503,48 @@ impl Config {
                 })?,
             };
             let key = |k: &str| format!("source[{i}].{k}");
+            let graph_only = [
+                ("tenant_id", s.tenant_id.is_some()),
+                ("client_id", s.client_id.is_some()),
+                ("client_secret_file", s.client_secret_file.is_some()),
+                ("client_secret_env", s.client_secret_env.is_some()),
+                ("certificate_key", s.certificate_key.is_some()),
+                ("certificate", s.certificate.is_some()),
+                ("authority", s.authority.is_some()),
+                ("graph_url", s.graph_url.is_some()),
+                ("include_guests", s.include_guests.is_some()),
+                ("user_filter", s.user_filter.is_some()),
+            ];
+            let graph = if format == Format::Graph {
+                Some(graph_config(s, &key).map_err(|(k, m)| bad(&k, m))?)
+            } else {
+                if let Some((k, _)) = graph_only.iter().find(|(_, set)| *set) {
+                    return Err(bad(
+                        &key(k),
+                        format!("only for kind = \"graph\", not {:?}", s.kind),
+                    ));
+                }
+                None
+            };
             let ldap = if format == Format::Ldap {
                 Some(ldap_config(s, &key).map_err(|(k, m)| bad(&k, m))?)
+            } else if format == Format::Graph {
+                let ldap_only = [
+                    ("url", s.url.is_some()),
+                    ("bind", s.bind.is_some()),
+                    ("base_dns", s.base_dns.is_some()),
+                    ("filter", s.filter.is_some()),
+                    ("password_file", s.password_file.is_some()),
+                    ("password_env", s.password_env.is_some()),
+                    ("starttls", s.starttls.is_some()),
+                ];
+                if let Some((k, _)) = ldap_only.iter().find(|(_, set)| *set) {
+                    return Err(bad(
+                        &key(k),
+                        "only for kind = \"ldap\", not \"graph\"".into(),
+                    ));
+                }
+                None
             } else {
                 let ldap_only = [
                     ("url", s.url.is_some()),
@@ -508,16 +565,19 @@ impl Config {
                 }
                 None
             };
-            let path = match (&s.path, &ldap) {
-                (Some(p), None) => p.clone(),
-                (None, None) => return Err(bad(&key("path"), "missing: the source file".into())),
-                (Some(_), Some(_)) => {
+            let live = ldap.is_some() || graph.is_some();
+            let path = match (&s.path, live) {
+                (Some(p), false) => p.clone(),
+                (None, false) => {
+                    return Err(bad(&key("path"), "missing: the source file".into()));
+                }
+                (Some(_), true) => {
                     return Err(bad(
                         &key("path"),
-                        "an LDAP source has a url, not a path".into(),
+                        "a live source (LDAP, Graph) has no path".into(),
                     ));
                 }
-                (None, Some(_)) => PathBuf::new(),
+                (None, true) => PathBuf::new(),
             };
             let interval = match &s.interval {
                 None => Duration::from_secs(15 * 60),
@@ -558,6 +618,7 @@ impl Config {
                     .filter_map(|d| crate::address::normalize_domain(d).ok())
                     .collect(),
                 ldap,
+                graph,
                 interval,
                 full_interval,
             });
@@ -790,6 +851,88 @@ impl Config {
 /// Reads one duration key: (key, value, default).
 type DurationParser<'a> =
     dyn Fn(&str, &Option<String>, Duration) -> Result<Duration, ConfigError> + 'a;
+
+/// The settings of a `kind = "graph"` source; errors as (key, message).
+fn graph_config(
+    s: &RawSource,
+    key: &dyn Fn(&str) -> String,
+) -> Result<crate::sources::graph::GraphConfig, (String, String)> {
+    use crate::sources::graph::{Credential, GraphConfig};
+    use crate::sources::ldap::PasswordSource;
+    let need = |v: &Option<String>, k: &str, what: &str| {
+        v.clone()
+            .filter(|x| !x.trim().is_empty())
+            .ok_or_else(|| (key(k), format!("missing: {what}")))
+    };
+    let tenant_id = need(&s.tenant_id, "tenant_id", "the directory (tenant) ID")?;
+    let client_id = need(&s.client_id, "client_id", "the application (client) ID")?;
+    let credential = match (
+        &s.client_secret_file,
+        &s.client_secret_env,
+        &s.certificate_key,
+        &s.certificate,
+    ) {
+        (Some(f), None, None, None) => Credential::Secret(PasswordSource::File(f.clone())),
+        (None, Some(v), None, None) => Credential::Secret(PasswordSource::Env(v.clone())),
+        (None, None, Some(k), Some(c)) => Credential::Certificate {
+            key: k.clone(),
+            cert: c.clone(),
+        },
+        (None, None, None, None) => {
+            return Err((
+                key("client_secret_file"),
+                "missing: client_secret_file, client_secret_env, or certificate_key with certificate".into(),
+            ));
+        }
+        _ => {
+            return Err((
+                key("client_secret_file"),
+                "one credential: client_secret_file, client_secret_env, or certificate_key with certificate".into(),
+            ));
+        }
+    };
+    let https = |v: &Option<String>, k: &str, default: &str| -> Result<String, (String, String)> {
+        let u = v.clone().unwrap_or_else(|| default.to_owned());
+        if !u.starts_with("https://") {
+            return Err((key(k), format!("{u:?}: must be https://")));
+        }
+        Ok(u.trim_end_matches('/').to_owned())
+    };
+    let timeout = match &s.timeout {
+        None => Duration::from_secs(60),
+        Some(t) => parse_duration(t).filter(|d| !d.is_zero()).ok_or_else(|| {
+            (
+                key("timeout"),
+                format!("{t:?} is not a duration like \"60s\""),
+            )
+        })?,
+    };
+    let page_size = s.page_size.unwrap_or(999);
+    if !(1..=999).contains(&page_size) {
+        return Err((
+            key("page_size"),
+            format!("{page_size}: Graph pages hold 1 to 999 objects"),
+        ));
+    }
+    Ok(GraphConfig {
+        tenant_id,
+        client_id,
+        credential,
+        authority: https(
+            &s.authority,
+            "authority",
+            "https://login.microsoftonline.com",
+        )?,
+        graph_url: https(&s.graph_url, "graph_url", "https://graph.microsoft.com")?,
+        ca_file: s.ca_file.clone(),
+        include_disabled: s.include_disabled.unwrap_or(true),
+        include_guests: s.include_guests.unwrap_or(false),
+        user_filter: s.user_filter.clone().filter(|f| !f.trim().is_empty()),
+        page_size: page_size as u32,
+        timeout,
+        retries: s.retries.unwrap_or(4),
+    })
+}
 
 /// The `[dane]` section.
 fn dane_config(

@@ -605,7 +605,7 @@ impl Actor {
             .cfg
             .sources
             .iter()
-            .filter(|s| s.ldap.is_some())
+            .filter(|s| s.ldap.is_some() || s.graph.is_some())
             .map(|s| s.interval.as_secs())
             .min()
             .unwrap_or(60)
@@ -831,7 +831,7 @@ fn watch_sources(
     let files: Vec<PathBuf> = cfg
         .sources
         .iter()
-        .filter(|s| s.ldap.is_none())
+        .filter(|s| s.ldap.is_none() && s.graph.is_none())
         .filter_map(|s| std::path::absolute(&s.path).ok())
         .collect();
     let wanted = files.clone();

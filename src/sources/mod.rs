@@ -4,6 +4,7 @@
 
 pub mod ad;
 pub mod csv;
+pub mod graph;
 pub mod ldap;
 pub mod ldap_check;
 pub mod ldif;
@@ -214,6 +215,8 @@ pub enum Format {
     Ldif,
     /// A live directory (configured, not a file).
     Ldap,
+    /// Microsoft Graph (Entra ID), configured, not a file.
+    Graph,
 }
 
 impl Format {
@@ -225,6 +228,7 @@ impl Format {
             "csv" => Some(Format::Csv),
             "ldif" | "ldf" => Some(Format::Ldif),
             "ldap" | "ldaps" => Some(Format::Ldap),
+            "graph" => Some(Format::Graph),
             _ => None,
         }
     }
@@ -245,6 +249,7 @@ impl Format {
             Format::Csv => "csv",
             Format::Ldif => "ldif",
             Format::Ldap => "ldap",
+            Format::Graph => "graph",
         }
     }
 }
@@ -348,9 +353,9 @@ pub fn parse_text(format: Format, name: &Arc<str>, text: &str) -> Result<SourceD
         Format::Postfix => Ok(postfix::parse(name, text)),
         Format::Csv => csv::parse(name, text),
         Format::Ldif => Ok(ldif::parse(name, text, &ad::AdOptions::default())),
-        Format::Ldap => Err(SourceError::Refused(
+        Format::Ldap | Format::Graph => Err(SourceError::Refused(
             Location::new(name, 0, 0),
-            "an LDAP source is a live directory, not a file".into(),
+            "a live directory (LDAP, Graph) is not a file".into(),
         )),
     }
 }

@@ -15,7 +15,7 @@ use crate::directory::{self, Directory, Snapshot};
 use crate::service::types::{
     BuildSummary, Claim, Conflicts, HeldStatus, MAX_DIAGNOSTICS, SourceSync, Status, TombstoneView,
 };
-use crate::sources::{self, Severity, SourceData, ldap};
+use crate::sources::{self, Severity, SourceData, graph, ldap};
 use crate::sync::lifecycle::{self, Plan, State, StateError};
 use crate::sync::merge::{self, Conflict};
 
@@ -96,11 +96,39 @@ pub enum LoadError {
     /// An LDAP source failed.
     #[error("source {0}: {1}")]
     Ldap(String, ldap::LdapError),
+    /// A Microsoft Graph source failed.
+    #[error("source {0}: {1}")]
+    Graph(String, graph::GraphError),
 }
 
-/// For each source of a build, where its data goes back to: (LDAP source name, when it was
-/// read, its USN mark); `None` for files.
-type Back = Option<(String, u64, Option<ldap::UsnMark>)>;
+/// Where a live source's next sync starts.
+#[derive(Debug, Clone)]
+enum LiveMark {
+    /// Active Directory's USN.
+    Usn(ldap::UsnMark),
+    /// Graph's delta links (and the objects they apply to).
+    Delta(Box<graph::DeltaMark>),
+}
+
+impl LiveMark {
+    fn usn(&self) -> Option<&ldap::UsnMark> {
+        match self {
+            LiveMark::Usn(m) => Some(m),
+            LiveMark::Delta(_) => None,
+        }
+    }
+
+    fn delta(&self) -> Option<&graph::DeltaMark> {
+        match self {
+            LiveMark::Delta(m) => Some(m),
+            LiveMark::Usn(_) => None,
+        }
+    }
+}
+
+/// For each source of a build, where its data goes back to: (live source name, when it was
+/// read, its mark); `None` for files.
+type Back = Option<(String, u64, Option<LiveMark>)>;
 
 /// Removals the guard holds, until approved or no longer wanted.
 #[derive(Debug)]
@@ -213,7 +241,7 @@ pub struct Loader {
     adopt_orphans: bool,
     /// The last good sync of each LDAP source, when it was read, and where an incremental
     /// sync continues from.
-    ldap_cache: std::collections::HashMap<String, (SourceData, u64, Option<ldap::UsnMark>)>,
+    ldap_cache: std::collections::HashMap<String, (SourceData, u64, Option<LiveMark>)>,
 }
 
 impl std::fmt::Debug for Loader {
@@ -334,7 +362,7 @@ impl Loader {
     pub fn sync_due(&self) -> bool {
         let now = (self.clock)();
         self.cfg.sources.iter().any(|s| {
-            s.ldap.is_some()
+            (s.ldap.is_some() || s.graph.is_some())
                 && self
                     .ldap_cache
                     .get(&s.name)
@@ -363,6 +391,7 @@ impl Loader {
         let cfg = self.cfg.clone();
         for s in &cfg.sources {
             let loaded = match &s.ldap {
+                None if s.graph.is_some() => self.read_graph(s, now, sync_all, &mut oldest),
                 None => sources::load(s.format, &s.path)
                     .map(|d| (d, None))
                     .map_err(LoadError::from),
@@ -383,7 +412,7 @@ impl Loader {
                             let prev = stale
                                 .as_ref()
                                 .filter(|_| !sync_all)
-                                .and_then(|(d, _, m)| Some((d, m.as_ref()?)));
+                                .and_then(|(d, _, m)| Some((d, m.as_ref()?.usn()?)));
                             let took = || started.elapsed().as_secs_f64();
                             match ldap::sync(&name, l, prev, now, s.full_interval, |_| {}) {
                                 Ok(ldap::Synced::Full(d, mark)) => {
@@ -399,7 +428,7 @@ impl Loader {
                                         l.url,
                                         took()
                                     );
-                                    Ok((d, Some((s.name.clone(), now, mark))))
+                                    Ok((d, Some((s.name.clone(), now, mark.map(LiveMark::Usn)))))
                                 }
                                 Ok(ldap::Synced::Incremental {
                                     data,
@@ -425,7 +454,10 @@ impl Loader {
                                         data.entries.len(),
                                         took()
                                     );
-                                    Ok((data, Some((s.name.clone(), now, Some(mark)))))
+                                    Ok((
+                                        data,
+                                        Some((s.name.clone(), now, Some(LiveMark::Usn(mark)))),
+                                    ))
                                 }
                                 Ok(ldap::Synced::Unchanged) => match stale {
                                     Some((d, _, mark)) => {
@@ -475,6 +507,96 @@ impl Loader {
             back.push(from);
         }
         Ok((data, oldest, back))
+    }
+
+    /// Read a Graph source: its cached data while it is fresh (and no sync is asked for),
+    /// else a delta or full sync; a failure keeps the last good data for the next build.
+    fn read_graph(
+        &mut self,
+        s: &crate::config::SourceConfig,
+        now: u64,
+        sync_all: bool,
+        oldest: &mut u64,
+    ) -> Result<(SourceData, Back), LoadError> {
+        let Some(g) = &s.graph else {
+            return Err(LoadError::Graph(
+                s.name.clone(),
+                graph::GraphError::Config("not a Graph source".into()),
+            ));
+        };
+        let fresh = self
+            .ldap_cache
+            .get(&s.name)
+            .is_some_and(|(_, at, _)| now < at.saturating_add(s.interval.as_secs()));
+        let stale = match self.ldap_cache.remove(&s.name) {
+            Some((d, at, mark)) if fresh && !sync_all => {
+                *oldest = (*oldest).min(at);
+                return Ok((d, Some((s.name.clone(), at, mark))));
+            }
+            stale => stale,
+        };
+        let name: Arc<str> = Arc::from(s.name.as_str());
+        let started = std::time::Instant::now();
+        // SIGHUP (sync_all) asks for a full sync.
+        let prev = stale
+            .as_ref()
+            .filter(|_| !sync_all)
+            .and_then(|(_, _, m)| m.as_ref()?.delta());
+        let back =
+            |m: graph::DeltaMark| Some((s.name.clone(), now, Some(LiveMark::Delta(Box::new(m)))));
+        match graph::sync(&name, g, prev, now, s.full_interval, |_| {}) {
+            Ok(graph::Synced::Full(d, m)) => {
+                let n = d.entries.len();
+                self.note_sync(&s.name, "full", now, n, 0);
+                info!(
+                    source = %s.name,
+                    tenant = %g.tenant_id,
+                    addresses = n,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "{}: full Graph sync: {n} addresses from {} objects in {:.1} s",
+                    s.name,
+                    m.objects.len(),
+                    started.elapsed().as_secs_f64()
+                );
+                Ok((d, back(m)))
+            }
+            Ok(graph::Synced::Incremental {
+                data,
+                mark,
+                changed,
+            }) => {
+                let n = data.entries.len();
+                self.note_sync(&s.name, "incremental", now, n, changed);
+                info!(
+                    source = %s.name,
+                    changed,
+                    addresses = n,
+                    "{}: Graph delta sync: {changed} changed object(s), {n} addresses, in {:.2} s",
+                    s.name,
+                    started.elapsed().as_secs_f64()
+                );
+                Ok((data, back(mark)))
+            }
+            Ok(graph::Synced::Unchanged(mark)) => match stale {
+                Some((d, _, _)) => {
+                    self.note_sync(&s.name, "unchanged", now, d.entries.len(), 0);
+                    Ok((d, back(mark)))
+                }
+                None => Err(LoadError::Graph(
+                    s.name.clone(),
+                    graph::GraphError::Config(
+                        "internal: no change reported without earlier data".into(),
+                    ),
+                )),
+            },
+            Err(e) => {
+                // Keep the last good sync for the next file change.
+                if let Some(old) = stale {
+                    self.ldap_cache.insert(s.name.clone(), old);
+                }
+                Err(LoadError::Graph(s.name.clone(), e))
+            }
+        }
     }
 
     /// Remember how an LDAP source was last synced (for `status`).
