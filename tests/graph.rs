@@ -473,3 +473,109 @@ domains = [\"contoso.com\", \"contoso.de\"]\n\n\
     assert!(d.ask("robert@contoso.com").contains("action=DUNNO"));
     assert!(d.ask("nobody@contoso.com").contains("550"));
 }
+
+fn cli_config(dir: &std::path::Path, fake: &FakeGraph) -> std::path::PathBuf {
+    let secret = dir.join("graph.secret");
+    std::fs::write(&secret, SECRET).expect("secret");
+    let config = dir.join("cli.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[source]]\nname = \"entra\"\nkind = \"graph\"\ntenant_id = \"{TENANT}\"\nclient_id = \"{CLIENT}\"\n\
+client_secret_file = \"{}\"\nauthority = \"{url}\"\ngraph_url = \"{url}\"\nca_file = \"{}\"\n",
+            secret.display(),
+            fake.ca.display(),
+            url = fake.url
+        ),
+    )
+    .expect("config");
+    config
+}
+
+#[test]
+fn graph_test_and_sync_once_on_the_command_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = FakeGraph::start(dir.path(), tenant());
+    let config = cli_config(dir.path(), &fake);
+    let c = config.display().to_string();
+    let (ok, out) = daemon::cli(&["graph-test", "--config", &c]);
+    assert!(ok, "{out}");
+    for want in [
+        "ok    token",
+        "User.Read.All: /users readable",
+        "Group.Read.All: /groups readable",
+        "Directory.Read.All: tenant \"Contoso\", verified domains: contoso.com, contoso.de",
+        "10 addresses",
+        "ok    sample       alice@contoso.com user",
+        "credentials end: 2027-05-01T00:00:00Z",
+    ] {
+        assert!(out.contains(want), "{want:?} not in\n{out}");
+    }
+    fake.with(|t| {
+        t.deny.push("users".into());
+        t.deny.push("applications".into());
+    });
+    let (ok, out) = daemon::cli(&["graph-test", "--config", &c]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("FAIL  permission")
+            && out.contains("fix: add the application permission User.Read.All"),
+        "{out}"
+    );
+    fake.with(|t| t.deny.retain(|d| d != "users"));
+    let (ok, out) = daemon::cli(&["graph-test", "--config", &c]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("WARN  expiry") && out.contains("Application.Read.All"),
+        "{out}"
+    );
+    // One full sync to a MAP file that a file source (or another gateway) can read.
+    let map = dir.path().join("entra.map");
+    let (ok, out) = daemon::cli(&[
+        "sync",
+        "--once",
+        "--config",
+        &c,
+        "--output",
+        &map.display().to_string(),
+    ]);
+    assert!(ok, "{out}");
+    let data = rcptgate::sources::load(rcptgate::sources::Format::Map, &map).expect("map");
+    assert_eq!(data.entries.len(), 10);
+}
+
+#[test]
+fn a_restart_continues_from_the_delta_links() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = FakeGraph::start(dir.path(), tenant());
+    let secret = dir.path().join("graph.secret");
+    std::fs::write(&secret, SECRET).expect("secret");
+    let config = dir.path().join("rcptgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[directory]\nsnapshot = \"{snap}\"\n\n[[source]]\nname = \"entra\"\nkind = \"graph\"\n\
+tenant_id = \"{TENANT}\"\nclient_id = \"{CLIENT}\"\nclient_secret_file = \"{secret}\"\n\
+authority = \"{url}\"\ngraph_url = \"{url}\"\nca_file = \"{ca}\"\ninterval = \"1h\"\n\n\
+[policy]\nlisten = [\"127.0.0.1:0\"]\n",
+            snap = dir.path().join("snap").display(),
+            secret = secret.display(),
+            url = fake.url,
+            ca = fake.ca.display()
+        ),
+    )
+    .expect("config");
+    let d = daemon::Daemon::start(&config);
+    let s = d.wait_generation(1);
+    assert_eq!(s.syncs[0].kind, "full");
+    assert!(dir.path().join("snap.graph-entra.json").exists());
+    drop(d);
+    fake.with(|t| t.user("u2", user("u2", "bob@contoso.com", &["bobby@contoso.com"])));
+    let d = daemon::Daemon::start(&config);
+    let s = d.wait("the first sync after the restart", |s| !s.syncs.is_empty());
+    assert_eq!(s.syncs[0].kind, "incremental", "{s:?}");
+    assert_eq!(s.syncs[0].changed, 1);
+    d.wait_generation(2);
+    assert!(d.ask("bobby@contoso.com").contains("action=DUNNO"));
+    assert!(d.ask("alice@contoso.de").contains("action=DUNNO"));
+}

@@ -21,11 +21,11 @@ pub fn sync(
     let picked: Vec<_> = cfg
         .sources
         .iter()
-        .filter(|s| s.ldap.is_some() && only.is_none_or(|n| n == s.name))
+        .filter(|s| (s.ldap.is_some() || s.graph.is_some()) && only.is_none_or(|n| n == s.name))
         .collect();
     if picked.is_empty() {
         bail!(
-            "{}: no LDAP source{}",
+            "{}: no LDAP or Graph source{}",
             config.display(),
             only.map(|n| format!(" named {n:?}")).unwrap_or_default()
         );
@@ -35,34 +35,56 @@ pub fn sync(
     }
     let tty = std::io::stderr().is_terminal();
     for s in picked {
-        let Some(l) = &s.ldap else { continue };
         let name: Arc<str> = Arc::from(s.name.as_str());
-        eprintln!(
-            "rcptgate: {}: syncing {} ({} base DN(s))",
-            s.name,
-            l.url,
-            l.bases.len()
-        );
         let mut last_line = Instant::now();
-        let mut last = sources::ldap::Progress::default();
-        let data = sources::ldap::fetch(&name, l, |p| {
-            last = p;
-            let rate = p.entries as f64 / p.elapsed.as_secs_f64().max(1e-3);
+        let mut show = |objects: u64, pages: u64, elapsed: std::time::Duration| {
+            let rate = objects as f64 / elapsed.as_secs_f64().max(1e-3);
             let line = format!(
-                "  {} entries, {} pages, {:.0} entries/s, {:.1} s",
-                p.entries,
-                p.pages,
-                rate,
-                p.elapsed.as_secs_f64()
+                "  {objects} entries, {pages} pages, {rate:.0} entries/s, {:.1} s",
+                elapsed.as_secs_f64()
             );
             if tty {
                 eprint!("\r{line}   ");
-            } else if p.pages == 1 || last_line.elapsed().as_secs() >= 2 {
+            } else if pages == 1 || last_line.elapsed().as_secs() >= 2 {
                 eprintln!("{line}");
                 last_line = Instant::now();
             }
-        })
-        .with_context(|| format!("source {}", s.name))?;
+        };
+        let (data, last) = if let Some(g) = &s.graph {
+            eprintln!(
+                "rcptgate: {}: syncing tenant {} from {}",
+                s.name, g.tenant_id, g.graph_url
+            );
+            let mut last = sources::ldap::Progress::default();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let (data, _) = sources::graph::full(&name, g, now, |p| {
+                last = sources::ldap::Progress {
+                    entries: p.objects,
+                    pages: p.pages,
+                    elapsed: p.elapsed,
+                };
+                show(p.objects, p.pages, p.elapsed);
+            })
+            .with_context(|| format!("source {}", s.name))?;
+            (data, last)
+        } else {
+            let Some(l) = &s.ldap else { continue };
+            eprintln!(
+                "rcptgate: {}: syncing {} ({} base DN(s))",
+                s.name,
+                l.url,
+                l.bases.len()
+            );
+            let mut last = sources::ldap::Progress::default();
+            let data = sources::ldap::fetch(&name, l, |p| {
+                last = p;
+                show(p.entries, p.pages, p.elapsed);
+            })
+            .with_context(|| format!("source {}", s.name))?;
+            (data, last)
+        };
         if tty {
             eprintln!();
         }
@@ -99,6 +121,46 @@ pub fn sync(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `graph-test`: each Graph source step by step.
+pub fn graph_test(config: &Path, only: Option<&str>) -> Result<ExitCode> {
+    use rcptgate::sources::ldap_check::Status;
+    let cfg = rcptgate::config::Config::load(config)?;
+    let mut failed = false;
+    let mut any = false;
+    for s in cfg
+        .sources
+        .iter()
+        .filter(|s| only.is_none_or(|n| n == s.name))
+    {
+        let Some(g) = &s.graph else { continue };
+        any = true;
+        println!("{} (tenant {}, {}):", s.name, g.tenant_id, g.graph_url);
+        let name: Arc<str> = Arc::from(s.name.as_str());
+        for step in sources::graph::test(&name, g) {
+            let tag = match step.status {
+                Status::Ok => "ok  ",
+                Status::Warn => "WARN",
+                Status::Fail => {
+                    failed = true;
+                    "FAIL"
+                }
+            };
+            println!("  {tag}  {:<12} {}", step.name, step.detail);
+            if let Some(f) = step.fix {
+                println!("        fix: {f}");
+            }
+        }
+    }
+    if !any {
+        bail!("{}: no Graph source to test", config.display());
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 pub fn ldap_test(config: &Path, only: Option<&str>) -> Result<ExitCode> {

@@ -88,7 +88,7 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// One full sync of the configured LDAP source(s), with progress and a summary;
+    /// One full sync of the configured LDAP or Graph source(s), with progress and a summary;
     /// `--output FILE` writes the result as a MAP upload (so the sync can feed other
     /// gateways too).
     Sync {
@@ -111,6 +111,16 @@ enum Command {
     /// server certificate with its expiry, bind, search per base DN, a few mapped entries),
     /// saying what to fix. Exit status 1 when a step fails.
     LdapTest {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this source (by name).
+        #[arg(long)]
+        source: Option<String>,
+    },
+    /// Test each Microsoft Graph source step by step (the token, each permission exercised,
+    /// the users and groups with addresses, five mapped samples, the secret's expiry when
+    /// readable), saying what to fix. Exit status 1 when a step fails.
+    GraphTest {
         #[arg(long, short)]
         config: PathBuf,
         /// Only this source (by name).
@@ -226,6 +236,7 @@ pub fn main() -> ExitCode {
             customer,
         } => ldap::sync(&config, source.as_deref(), output.as_deref(), &customer),
         Command::LdapTest { config, source } => ldap::ldap_test(&config, source.as_deref()),
+        Command::GraphTest { config, source } => ldap::graph_test(&config, source.as_deref()),
         Command::Status { config, json } => control::status(&config, json),
         Command::Approve { config } => control::approve(&config),
         Command::Reload { config } => control::reload(&config),

@@ -143,7 +143,7 @@ pub fn aadsts_fix(code: u64) -> Option<&'static str> {
 
 /// Where the last sync left off: the delta links (none with a `user_filter`), when the last
 /// full sync ran, and the objects seen (a delta answer may carry only what changed).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct DeltaMark {
     /// `@odata.deltaLink` of `/users/delta`.
     pub users: Option<String>,
@@ -903,6 +903,191 @@ fn incremental(cfg: &GraphConfig, m: &DeltaMark) -> Result<Option<(DeltaMark, u6
         }
     }
     Ok(Some((mark, changed)))
+}
+
+/// `rcptgate graph-test`: each step the "Test" button of a directory-sync service takes —
+/// the token, each permission exercised, the objects with addresses, five mapped samples, and
+/// the secret's expiry when the app may read its own registration.
+pub fn test(name: &Arc<str>, cfg: &GraphConfig) -> Vec<super::ldap_check::Step> {
+    use super::ldap_check::{Status, Step};
+    let step = |status, name, detail: String, fix: Option<String>| Step {
+        status,
+        name,
+        detail,
+        fix,
+    };
+    let mut out = Vec::new();
+    let mut c = match Client::new(cfg) {
+        Ok(c) => c,
+        Err(e) => {
+            out.push(step(Status::Fail, "setup", e.to_string(), None));
+            return out;
+        }
+    };
+    match c.token() {
+        Ok(_) => out.push(step(
+            Status::Ok,
+            "token",
+            format!(
+                "client-credentials token for {} from {} ({})",
+                cfg.client_id,
+                cfg.authority,
+                c.token_expires_in
+                    .map_or("cached".to_owned(), |s| format!("valid {} min", s / 60))
+            ),
+            None,
+        )),
+        Err(e) => {
+            let (detail, fix) = match &e {
+                GraphError::Auth { detail, fix } => (detail.clone(), fix.clone()),
+                other => (other.to_string(), None),
+            };
+            out.push(step(Status::Fail, "token", detail, fix));
+            return out;
+        }
+    }
+    let probes = [
+        ("users", "User.Read.All", "users?$select=id&$top=1"),
+        ("groups", "Group.Read.All", "groups?$select=id&$top=1"),
+    ];
+    let mut group_id = None;
+    for (what, perm, path) in probes {
+        let url = c.url(path);
+        match c.get(&url, false, &format!("/{what}"), perm) {
+            Ok(v) => {
+                if what == "groups" {
+                    group_id = v["value"][0]["id"].as_str().map(str::to_owned);
+                }
+                out.push(step(
+                    Status::Ok,
+                    "permission",
+                    format!("{perm}: /{what} readable"),
+                    None,
+                ));
+            }
+            Err(e) => out.push(step(
+                Status::Fail,
+                "permission",
+                e.to_string(),
+                Some(format!(
+                    "add the application permission {perm} and grant admin consent"
+                )),
+            )),
+        }
+    }
+    if let Some(id) = group_id {
+        let url = c.url(&format!("groups/{id}/members?$select=id&$top=1"));
+        match c.get(&url, false, "/groups/{id}/members", "GroupMember.Read.All") {
+            Ok(_) => out.push(step(Status::Ok, "permission", "GroupMember.Read.All: group members readable".into(), None)),
+            Err(e) => out.push(step(
+                Status::Warn,
+                "permission",
+                e.to_string(),
+                Some("add GroupMember.Read.All (group membership is not needed for addresses, but for group-based scoping)".into()),
+            )),
+        }
+    }
+    let url = c.url("organization?$select=id,displayName,verifiedDomains");
+    match c.get(&url, false, "/organization", "Directory.Read.All") {
+        Ok(v) => {
+            let domains: Vec<&str> = v["value"][0]["verifiedDomains"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|d| d["name"].as_str()).collect())
+                .unwrap_or_default();
+            out.push(step(
+                Status::Ok,
+                "permission",
+                format!(
+                    "Directory.Read.All: tenant {:?}, verified domains: {}",
+                    v["value"][0]["displayName"].as_str().unwrap_or("?"),
+                    domains.join(", ")
+                ),
+                None,
+            ));
+        }
+        Err(e) => out.push(step(
+            Status::Warn,
+            "permission",
+            e.to_string(),
+            Some("add Directory.Read.All to read the tenant's verified domains".into()),
+        )),
+    }
+    if out.iter().any(|s| s.status == Status::Fail) {
+        return out;
+    }
+    let started = Instant::now();
+    match full(name, cfg, 0, |_| {}) {
+        Ok((data, mark)) => {
+            let users = mark
+                .objects
+                .keys()
+                .filter(|k| k.starts_with("users/"))
+                .count();
+            let groups = mark.objects.len() - users;
+            let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+            for e in &data.entries {
+                *kinds.entry(e.kind.as_str()).or_default() += 1;
+            }
+            out.push(step(
+                Status::Ok,
+                "sync",
+                format!(
+                    "{users} users and {groups} mail-enabled groups read in {:.1} s: {} addresses ({})",
+                    started.elapsed().as_secs_f64(),
+                    data.entries.len(),
+                    kinds.iter().map(|(k, n)| format!("{n} {k}")).collect::<Vec<_>>().join(", ")
+                ),
+                None,
+            ));
+            for e in data.entries.iter().filter(|e| e.owner.is_none()).take(5) {
+                out.push(step(
+                    Status::Ok,
+                    "sample",
+                    format!(
+                        "{}@{} {} ({})",
+                        e.local,
+                        e.domain,
+                        e.kind.as_str(),
+                        e.dn.as_deref().unwrap_or("")
+                    ),
+                    None,
+                ));
+            }
+        }
+        Err(e) => out.push(step(Status::Fail, "sync", e.to_string(), None)),
+    }
+    let url = c.url(&format!(
+        "applications(appId='{}')?$select=displayName,passwordCredentials,keyCredentials",
+        cfg.client_id
+    ));
+    match c.get(&url, false, "/applications", "Application.Read.All") {
+        Ok(v) => {
+            let ends: Vec<String> = v["passwordCredentials"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .chain(v["keyCredentials"].as_array().into_iter().flatten())
+                .filter_map(|c| c["endDateTime"].as_str().map(str::to_owned))
+                .collect();
+            out.push(step(
+                Status::Ok,
+                "expiry",
+                if ends.is_empty() {
+                    "no credential end dates listed".into()
+                } else {
+                    format!("credentials end: {}", ends.join(", "))
+                },
+                None,
+            ));
+        }
+        Err(_) => out.push(step(
+            Status::Warn,
+            "expiry",
+            "the secret's expiry is not readable (needs Application.Read.All on the app); check it in the app registration".into(),
+            None,
+        )),
+    }
+    out
 }
 
 #[cfg(test)]

@@ -528,14 +528,19 @@ impl Loader {
             .ldap_cache
             .get(&s.name)
             .is_some_and(|(_, at, _)| now < at.saturating_add(s.interval.as_secs()));
+        let name: Arc<str> = Arc::from(s.name.as_str());
         let stale = match self.ldap_cache.remove(&s.name) {
             Some((d, at, mark)) if fresh && !sync_all => {
                 *oldest = (*oldest).min(at);
                 return Ok((d, Some((s.name.clone(), at, mark))));
             }
+            // After a restart: where the last run's delta sync left off.
+            None => self.load_graph_state(&s.name).map(|m| {
+                let (d, _) = graph::build_data(&name, g, &m.objects);
+                (d, 0, Some(LiveMark::Delta(Box::new(m))))
+            }),
             stale => stale,
         };
-        let name: Arc<str> = Arc::from(s.name.as_str());
         let started = std::time::Instant::now();
         // SIGHUP (sync_all) asks for a full sync.
         let prev = stale
@@ -546,6 +551,7 @@ impl Loader {
             |m: graph::DeltaMark| Some((s.name.clone(), now, Some(LiveMark::Delta(Box::new(m)))));
         match graph::sync(&name, g, prev, now, s.full_interval, |_| {}) {
             Ok(graph::Synced::Full(d, m)) => {
+                self.save_graph_state(&s.name, &m);
                 let n = d.entries.len();
                 self.note_sync(&s.name, "full", now, n, 0);
                 info!(
@@ -565,6 +571,7 @@ impl Loader {
                 mark,
                 changed,
             }) => {
+                self.save_graph_state(&s.name, &mark);
                 let n = data.entries.len();
                 self.note_sync(&s.name, "incremental", now, n, changed);
                 info!(
@@ -596,6 +603,46 @@ impl Loader {
                 }
                 Err(LoadError::Graph(s.name.clone(), e))
             }
+        }
+    }
+
+    /// Where a Graph source's delta links and objects are kept across restarts: next to the
+    /// snapshot (none without a snapshot path).
+    fn graph_state_path(&self, source: &str) -> Option<std::path::PathBuf> {
+        let snap = self.cfg.snapshot.as_ref()?;
+        let mut p = snap.clone().into_os_string();
+        p.push(format!(".graph-{source}.json"));
+        Some(p.into())
+    }
+
+    fn load_graph_state(&self, source: &str) -> Option<graph::DeltaMark> {
+        let path = self.graph_state_path(source)?;
+        let text = std::fs::read(&path).ok()?;
+        match serde_json::from_slice::<graph::DeltaMark>(&text) {
+            Ok(m) => {
+                info!(source, path = %path.display(), "{source}: continuing from the delta links of the last run");
+                Some(m)
+            }
+            Err(e) => {
+                warn!(source, path = %path.display(), error = %e, "{}: unreadable ({e}); a full sync instead", path.display());
+                None
+            }
+        }
+    }
+
+    fn save_graph_state(&self, source: &str, m: &graph::DeltaMark) {
+        let Some(path) = self.graph_state_path(source) else {
+            return;
+        };
+        if m.users.is_none() {
+            let _ = std::fs::remove_file(&path);
+            return;
+        }
+        let r = serde_json::to_vec(m)
+            .map_err(|e| e.to_string())
+            .and_then(|b| crate::directory::write_atomic(&path, &b).map_err(|e| e.to_string()));
+        if let Err(e) = r {
+            warn!(source, path = %path.display(), error = %e, "{}: not written ({e}); a restart will sync in full", path.display());
         }
     }
 

@@ -471,6 +471,31 @@ fn answer(req: &Request, t: &mut Tenant, base: &str) -> (u16, Vec<(String, Strin
             "Insufficient privileges to complete the operation.",
         );
     }
+    if kind == "organization" {
+        return (
+            200,
+            Vec::new(),
+            json!({"value": [{"id": TENANT, "displayName": "Contoso",
+                "verifiedDomains": [{"name": "contoso.com"}, {"name": "contoso.de"}, {"name": "contoso.onmicrosoft.com"}]}]}),
+        );
+    }
+    if kind.starts_with("applications(") {
+        if t.deny.iter().any(|d| d == "applications") {
+            return graph_error(
+                403,
+                "Authorization_RequestDenied",
+                "Insufficient privileges to complete the operation.",
+            );
+        }
+        return (
+            200,
+            Vec::new(),
+            json!({"displayName": "rcptgate", "passwordCredentials": [{"displayName": "gateway", "endDateTime": "2027-05-01T00:00:00Z"}], "keyCredentials": []}),
+        );
+    }
+    if path.ends_with("/members") {
+        return (200, Vec::new(), json!({"value": []}));
+    }
     let objects: Vec<(String, Value)> = match kind.as_str() {
         "users" => t
             .users
