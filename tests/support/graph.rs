@@ -496,17 +496,9 @@ fn answer(req: &Request, t: &mut Tenant, base: &str) -> (u16, Vec<(String, Strin
     if path.ends_with("/members") {
         return (200, Vec::new(), json!({"value": []}));
     }
-    let objects: Vec<(String, Value)> = match kind.as_str() {
-        "users" => t
-            .users
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        "groups" => t
-            .groups
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
+    let map = match kind.as_str() {
+        "users" => &t.users,
+        "groups" => &t.groups,
         _ => return graph_error(404, "Request_ResourceNotFound", "Resource not found."),
     };
     if path.ends_with("/delta") {
@@ -536,7 +528,6 @@ fn answer(req: &Request, t: &mut Tenant, base: &str) -> (u16, Vec<(String, Strin
                     .collect();
                 ids.sort();
                 ids.dedup();
-                let map: BTreeMap<_, _> = objects.into_iter().collect();
                 let value: Vec<Value> = ids
                     .into_iter()
                     .map(|id| match map.get(id) {
@@ -559,42 +550,53 @@ fn answer(req: &Request, t: &mut Tenant, base: &str) -> (u16, Vec<(String, Strin
             }
         }
     }
-    let mut objects: Vec<Value> = objects.into_iter().map(|(_, v)| v).collect();
-    if q.get("$filter").is_some_and(|f| f == "mailEnabled eq true") {
-        objects.retain(|o| o["mailEnabled"] == true);
-    } else if let Some(f) = q.get("$filter") {
-        if f == "accountEnabled eq true" {
-            objects.retain(|o| o["accountEnabled"] == true);
-        } else if let Some(dom) = f
+    // Listing: filtered lazily, one page cloned (the benchmark serves 120k objects).
+    type Keep = Box<dyn Fn(&Value) -> bool>;
+    let keep: Keep = match q.get("$filter").map(String::as_str) {
+        None => Box::new(|_| true),
+        Some("mailEnabled eq true") => Box::new(|o| o["mailEnabled"] == true),
+        Some("accountEnabled eq true") => Box::new(|o| o["accountEnabled"] == true),
+        Some(f) => match f
             .strip_prefix("endsWith(mail,'")
             .and_then(|r| r.strip_suffix("')"))
         {
-            if req.header("ConsistencyLevel") != Some("eventual") {
-                return graph_error(
-                    400,
-                    "Request_UnsupportedQuery",
-                    "Unsupported or invalid query filter clause specified for property 'mail' of resource 'User'.",
-                );
+            Some(dom) => {
+                if req.header("ConsistencyLevel") != Some("eventual") {
+                    return graph_error(
+                        400,
+                        "Request_UnsupportedQuery",
+                        "Unsupported or invalid query filter clause specified for property 'mail' of resource 'User'.",
+                    );
+                }
+                let dom = dom.to_owned();
+                Box::new(move |o| o["mail"].as_str().is_some_and(|m| m.ends_with(&dom)))
             }
-            objects.retain(|o| o["mail"].as_str().is_some_and(|m| m.ends_with(dom)));
-        } else {
-            return graph_error(400, "Request_UnsupportedQuery", "Unsupported query.");
-        }
-    }
+            None => return graph_error(400, "Request_UnsupportedQuery", "Unsupported query."),
+        },
+    };
     let top: usize = q.get("$top").and_then(|v| v.parse().ok()).unwrap_or(100);
-    let skip: usize = q
-        .get("$skiptoken")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let page: Vec<Value> = objects.iter().skip(skip).take(top).cloned().collect();
+    // The skip token is the last key served (like Graph's opaque cursor).
+    let after = q.get("$skiptoken").cloned();
+    let mut it = map
+        .range::<String, _>((
+            after
+                .as_ref()
+                .map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded),
+            std::ops::Bound::Unbounded,
+        ))
+        .filter(|(_, v)| keep(v));
+    let page: Vec<(&String, &Value)> = it.by_ref().take(top).collect();
+    let more = it.next().is_some();
+    let last = page.last().map(|(k, _)| (*k).clone());
+    let value: Vec<Value> = page.into_iter().map(|(_, v)| v.clone()).collect();
     let mut body =
-        json!({"@odata.context": format!("{base}/v1.0/$metadata#{kind}"), "value": page});
-    if skip + top < objects.len() {
+        json!({"@odata.context": format!("{base}/v1.0/$metadata#{kind}"), "value": value});
+    if let (true, Some(last)) = (more, last) {
         let mut next = format!(
             "{base}{}",
             req.target.split("&$skiptoken").next().unwrap_or("")
         );
-        next.push_str(&format!("&$skiptoken={}", skip + top));
+        next.push_str(&format!("&$skiptoken={last}"));
         body["@odata.nextLink"] = json!(next);
     }
     (200, Vec::new(), body)
