@@ -500,6 +500,8 @@ fn graph_test_and_sync_once_on_the_command_line() {
     let c = config.display().to_string();
     let (ok, out) = daemon::cli(&["graph-test", "--config", &c]);
     assert!(ok, "{out}");
+    // The README shows this output.
+    println!("{out}");
     for want in [
         "ok    token",
         "User.Read.All: /users readable",
