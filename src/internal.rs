@@ -226,3 +226,43 @@ pub fn fuzz_dane(data: &[u8]) {
         let _ = d.render(Rendering::Dane, Digest::Sha512);
     }
 }
+
+/// A Graph answer page as the Graph source reads it: its `value` objects keyed by kind and
+/// id, mapped through the AD rules (what a hostile or broken Graph could send).
+pub fn fuzz_graph(data: &[u8]) {
+    use crate::sources::graph::{Credential, GraphConfig, build_data};
+    use crate::sources::ldap::PasswordSource;
+    let Ok(serde_json::Value::Object(page)) = serde_json::from_slice::<serde_json::Value>(data)
+    else {
+        return;
+    };
+    let mut objects = std::collections::HashMap::new();
+    if let Some(serde_json::Value::Array(items)) = page.get("value") {
+        for (i, it) in items.iter().enumerate() {
+            if let serde_json::Value::Object(m) = it {
+                let kind = if i % 2 == 0 { "users" } else { "groups" };
+                let id = m.get("id").and_then(|v| v.as_str()).unwrap_or("x");
+                objects.insert(format!("{kind}/{id}"), m.clone());
+            }
+        }
+    }
+    let cfg = GraphConfig {
+        tenant_id: "t".into(),
+        client_id: "c".into(),
+        credential: Credential::Secret(PasswordSource::None),
+        authority: "https://a".into(),
+        graph_url: "https://g".into(),
+        ca_file: None,
+        include_disabled: data.len() % 2 == 0,
+        include_guests: data.len() % 3 == 0,
+        user_filter: None,
+        page_size: 999,
+        timeout: std::time::Duration::from_secs(1),
+        retries: 0,
+    };
+    let name: std::sync::Arc<str> = std::sync::Arc::from("fuzz");
+    let (d, _) = build_data(&name, &cfg, &objects);
+    for e in &d.entries {
+        assert!(!e.local.is_empty() && !e.domain.is_empty());
+    }
+}

@@ -182,3 +182,17 @@ fn dane_seeds() {
     cert.extend_from_slice(&[0x30, 0x82, 0x01, 0x00]);
     fuzz_dane(&cert);
 }
+
+#[test]
+fn graph_seeds() {
+    use rcptgate::internal::fuzz_graph;
+    for s in [
+        r#"{"value":[{"id":"1","mail":"a@b.example","proxyAddresses":["SMTP:a@b.example","smtp:x@b.example","SIP:q"],"accountEnabled":false},{"id":"2","mailEnabled":true,"mail":"g@b.example"}]}"#,
+        r#"{"value":[{"id":"1","mail":"@","proxyAddresses":["SMTP:","smtp:a@@b",7,null]},{"id":null}]}"#,
+        r#"{"value":"no"}"#,
+        "[]",
+        "{",
+    ] {
+        fuzz_graph(s.as_bytes());
+    }
+}
