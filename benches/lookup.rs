@@ -248,6 +248,34 @@ fn run_size(c: &mut Criterion, n: usize, test_mode: bool) {
         );
     }
 
+    // `explain` of a miss: the cold sections (checked on first use), the excluded list, the
+    // closest addresses of the domain by the Levenshtein automaton.
+    let snap = Snapshot::open(&path).expect("open");
+    let opts = LookupOptions::default();
+    let t = Instant::now();
+    let _ = snap.explain(&q_miss[0], &opts);
+    let first = t.elapsed();
+    let mut ex: Vec<Duration> = q_miss
+        .iter()
+        .skip(1)
+        .take(if test_mode { 20 } else { 200 })
+        .map(|q| {
+            let t = Instant::now();
+            black_box(snap.explain(black_box(q), &opts));
+            t.elapsed()
+        })
+        .collect();
+    ex.sort();
+    println!(
+        "explain of a miss: first {:.1} ms (cold sections read and checked), then p50 {:.1} ms, p99 {:.1} ms | excluded section {} bytes = {:.3} bytes/address ({} exclusions listed)",
+        first.as_secs_f64() * 1e3,
+        ex[ex.len() / 2].as_secs_f64() * 1e3,
+        ex[(ex.len() - 1) * 99 / 100].as_secs_f64() * 1e3,
+        snap.section_bytes(rcptgate::directory::Sec::Excluded),
+        snap.section_bytes(rcptgate::directory::Sec::Excluded) as f64 / nn,
+        snap.excluded_counts().iter().map(|(_, n)| n).sum::<u64>()
+    );
+
     // Criterion: mean time per lookup over the random query sets.
     let mut g = c.benchmark_group(format!("lookup/{label}"));
     g.throughput(Throughput::Elements(1));

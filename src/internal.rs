@@ -77,6 +77,10 @@ pub fn fuzz_snapshot(data: &[u8]) {
             }
         }
         snap.for_each_address(|_, _| {});
+        for q in ["alise@contoso.com", "sales@contoso.com", "x@contoso.co"] {
+            let _ = snap.explain(q, &crate::directory::LookupOptions::default());
+        }
+        let _ = snap.excluded_counts();
     }
 }
 

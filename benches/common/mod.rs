@@ -282,6 +282,18 @@ pub fn generate(n: usize, seed: u64) -> Synthetic {
         }
     }
     let _ = NONE;
+    // What a directory sync leaves out: every 50th address a disabled account's (as an AD
+    // sync with include_disabled = false would), for `explain` and the section's size.
+    let excluded: Vec<rcptgate::directory::explain::Excluded> = addresses
+        .iter()
+        .step_by(50)
+        .map(|a| rcptgate::directory::explain::Excluded {
+            address: format!("x.{a}"),
+            reason: rcptgate::directory::explain::Reason::Disabled,
+            origin: "synthetic.ldap (CN=Disabled User,OU=Staff,DC=corp,DC=example)".into(),
+            detail: "userAccountControl has ACCOUNTDISABLE".into(),
+        })
+        .collect();
     Synthetic {
         input: BuildInput {
             generation: 1,
@@ -291,6 +303,7 @@ pub fn generate(n: usize, seed: u64) -> Synthetic {
             domains,
             records,
             shards: 0,
+            excluded,
         },
         addresses,
     }

@@ -219,3 +219,67 @@ pub fn conflicts(config: &Path, as_json: bool, action: Option<ConflictAction>) -
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `explain`: from the running daemon (`--config`, with the audit log's history) or from a
+/// snapshot file.
+pub fn explain(
+    config: Option<&Path>,
+    snapshot: Option<&Path>,
+    options: rcptgate::LookupOptions,
+    addresses: &[String],
+    as_json: bool,
+) -> Result<ExitCode> {
+    let list = match (config, snapshot) {
+        (Some(c), None) => match control(c, &Ctl::Explain(addresses.to_vec()))? {
+            Reply::Explained { explanations } => explanations,
+            other => return Err(unexpected(other)),
+        },
+        (None, Some(p)) => {
+            let snap =
+                rcptgate::Snapshot::open(p).with_context(|| format!("opening {}", p.display()))?;
+            addresses
+                .iter()
+                .map(|a| snap.explain(a, &options))
+                .collect()
+        }
+        _ => bail!("give --config FILE (ask the running daemon) or --snapshot FILE"),
+    };
+    for e in &list {
+        if as_json {
+            println!("{}", serde_json::to_string(e)?);
+            continue;
+        }
+        println!(
+            "{}: {}{}",
+            e.input,
+            e.verdict,
+            e.code
+                .as_deref()
+                .map(|c| format!(" {c}"))
+                .unwrap_or_default()
+        );
+        if let Some(a) = e.address.as_deref().filter(|a| *a != e.input) {
+            println!("  address    {a}");
+        }
+        println!("  step       {}", e.step);
+        if let Some(r) = &e.record {
+            println!("  record     {r}");
+        }
+        for c in &e.claims {
+            println!("  claimed by {c}");
+        }
+        for x in &e.excluded {
+            println!("  left out   {x}");
+        }
+        for h in &e.history {
+            println!("  history    {h}");
+        }
+        if !e.near_domains.is_empty() {
+            println!("  near       {}", e.near_domains.join(", "));
+        }
+        if !e.similar.is_empty() {
+            println!("  did you mean {}", e.similar.join(", "));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

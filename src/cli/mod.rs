@@ -146,6 +146,25 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Why addresses get the answer they get: the DESIGN §4 step that decided; for a hit the
+    /// record and every claim (conflict losers too); for a miss what the sources listed but
+    /// the build left out (disabled, guest, invalid syntax, conflict, exception), the
+    /// audit log's removals, domains near an unknown one, the closest addresses of the domain.
+    Explain {
+        /// Ask the running daemon (its snapshot and audit log).
+        #[arg(long, short, conflicts_with = "snapshot")]
+        config: Option<PathBuf>,
+        /// Or read this snapshot file.
+        #[arg(long)]
+        snapshot: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+        /// Subaddress separators (with --snapshot).
+        #[arg(long, default_value = "+")]
+        separators: String,
+        #[arg(required = true)]
+        addresses: Vec<String>,
+    },
     /// Diagnose DANE for next hops (`example.com`, `[mx.example.com]:587`): each DNS step
     /// with its DNSSEC status, TLSA sizes over UDP and TCP, the `tls_policy` answer, then
     /// STARTTLS to every MX address with the TLSA records as the only trust, and what to
@@ -245,6 +264,22 @@ pub fn main() -> ExitCode {
             json,
             action,
         } => control::conflicts(&config, json, action),
+        Command::Explain {
+            config,
+            snapshot,
+            json,
+            separators,
+            addresses,
+        } => control::explain(
+            config.as_deref(),
+            snapshot.as_deref(),
+            rcptgate::LookupOptions {
+                separators: separators.as_bytes().into(),
+                always_accept: vec!["postmaster".into()],
+            },
+            &addresses,
+            json,
+        ),
         Command::DaneCheck {
             domains,
             config,

@@ -107,6 +107,8 @@ pub struct BuildInput {
     pub records: Vec<RecordSpec>,
     /// FST shards built in parallel (0 = one per core, capped by size).
     pub shards: usize,
+    /// What the sources listed but the build left out, and why (for `explain`).
+    pub excluded: Vec<super::explain::Excluded>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -374,6 +376,7 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
     }
     sec[Sec::ColdRecords as usize] = cold;
     sec[Sec::ColdBlob as usize] = blob;
+    sec[Sec::Excluded as usize] = super::explain::encode(std::mem::take(&mut input.excluded));
 
     let mut header = Header {
         generation: input.generation,

@@ -13,9 +13,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const MAGIC: &[u8; 8] = b"RCPTGATE";
-/// 2: four kind bits in FST values (exceptions).
-pub const VERSION: u32 = 2;
-pub const SECTIONS: usize = 11;
+/// 2: four kind bits in FST values (exceptions). 3: the `excluded` cold section.
+pub const VERSION: u32 = 3;
+pub const SECTIONS: usize = 12;
 const SECTION_REF: usize = 24;
 pub const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 8 + 8 + 4 + 4 + SECTIONS * SECTION_REF + 4;
 
@@ -44,6 +44,9 @@ pub enum Sec {
     ColdRecords,
     /// Cold: length-prefixed strings (owners, DNs, attributes).
     ColdBlob,
+    /// Cold: what the build left out and why (`explain`): counts per reason, then a capped
+    /// list of records sorted by address.
+    Excluded,
 }
 
 impl Sec {
@@ -60,6 +63,7 @@ impl Sec {
         Sec::Sources,
         Sec::ColdRecords,
         Sec::ColdBlob,
+        Sec::Excluded,
     ];
 
     /// The section's name in errors.
@@ -76,12 +80,16 @@ impl Sec {
             Sec::Sources => "sources",
             Sec::ColdRecords => "cold records",
             Sec::ColdBlob => "cold strings",
+            Sec::Excluded => "excluded",
         }
     }
 
     /// True for the sections only diagnostics read (checked on first use).
     pub fn is_cold(self) -> bool {
-        matches!(self, Sec::ColdKeys | Sec::ColdRecords | Sec::ColdBlob)
+        matches!(
+            self,
+            Sec::ColdKeys | Sec::ColdRecords | Sec::ColdBlob | Sec::Excluded
+        )
     }
 }
 

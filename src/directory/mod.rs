@@ -4,6 +4,7 @@
 // Reachable from outside only through the hidden `internal` module (benchmarks).
 #[allow(missing_docs)]
 pub(crate) mod build;
+pub mod explain;
 mod format;
 mod snapshot;
 

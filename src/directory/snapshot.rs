@@ -155,6 +155,7 @@ pub struct Snapshot {
     cold_keys: Range<usize>,
     cold_records: Range<usize>,
     cold_blob: Range<usize>,
+    excluded: Range<usize>,
     /// The cold sections, read and checked on first use (or why they cannot be used).
     cold: OnceLock<Result<Cold, String>>,
 }
@@ -304,6 +305,7 @@ impl Snapshot {
             cold_keys: range(Sec::ColdKeys),
             cold_records: range(Sec::ColdRecords),
             cold_blob: range(Sec::ColdBlob),
+            excluded: range(Sec::Excluded),
             cold: OnceLock::new(),
             header,
             backing: backing.clone(),
@@ -807,7 +809,12 @@ impl Snapshot {
 
     fn load_cold(&self) -> Result<Cold, String> {
         use std::os::unix::fs::FileExt;
-        let cold = [Sec::ColdKeys, Sec::ColdRecords, Sec::ColdBlob];
+        let cold = [
+            Sec::ColdKeys,
+            Sec::ColdRecords,
+            Sec::ColdBlob,
+            Sec::Excluded,
+        ];
         let ranges: Vec<(Sec, Range<usize>)> = cold
             .iter()
             .map(|&sec| {
@@ -855,6 +862,93 @@ impl Snapshot {
             Some(Ok(c)) => self.cold_slice(c, r),
             _ => &[],
         }
+    }
+
+    /// The `excluded` section's bytes (checked on first use; empty if that failed).
+    pub(crate) fn excluded_bytes(&self) -> &[u8] {
+        if self.check_cold().is_err() {
+            return &[];
+        }
+        self.cold_section(&self.excluded)
+    }
+
+    /// Up to `max` addresses of `domain` (normalized) whose local part is within edit
+    /// distance 1 of `local`, else 2: the FST's Levenshtein automaton, run only over the
+    /// domain's keys.
+    pub fn similar(&self, local: &str, domain: &str, max: usize) -> Vec<String> {
+        use fst::Automaton;
+        use fst::automaton::Levenshtein;
+        use fst::{IntoStreamer, Streamer};
+
+        struct InDomain<'a> {
+            prefix: &'a [u8],
+            lev: &'a Levenshtein,
+        }
+        impl Automaton for InDomain<'_> {
+            type State = (usize, Option<<Levenshtein as Automaton>::State>);
+            fn start(&self) -> Self::State {
+                (0, None)
+            }
+            fn is_match(&self, s: &Self::State) -> bool {
+                s.0 == self.prefix.len() && s.1.as_ref().is_some_and(|l| self.lev.is_match(l))
+            }
+            fn can_match(&self, s: &Self::State) -> bool {
+                match s {
+                    (usize::MAX, _) => false,
+                    (p, _) if *p < self.prefix.len() => true,
+                    (_, l) => l.as_ref().is_some_and(|l| self.lev.can_match(l)),
+                }
+            }
+            fn accept(&self, s: &Self::State, byte: u8) -> Self::State {
+                match s {
+                    (usize::MAX, _) => (usize::MAX, None),
+                    (p, _) if *p < self.prefix.len() => {
+                        if self.prefix[*p] != byte {
+                            (usize::MAX, None)
+                        } else if p + 1 == self.prefix.len() {
+                            (p + 1, Some(self.lev.start()))
+                        } else {
+                            (p + 1, None)
+                        }
+                    }
+                    (p, l) => (*p, l.as_ref().map(|l| self.lev.accept(l, byte))),
+                }
+            }
+        }
+
+        let Some(index) = self.domain_index(domain) else {
+            return Vec::new();
+        };
+        let Some(rec) = self.domain_rec(index) else {
+            return Vec::new();
+        };
+        let Some(fst) = self.shard_of(&rec) else {
+            return Vec::new();
+        };
+        let w = self.header.key_width as usize;
+        let be = index.to_be_bytes();
+        let prefix = &be[4 - w..];
+        for d in 1..=2 {
+            let Ok(lev) = Levenshtein::new(local, d) else {
+                return Vec::new();
+            };
+            let aut = InDomain { prefix, lev: &lev };
+            let mut found = Vec::new();
+            let mut stream = fst.search(&aut).into_stream();
+            while let Some((key, _)) = stream.next() {
+                let l = String::from_utf8_lossy(&key[w..]).into_owned();
+                if l != local {
+                    found.push(format!("{l}@{domain}"));
+                }
+                if found.len() >= max {
+                    break;
+                }
+            }
+            if !found.is_empty() {
+                return found;
+            }
+        }
+        Vec::new()
     }
 
     /// Owner, origin and attributes of the record that answered `rcpt` with `hit`, from the

@@ -26,6 +26,8 @@ pub enum Command {
     Delete(Vec<String>),
     /// Keep these tombstones until their address returns or they are deleted.
     Keep(Vec<String>),
+    /// Why these addresses get the answer they get.
+    Explain(Vec<String>),
 }
 
 /// Why a control command line is refused.
@@ -38,7 +40,7 @@ pub enum ControlError {
     TooLong,
     #[error("command is not UTF-8 text")]
     NotText,
-    #[error("unknown command {0:?} (status, approve, conflicts, reload, delete, keep)")]
+    #[error("unknown command {0:?} (status, approve, conflicts, reload, delete, keep, explain)")]
     Unknown(String),
     #[error("{0} needs at least one address")]
     NoArgs(&'static str),
@@ -81,6 +83,8 @@ pub fn decode(buf: &[u8]) -> Result<Option<Command>, ControlError> {
         "reload" => bare("reload", Command::Reload),
         "delete" if args.is_empty() => Err(ControlError::NoArgs("delete")),
         "keep" if args.is_empty() => Err(ControlError::NoArgs("keep")),
+        "explain" if args.is_empty() => Err(ControlError::NoArgs("explain")),
+        "explain" => Ok(Some(Command::Explain(args))),
         "delete" => Ok(Some(Command::Delete(args))),
         "keep" => Ok(Some(Command::Keep(args))),
         other => Err(ControlError::Unknown(other.chars().take(40).collect())),
@@ -96,6 +100,7 @@ pub fn encode(cmd: &Command) -> String {
         Command::Reload => ("reload", &[]),
         Command::Delete(a) => ("delete", a),
         Command::Keep(a) => ("keep", a),
+        Command::Explain(a) => ("explain", a),
     };
     let mut line = verb.to_owned();
     for a in args {

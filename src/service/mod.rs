@@ -729,6 +729,39 @@ impl Actor {
                     let _ = reply.send(r);
                 });
             }
+            Command::Explain(addresses) => {
+                let dir = self.shared.dir.clone();
+                let audit = self.cfg.audit.clone();
+                tokio::task::spawn_blocking(move || {
+                    let view = dir.view();
+                    let r = match view.snapshot() {
+                        None => Reply::Error {
+                            message: "no snapshot in service yet: every answer is a temporary failure"
+                                .into(),
+                        },
+                        Some(snap) => Reply::Explained {
+                            explanations: addresses
+                                .iter()
+                                .map(|a| {
+                                    let mut e = snap.explain(a, dir.options());
+                                    if dir.is_stale() && e.verdict == "reject" {
+                                        e.step = format!(
+                                            "7: the data is older than max_age: unknown addresses are deferred (else {})",
+                                            e.step
+                                        );
+                                        e.verdict = "tempfail".into();
+                                    }
+                                    if let (Some(cfg), Some(addr)) = (&audit, &e.address) {
+                                        e.history = crate::sync::audit_history(cfg, addr);
+                                    }
+                                    e
+                                })
+                                .collect(),
+                        },
+                    };
+                    let _ = reply.send(r);
+                });
+            }
             Command::Approve => self.queue.push(Job::Control {
                 op: LoaderOp::Approve,
                 reply,

@@ -275,6 +275,11 @@ pub enum Reply {
     },
     /// `reload`.
     Rebuilt(Rebuilt),
+    /// `explain`: one per address.
+    Explained {
+        /// In the order asked.
+        explanations: Vec<crate::directory::explain::Explanation>,
+    },
     /// The command failed.
     Error {
         /// Why.

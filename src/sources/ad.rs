@@ -68,6 +68,45 @@ pub struct Mapped {
     pub diagnostics: Vec<Diagnostic>,
     /// Why the object gives no addresses (no mail attributes, computer, disabled, ...).
     pub skipped: Option<&'static str>,
+    /// The addresses it would have had, when it is skipped for a reason other than having
+    /// none (for `explain`).
+    pub excluded: Vec<crate::directory::explain::Excluded>,
+}
+
+/// The addresses an object lists (`mail`, `SMTP:`/`smtp:` proxy addresses), valid ones only.
+pub fn listed_addresses(entry: &DirEntry) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let proxies = entry.values("proxyAddresses").filter_map(|(v, _)| {
+        let (p, a) = v.split_once(':')?;
+        p.eq_ignore_ascii_case("smtp").then_some(a)
+    });
+    for v in entry.values("mail").map(|(v, _)| v).chain(proxies) {
+        if let Ok((l, d)) = directory_address(v.trim()) {
+            let a = join_key(&l, &d);
+            if !out.contains(&a) {
+                out.push(a);
+            }
+        }
+    }
+    out
+}
+
+/// `explain` records for every address of a skipped object.
+pub fn exclusions(
+    entry: &DirEntry,
+    file: &Arc<str>,
+    reason: crate::directory::explain::Reason,
+    detail: &str,
+) -> Vec<crate::directory::explain::Excluded> {
+    listed_addresses(entry)
+        .into_iter()
+        .map(|address| crate::directory::explain::Excluded {
+            address,
+            reason,
+            origin: format!("{} ({})", Location::new(file, entry.line, 0), entry.dn),
+            detail: detail.to_owned(),
+        })
+        .collect()
 }
 
 /// `msExchRecipientTypeDetails` values we recognise.
@@ -112,6 +151,12 @@ pub fn map_entry(entry: &DirEntry, file: &Arc<str>, opts: &AdOptions) -> Mapped 
     let exch_kind = exch.and_then(kind_from_exchange);
     let Some(mut kind) = exch_kind.or_else(|| kind_from_classes(entry)) else {
         out.skipped = Some("not a user, group, contact or public folder");
+        out.excluded = exclusions(
+            entry,
+            file,
+            crate::directory::explain::Reason::NotRecipient,
+            "objectClass",
+        );
         return out;
     };
     let disabled = entry
@@ -121,6 +166,12 @@ pub fn map_entry(entry: &DirEntry, file: &Arc<str>, opts: &AdOptions) -> Mapped 
     if disabled && matches!(kind, Kind::User) {
         if !opts.include_disabled {
             out.skipped = Some("disabled account (include_disabled = false)");
+            out.excluded = exclusions(
+                entry,
+                file,
+                crate::directory::explain::Reason::Disabled,
+                "userAccountControl has ACCOUNTDISABLE",
+            );
             return out;
         }
         // Exchange says "user mailbox": keep it as such; otherwise a disabled mail-enabled
@@ -138,7 +189,8 @@ pub fn map_entry(entry: &DirEntry, file: &Arc<str>, opts: &AdOptions) -> Mapped 
             Err((_, why)) => {
                 out.diagnostics.push(
                     Diagnostic::error(loc(line), format!("invalid address {v:?}: {why}; skipped"))
-                        .with_dn(dn),
+                        .with_dn(dn)
+                        .with_subject(v),
                 );
                 None
             }

@@ -152,10 +152,13 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
                         out.entries.push(mk(l, d, Some(owner.clone())));
                     }
                 }
-                Err((_, why)) => out.diagnostics.push(Diagnostic::error(
-                    at(),
-                    format!("EmailAddresses item {item:?}: {why}; skipped"),
-                )),
+                Err((_, why)) => out.diagnostics.push(
+                    Diagnostic::error(
+                        at(),
+                        format!("EmailAddresses item {item:?}: {why}; skipped"),
+                    )
+                    .with_subject(addr),
+                ),
             }
         }
     }

@@ -657,16 +657,25 @@ pub fn build_data(
     keys.sort_unstable();
     for k in keys {
         let o = &objects[k];
+        let entry = dir_entry(k, o);
         if let Some(why) = excluded(k, o, cfg) {
             *skipped.entry(why).or_default() += 1;
+            let reason = if k.starts_with("groups/") {
+                crate::directory::explain::Reason::NotMailEnabled
+            } else {
+                crate::directory::explain::Reason::Guest
+            };
+            data.excluded
+                .extend(ad::exclusions(&entry, name, reason, why));
             continue;
         }
-        let m = ad::map_entry(&dir_entry(k, o), name, &opts);
+        let m = ad::map_entry(&entry, name, &opts);
         if let Some(why) = m.skipped {
             *skipped.entry(why).or_default() += 1;
         }
         data.entries.extend(m.entries);
         data.diagnostics.extend(m.diagnostics);
+        data.excluded.extend(m.excluded);
     }
     (data, skipped)
 }

@@ -444,6 +444,7 @@ fn search_into(
         let mapped = ad::map_entry(&dir_entry(raw), &file, &opts);
         out.entries.extend(mapped.entries);
         out.diagnostics.extend(mapped.diagnostics);
+        out.excluded.extend(mapped.excluded);
         n += 1;
         each(n);
     }
@@ -641,8 +642,15 @@ fn incremental(
     };
     data.entries.retain(|e| !hit(&e.dn));
     data.diagnostics.retain(|d| !hit(&d.dn));
+    // Exclusions name their DN at the end of the origin: `source:line (DN)`.
+    data.excluded.retain(|x| {
+        !x.origin
+            .rsplit_once(" (")
+            .is_some_and(|(_, dn)| touched.contains(&dn.trim_end_matches(')').to_ascii_lowercase()))
+    });
     data.entries.append(&mut fresh.entries);
     data.diagnostics.append(&mut fresh.diagnostics);
+    data.excluded.append(&mut fresh.excluded);
     Ok((data, touched.len() as u64))
 }
 

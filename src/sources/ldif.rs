@@ -20,6 +20,7 @@ pub fn parse(name: &Arc<str>, text: &str, opts: &AdOptions) -> SourceData {
         let m = ad::map_entry(e, name, opts);
         out.entries.extend(m.entries);
         out.diagnostics.extend(m.diagnostics);
+        out.excluded.extend(m.excluded);
     }
     out
 }

@@ -137,6 +137,7 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
         let addr = |(v, c): (&str, usize)| -> Result<(String, String), Diagnostic> {
             let (local, domain) = directory_address(v).map_err(|(off, why)| {
                 Diagnostic::error(at(c + off), format!("invalid address {v:?}: {why}"))
+                    .with_subject(v)
             })?;
             if domain != line_domain {
                 return Err(Diagnostic::error(

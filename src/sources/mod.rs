@@ -70,6 +70,8 @@ pub struct Diagnostic {
     pub dn: Option<Box<str>>,
     /// What is wrong, in words.
     pub message: String,
+    /// The address text it is about, when an address was refused (for `explain`).
+    pub subject: Option<Box<str>>,
 }
 
 impl Diagnostic {
@@ -80,7 +82,14 @@ impl Diagnostic {
             loc,
             dn: None,
             message: message.into(),
+            subject: None,
         }
+    }
+
+    /// The same, naming the address text that was refused.
+    pub fn with_subject(mut self, subject: &str) -> Diagnostic {
+        self.subject = Some(Box::from(subject));
+        self
     }
 
     /// A warning: the entry is kept.
@@ -306,6 +315,9 @@ pub struct SourceData {
     pub entries: Vec<Entry>,
     /// What was skipped or doubtful.
     pub diagnostics: Vec<Diagnostic>,
+    /// Addresses the source lists but that are left out (disabled, guests, …), for
+    /// `explain`.
+    pub excluded: Vec<crate::directory::explain::Excluded>,
 }
 
 impl SourceData {
@@ -319,6 +331,7 @@ impl SourceData {
             derive_domains: format != Format::Map,
             entries: Vec::new(),
             diagnostics: Vec::new(),
+            excluded: Vec::new(),
         }
     }
 

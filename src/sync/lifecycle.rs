@@ -149,6 +149,8 @@ pub struct Plan {
     pub tombstoned: u64,
     /// Tombstones whose grace ran out, and those whose address came back.
     pub expired: u64,
+    /// The first [`SAMPLE`] tombstones whose grace ran out (for `explain`, via the audit log).
+    pub expired_sample: Vec<String>,
     /// Tombstones whose address came back.
     pub returned: u64,
     /// Tombstone records added to the build.
@@ -375,6 +377,9 @@ pub fn plan_approved(
         }
         if grace == 0 || (!t.keep && now >= t.removed.saturating_add(grace)) {
             p.expired += 1;
+            if p.expired_sample.len() < SAMPLE {
+                p.expired_sample.push(address.clone());
+            }
             return false;
         }
         // A tombstone whose domain is no longer accepted waits in the state file (it is

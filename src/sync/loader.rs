@@ -1048,6 +1048,7 @@ impl Loader {
             "held_removals": r.plan.held_removals.len(),
             "added_sample": r.plan.added_sample,
             "removed_sample": r.plan.removed_sample,
+            "expired_sample": r.plan.expired_sample,
         })
     }
 

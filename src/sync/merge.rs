@@ -6,8 +6,9 @@ use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::address;
+use crate::directory::explain::{Excluded, Reason};
 use crate::directory::{BuildInput, DomainSpec, Interner, Kind, NONE, RecordSpec};
-use crate::sources::{self, Diagnostic, Role, SourceData, derives_domain, join_key};
+use crate::sources::{self, Diagnostic, Role, Severity, SourceData, derives_domain, join_key};
 
 /// One address claimed by two owners.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,6 +198,27 @@ pub fn merge(sources: &[SourceData], generation: u64) -> Merged {
     let mut order: Vec<usize> = (0..sources.len()).collect();
     order.sort_by_key(|&i| sources[i].role);
     let mut last_domain: Option<(&str, u32)> = None;
+    let mut excluded: Vec<Excluded> = Vec::new();
+    for src in sources {
+        excluded.extend(src.excluded.iter().cloned());
+        for d in src
+            .diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+        {
+            if let Some(subject) = &d.subject {
+                excluded.push(Excluded {
+                    address: address::normalize(subject).unwrap_or_else(|_| subject.to_lowercase()),
+                    reason: Reason::InvalidSyntax,
+                    origin: match &d.dn {
+                        Some(dn) => format!("{} ({dn})", d.loc),
+                        None => d.loc.to_string(),
+                    },
+                    detail: d.message.clone(),
+                });
+            }
+        }
+    }
     for si in order {
         let src = &sources[si];
         for (ei, e) in src.entries.iter().enumerate() {
@@ -210,6 +232,17 @@ pub fn merge(sources: &[SourceData], generation: u64) -> Merged {
                     }
                     None => {
                         m.outside_domains += 1;
+                        if src.role == Role::Directory {
+                            excluded.push(Excluded {
+                                address: format!("{}@{}", e.local.to_lowercase(), e.domain),
+                                reason: Reason::DomainNotAccepted,
+                                origin: match &e.dn {
+                                    Some(dn) => format!("{} ({dn})", e.loc),
+                                    None => e.loc.to_string(),
+                                },
+                                detail: format!("a {} in {}", e.kind.as_str(), e.domain),
+                            });
+                        }
                         continue;
                     }
                 },
@@ -234,7 +267,15 @@ pub fn merge(sources: &[SourceData], generation: u64) -> Merged {
             match src.role {
                 Role::Directory => {}
                 Role::Additions => m.additions += 1,
-                Role::Exceptions => m.exceptions += 1,
+                Role::Exceptions => {
+                    m.exceptions += 1;
+                    excluded.push(Excluded {
+                        address: format!("{}@{}", String::from_utf8_lossy(&local), e.domain),
+                        reason: Reason::Exception,
+                        origin: origin_of(sources, &claim),
+                        detail: String::new(),
+                    });
+                }
             }
             let record = |strings: &mut Interner| {
                 let kind = match src.role {
@@ -288,14 +329,24 @@ pub fn merge(sources: &[SourceData], generation: u64) -> Merged {
             } else {
                 ((old_owner, claims[i]), (new_owner, claim))
             };
-            m.conflicts.push(Conflict {
+            let c = Conflict {
                 address,
                 kept_owner: kept.0,
                 kept_origin: origin_of(sources, &kept.1),
                 dropped_owner: dropped.0,
                 dropped_origin: origin_of(sources, &dropped.1),
                 rule,
+            };
+            excluded.push(Excluded {
+                address: c.address.clone(),
+                reason: Reason::ConflictLost,
+                origin: c.dropped_origin.clone(),
+                detail: format!(
+                    "claimed for {}; kept for {} ({}; {})",
+                    c.dropped_owner, c.kept_owner, c.kept_origin, c.rule
+                ),
             });
+            m.conflicts.push(c);
         }
     }
     inherit_from_owners(&mut records, &domains);
@@ -309,6 +360,7 @@ pub fn merge(sources: &[SourceData], generation: u64) -> Merged {
         domains,
         records,
         shards: 0,
+        excluded,
     };
     m
 }
