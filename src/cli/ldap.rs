@@ -200,3 +200,127 @@ pub fn ldap_test(config: &Path, only: Option<&str>) -> Result<ExitCode> {
         ExitCode::SUCCESS
     })
 }
+
+/// `sync --object`: provision on demand, each step shown; `--apply` asks the daemon.
+pub fn provision(config: &Path, only: Option<&str>, object: &str, apply: bool) -> Result<ExitCode> {
+    let cfg = rcptgate::config::Config::load(config)?;
+    let picked: Vec<_> = cfg
+        .sources
+        .iter()
+        .filter(|s| s.ldap.is_some() && only.is_none_or(|n| n == s.name))
+        .collect();
+    let s = match picked.as_slice() {
+        [one] => *one,
+        [] => bail!(
+            "{}: no LDAP source{}",
+            config.display(),
+            only.map(|n| format!(" named {n:?}")).unwrap_or_default()
+        ),
+        _ => bail!("several LDAP sources: pick one with --source NAME"),
+    };
+    let Some(l) = &s.ldap else {
+        bail!("not an LDAP source")
+    };
+    println!("{} ({}): {object}", s.name, l.url);
+    let Some(found) =
+        sources::ldap::fetch_object(l, object).with_context(|| format!("source {}", s.name))?
+    else {
+        println!(
+            "  FAIL  found        no object with that DN, user principal name, sAMAccountName, mail or proxy address"
+        );
+        return Ok(ExitCode::from(1));
+    };
+    let mut ok = true;
+    match &found.base {
+        Some((b, scope)) => println!(
+            "  ok    found        {} under base {b} ({scope:?})",
+            found.entry.dn
+        ),
+        None => {
+            ok = false;
+            println!(
+                "  FAIL  found        {} is under none of base_dns: a sync never reads it",
+                found.entry.dn
+            );
+            println!("        fix: add its OU to base_dns (or move the object)");
+        }
+    }
+    if found.matches_filter {
+        println!("  ok    filter       selected by {}", l.filter);
+    } else {
+        ok = false;
+        println!(
+            "  FAIL  filter       not selected by {}: a sync never reads it",
+            l.filter
+        );
+    }
+    for (k, v, _) in &found.entry.attrs {
+        println!("        attribute    {k}: {v}");
+    }
+    let file: Arc<str> = Arc::from(l.url.as_str());
+    let m = sources::ad::map_entry(
+        &found.entry,
+        &file,
+        &sources::ad::AdOptions {
+            include_disabled: l.include_disabled,
+        },
+    );
+    if let Some(why) = m.skipped {
+        ok = false;
+        println!("  FAIL  mapping      no address: {why}");
+    }
+    for d in &m.diagnostics {
+        println!("  WARN  mapping      {}", d.message);
+    }
+    let snap = cfg
+        .snapshot
+        .as_deref()
+        .and_then(|p| rcptgate::Snapshot::open(p).ok());
+    for e in &m.entries {
+        let addr = sources::join_key(&e.local, &e.domain);
+        let rule = match &e.owner {
+            None => "primary (SMTP: in proxyAddresses, else mail)".to_owned(),
+            Some(o) => format!("alias of {o} (smtp: in proxyAddresses, or mail)"),
+        };
+        println!("  ok    mapping      {addr}: {} — {rule}", e.kind.as_str());
+        if let Some(snap) = &snap {
+            let x = snap.explain(&addr, &rcptgate::LookupOptions::default());
+            let now = match x.verdict.as_str() {
+                "accept" => format!("in service ({})", x.record.unwrap_or_default()),
+                "not_ours" => "its domain is not accepted in the snapshot in service".into(),
+                v => format!("not in service ({v}): {}", x.step),
+            };
+            println!("        snapshot     {addr}: {now}");
+        }
+    }
+    if !apply {
+        return Ok(if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        });
+    }
+    if !ok {
+        bail!("not applied: a sync would not read this object either (see above)");
+    }
+    let path = super::control_socket(config)?;
+    let reply = rcptgate::server::control::request(
+        &path,
+        &rcptgate::proto::control::Command::Provision(s.name.clone(), object.to_owned()),
+    )
+    .with_context(|| format!("talking to the daemon on {}", path.display()))?;
+    match reply {
+        rcptgate::service::Reply::Provisioned {
+            generation,
+            addresses,
+        } => {
+            println!(
+                "  ok    applied      generation {generation} in service with {}",
+                addresses.join(", ")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        rcptgate::service::Reply::Error { message } => bail!("{message}"),
+        other => bail!("the daemon answered something else: {other:?}"),
+    }
+}

@@ -106,6 +106,15 @@ enum Command {
         /// Customer ID for the MAP file.
         #[arg(long, default_value = "1")]
         customer: String,
+        /// Provision on demand: one object (DN, user principal name or address) of an LDAP
+        /// source, each step shown (where it was found, the filter, the attributes, the
+        /// mapping, the snapshot in service).
+        #[arg(long)]
+        object: Option<String>,
+        /// With --object: have the running daemon fetch it and publish it now (same merge,
+        /// guard and audit; the next full sync confirms or reverts it).
+        #[arg(long, requires = "object")]
+        apply: bool,
     },
     /// Test the connection to each LDAP source step by step (resolve, connect, TLS and the
     /// server certificate with its expiry, bind, search per base DN, a few mapped entries),
@@ -253,7 +262,12 @@ pub fn main() -> ExitCode {
             source,
             output,
             customer,
-        } => ldap::sync(&config, source.as_deref(), output.as_deref(), &customer),
+            object,
+            apply,
+        } => match object {
+            Some(o) => ldap::provision(&config, source.as_deref(), &o, apply),
+            None => ldap::sync(&config, source.as_deref(), output.as_deref(), &customer),
+        },
         Command::LdapTest { config, source } => ldap::ldap_test(&config, source.as_deref()),
         Command::GraphTest { config, source } => ldap::graph_test(&config, source.as_deref()),
         Command::Status { config, json } => control::status(&config, json),

@@ -375,6 +375,8 @@ impl Snapshot {
                 for x in excluded.iter().filter(|x| x.reason == Reason::ConflictLost) {
                     e.claims.push(format!("{} (lost: {})", x.origin, x.detail));
                 }
+                // The conflict's losers are claims of a hit, not exclusions.
+                e.excluded.retain(|l| !l.ends_with("(conflict_lost)"));
             }
             Verdict::Reject(Reject::Exception) => {
                 e.step = "4: listed in an exceptions source: rejected whatever the directory says"

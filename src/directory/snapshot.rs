@@ -158,6 +158,9 @@ pub struct Snapshot {
     excluded: Range<usize>,
     /// The cold sections, read and checked on first use (or why they cannot be used).
     cold: OnceLock<Result<Cold, String>>,
+    /// The `excluded` section, read and checked on its own the first time `explain` needs
+    /// it (a miss's explanation does not pay for reading every cold section).
+    excluded_cache: OnceLock<Vec<u8>>,
 }
 
 impl fmt::Debug for Snapshot {
@@ -307,6 +310,7 @@ impl Snapshot {
             cold_blob: range(Sec::ColdBlob),
             excluded: range(Sec::Excluded),
             cold: OnceLock::new(),
+            excluded_cache: OnceLock::new(),
             header,
             backing: backing.clone(),
         };
@@ -864,12 +868,31 @@ impl Snapshot {
         }
     }
 
-    /// The `excluded` section's bytes (checked on first use; empty if that failed).
+    /// The `excluded` section's bytes (read and checked on first use; empty if the file
+    /// changed or the checksum does not match).
     pub(crate) fn excluded_bytes(&self) -> &[u8] {
-        if self.check_cold().is_err() {
-            return &[];
-        }
-        self.cold_section(&self.excluded)
+        self.excluded_cache.get_or_init(|| {
+            use std::os::unix::fs::FileExt;
+            let r = &self.excluded;
+            let bytes = match &*self.backing {
+                Backing::Partial { file, .. } => {
+                    let mut b = vec![0u8; r.len()];
+                    if file.read_exact_at(&mut b, r.start as u64).is_err() {
+                        return Vec::new();
+                    }
+                    b
+                }
+                Backing::Heap(_) | Backing::Anon(_) => self.bytes(r).to_vec(),
+            };
+            let expected = self.header.sections[Sec::Excluded as usize].crc;
+            if crc32fast::hash(&bytes) != expected {
+                tracing::warn!(
+                    "snapshot section 'excluded' checksum mismatch: the file changed or is corrupt; explain works without it"
+                );
+                return Vec::new();
+            }
+            bytes
+        })
     }
 
     /// Up to `max` addresses of `domain` (normalized) whose local part is within edit

@@ -28,6 +28,9 @@ pub enum Command {
     Keep(Vec<String>),
     /// Why these addresses get the answer they get.
     Explain(Vec<String>),
+    /// Fetch one object of an LDAP source now and publish it: (source, object: a DN, user
+    /// principal name or address; the rest of the line, so a DN may hold spaces).
+    Provision(String, String),
 }
 
 /// Why a control command line is refused.
@@ -40,9 +43,11 @@ pub enum ControlError {
     TooLong,
     #[error("command is not UTF-8 text")]
     NotText,
-    #[error("unknown command {0:?} (status, approve, conflicts, reload, delete, keep, explain)")]
+    #[error(
+        "unknown command {0:?} (status, approve, conflicts, reload, delete, keep, explain, provision)"
+    )]
     Unknown(String),
-    #[error("{0} needs at least one address")]
+    #[error("{0} needs its arguments (explain ADDRESS…; provision SOURCE OBJECT)")]
     NoArgs(&'static str),
     #[error("{0} takes no arguments")]
     ExtraArgs(&'static str),
@@ -83,6 +88,11 @@ pub fn decode(buf: &[u8]) -> Result<Option<Command>, ControlError> {
         "reload" => bare("reload", Command::Reload),
         "delete" if args.is_empty() => Err(ControlError::NoArgs("delete")),
         "keep" if args.is_empty() => Err(ControlError::NoArgs("keep")),
+        "provision" if args.len() < 2 => Err(ControlError::NoArgs("provision")),
+        "provision" => Ok(Some(Command::Provision(
+            args[0].clone(),
+            args[1..].join(" "),
+        ))),
         "explain" if args.is_empty() => Err(ControlError::NoArgs("explain")),
         "explain" => Ok(Some(Command::Explain(args))),
         "delete" => Ok(Some(Command::Delete(args))),
@@ -93,6 +103,9 @@ pub fn decode(buf: &[u8]) -> Result<Option<Command>, ControlError> {
 
 /// The command line for `cmd` (what the CLI sends).
 pub fn encode(cmd: &Command) -> String {
+    if let Command::Provision(source, object) = cmd {
+        return format!("provision {source} {object}\n");
+    }
     let (verb, args): (&str, &[String]) = match cmd {
         Command::Status => ("status", &[]),
         Command::Approve => ("approve", &[]),
@@ -101,6 +114,7 @@ pub fn encode(cmd: &Command) -> String {
         Command::Delete(a) => ("delete", a),
         Command::Keep(a) => ("keep", a),
         Command::Explain(a) => ("explain", a),
+        Command::Provision(..) => ("provision", &[]),
     };
     let mut line = verb.to_owned();
     for a in args {

@@ -380,6 +380,8 @@ enum LoaderOp {
     Approve,
     Delete(Vec<String>),
     Keep(Vec<String>),
+    /// Fetch one LDAP object now and publish it: (source, object).
+    Provision(String, String),
 }
 
 /// What the blocking tasks share with the loop.
@@ -559,6 +561,18 @@ impl Shared {
             }),
             LoaderOp::Keep(a) => self.with_loader("keep", |l| {
                 l.keep_tombstones(&a).map(|_| Reply::Kept { addresses: a })
+            }),
+            LoaderOp::Provision(source, object) => self.with_loader("provision", |l| {
+                l.provision(&source, &object).map(|(o, addresses)| {
+                    let generation = match &o {
+                        Outcome::Published(r) | Outcome::Held(r) => r.generation,
+                        Outcome::Unchanged(r) => l.directory().generation().unwrap_or(r.generation),
+                    };
+                    Reply::Provisioned {
+                        generation,
+                        addresses,
+                    }
+                })
             }),
         };
         match out {
@@ -768,6 +782,10 @@ impl Actor {
             }),
             Command::Delete(a) => self.queue.push(Job::Control {
                 op: LoaderOp::Delete(a),
+                reply,
+            }),
+            Command::Provision(source, object) => self.queue.push(Job::Control {
+                op: LoaderOp::Provision(source, object),
                 reply,
             }),
             Command::Keep(a) => self.queue.push(Job::Control {

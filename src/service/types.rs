@@ -275,6 +275,13 @@ pub enum Reply {
     },
     /// `reload`.
     Rebuilt(Rebuilt),
+    /// `provision`: the object's addresses are in service from this generation.
+    Provisioned {
+        /// The generation in service after it.
+        generation: u64,
+        /// The object's addresses.
+        addresses: Vec<String>,
+    },
     /// `explain`: one per address.
     Explained {
         /// In the order asked.

@@ -699,3 +699,126 @@ mod tests {
         assert_eq!(s.expose(), "hunter2");
     }
 }
+
+/// What `sync --object` found for one object (provision on demand).
+#[derive(Debug, Clone)]
+pub struct ObjectLookup {
+    /// The object as read (the mapper's attributes).
+    pub entry: DirEntry,
+    /// The configured base DN (and scope) it lies under; `None`: out of scope, never synced.
+    pub base: Option<(String, Scope)>,
+    /// Whether the source's filter selects it (else it is never synced).
+    pub matches_filter: bool,
+}
+
+/// Whether `dn` lies under `base` with `scope` (DNs compared case- and space-insensitively).
+pub fn in_scope(dn: &str, base: &str, scope: Scope) -> bool {
+    let norm = |s: &str| {
+        s.split(',')
+            .map(|rdn| rdn.trim().to_ascii_lowercase())
+            .collect::<Vec<_>>()
+    };
+    let (d, b) = (norm(dn), norm(base));
+    if d.len() < b.len() || d[d.len() - b.len()..] != b[..] {
+        return false;
+    }
+    match scope {
+        Scope::Base => d.len() == b.len(),
+        Scope::OneLevel => d.len() == b.len() + 1,
+        Scope::Subtree => true,
+    }
+}
+
+/// Fetch one object by DN, user principal name or address — under the configured base DNs
+/// first, then anywhere in the directory's naming context (to say it is out of scope) — and
+/// check it against the source's filter.
+pub fn fetch_object(cfg: &LdapConfig, object: &str) -> Result<Option<ObjectLookup>, LdapError> {
+    let secs = cfg.timeout.as_secs();
+    let mut conn = connect(cfg)?;
+    let search = |conn: &mut LdapConn, base: &str, scope: Scope, filter: &str| {
+        conn.with_timeout(cfg.timeout)
+            .search(base, scope, filter, ATTRIBUTES.to_vec())
+            .map_err(|e| in_search(base, classify(&cfg.url, e, "search", secs)))
+            .map(|r| {
+                r.0.into_iter()
+                    .map(SearchEntry::construct)
+                    .collect::<Vec<_>>()
+            })
+    };
+    let found: Option<SearchEntry> = if object.contains('=') {
+        search(&mut conn, object, Scope::Base, "(objectClass=*)")
+            .ok()
+            .and_then(|v| v.into_iter().next())
+    } else {
+        let x = ldap3::ldap_escape(object).into_owned();
+        let filter = format!(
+            "(|(userPrincipalName={x})(mail={x})(proxyAddresses=smtp:{x})(sAMAccountName={x}))"
+        );
+        let mut hit = None;
+        for (base, scope) in &cfg.bases {
+            if let Some(e) = search(&mut conn, base, *scope, &filter)?.into_iter().next() {
+                hit = Some(e);
+                break;
+            }
+        }
+        if hit.is_none() {
+            // Anywhere in the directory: to tell "out of scope" from "does not exist".
+            let contexts = conn
+                .with_timeout(cfg.timeout)
+                .search(
+                    "",
+                    Scope::Base,
+                    "(objectClass=*)",
+                    vec!["defaultNamingContext", "namingContexts"],
+                )
+                .ok()
+                .and_then(|r| r.0.into_iter().next())
+                .map(SearchEntry::construct)
+                .map(|root| {
+                    root.attrs
+                        .iter()
+                        .filter(|(k, _)| {
+                            k.eq_ignore_ascii_case("defaultNamingContext")
+                                || k.eq_ignore_ascii_case("namingContexts")
+                        })
+                        .flat_map(|(_, v)| v.clone())
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default();
+            for ctx in contexts {
+                if let Ok(v) = search(&mut conn, &ctx, Scope::Subtree, &filter)
+                    && let Some(e) = v.into_iter().next()
+                {
+                    hit = Some(e);
+                    break;
+                }
+            }
+        }
+        hit
+    };
+    let Some(raw) = found else {
+        let _ = conn.unbind();
+        return Ok(None);
+    };
+    let base = cfg
+        .bases
+        .iter()
+        .find(|(b, s)| in_scope(&raw.dn, b, *s))
+        .cloned();
+    let matches_filter = !search(&mut conn, &raw.dn, Scope::Base, &cfg.filter)?.is_empty();
+    let _ = conn.unbind();
+    let entry = DirEntry {
+        dn: raw.dn.clone(),
+        line: 0,
+        attrs: raw
+            .attrs
+            .iter()
+            .flat_map(|(k, vs)| vs.iter().map(move |v| (k.clone(), v.clone(), 0)))
+            .collect(),
+    };
+    Ok(Some(ObjectLookup {
+        entry,
+        base,
+        matches_filter,
+    }))
+}

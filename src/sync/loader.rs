@@ -606,6 +606,82 @@ impl Loader {
         }
     }
 
+    /// Provision on demand: fetch one object of an LDAP source now (by DN, user principal
+    /// name or address), put its addresses in that source's data in place of what it had,
+    /// and rebuild — the same merge, guard, tombstones and audit as any build. The next full
+    /// sync confirms or reverts it. Returns the build's outcome and the object's addresses.
+    pub fn provision(
+        &mut self,
+        source: &str,
+        object: &str,
+    ) -> Result<(Outcome, Vec<String>), LoadError> {
+        let fail = |m: String| LoadError::Ldap(source.to_owned(), ldap::LdapError::Config(m));
+        let s = self
+            .cfg
+            .sources
+            .iter()
+            .find(|s| s.name == source)
+            .cloned()
+            .ok_or_else(|| fail(format!("no source named {source:?}")))?;
+        let Some(l) = &s.ldap else {
+            return Err(fail(format!("{source} is not an LDAP source")));
+        };
+        let found = ldap::fetch_object(l, object)
+            .map_err(|e| LoadError::Ldap(s.name.clone(), e))?
+            .ok_or_else(|| fail(format!("{object}: no such object in the directory")))?;
+        if found.base.is_none() {
+            return Err(fail(format!(
+                "{} is not under any of the source's base_dns: a sync never reads it",
+                found.entry.dn
+            )));
+        }
+        if !found.matches_filter {
+            return Err(fail(format!(
+                "{}: the source's filter does not select it: a sync never reads it",
+                found.entry.dn
+            )));
+        }
+        let file: Arc<str> = Arc::from(l.url.as_str());
+        let m = crate::sources::ad::map_entry(
+            &found.entry,
+            &file,
+            &crate::sources::ad::AdOptions {
+                include_disabled: l.include_disabled,
+            },
+        );
+        let Some((mut data, at, mark)) = self.ldap_cache.remove(&s.name) else {
+            return Err(fail(format!(
+                "{source} has not been synced yet: the first sync reads every object"
+            )));
+        };
+        let dn = found.entry.dn.to_ascii_lowercase();
+        let same =
+            |d: &Option<Box<str>>| d.as_deref().is_some_and(|x| x.to_ascii_lowercase() == dn);
+        data.entries.retain(|e| !same(&e.dn));
+        data.diagnostics.retain(|d| !same(&d.dn));
+        data.excluded
+            .retain(|x| !x.origin.to_ascii_lowercase().ends_with(&format!("({dn})")));
+        let addresses: Vec<String> = m
+            .entries
+            .iter()
+            .map(|e| crate::sources::join_key(&e.local, &e.domain))
+            .collect();
+        data.entries.extend(m.entries);
+        data.diagnostics.extend(m.diagnostics);
+        data.excluded.extend(m.excluded);
+        self.ldap_cache.insert(s.name.clone(), (data, at, mark));
+        info!(
+            source,
+            dn = %found.entry.dn,
+            addresses = addresses.len(),
+            "{source}: provisioned {} on demand ({} address(es)); rebuilding",
+            found.entry.dn,
+            addresses.len()
+        );
+        let outcome = self.rebuild()?;
+        Ok((outcome, addresses))
+    }
+
     /// Where a Graph source's delta links and objects are kept across restarts: next to the
     /// snapshot (none without a snapshot path).
     fn graph_state_path(&self, source: &str) -> Option<std::path::PathBuf> {
