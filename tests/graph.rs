@@ -581,3 +581,79 @@ authority = \"{url}\"\ngraph_url = \"{url}\"\nca_file = \"{ca}\"\ninterval = \"1
     assert!(d.ask("bobby@contoso.com").contains("action=DUNNO"));
     assert!(d.ask("alice@contoso.de").contains("action=DUNNO"));
 }
+
+#[test]
+fn provision_on_demand_from_the_tenant() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = FakeGraph::start(dir.path(), tenant());
+    let secret = dir.path().join("graph.secret");
+    std::fs::write(&secret, SECRET).expect("secret");
+    let config = dir.path().join("rcptgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[directory]\nsnapshot = \"{snap}\"\n\n[[source]]\nname = \"entra\"\nkind = \"graph\"\n\
+tenant_id = \"{TENANT}\"\nclient_id = \"{CLIENT}\"\nclient_secret_file = \"{secret}\"\n\
+authority = \"{url}\"\ngraph_url = \"{url}\"\nca_file = \"{ca}\"\ninterval = \"1h\"\n\n\
+[policy]\nlisten = [\"127.0.0.1:0\"]\n",
+            snap = dir.path().join("snap").display(),
+            secret = secret.display(),
+            url = fake.url,
+            ca = fake.ca.display()
+        ),
+    )
+    .expect("config");
+    let d = daemon::Daemon::start(&config);
+    d.wait_generation(1);
+    fake.with(|t| {
+        t.user(
+            "u10",
+            user("u10", "gina@contoso.com", &["g.new@contoso.com"]),
+        )
+    });
+    assert!(
+        d.ask("g.new@contoso.com").contains("550"),
+        "not before the next sync"
+    );
+    let c = config.display().to_string();
+    // By proxy address (an advanced query), then applied.
+    let (ok, out) = daemon::cli(&["sync", "--object", "g.new@contoso.com", "--config", &c]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("ok    found        users/u10 (gina@contoso.com)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("ok    mapping      g.new@contoso.com: alias"),
+        "{out}"
+    );
+    assert!(
+        out.contains("snapshot     gina@contoso.com: not in service"),
+        "{out}"
+    );
+    let (ok, out) = daemon::cli(&[
+        "sync",
+        "--object",
+        "gina@contoso.com",
+        "--apply",
+        "--config",
+        &c,
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("applied      generation 2"), "{out}");
+    assert!(d.ask("g.new@contoso.com").contains("action=DUNNO"));
+    // A guest is left out, with why.
+    let (ok, out) = daemon::cli(&[
+        "sync",
+        "--object",
+        "partner@fabrikam.example",
+        "--apply",
+        "--config",
+        &c,
+    ]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("guest"), "{out}");
+    // Nothing by that name.
+    let (ok, out) = daemon::cli(&["sync", "--object", "nobody@contoso.com", "--config", &c]);
+    assert!(!ok && out.contains("FAIL  found"), "{out}");
+}

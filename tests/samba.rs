@@ -20,6 +20,9 @@ use daemon::{Daemon, ask, cli as rcptgate};
 use samba::{Samba, unicode_pwd};
 
 const BASE: &str = "DC=corp,DC=test";
+
+/// One domain controller at a time: each binds AD's well-known ports on 127.0.0.1.
+static ONE_DC: std::sync::Mutex<()> = std::sync::Mutex::new(());
 const OU: &str = "OU=AADDC Users,DC=corp,DC=test";
 const SVC_PW: &str = "Svc!Passw0rd1";
 
@@ -74,6 +77,7 @@ base_dns = [\"{OU}\"]\ntimeout = \"10s\"\nretries = 0\n{extra}\n\
 
 #[test]
 fn active_directory_upn_bind_sub_codes_and_incremental_sync() {
+    let _one = ONE_DC.lock().unwrap_or_else(|p| p.into_inner());
     let tmp = tempfile::tempdir().expect("tmp");
     let pki = tmp.path().join("pki");
     slapd::make_pki(&pki, "Corp AD Test CA");
@@ -169,6 +173,7 @@ fn active_directory_upn_bind_sub_codes_and_incremental_sync() {
 /// contact elsewhere are explained from the snapshot.
 #[test]
 fn provision_on_demand_and_explain() {
+    let _one = ONE_DC.lock().unwrap_or_else(|p| p.into_inner());
     let tmp = tempfile::tempdir().expect("tmp");
     let pki = tmp.path().join("pki");
     slapd::make_pki(&pki, "Corp AD Test CA");

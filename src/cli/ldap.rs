@@ -207,17 +207,20 @@ pub fn provision(config: &Path, only: Option<&str>, object: &str, apply: bool) -
     let picked: Vec<_> = cfg
         .sources
         .iter()
-        .filter(|s| s.ldap.is_some() && only.is_none_or(|n| n == s.name))
+        .filter(|s| (s.ldap.is_some() || s.graph.is_some()) && only.is_none_or(|n| n == s.name))
         .collect();
     let s = match picked.as_slice() {
         [one] => *one,
         [] => bail!(
-            "{}: no LDAP source{}",
+            "{}: no LDAP or Graph source{}",
             config.display(),
             only.map(|n| format!(" named {n:?}")).unwrap_or_default()
         ),
-        _ => bail!("several LDAP sources: pick one with --source NAME"),
+        _ => bail!("several live sources: pick one with --source NAME"),
     };
+    if let Some(g) = &s.graph {
+        return provision_graph(config, &cfg, s, g, object, apply);
+    }
     let Some(l) = &s.ldap else {
         bail!("not an LDAP source")
     };
@@ -265,12 +268,28 @@ pub fn provision(config: &Path, only: Option<&str>, object: &str, apply: bool) -
             include_disabled: l.include_disabled,
         },
     );
+    for d in &m.diagnostics {
+        println!("  WARN  mapping      {}", d.message);
+    }
+    ok &= show_mapping(&cfg, &m);
+    if !apply {
+        return Ok(if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        });
+    }
+    if !ok {
+        bail!("not applied: a sync would not read this object either (see above)");
+    }
+    apply_on_daemon(config, &s.name, object)
+}
+
+fn show_mapping(cfg: &rcptgate::config::Config, m: &sources::ad::Mapped) -> bool {
+    let mut ok = true;
     if let Some(why) = m.skipped {
         ok = false;
         println!("  FAIL  mapping      no address: {why}");
-    }
-    for d in &m.diagnostics {
-        println!("  WARN  mapping      {}", d.message);
     }
     let snap = cfg
         .snapshot
@@ -293,20 +312,14 @@ pub fn provision(config: &Path, only: Option<&str>, object: &str, apply: bool) -
             println!("        snapshot     {addr}: {now}");
         }
     }
-    if !apply {
-        return Ok(if ok {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(1)
-        });
-    }
-    if !ok {
-        bail!("not applied: a sync would not read this object either (see above)");
-    }
+    ok
+}
+
+fn apply_on_daemon(config: &Path, source: &str, object: &str) -> Result<ExitCode> {
     let path = super::control_socket(config)?;
     let reply = rcptgate::server::control::request(
         &path,
-        &rcptgate::proto::control::Command::Provision(s.name.clone(), object.to_owned()),
+        &rcptgate::proto::control::Command::Provision(source.to_owned(), object.to_owned()),
     )
     .with_context(|| format!("talking to the daemon on {}", path.display()))?;
     match reply {
@@ -323,4 +336,62 @@ pub fn provision(config: &Path, only: Option<&str>, object: &str, apply: bool) -
         rcptgate::service::Reply::Error { message } => bail!("{message}"),
         other => bail!("the daemon answered something else: {other:?}"),
     }
+}
+
+fn provision_graph(
+    config: &Path,
+    cfg: &rcptgate::config::Config,
+    s: &rcptgate::config::SourceConfig,
+    g: &sources::graph::GraphConfig,
+    object: &str,
+    apply: bool,
+) -> Result<ExitCode> {
+    println!("{} (tenant {}): {object}", s.name, g.tenant_id);
+    let Some((key, o)) =
+        sources::graph::fetch_object(g, object).with_context(|| format!("source {}", s.name))?
+    else {
+        println!(
+            "  FAIL  found        no user (by ID, user principal name, mail or proxy address) or group (by mail)"
+        );
+        return Ok(ExitCode::from(1));
+    };
+    let mut ok = true;
+    println!(
+        "  ok    found        {key}{}",
+        o.get("userPrincipalName")
+            .and_then(|v| v.as_str())
+            .map(|u| format!(" ({u})"))
+            .unwrap_or_default()
+    );
+    if let Some(why) = sources::graph::left_out(&key, &o, g) {
+        ok = false;
+        println!("  FAIL  scope        {why}: a sync leaves it out");
+    } else {
+        println!(
+            "  ok    scope        kept by the source's rules (user_filter is not checked for one object)"
+        );
+    }
+    for (k, v) in &o {
+        println!("        attribute    {k}: {v}");
+    }
+    let name: Arc<str> = Arc::from(s.name.as_str());
+    let m = sources::ad::map_entry(
+        &sources::graph::as_dir_entry(&key, &o),
+        &name,
+        &sources::ad::AdOptions {
+            include_disabled: g.include_disabled,
+        },
+    );
+    ok &= show_mapping(cfg, &m);
+    if !apply {
+        return Ok(if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        });
+    }
+    if !ok {
+        bail!("not applied: a sync would leave this object out too (see above)");
+    }
+    apply_on_daemon(config, &s.name, object)
 }

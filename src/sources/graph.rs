@@ -914,6 +914,81 @@ fn incremental(cfg: &GraphConfig, m: &DeltaMark) -> Result<Option<(DeltaMark, u6
     Ok(Some((mark, changed)))
 }
 
+/// One object found: (`users/ID` or `groups/ID`, the object).
+pub type Found = (String, Map<String, Value>);
+
+/// Fetch one object for provision on demand: a user by ID or user principal name, else a
+/// user or group by `mail`, else a user by proxy address. `(users/ID or groups/ID, object)`.
+pub fn fetch_object(cfg: &GraphConfig, object: &str) -> Result<Option<Found>, GraphError> {
+    let mut c = Client::new(cfg)?;
+    let quoted = object.replace('\'', "''");
+    let direct = c.url(&format!(
+        "users/{}?$select={USER_FIELDS}",
+        encode_query(object)
+    ));
+    match c.get(&direct, false, "/users", "User.Read.All") {
+        Ok(Value::Object(o)) => {
+            if let Some(id) = o.get("id").and_then(Value::as_str) {
+                return Ok(Some((format!("users/{id}"), o.clone())));
+            }
+        }
+        Ok(_) => {}
+        Err(GraphError::Http {
+            status: 404 | 400, ..
+        }) => {}
+        Err(e) => return Err(e),
+    }
+    let tries = [
+        (
+            "users",
+            USER_FIELDS,
+            format!("mail eq '{quoted}'"),
+            false,
+            "User.Read.All",
+        ),
+        (
+            "groups",
+            GROUP_FIELDS,
+            format!("mail eq '{quoted}'"),
+            false,
+            "Group.Read.All",
+        ),
+        (
+            "users",
+            USER_FIELDS,
+            format!("proxyAddresses/any(p:p eq 'smtp:{quoted}')"),
+            true,
+            "User.Read.All",
+        ),
+    ];
+    for (kind, fields, filter, advanced, permission) in tries {
+        let mut url = c.url(&format!(
+            "{kind}?$select={fields}&$filter={}",
+            encode_query(&filter)
+        ));
+        if advanced {
+            url.push_str("&$count=true");
+        }
+        let v = c.get(&url, advanced, &format!("/{kind}"), permission)?;
+        if let Some(Value::Object(o)) = v["value"].as_array().and_then(|a| a.first())
+            && let Some(id) = o.get("id").and_then(Value::as_str)
+        {
+            return Ok(Some((format!("{kind}/{id}"), o.clone())));
+        }
+    }
+    Ok(None)
+}
+
+/// Why an object is left out before mapping (guest, group not mail-enabled), if it is.
+pub fn left_out(key: &str, o: &Map<String, Value>, cfg: &GraphConfig) -> Option<&'static str> {
+    excluded(key, o, cfg)
+}
+
+/// The object as the AD mapper sees it.
+pub fn as_dir_entry(key: &str, o: &Map<String, Value>) -> DirEntry {
+    dir_entry(key, o)
+}
+
 /// `rcptgate graph-test`: each step the "Test" button of a directory-sync service takes —
 /// the token, each permission exercised, the objects with addresses, five mapped samples, and
 /// the secret's expiry when the app may read its own registration.

@@ -623,8 +623,11 @@ impl Loader {
             .find(|s| s.name == source)
             .cloned()
             .ok_or_else(|| fail(format!("no source named {source:?}")))?;
+        if let Some(g) = &s.graph {
+            return self.provision_graph(&s, g, object);
+        }
         let Some(l) = &s.ldap else {
-            return Err(fail(format!("{source} is not an LDAP source")));
+            return Err(fail(format!("{source} is not an LDAP or Graph source")));
         };
         let found = ldap::fetch_object(l, object)
             .map_err(|e| LoadError::Ldap(s.name.clone(), e))?
@@ -676,6 +679,51 @@ impl Loader {
             addresses = addresses.len(),
             "{source}: provisioned {} on demand ({} address(es)); rebuilding",
             found.entry.dn,
+            addresses.len()
+        );
+        let outcome = self.rebuild()?;
+        Ok((outcome, addresses))
+    }
+
+    /// Provision on demand for a Graph source: the object goes into the source's kept
+    /// objects (as a delta sync would put it) and the build runs.
+    fn provision_graph(
+        &mut self,
+        s: &crate::config::SourceConfig,
+        g: &graph::GraphConfig,
+        object: &str,
+    ) -> Result<(Outcome, Vec<String>), LoadError> {
+        let fail = |m: String| LoadError::Graph(s.name.clone(), graph::GraphError::Config(m));
+        let (key, o) = graph::fetch_object(g, object)
+            .map_err(|e| LoadError::Graph(s.name.clone(), e))?
+            .ok_or_else(|| fail(format!("{object}: no such user or group in the tenant")))?;
+        if let Some(why) = graph::left_out(&key, &o, g) {
+            return Err(fail(format!("{key}: {why}: a sync leaves it out")));
+        }
+        let Some((_, at, Some(LiveMark::Delta(mut mark)))) = self.ldap_cache.remove(&s.name) else {
+            return Err(fail(format!(
+                "{} has not been synced yet: the first sync reads every object",
+                s.name
+            )));
+        };
+        mark.objects.insert(key.clone(), o);
+        let name: Arc<str> = Arc::from(s.name.as_str());
+        let (data, _) = graph::build_data(&name, g, &mark.objects);
+        let addresses: Vec<String> = data
+            .entries
+            .iter()
+            .filter(|e| e.dn.as_deref().is_some_and(|d| d.starts_with(key.as_str())))
+            .map(|e| crate::sources::join_key(&e.local, &e.domain))
+            .collect();
+        self.save_graph_state(&s.name, &mark);
+        self.ldap_cache
+            .insert(s.name.clone(), (data, at, Some(LiveMark::Delta(mark))));
+        info!(
+            source = %s.name,
+            object = %key,
+            addresses = addresses.len(),
+            "{}: provisioned {key} on demand ({} address(es)); rebuilding",
+            s.name,
             addresses.len()
         );
         let outcome = self.rebuild()?;

@@ -501,6 +501,24 @@ fn answer(req: &Request, t: &mut Tenant, base: &str) -> (u16, Vec<(String, Strin
         "groups" => &t.groups,
         _ => return graph_error(404, "Request_ResourceNotFound", "Resource not found."),
     };
+    // One object: /v1.0/users/{id or userPrincipalName}.
+    let segments: Vec<&str> = path.trim_start_matches("/v1.0/").split('/').collect();
+    if let [_, id] = segments[..]
+        && id != "delta"
+    {
+        let id = decode(id);
+        return match map
+            .iter()
+            .find(|(k, v)| **k == id || v["userPrincipalName"].as_str() == Some(id.as_str()))
+        {
+            Some((_, v)) => (200, Vec::new(), v.clone()),
+            None => graph_error(
+                404,
+                "Request_ResourceNotFound",
+                &format!("Resource '{id}' does not exist."),
+            ),
+        };
+    }
     if path.ends_with("/delta") {
         let link = |v: u64| format!("{base}/v1.0/{kind}/delta?$deltatoken={v}");
         match q.get("$deltatoken").map(String::as_str) {
@@ -556,6 +574,30 @@ fn answer(req: &Request, t: &mut Tenant, base: &str) -> (u16, Vec<(String, Strin
         None => Box::new(|_| true),
         Some("mailEnabled eq true") => Box::new(|o| o["mailEnabled"] == true),
         Some("accountEnabled eq true") => Box::new(|o| o["accountEnabled"] == true),
+        Some(f) if f.starts_with("mail eq '") => {
+            let want = f["mail eq '".len()..].trim_end_matches('\'').to_owned();
+            Box::new(move |o| o["mail"].as_str() == Some(want.as_str()))
+        }
+        Some(f) if f.starts_with("proxyAddresses/any(p:p eq 'smtp:") => {
+            if req.header("ConsistencyLevel") != Some("eventual") {
+                return graph_error(
+                    400,
+                    "Request_UnsupportedQuery",
+                    "proxyAddresses/any needs ConsistencyLevel: eventual",
+                );
+            }
+            let want = f["proxyAddresses/any(p:p eq 'smtp:".len()..]
+                .trim_end_matches("')")
+                .to_ascii_lowercase();
+            Box::new(move |o| {
+                o["proxyAddresses"].as_array().is_some_and(|a| {
+                    a.iter().any(|p| {
+                        p.as_str()
+                            .is_some_and(|p| p.to_ascii_lowercase() == format!("smtp:{want}"))
+                    })
+                })
+            })
+        }
         Some(f) => match f
             .strip_prefix("endsWith(mail,'")
             .and_then(|r| r.strip_suffix("')"))
