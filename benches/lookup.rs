@@ -267,7 +267,7 @@ fn run_size(c: &mut Criterion, n: usize, test_mode: bool) {
         .collect();
     ex.sort();
     println!(
-        "explain of a miss: first {:.1} ms (cold sections read and checked), then p50 {:.1} ms, p99 {:.1} ms | excluded section {} bytes = {:.3} bytes/address ({} exclusions listed)",
+        "explain of a miss: first {:.1} ms (the excluded section read and checked), then p50 {:.1} ms, p99 {:.1} ms | excluded section {} bytes = {:.3} bytes/address ({} exclusions counted)",
         first.as_secs_f64() * 1e3,
         ex[ex.len() / 2].as_secs_f64() * 1e3,
         ex[(ex.len() - 1) * 99 / 100].as_secs_f64() * 1e3,

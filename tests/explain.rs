@@ -293,5 +293,7 @@ fn the_daemon_explains_with_the_audit_history() {
         "{out}"
     );
     assert!(out.contains("bob@contoso.com: accept"), "{out}");
+    // The README shows this output.
+    println!("{out}");
     let _ = common::example_directory(true);
 }

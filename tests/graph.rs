@@ -641,6 +641,8 @@ authority = \"{url}\"\ngraph_url = \"{url}\"\nca_file = \"{ca}\"\ninterval = \"1
     ]);
     assert!(ok, "{out}");
     assert!(out.contains("applied      generation 2"), "{out}");
+    // The README shows this output.
+    println!("{out}");
     assert!(d.ask("g.new@contoso.com").contains("action=DUNNO"));
     // A guest is left out, with why.
     let (ok, out) = daemon::cli(&[

@@ -406,6 +406,12 @@ impl Snapshot {
         find(self.excluded_bytes(), address)
     }
 
+    /// Read (and check) the `excluded` section now, so the first `explain` does not wait on
+    /// the disk; the loader does it after every build.
+    pub fn prefetch_excluded(&self) {
+        let _ = self.excluded_bytes();
+    }
+
     /// How many addresses the build left out, by reason.
     pub fn excluded_counts(&self) -> Vec<(Reason, u64)> {
         decode(self.excluded_bytes()).0

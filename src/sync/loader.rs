@@ -348,13 +348,24 @@ impl Loader {
     pub fn rebuild(&mut self) -> Result<Outcome, LoadError> {
         let r = self.try_rebuild(false);
         self.last_error = r.as_ref().err().map(|e| e.to_string());
+        self.prefetch();
         r
+    }
+
+    /// Read the snapshot's `excluded` section now, in the job, so the first `explain`
+    /// does not wait on the disk (a no-op once read).
+    fn prefetch(&self) {
+        let view = self.dir.view();
+        if let Some(s) = view.snapshot() {
+            s.prefetch_excluded();
+        }
     }
 
     /// Like [`Self::rebuild`], but sync every LDAP source now (SIGHUP, `rcptgate sync`).
     pub fn rebuild_synced(&mut self) -> Result<Outcome, LoadError> {
         let r = self.try_rebuild(true);
         self.last_error = r.as_ref().err().map(|e| e.to_string());
+        self.prefetch();
         r
     }
 
