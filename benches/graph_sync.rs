@@ -130,23 +130,12 @@ fn peak_rss_mib(pid: u32) -> f64 {
 fn rcptgate(fake: &FakeGraph, dir: &std::path::Path, run: usize) -> (f64, f64, u64) {
     let d = dir.join(format!("run{run}"));
     std::fs::create_dir_all(&d).expect("dir");
-    let secret = d.join("secret");
-    std::fs::write(&secret, SECRET).expect("secret");
-    let config = d.join("rcptgate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[directory]\nsnapshot = \"{snap}\"\n\n[[source]]\nname = \"entra\"\nkind = \"graph\"\n\
-tenant_id = \"{TENANT}\"\nclient_id = \"{CLIENT}\"\nclient_secret_file = \"{secret}\"\n\
-authority = \"{url}\"\ngraph_url = \"{url}\"\nca_file = \"{ca}\"\ninterval = \"1h\"\n\n\
-[policy]\nlisten = [\"127.0.0.1:0\"]\n\n[log]\nlevel = \"warn\"\n",
-            snap = d.join("snap").display(),
-            secret = secret.display(),
-            url = fake.url,
-            ca = fake.ca.display()
-        ),
-    )
-    .expect("config");
+    let config = graph::daemon_config(
+        &d,
+        fake,
+        "interval = \"1h\"",
+        "[policy]\nlisten = [\"127.0.0.1:0\"]\n\n[log]\nlevel = \"warn\"\n",
+    );
     let t = Instant::now();
     let daemon = daemon::Daemon::start(&config);
     let s = daemon.wait_generation(1);

@@ -914,24 +914,21 @@ fn graph_config(
             format!("{page_size}: Graph pages hold 1 to 999 objects"),
         ));
     }
-    Ok(GraphConfig {
-        tenant_id,
-        client_id,
-        credential,
-        authority: https(
-            &s.authority,
-            "authority",
-            "https://login.microsoftonline.com",
-        )?,
-        graph_url: https(&s.graph_url, "graph_url", "https://graph.microsoft.com")?,
-        ca_file: s.ca_file.clone(),
-        include_disabled: s.include_disabled.unwrap_or(true),
-        include_guests: s.include_guests.unwrap_or(false),
-        user_filter: s.user_filter.clone().filter(|f| !f.trim().is_empty()),
-        page_size: page_size as u32,
-        timeout,
-        retries: s.retries.unwrap_or(4),
-    })
+    let mut g = GraphConfig::new(&tenant_id, &client_id, credential);
+    g.authority = https(
+        &s.authority,
+        "authority",
+        "https://login.microsoftonline.com",
+    )?;
+    g.graph_url = https(&s.graph_url, "graph_url", "https://graph.microsoft.com")?;
+    g.ca_file = s.ca_file.clone();
+    g.include_disabled = s.include_disabled.unwrap_or(true);
+    g.include_guests = s.include_guests.unwrap_or(false);
+    g.user_filter = s.user_filter.clone().filter(|f| !f.trim().is_empty());
+    g.page_size = page_size as u32;
+    g.timeout = timeout;
+    g.retries = s.retries.unwrap_or(4);
+    Ok(g)
 }
 
 /// The `[dane]` section.

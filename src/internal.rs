@@ -250,20 +250,9 @@ pub fn fuzz_graph(data: &[u8]) {
             }
         }
     }
-    let cfg = GraphConfig {
-        tenant_id: "t".into(),
-        client_id: "c".into(),
-        credential: Credential::Secret(PasswordSource::None),
-        authority: "https://a".into(),
-        graph_url: "https://g".into(),
-        ca_file: None,
-        include_disabled: data.len().is_multiple_of(2),
-        include_guests: data.len().is_multiple_of(3),
-        user_filter: None,
-        page_size: 999,
-        timeout: std::time::Duration::from_secs(1),
-        retries: 0,
-    };
+    let mut cfg = GraphConfig::new("t", "c", Credential::Secret(PasswordSource::None));
+    cfg.include_disabled = data.len().is_multiple_of(2);
+    cfg.include_guests = data.len().is_multiple_of(3);
     let name: std::sync::Arc<str> = std::sync::Arc::from("fuzz");
     let (d, _) = build_data(&name, &cfg, &objects);
     for e in &d.entries {

@@ -6,6 +6,7 @@
 //! rendering. Needs root, `nsd bind9-utils openssl` (tests/run.sh installs them).
 #![cfg(feature = "dane-tests")]
 
+mod common;
 #[path = "support/nsd.rs"]
 mod nsd;
 #[path = "support/smtp_sink.rs"]
@@ -15,7 +16,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -101,27 +101,6 @@ async fn socketmap(dane: Option<Dane>) -> Running {
     Running { addr, _stop: stop }
 }
 
-async fn query(s: &mut TcpStream, q: &str) -> String {
-    let mut framed = Vec::new();
-    rcptgate::proto::netstring::encode(q.as_bytes(), &mut framed);
-    s.write_all(&framed).await.expect("write");
-    let mut buf = Vec::new();
-    loop {
-        if let Ok(rcptgate::proto::netstring::Decoded::Frame { payload, .. }) =
-            rcptgate::proto::netstring::decode(&buf, 100_000)
-        {
-            return String::from_utf8_lossy(payload).into_owned();
-        }
-        let mut chunk = [0u8; 4096];
-        let got = tokio::time::timeout(Duration::from_secs(20), s.read(&mut chunk))
-            .await
-            .expect("reply in time")
-            .expect("read");
-        assert!(got > 0, "closed early");
-        buf.extend_from_slice(&chunk[..got]);
-    }
-}
-
 fn ee_fingerprint() -> String {
     let env = std::fs::read_to_string(bed().tb.certs().join("hashes.env")).expect("hashes");
     let hex = env
@@ -169,7 +148,7 @@ async fn every_row_of_the_table_through_the_socketmap() {
     let mut s = TcpStream::connect(srv.addr).await.expect("connect");
     for (key, want) in ROWS {
         assert_eq!(
-            query(&mut s, &format!("tls_policy {key}")).await,
+            common::socketmap_query(&mut s, &format!("tls_policy {key}")).await,
             *want,
             "{key}"
         );
@@ -177,7 +156,7 @@ async fn every_row_of_the_table_through_the_socketmap() {
     // Bogus: expired signatures on the whole zone, and one corrupted TLSA signature in a
     // secure zone. Never a downgrade: TEMP.
     for key in ["bogus.test", "badsig.example.test"] {
-        let r = query(&mut s, &format!("tls_policy {key}")).await;
+        let r = common::socketmap_query(&mut s, &format!("tls_policy {key}")).await;
         assert!(r.starts_with("TEMP ") && r.contains("bogus"), "{key}: {r}");
     }
     // The same answers again come from the cache (no new decision).
@@ -189,7 +168,7 @@ async fn every_row_of_the_table_through_the_socketmap() {
         .sum();
     for (key, want) in ROWS.iter().filter(|(k, _)| !k.contains("192.0.2.1")) {
         assert_eq!(
-            query(&mut s, &format!("tls_policy {key}")).await,
+            common::socketmap_query(&mut s, &format!("tls_policy {key}")).await,
             *want,
             "{key}"
         );
@@ -204,7 +183,7 @@ async fn every_row_of_the_table_through_the_socketmap() {
     assert!(dane.stats().hits.load(Ordering::Relaxed) >= 10);
     // The directory maps still answer on the same connection.
     assert_eq!(
-        query(&mut s, "recipients alice@contoso.com").await,
+        common::socketmap_query(&mut s, "recipients alice@contoso.com").await,
         "TEMP directory unavailable"
     );
 }
@@ -219,22 +198,22 @@ async fn fingerprint_rendering_uses_the_validated_dane_ee_records() {
     let fp = ee_fingerprint();
     // mx1 (3 1 1 + 2 1 1) and mx2 (30 records, over TCP) share the EE key, plus mx2's 28
     // filler records: every 3 1 1 digest is offered, the real one among them.
-    let r = query(&mut s, "tls_policy example.test").await;
+    let r = common::socketmap_query(&mut s, "tls_policy example.test").await;
     assert!(r.starts_with("OK fingerprint match="), "{r}");
     assert!(r.contains(&fp), "{r} lacks {fp}");
     assert_eq!(r.matches('|').count(), 28, "{r}");
     // Only DANE-TA would not do for fingerprints; a domain with a host without TLSA keeps
     // `dane`, and rows without DANE stay as they are.
     assert_eq!(
-        query(&mut s, "tls_policy partial.example.test").await,
+        common::socketmap_query(&mut s, "tls_policy partial.example.test").await,
         "OK dane"
     );
     assert_eq!(
-        query(&mut s, "tls_policy nodane.example.test").await,
+        common::socketmap_query(&mut s, "tls_policy nodane.example.test").await,
         "NOTFOUND "
     );
     assert_eq!(
-        query(&mut s, "tls_policy [mx1.example.test]").await,
+        common::socketmap_query(&mut s, "tls_policy [mx1.example.test]").await,
         format!("OK fingerprint match={fp}")
     );
 }
@@ -263,7 +242,7 @@ async fn dead_or_silent_dns_is_temp_never_notfound() {
     let srv = socketmap(Some(dane.clone())).await;
     let mut s = TcpStream::connect(srv.addr).await.expect("connect");
     for key in ["example.test", "nodane.example.test", "insecure.test"] {
-        let r = query(&mut s, &format!("tls_policy {key}")).await;
+        let r = common::socketmap_query(&mut s, &format!("tls_policy {key}")).await;
         assert!(r.starts_with("TEMP "), "{key}: {r}");
     }
     // A server that swallows every query: TEMP within the decision timeout.
@@ -276,7 +255,7 @@ async fn dead_or_silent_dns_is_temp_never_notfound() {
     let dane = Dane::new(cfg).expect("engine");
     let srv = socketmap(Some(dane.clone())).await;
     let mut s = TcpStream::connect(srv.addr).await.expect("connect");
-    let r = query(&mut s, "tls_policy example.test").await;
+    let r = common::socketmap_query(&mut s, "tls_policy example.test").await;
     assert!(r.starts_with("TEMP "), "{r}");
     let mut m = String::new();
     dane.render_metrics(&mut m);
@@ -720,12 +699,12 @@ fn the_daemon_serves_tls_policy_and_warms_its_routes() {
         let mut s = TcpStream::connect(&sm).await.expect("connect");
         for key in ["[mx1.example.test]:25", "[mx2.example.test]"] {
             assert_eq!(
-                query(&mut s, &format!("tls_policy {key}")).await,
+                common::socketmap_query(&mut s, &format!("tls_policy {key}")).await,
                 "OK dane-only"
             );
         }
         assert_eq!(
-            query(&mut s, "recipients alice@contoso.com").await,
+            common::socketmap_query(&mut s, "recipients alice@contoso.com").await,
             "OK user"
         );
     });

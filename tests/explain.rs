@@ -73,20 +73,11 @@ fn snapshot() -> Snapshot {
     exceptions.role = Role::Exceptions;
     let graph = {
         use rcptgate::sources::graph::{Credential, GraphConfig, build_data};
-        let cfg = GraphConfig {
-            tenant_id: "t".into(),
-            client_id: "c".into(),
-            credential: Credential::Secret(rcptgate::sources::ldap::PasswordSource::None),
-            authority: "https://login.example".into(),
-            graph_url: "https://graph.example".into(),
-            ca_file: None,
-            include_disabled: true,
-            include_guests: false,
-            user_filter: None,
-            page_size: 999,
-            timeout: std::time::Duration::from_secs(1),
-            retries: 0,
-        };
+        let cfg = GraphConfig::new(
+            "t",
+            "c",
+            Credential::Secret(rcptgate::sources::ldap::PasswordSource::None),
+        );
         let obj = |v: serde_json::Value| match v {
             serde_json::Value::Object(m) => m,
             _ => serde_json::Map::new(),
@@ -295,5 +286,4 @@ fn the_daemon_explains_with_the_audit_history() {
     assert!(out.contains("bob@contoso.com: accept"), "{out}");
     // The README shows this output.
     println!("{out}");
-    let _ = common::example_directory(true);
 }

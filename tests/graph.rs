@@ -73,20 +73,18 @@ fn tenant() -> Tenant {
 }
 
 fn config(fake: &FakeGraph) -> GraphConfig {
-    GraphConfig {
-        tenant_id: TENANT.into(),
-        client_id: CLIENT.into(),
-        credential: Credential::Secret(PasswordSource::Env("RCPTGATE_TEST_GRAPH_SECRET".into())),
-        authority: fake.url.clone(),
-        graph_url: fake.url.clone(),
-        ca_file: Some(fake.ca.clone()),
-        include_disabled: true,
-        include_guests: false,
-        user_filter: None,
-        page_size: 2,
-        timeout: Duration::from_secs(10),
-        retries: 3,
-    }
+    let mut c = GraphConfig::new(
+        TENANT,
+        CLIENT,
+        Credential::Secret(PasswordSource::Env("RCPTGATE_TEST_GRAPH_SECRET".into())),
+    );
+    c.authority = fake.url.clone();
+    c.graph_url = fake.url.clone();
+    c.ca_file = Some(fake.ca.clone());
+    c.page_size = 2;
+    c.timeout = Duration::from_secs(10);
+    c.retries = 3;
+    c
 }
 
 fn secret_file(dir: &std::path::Path, secret: &str) -> Credential {
@@ -423,24 +421,12 @@ fn a_user_filter_is_an_advanced_query_and_syncs_in_full() {
 fn the_daemon_follows_the_tenant() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut fake = FakeGraph::start(dir.path(), tenant());
-    let secret = dir.path().join("graph.secret");
-    std::fs::write(&secret, SECRET).expect("secret");
-    let config = dir.path().join("rcptgate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[directory]\nsnapshot = \"{snap}\"\n\n[[source]]\nname = \"entra\"\nkind = \"graph\"\n\
-tenant_id = \"{TENANT}\"\nclient_id = \"{CLIENT}\"\nclient_secret_file = \"{secret}\"\n\
-authority = \"{url}\"\ngraph_url = \"{url}\"\nca_file = \"{ca}\"\ninterval = \"1s\"\nfull_interval = \"1h\"\n\
-domains = [\"contoso.com\", \"contoso.de\"]\n\n\
-[policy]\nlisten = [\"127.0.0.1:0\"]\n\n[guard]\ndeletion_grace = \"7d\"\n",
-            snap = dir.path().join("snap").display(),
-            secret = secret.display(),
-            url = fake.url,
-            ca = fake.ca.display()
-        ),
-    )
-    .expect("config");
+    let config = graph::daemon_config(
+        dir.path(),
+        &fake,
+        "interval = \"1s\"\nfull_interval = \"1h\"\ndomains = [\"contoso.com\", \"contoso.de\"]",
+        "[policy]\nlisten = [\"127.0.0.1:0\"]\n\n[guard]\ndeletion_grace = \"7d\"\n",
+    );
     let d = daemon::Daemon::start(&config);
     d.wait_generation(1);
     assert!(
@@ -550,23 +536,14 @@ fn graph_test_and_sync_once_on_the_command_line() {
 fn a_restart_continues_from_the_delta_links() {
     let dir = tempfile::tempdir().expect("tempdir");
     let fake = FakeGraph::start(dir.path(), tenant());
-    let secret = dir.path().join("graph.secret");
-    std::fs::write(&secret, SECRET).expect("secret");
-    let config = dir.path().join("rcptgate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[directory]\nsnapshot = \"{snap}\"\n\n[[source]]\nname = \"entra\"\nkind = \"graph\"\n\
-tenant_id = \"{TENANT}\"\nclient_id = \"{CLIENT}\"\nclient_secret_file = \"{secret}\"\n\
-authority = \"{url}\"\ngraph_url = \"{url}\"\nca_file = \"{ca}\"\ninterval = \"1h\"\n\n\
-[policy]\nlisten = [\"127.0.0.1:0\"]\n",
-            snap = dir.path().join("snap").display(),
-            secret = secret.display(),
-            url = fake.url,
-            ca = fake.ca.display()
-        ),
-    )
-    .expect("config");
+    let config = graph::daemon_config(
+        dir.path(),
+        &fake,
+        "interval = \"1h\"",
+        "[policy]
+listen = [\"127.0.0.1:0\"]
+",
+    );
     let d = daemon::Daemon::start(&config);
     let s = d.wait_generation(1);
     assert_eq!(s.syncs[0].kind, "full");
@@ -586,23 +563,14 @@ authority = \"{url}\"\ngraph_url = \"{url}\"\nca_file = \"{ca}\"\ninterval = \"1
 fn provision_on_demand_from_the_tenant() {
     let dir = tempfile::tempdir().expect("tempdir");
     let fake = FakeGraph::start(dir.path(), tenant());
-    let secret = dir.path().join("graph.secret");
-    std::fs::write(&secret, SECRET).expect("secret");
-    let config = dir.path().join("rcptgate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[directory]\nsnapshot = \"{snap}\"\n\n[[source]]\nname = \"entra\"\nkind = \"graph\"\n\
-tenant_id = \"{TENANT}\"\nclient_id = \"{CLIENT}\"\nclient_secret_file = \"{secret}\"\n\
-authority = \"{url}\"\ngraph_url = \"{url}\"\nca_file = \"{ca}\"\ninterval = \"1h\"\n\n\
-[policy]\nlisten = [\"127.0.0.1:0\"]\n",
-            snap = dir.path().join("snap").display(),
-            secret = secret.display(),
-            url = fake.url,
-            ca = fake.ca.display()
-        ),
-    )
-    .expect("config");
+    let config = graph::daemon_config(
+        dir.path(),
+        &fake,
+        "interval = \"1h\"",
+        "[policy]
+listen = [\"127.0.0.1:0\"]
+",
+    );
     let d = daemon::Daemon::start(&config);
     d.wait_generation(1);
     fake.with(|t| {

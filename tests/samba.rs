@@ -57,6 +57,15 @@ dn: CN=Partner,{OU}\nchangetype: add\nobjectClass: contact\nmail: someone@partne
     w
 }
 
+/// A domain controller with its own CA, holding `directory_ldif()`.
+fn start_dc(tmp: &Path) -> Samba {
+    let pki = tmp.join("pki");
+    slapd::make_pki(&pki, "Corp AD Test CA");
+    let dc = Samba::start(&tmp.join("samba"), &pki);
+    dc.modify(&directory_ldif());
+    dc
+}
+
 fn config(dir: &Path, ca: &Path, bind: &str, extra: &str) -> std::path::PathBuf {
     std::fs::write(dir.join("pw"), format!("{SVC_PW}\n")).expect("pw");
     let cfg = dir.join("rcptgate.toml");
@@ -79,10 +88,7 @@ base_dns = [\"{OU}\"]\ntimeout = \"10s\"\nretries = 0\n{extra}\n\
 fn active_directory_upn_bind_sub_codes_and_incremental_sync() {
     let _one = ONE_DC.lock().unwrap_or_else(|p| p.into_inner());
     let tmp = tempfile::tempdir().expect("tmp");
-    let pki = tmp.path().join("pki");
-    slapd::make_pki(&pki, "Corp AD Test CA");
-    let dc = Samba::start(&tmp.path().join("samba"), &pki);
-    dc.modify(&directory_ldif());
+    let dc = start_dc(tmp.path());
 
     // A bind by user principal name, as AD accepts it.
     let cfg = config(tmp.path(), &dc.ca, "svc-smtp@corp.test", "");
@@ -175,10 +181,7 @@ fn active_directory_upn_bind_sub_codes_and_incremental_sync() {
 fn provision_on_demand_and_explain() {
     let _one = ONE_DC.lock().unwrap_or_else(|p| p.into_inner());
     let tmp = tempfile::tempdir().expect("tmp");
-    let pki = tmp.path().join("pki");
-    slapd::make_pki(&pki, "Corp AD Test CA");
-    let dc = Samba::start(&tmp.path().join("samba"), &pki);
-    dc.modify(&directory_ldif());
+    let dc = start_dc(tmp.path());
     let audit = tmp.path().join("audit.log");
     let cfg = config(
         tmp.path(),

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::example_directory;
+use common::{example_directory, socketmap_query};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -328,27 +328,6 @@ async fn a_client_that_stops_reading_is_cut_and_shutdown_refuses_new_clients_at_
         .expect("served");
     assert!(stopped.elapsed() < Duration::from_secs(3));
     let _ = writer.await;
-}
-
-async fn socketmap_query(s: &mut TcpStream, query: &str) -> String {
-    let mut framed = Vec::new();
-    rcptgate::proto::netstring::encode(query.as_bytes(), &mut framed);
-    s.write_all(&framed).await.expect("write");
-    let mut buf = Vec::new();
-    loop {
-        if let Ok(rcptgate::proto::netstring::Decoded::Frame { payload, .. }) =
-            rcptgate::proto::netstring::decode(&buf, 100_000)
-        {
-            return String::from_utf8_lossy(payload).into_owned();
-        }
-        let mut chunk = [0u8; 512];
-        let got = tokio::time::timeout(Duration::from_secs(15), s.read(&mut chunk))
-            .await
-            .expect("reply in time")
-            .expect("read");
-        assert!(got > 0, "closed early");
-        buf.extend_from_slice(&chunk[..got]);
-    }
 }
 
 #[tokio::test]

@@ -125,6 +125,31 @@ pub fn sync(
 
 /// `graph-test`: each Graph source step by step.
 pub fn graph_test(config: &Path, only: Option<&str>) -> Result<ExitCode> {
+    source_test(config, only, "Graph", |s| {
+        let g = s.graph.as_ref()?;
+        let name: Arc<str> = Arc::from(s.name.as_str());
+        Some((
+            format!("tenant {}, {}", g.tenant_id, g.graph_url),
+            sources::graph::test(&name, g),
+        ))
+    })
+}
+
+/// `ldap-test`: each LDAP source step by step.
+pub fn ldap_test(config: &Path, only: Option<&str>) -> Result<ExitCode> {
+    source_test(config, only, "LDAP", |s| {
+        let l = s.ldap.as_ref()?;
+        Some((l.url.clone(), sources::ldap_check::run(l)))
+    })
+}
+
+/// Run `steps` for every source it applies to and print them; exit status 1 when one fails.
+fn source_test(
+    config: &Path,
+    only: Option<&str>,
+    kind: &str,
+    steps: impl Fn(&rcptgate::config::SourceConfig) -> Option<(String, Vec<sources::ldap_check::Step>)>,
+) -> Result<ExitCode> {
     use rcptgate::sources::ldap_check::Status;
     let cfg = rcptgate::config::Config::load(config)?;
     let mut failed = false;
@@ -134,11 +159,12 @@ pub fn graph_test(config: &Path, only: Option<&str>) -> Result<ExitCode> {
         .iter()
         .filter(|s| only.is_none_or(|n| n == s.name))
     {
-        let Some(g) = &s.graph else { continue };
+        let Some((what, list)) = steps(s) else {
+            continue;
+        };
         any = true;
-        println!("{} (tenant {}, {}):", s.name, g.tenant_id, g.graph_url);
-        let name: Arc<str> = Arc::from(s.name.as_str());
-        for step in sources::graph::test(&name, g) {
+        println!("{} ({what}):", s.name);
+        for step in list {
             let tag = match step.status {
                 Status::Ok => "ok  ",
                 Status::Warn => "WARN",
@@ -154,45 +180,7 @@ pub fn graph_test(config: &Path, only: Option<&str>) -> Result<ExitCode> {
         }
     }
     if !any {
-        bail!("{}: no Graph source to test", config.display());
-    }
-    Ok(if failed {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
-}
-
-pub fn ldap_test(config: &Path, only: Option<&str>) -> Result<ExitCode> {
-    use rcptgate::sources::ldap_check::{self, Status};
-    let cfg = rcptgate::config::Config::load(config)?;
-    let mut failed = false;
-    let mut any = false;
-    for s in cfg
-        .sources
-        .iter()
-        .filter(|s| only.is_none_or(|n| n == s.name))
-    {
-        let Some(l) = &s.ldap else { continue };
-        any = true;
-        println!("{} ({}):", s.name, l.url);
-        for step in ldap_check::run(l) {
-            let tag = match step.status {
-                Status::Ok => "ok  ",
-                Status::Warn => "WARN",
-                Status::Fail => {
-                    failed = true;
-                    "FAIL"
-                }
-            };
-            println!("  {tag}  {:<12} {}", step.name, step.detail);
-            if let Some(f) = step.fix {
-                println!("        fix: {f}");
-            }
-        }
-    }
-    if !any {
-        bail!("{}: no LDAP source to test", config.display());
+        bail!("{}: no {kind} source to test", config.display());
     }
     Ok(if failed {
         ExitCode::from(1)

@@ -79,6 +79,27 @@ pub struct GraphConfig {
     pub retries: u32,
 }
 
+impl GraphConfig {
+    /// A source with the defaults: the public cloud, the system roots, shared mailboxes kept,
+    /// guests left out, no filter, pages of 999, 60 s per request, 4 retries.
+    pub fn new(tenant_id: &str, client_id: &str, credential: Credential) -> GraphConfig {
+        GraphConfig {
+            tenant_id: tenant_id.to_owned(),
+            client_id: client_id.to_owned(),
+            credential,
+            authority: "https://login.microsoftonline.com".into(),
+            graph_url: "https://graph.microsoft.com".into(),
+            ca_file: None,
+            include_disabled: true,
+            include_guests: false,
+            user_filter: None,
+            page_size: 999,
+            timeout: Duration::from_secs(60),
+            retries: 4,
+        }
+    }
+}
+
 /// Why a sync failed, with what to fix.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -1179,20 +1200,11 @@ mod tests {
     use super::*;
 
     fn cfg() -> GraphConfig {
-        GraphConfig {
-            tenant_id: "t".into(),
-            client_id: "c".into(),
-            credential: Credential::Secret(PasswordSource::Env("X".into())),
-            authority: "https://login.example".into(),
-            graph_url: "https://graph.example".into(),
-            ca_file: None,
-            include_disabled: true,
-            include_guests: false,
-            user_filter: None,
-            page_size: 999,
-            timeout: Duration::from_secs(5),
-            retries: 2,
-        }
+        GraphConfig::new(
+            "t",
+            "c",
+            Credential::Secret(PasswordSource::Env("X".into())),
+        )
     }
 
     fn obj(v: Value) -> Map<String, Value> {

@@ -1,4 +1,5 @@
 //! Helpers shared by the integration test binaries.
+#![allow(dead_code)]
 
 use std::sync::Arc;
 
@@ -17,4 +18,27 @@ pub fn example_directory(loaded: bool) -> Arc<Directory> {
         dir.publish(Arc::new(Snapshot::from_bytes(bytes).expect("load")));
     }
     Arc::new(dir)
+}
+
+/// One socketmap request on `s`; the reply's payload (`OK …`, `NOTFOUND `, `TEMP …`).
+pub async fn socketmap_query(s: &mut tokio::net::TcpStream, query: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut framed = Vec::new();
+    rcptgate::proto::netstring::encode(query.as_bytes(), &mut framed);
+    s.write_all(&framed).await.expect("write");
+    let mut buf = Vec::new();
+    loop {
+        if let Ok(rcptgate::proto::netstring::Decoded::Frame { payload, .. }) =
+            rcptgate::proto::netstring::decode(&buf, 100_000)
+        {
+            return String::from_utf8_lossy(payload).into_owned();
+        }
+        let mut chunk = [0u8; 4096];
+        let got = tokio::time::timeout(std::time::Duration::from_secs(20), s.read(&mut chunk))
+            .await
+            .expect("reply in time")
+            .expect("read");
+        assert!(got > 0, "closed early");
+        buf.extend_from_slice(&chunk[..got]);
+    }
 }
