@@ -260,17 +260,18 @@ pub fn provision(config: &Path, only: Option<&str>, object: &str, apply: bool) -
         println!("  WARN  mapping      {}", d.message);
     }
     ok &= show_mapping(&cfg, &m);
-    if !apply {
-        return Ok(if ok {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(1)
-        });
+    finish(ok, apply, config, &s.name, object)
+}
+
+/// The end of `sync --object`: exit status 1 when a sync would not read the object;
+/// with `--apply`, have the daemon publish it (never when a sync would not read it).
+fn finish(ok: bool, apply: bool, config: &Path, source: &str, object: &str) -> Result<ExitCode> {
+    match (ok, apply) {
+        (true, false) => Ok(ExitCode::SUCCESS),
+        (false, false) => Ok(ExitCode::from(1)),
+        (false, true) => bail!("not applied: a sync would not read this object either (see above)"),
+        (true, true) => apply_on_daemon(config, source, object),
     }
-    if !ok {
-        bail!("not applied: a sync would not read this object either (see above)");
-    }
-    apply_on_daemon(config, &s.name, object)
 }
 
 fn show_mapping(cfg: &rcptgate::config::Config, m: &sources::ad::Mapped) -> bool {
@@ -371,15 +372,5 @@ fn provision_graph(
         },
     );
     ok &= show_mapping(cfg, &m);
-    if !apply {
-        return Ok(if ok {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(1)
-        });
-    }
-    if !ok {
-        bail!("not applied: a sync would leave this object out too (see above)");
-    }
-    apply_on_daemon(config, &s.name, object)
+    finish(ok, apply, config, &s.name, object)
 }
