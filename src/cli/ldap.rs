@@ -352,7 +352,7 @@ fn provision_graph(
             .map(|u| format!(" ({u})"))
             .unwrap_or_default()
     );
-    if let Some(why) = sources::graph::left_out(&key, &o, g) {
+    if let Some(why) = sources::graph::excluded(&key, &o, g) {
         ok = false;
         println!("  FAIL  scope        {why}: a sync leaves it out");
     } else {
@@ -365,7 +365,7 @@ fn provision_graph(
     }
     let name: Arc<str> = Arc::from(s.name.as_str());
     let m = sources::ad::map_entry(
-        &sources::graph::as_dir_entry(&key, &o),
+        &sources::graph::dir_entry(&key, &o),
         &name,
         &sources::ad::AdOptions {
             include_disabled: g.include_disabled,

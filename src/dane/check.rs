@@ -124,14 +124,14 @@ pub async fn check(dane: &Dane, key: &str, opts: &CheckOptions) -> Report {
             .copied()
             .or_else(system_nameserver);
         if let Some(server) = server {
-            let s =
-                tokio::task::spawn_blocking(move || transport_step(&name, server, opts_timeout()))
-                    .await
-                    .unwrap_or_else(|e| Step {
-                        query: "TLSA size".into(),
-                        status: format!("failed: {e}"),
-                        records: Vec::new(),
-                    });
+            let timeout = opts.timeout;
+            let s = tokio::task::spawn_blocking(move || transport_step(&name, server, timeout))
+                .await
+                .unwrap_or_else(|e| Step {
+                    query: "TLSA size".into(),
+                    status: format!("failed: {e}"),
+                    records: Vec::new(),
+                });
             report.steps.push(s);
         }
     }
@@ -178,10 +178,6 @@ pub async fn check(dane: &Dane, key: &str, opts: &CheckOptions) -> Report {
     report.target = Some(target);
     report.decision = Some(decision);
     report
-}
-
-fn opts_timeout() -> Duration {
-    Duration::from_secs(5)
 }
 
 fn system_nameserver() -> Option<SocketAddr> {

@@ -124,84 +124,71 @@ pub fn encode(mut list: Vec<Excluded>) -> Vec<u8> {
     out
 }
 
-/// Read the section: (counts, records). Malformed bytes end the reading (cold data is
+/// The section's counts per reason, and an iterator over its raw records
+/// (address, reason code, origin, detail). Malformed bytes end the reading (cold data is
 /// checksummed; this only guards against a bug).
-pub fn decode(bytes: &[u8]) -> (Vec<(Reason, u64)>, Vec<Excluded>) {
+fn parse(bytes: &[u8]) -> (Vec<(Reason, u64)>, Records<'_>) {
     let mut r = crate::directory::format::Reader::new(bytes);
     let mut counts = Vec::new();
     let n = r.u32().unwrap_or(0);
     for _ in 0..n.min(256) {
         let (Some(c), Some(v)) = (r.take(1).map(|b| b[0]), r.u64()) else {
-            return (counts, Vec::new());
+            return (counts, Records(crate::directory::format::Reader::new(&[])));
         };
         if let Some(reason) = Reason::from_code(c) {
             counts.push((reason, v));
         }
     }
-    let mut out = Vec::new();
-    let s = |r: &mut crate::directory::format::Reader<'_>| -> Option<String> {
-        let len = r
-            .take(2)
-            .and_then(|b| b.try_into().ok())
-            .map(u16::from_le_bytes)?;
-        r.take(usize::from(len))
-            .map(|b| String::from_utf8_lossy(b).into_owned())
-    };
-    while let Some(address) = s(&mut r) {
-        let Some(reason) = r.take(1).and_then(|b| Reason::from_code(b[0])) else {
-            break;
-        };
-        let (Some(origin), Some(detail)) = (s(&mut r), s(&mut r)) else {
-            break;
-        };
-        out.push(Excluded {
-            address,
-            reason,
-            origin,
-            detail,
-        });
-    }
-    (counts, out)
+    (counts, Records(r))
 }
 
-/// The records of `address` in the section's bytes.
+/// The records of the section, as stored.
+struct Records<'a>(crate::directory::format::Reader<'a>);
+
+impl<'a> Iterator for Records<'a> {
+    type Item = (&'a [u8], u8, &'a [u8], &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        fn field<'b>(r: &mut crate::directory::format::Reader<'b>) -> Option<&'b [u8]> {
+            let len = r
+                .take(2)
+                .and_then(|b| b.try_into().ok())
+                .map(u16::from_le_bytes)?;
+            r.take(usize::from(len))
+        }
+        let r = &mut self.0;
+        Some((field(r)?, r.take(1)?[0], field(r)?, field(r)?))
+    }
+}
+
+fn owned(address: &[u8], reason: Reason, origin: &[u8], detail: &[u8]) -> Excluded {
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    Excluded {
+        address: text(address),
+        reason,
+        origin: text(origin),
+        detail: text(detail),
+    }
+}
+
+/// Read the section: (counts, records); an unknown reason ends the records.
+pub fn decode(bytes: &[u8]) -> (Vec<(Reason, u64)>, Vec<Excluded>) {
+    let (counts, records) = parse(bytes);
+    let list = records
+        .map_while(|(a, code, o, d)| Some(owned(a, Reason::from_code(code)?, o, d)))
+        .collect();
+    (counts, list)
+}
+
+/// The records of `address` in the section's bytes: only those are copied, and the scan
+/// stops past the address (the records are sorted).
 pub fn find(bytes: &[u8], address: &str) -> Vec<Excluded> {
-    let mut r = crate::directory::format::Reader::new(bytes);
-    let n = r.u32().unwrap_or(0);
-    for _ in 0..n.min(256) {
-        if r.take(9).is_none() {
-            return Vec::new();
-        }
-    }
-    fn raw<'b>(r: &mut crate::directory::format::Reader<'b>) -> Option<&'b [u8]> {
-        let len = r
-            .take(2)
-            .and_then(|b| b.try_into().ok())
-            .map(u16::from_le_bytes)?;
-        r.take(usize::from(len))
-    }
-    let mut out = Vec::new();
-    while let Some(a) = raw(&mut r) {
-        let (Some(code), Some(origin), Some(detail)) =
-            (r.take(1).map(|b| b[0]), raw(&mut r), raw(&mut r))
-        else {
-            break;
-        };
-        match a.cmp(address.as_bytes()) {
-            std::cmp::Ordering::Less => continue,
-            std::cmp::Ordering::Greater => break,
-            std::cmp::Ordering::Equal => {}
-        }
-        if let Some(reason) = Reason::from_code(code) {
-            out.push(Excluded {
-                address: address.to_owned(),
-                reason,
-                origin: String::from_utf8_lossy(origin).into_owned(),
-                detail: String::from_utf8_lossy(detail).into_owned(),
-            });
-        }
-    }
-    out
+    parse(bytes)
+        .1
+        .skip_while(|r| r.0 < address.as_bytes())
+        .take_while(|r| r.0 == address.as_bytes())
+        .filter_map(|(a, code, o, d)| Some(owned(a, Reason::from_code(code)?, o, d)))
+        .collect()
 }
 
 /// The answer of `explain` for one address.

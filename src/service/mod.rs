@@ -750,11 +750,12 @@ impl Actor {
                     let view = dir.view();
                     let r = match view.snapshot() {
                         None => Reply::Error {
-                            message: "no snapshot in service yet: every answer is a temporary failure"
-                                .into(),
+                            message:
+                                "no snapshot in service yet: every answer is a temporary failure"
+                                    .into(),
                         },
-                        Some(snap) => Reply::Explained {
-                            explanations: addresses
+                        Some(snap) => {
+                            let mut explanations: Vec<_> = addresses
                                 .iter()
                                 .map(|a| {
                                     let mut e = snap.explain(a, dir.options());
@@ -765,13 +766,23 @@ impl Actor {
                                         );
                                         e.verdict = "tempfail".into();
                                     }
-                                    if let (Some(cfg), Some(addr)) = (&audit, &e.address) {
-                                        e.history = crate::sync::audit_history(cfg, addr);
-                                    }
                                     e
                                 })
-                                .collect(),
-                        },
+                                .collect();
+                            if let Some(cfg) = &audit {
+                                let asked: Vec<&str> = explanations
+                                    .iter()
+                                    .map(|e| e.address.as_deref().unwrap_or(""))
+                                    .collect();
+                                let histories = crate::sync::audit_history(cfg, &asked);
+                                for (e, h) in explanations.iter_mut().zip(histories) {
+                                    if e.address.is_some() {
+                                        e.history = h;
+                                    }
+                                }
+                            }
+                            Reply::Explained { explanations }
+                        }
                     };
                     let _ = reply.send(r);
                 });

@@ -609,7 +609,7 @@ fn client_assertion(
 }
 
 /// The object as the AD mapper sees it.
-fn dir_entry(key: &str, o: &Map<String, Value>) -> DirEntry {
+pub fn dir_entry(key: &str, o: &Map<String, Value>) -> DirEntry {
     let mut attrs = Vec::new();
     let group = key.starts_with("groups/");
     attrs.push((
@@ -647,8 +647,8 @@ fn dir_entry(key: &str, o: &Map<String, Value>) -> DirEntry {
     }
 }
 
-/// Why an object is left out before mapping, if it is.
-fn excluded(key: &str, o: &Map<String, Value>, cfg: &GraphConfig) -> Option<&'static str> {
+/// Why an object is left out before mapping (guest, group not mail-enabled), if it is.
+pub fn excluded(key: &str, o: &Map<String, Value>, cfg: &GraphConfig) -> Option<&'static str> {
     if key.starts_with("groups/") {
         return (o.get("mailEnabled").and_then(Value::as_bool) != Some(true))
             .then_some("group not mail-enabled");
@@ -998,16 +998,6 @@ pub fn fetch_object(cfg: &GraphConfig, object: &str) -> Result<Option<Found>, Gr
         }
     }
     Ok(None)
-}
-
-/// Why an object is left out before mapping (guest, group not mail-enabled), if it is.
-pub fn left_out(key: &str, o: &Map<String, Value>, cfg: &GraphConfig) -> Option<&'static str> {
-    excluded(key, o, cfg)
-}
-
-/// The object as the AD mapper sees it.
-pub fn as_dir_entry(key: &str, o: &Map<String, Value>) -> DirEntry {
-    dir_entry(key, o)
 }
 
 /// `rcptgate graph-test`: each step the "Test" button of a directory-sync service takes —

@@ -708,7 +708,7 @@ impl Loader {
         let (key, o) = graph::fetch_object(g, object)
             .map_err(|e| LoadError::Graph(s.name.clone(), e))?
             .ok_or_else(|| fail(format!("{object}: no such user or group in the tenant")))?;
-        if let Some(why) = graph::left_out(&key, &o, g) {
+        if let Some(why) = graph::excluded(&key, &o, g) {
             return Err(fail(format!("{key}: {why}: a sync leaves it out")));
         }
         let Some((_, at, Some(LiveMark::Delta(mut mark)))) = self.ldap_cache.remove(&s.name) else {

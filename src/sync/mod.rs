@@ -7,17 +7,18 @@ pub mod merge;
 
 pub use merge::{Conflict, Merged, merge};
 
-/// What the audit log (and its rotated files) says about an address: the publishes that
-/// removed it from the sources (it became a tombstone) and those whose grace period for it
-/// ran out. Only the first 100 addresses of each publish are named in the log.
-pub fn audit_history(audit: &crate::config::AuditConfig, address: &str) -> Vec<String> {
+/// What the audit log (and its rotated files) says about each of `addresses`: the
+/// publishes that removed it from the sources (it became a tombstone) and those whose grace
+/// period for it ran out, oldest first. The files are read once for all of them. Only the
+/// first 100 addresses of each publish are named in the log.
+pub fn audit_history(audit: &crate::config::AuditConfig, addresses: &[&str]) -> Vec<Vec<String>> {
     let mut files = vec![audit.path.clone()];
     for n in 1..=audit.keep {
         let mut p = audit.path.clone().into_os_string();
         p.push(format!(".{n}"));
         files.push(p.into());
     }
-    let mut out: Vec<(u64, String)> = Vec::new();
+    let mut out: Vec<Vec<(u64, String)>> = vec![Vec::new(); addresses.len()];
     for f in files {
         let Ok(text) = std::fs::read_to_string(&f) else {
             continue;
@@ -26,41 +27,47 @@ pub fn audit_history(audit: &crate::config::AuditConfig, address: &str) -> Vec<S
             let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
                 continue;
             };
-            let named = |k: &str| {
-                v[k].as_array()
-                    .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(address)))
-            };
             let (time, generation) = (
                 v["time"].as_u64().unwrap_or(0),
                 v["generation"].as_u64().unwrap_or(0),
             );
-            if named("removed_sample") {
-                out.push((
-                    time,
-                    format!(
-                        "{}: generation {generation} removed it from the sources ({})",
-                        utc(time),
-                        if v["tombstoned"].as_u64().unwrap_or(0) > 0 {
-                            "kept as a tombstone for the grace period"
-                        } else {
-                            "no tombstone"
-                        }
-                    ),
-                ));
-            }
-            if named("expired_sample") {
-                out.push((
-                    time,
-                    format!(
-                        "{}: generation {generation} dropped its tombstone (grace period over)",
-                        utc(time)
-                    ),
-                ));
+            for (address, found) in addresses.iter().zip(out.iter_mut()) {
+                let named = |k: &str| {
+                    v[k].as_array()
+                        .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(address)))
+                };
+                if named("removed_sample") {
+                    found.push((
+                        time,
+                        format!(
+                            "{}: generation {generation} removed it from the sources ({})",
+                            utc(time),
+                            if v["tombstoned"].as_u64().unwrap_or(0) > 0 {
+                                "kept as a tombstone for the grace period"
+                            } else {
+                                "no tombstone"
+                            }
+                        ),
+                    ));
+                }
+                if named("expired_sample") {
+                    found.push((
+                        time,
+                        format!(
+                            "{}: generation {generation} dropped its tombstone (grace period over)",
+                            utc(time)
+                        ),
+                    ));
+                }
             }
         }
     }
-    out.sort();
-    out.into_iter().map(|(_, s)| s).collect()
+    out.into_iter()
+        .map(|mut h| {
+            h.sort();
+            h.into_iter().map(|(_, s)| s).collect()
+        })
+        .collect()
 }
 
 /// `YYYY-MM-DD HH:MM:SS UTC` for Unix seconds.
