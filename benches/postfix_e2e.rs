@@ -223,16 +223,19 @@ fn main() {
     let lmdb = format!("lmdb:{}", base.join("rcpt.table").display());
     let modes: Vec<(&str, Postfix)> = vec![
         ("lmdb", {
-            let pf = Postfix::start_for(
+            // The table exists before Postfix starts: start_for's readiness probe spawns an
+            // smtpd that opens relay_recipient_maps at once and lives on to serve the load,
+            // so a table built afterwards raced it ("open database …: Bad file descriptor",
+            // one session of 4xx in CI). postmap needs only an empty main.cf.
+            let etc = base.join("postmap-etc");
+            std::fs::create_dir_all(&etc).expect("mkdir");
+            std::fs::write(etc.join("main.cf"), "").expect("main.cf");
+            run(Command::new("postmap").arg("-c").arg(&etc).arg(&lmdb));
+            Postfix::start_for(
                 &base.join("pf-lmdb"),
                 "example.com",
                 &[&format!("relay_recipient_maps = {lmdb}")],
-            );
-            run(Command::new("postmap")
-                .arg("-c")
-                .arg(pf.base.join("etc"))
-                .arg(&lmdb));
-            pf
+            )
         }),
         (
             "socketmap",
