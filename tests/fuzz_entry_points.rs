@@ -108,7 +108,7 @@ fn snapshot_sections_with_valid_checksums() {
             rcptgate::sources::load(rcptgate::sources::Format::Map, path.as_ref()).expect("load");
         rcptgate::sync::merge(&[src], 1).build().expect("build")
     };
-    let header = 8 + 4 + 4 + 8 + 8 + 8 + 4 + 4 + 12 * 24 + 4;
+    let header = 8 + 4 + 4 + 8 + 8 + 8 + 4 + 4 + 13 * 24 + 4;
     let off = u64::from_le_bytes(fst[48..56].try_into().expect("off")) as usize;
     let len = u64::from_le_bytes(fst[56..64].try_into().expect("len")) as usize;
     assert_eq!(off, header);

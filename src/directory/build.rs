@@ -131,17 +131,24 @@ pub struct BuildStats {
     pub domains: usize,
     pub shards: usize,
     pub fst_bytes: usize,
+    /// Bytes of the miss filters (hot).
+    pub filter_bytes: usize,
     pub hot_bytes: usize,
     pub cold_bytes: usize,
     pub file_bytes: usize,
     pub sort_time: Duration,
     pub fst_time: Duration,
+    /// Building the miss filters (the slowest shard's).
+    pub filter_time: Duration,
     pub total_time: Duration,
 }
 
 /// What one shard thread returns.
 struct ShardOut {
     fst: Vec<u8>,
+    /// The shard's block of the filter section.
+    filter: Vec<u8>,
+    filter_time: Duration,
     /// Sorted by key.
     records: Vec<RecordSpec>,
 }
@@ -260,12 +267,17 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
     });
     let mut shards = Vec::with_capacity(results.len());
     let mut sort_time = Duration::ZERO;
+    let mut filter_time = Duration::ZERO;
     for r in results {
         let (out, st) = r?;
         sort_time = sort_time.max(st);
+        filter_time = filter_time.max(out.filter_time);
         shards.push(out);
     }
-    let fst_time = sort_fst.elapsed().saturating_sub(sort_time);
+    let fst_time = sort_fst
+        .elapsed()
+        .saturating_sub(sort_time)
+        .saturating_sub(filter_time);
 
     // Assemble sections.
     let mut strings = input.strings;
@@ -281,6 +293,10 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
         shard_table.extend_from_slice(&(s.fst.len() as u64).to_le_bytes());
     }
     debug_assert_eq!(shard_table.len(), bounds.len() * SHARD_REC);
+    sec[Sec::Filter as usize] = shards
+        .iter()
+        .flat_map(|s| s.filter.iter().copied())
+        .collect();
     let fst_bytes = sec[Sec::Fst as usize].len();
     sec[Sec::Shards as usize] = shard_table;
     {
@@ -400,19 +416,23 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
     for s in &sec {
         file.extend_from_slice(s);
     }
-    let cold_bytes = sec[Sec::ColdKeys as usize].len()
-        + sec[Sec::ColdRecords as usize].len()
-        + sec[Sec::ColdBlob as usize].len();
+    let cold_bytes: usize = Sec::ALL
+        .iter()
+        .filter(|s| s.is_cold())
+        .map(|&s| sec[s as usize].len())
+        .sum();
     let stats = BuildStats {
         records: total_records,
         domains: domains.len(),
         shards: shards.len(),
         fst_bytes,
+        filter_bytes: sec[Sec::Filter as usize].len(),
         hot_bytes: file.len() - cold_bytes,
         cold_bytes,
         file_bytes: file.len(),
         sort_time,
         fst_time,
+        filter_time,
         total_time: t0.elapsed(),
     };
     Ok((file, stats))
@@ -451,5 +471,19 @@ fn build_shard(
         .into_inner()
         .map_err(|e| BuildError::Fst(e.to_string()))?;
     fst.shrink_to_fit();
-    Ok((ShardOut { fst, records }, sort_time))
+    let tf = Instant::now();
+    let keys = records
+        .iter()
+        .map(|r| super::filter::key(r.domain, r.local.as_bytes()))
+        .collect();
+    let filter = super::filter::block(keys);
+    Ok((
+        ShardOut {
+            fst,
+            filter,
+            filter_time: tf.elapsed(),
+            records,
+        },
+        sort_time,
+    ))
 }

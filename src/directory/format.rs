@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 
 pub const MAGIC: &[u8; 8] = b"RCPTGATE";
 /// 2: four kind bits in FST values (exceptions). 3: the `excluded` cold section.
-pub const VERSION: u32 = 3;
-pub const SECTIONS: usize = 12;
+pub const VERSION: u32 = 4;
+pub const SECTIONS: usize = 13;
 const SECTION_REF: usize = 24;
 pub const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 8 + 8 + 4 + 4 + SECTIONS * SECTION_REF + 4;
 
@@ -47,6 +47,8 @@ pub enum Sec {
     /// Cold: what the build left out and why (`explain`): counts per reason, then a capped
     /// list of records sorted by address.
     Excluded,
+    /// A membership filter per shard, checked before the FST walk (see `filter.rs`).
+    Filter,
 }
 
 impl Sec {
@@ -64,6 +66,7 @@ impl Sec {
         Sec::ColdRecords,
         Sec::ColdBlob,
         Sec::Excluded,
+        Sec::Filter,
     ];
 
     /// The section's name in errors.
@@ -81,6 +84,7 @@ impl Sec {
             Sec::ColdRecords => "cold records",
             Sec::ColdBlob => "cold strings",
             Sec::Excluded => "excluded",
+            Sec::Filter => "filter",
         }
     }
 

@@ -5,8 +5,10 @@
 #[allow(missing_docs)]
 pub(crate) mod build;
 pub mod explain;
+mod filter;
 mod format;
 mod snapshot;
+mod walk;
 
 use std::cell::RefCell;
 use std::fmt;
@@ -19,6 +21,7 @@ use arc_swap::{ArcSwapOption, Guard};
 pub use build::{BuildError, BuildStats};
 pub(crate) use build::{BuildInput, DomainSpec, Interner, NONE, RecordSpec, build, name_order};
 pub(crate) use format::with_section;
+pub(crate) use walk::fuzz as fuzz_walk;
 pub use format::{Sec, SnapshotError, clean_temporaries, write_atomic};
 pub use snapshot::{AddressCursor, DomainInfo, RecordInfo, Snapshot};
 

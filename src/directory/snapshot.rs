@@ -15,12 +15,17 @@ use std::sync::{Arc, OnceLock};
 
 use fst::raw::{CompiledAddr, Fst, Output};
 
+use super::filter::{self, ShardFilter};
 use super::format::{
     self, COLD_AMBIGUOUS, COLD_REC, DOMAIN_REC, Header, SHARD_REC, Sec, SnapshotError, domain_hash,
     get_str, u32_at,
 };
+use super::walk::Walker;
 use super::{Hit, Kind, LookupOptions, Match, Reject, Verdict};
 use crate::address::{self, AddrBuf, AddrError};
+
+/// FST keys per shard checked against its filter when a snapshot is opened.
+const FILTER_SAMPLE: usize = 64;
 
 /// Largest key built on the stack: 4-byte domain prefix plus a folded local part.
 const KEY_MAX: usize = 4 + 4 * address::MAX_LOCAL;
@@ -140,6 +145,8 @@ pub struct Snapshot {
     header: Header,
     /// (first domain index, FST) per shard, in domain order.
     shards: Vec<(u32, Fst<FstBytes>)>,
+    /// The miss filter of each shard, when it has a usable one (see `filter.rs`).
+    filters: Vec<Option<ShardFilter>>,
     /// In-memory domain index built at open: (hash fingerprint, domain index + 1) per slot,
     /// same size and probe order as the persisted slots.
     probe: Vec<(u32, u32)>,
@@ -297,6 +304,7 @@ impl Snapshot {
         };
         let mut snap = Snapshot {
             shards: Vec::new(),
+            filters: Vec::new(),
             probe: Vec::new(),
             hot: Vec::new(),
             str_index: range(Sec::StrIndex),
@@ -316,6 +324,7 @@ impl Snapshot {
         };
         snap.validate_tables()?;
         snap.shards = snap.load_shards(&backing, fst, huge_fst)?;
+        snap.filters = snap.load_filters()?;
         snap.hot = (0..snap.header.domains)
             .map(|i| {
                 snap.domain_hot(i).ok_or(SnapshotError::Malformed {
@@ -482,9 +491,71 @@ impl Snapshot {
             // behind a forged section checksum could make it index out of bounds).
             map.verify()
                 .map_err(|e| SnapshotError::Fst(format!("shard {}: {e}", shards.len())))?;
+            // The lookup's decoder (walk.rs) reads format versions 2 and later.
+            // (The version is the FST's first eight bytes, little-endian.)
+            let version = map
+                .as_bytes()
+                .first_chunk::<8>()
+                .map_or(0, |v| u64::from_le_bytes(*v));
+            if version < 2 {
+                return Err(SnapshotError::Fst(format!(
+                    "shard {}: fst format version {version} (rebuild the snapshot)",
+                    shards.len()
+                )));
+            }
             shards.push((first, map));
         }
         Ok(shards)
+    }
+
+    /// The shards' miss filters, each checked against a sample of its FST's keys: one that
+    /// disagrees (built with other hashing) is left unused rather than trusted.
+    fn load_filters(&self) -> Result<Vec<Option<ShardFilter>>, SnapshotError> {
+        let r = self.header.sections[Sec::Filter as usize];
+        let section = self.header.section(self.backing.bytes(), Sec::Filter)?;
+        let mut filters =
+            filter::parse(section, r.off as usize, self.shards.len()).map_err(|what| {
+                SnapshotError::Malformed {
+                    section: Sec::Filter.name(),
+                    what,
+                }
+            })?;
+        let w = self.header.key_width as usize;
+        for (n, ((_, fst), slot)) in self.shards.iter().zip(filters.iter_mut()).enumerate() {
+            let Some(f) = slot else { continue };
+            let mut stream = fst.stream();
+            let mut checked = 0;
+            while let Some((key, _)) = fst::Streamer::next(&mut stream) {
+                let (Some(prefix), Some(local)) = (key.get(..w), key.get(w..)) else {
+                    break;
+                };
+                let domain = prefix.iter().fold(0u32, |a, &b| a << 8 | u32::from(b));
+                if !f.may_contain(self.backing.bytes(), filter::key(domain, local)) {
+                    tracing::warn!(
+                        shard = n,
+                        generation = self.header.generation,
+                        "snapshot's miss filter disagrees with its FST (another build's \
+                         hashing?): not used; lookups stay exact, misses cost an FST walk"
+                    );
+                    *slot = None;
+                    break;
+                }
+                checked += 1;
+                if checked == FILTER_SAMPLE {
+                    break;
+                }
+            }
+        }
+        Ok(filters)
+    }
+
+    /// True when the shard's filter says `local` is surely not an address of the domain.
+    #[inline]
+    fn surely_absent(&self, d: &DomainRec, local: &[u8]) -> bool {
+        self.filters
+            .get(d.shard())
+            .and_then(Option::as_ref)
+            .is_some_and(|f| !f.may_contain(self.backing.bytes(), filter::key(d.index, local)))
     }
 
     /// The whole snapshot file image (what is persisted), when it is all in memory (a build,
@@ -665,25 +736,24 @@ impl Snapshot {
     /// Values of `local` and of its first `split` bytes in domain `d`, in one walk from the
     /// domain's start node (the shorter key is a prefix of the longer).
     fn get(&self, d: &DomainHot, local: &[u8], split: Option<usize>) -> (Option<u64>, Option<u64>) {
-        let (Some(fst), Some((addr, mut out))) = (self.shard_of(&d.rec), d.start) else {
+        let (Some(fst), Some((addr, out))) = (self.shard_of(&d.rec), d.start) else {
             return (None, None);
         };
-        let mut node = fst.node(addr);
+        // Our decoder of fst's node format: each step reads only what it needs (walk.rs).
+        let w = Walker::new(fst.as_bytes());
+        let (mut addr, mut out) = (addr, out.value());
         let mut at_split = None;
         for (i, &b) in local.iter().enumerate() {
-            if split == Some(i) && node.is_final() {
-                at_split = Some(out.cat(node.final_output()).value());
+            if split == Some(i) {
+                at_split = w.final_output(addr).map(|f| out.wrapping_add(f));
             }
-            let Some(t) = node.find_input(b).map(|i| node.transition(i)) else {
+            let Some((next, o)) = w.step(addr, b) else {
                 return (None, at_split);
             };
-            out = out.cat(t.out);
-            node = fst.node(t.addr);
+            addr = next;
+            out = out.wrapping_add(o);
         }
-        let exact = node
-            .is_final()
-            .then(|| out.cat(node.final_output()).value());
-        (exact, at_split)
+        (w.final_output(addr).map(|f| out.wrapping_add(f)), at_split)
     }
 
     /// Steps 2-5 and 8 of DESIGN.md §4 (the [`super::Directory`] adds 1 and 7).
@@ -733,7 +803,16 @@ impl Snapshot {
         let d = &dh.rec;
         let split = address::subaddress_split(local, &options.separators);
         let excepted = |v: u64| Kind::from_code(v) == Kind::Exception;
-        match self.get(dh, local, split) {
+        // The filter first: when neither the address nor its base address can be in the
+        // shard, the FST walk is skipped (it would find nothing).
+        let absent = self.surely_absent(d, local)
+            && split.is_none_or(|p| self.surely_absent(d, local.get(..p).unwrap_or(local)));
+        let found = if absent {
+            (None, None)
+        } else {
+            self.get(dh, local, split)
+        };
+        match found {
             // An exception wins over everything: the address itself, or its base address
             // when only that is listed.
             (Some(v), _) | (None, Some(v)) if excepted(v) => {

@@ -1,0 +1,239 @@
+//! A membership filter per FST shard, checked before the FST walk: a miss in a domain we own
+//! (dictionary attacks, invented local parts: most lookups at a provider's MX) usually ends
+//! after three byte reads instead of a walk of several FST nodes.
+//!
+//! A binary fuse filter (`xorf::BinaryFuse8`, ~9 bits per key, false positives ~1/256) over a
+//! 64-bit key per address: [`key`] of (domain index, folded local part). It can only say
+//! "surely absent"; "maybe present" falls through to the FST, so an answer never depends on
+//! it. Every key a shard holds is in its filter (checked at build time for every key, and on
+//! a sample of the FST's keys when a snapshot is opened: a filter that fails the sample, e.g.
+//! written by a build whose hashing differs, is not used, and lookups stay exact).
+//!
+//! Section layout, one block per shard in shard order: `kind u32` (0 = no filter, 1 =
+//! binary fuse 8), `length u64` of the fingerprints, the 20-byte descriptor (seed u64,
+//! segment length u32, segment length mask u32, segment count length u32), then the
+//! fingerprints.
+
+use std::ops::Range;
+
+use xorf::{BinaryFuse8, BinaryFuse8Ref, DmaSerializable, Filter, FilterRef};
+
+use super::format::domain_hash;
+
+/// Bytes of a block's fixed part.
+pub const BLOCK_HEAD: usize = 4 + 8 + DESCRIPTOR;
+/// Bytes of a serialized binary fuse descriptor.
+const DESCRIPTOR: usize = 20;
+const KIND_NONE: u32 = 0;
+const KIND_BFUSE8: u32 = 1;
+
+/// The filter key of an address: its folded local part's stable hash mixed with its domain's
+/// index (the filter hashes it again with its own seed).
+#[inline]
+pub fn key(domain: u32, local: &[u8]) -> u64 {
+    domain_hash(local)
+        ^ u64::from(domain)
+            .wrapping_add(1)
+            .wrapping_mul(0xD6E8_FEB8_6659_FD93)
+}
+
+/// A shard's block for `keys` (any order, duplicates allowed). A shard without keys, or one
+/// whose filter cannot be built (the construction failing is rare and only costs speed), gets
+/// an empty block: every lookup walks the FST.
+pub fn block(mut keys: Vec<u64>) -> Vec<u8> {
+    let mut out = Vec::new();
+    keys.sort_unstable();
+    keys.dedup();
+    let filter = if keys.is_empty() {
+        None
+    } else {
+        BinaryFuse8::try_from(&keys[..]).ok()
+    };
+    // Every key must answer "maybe": the one property lookups rely on.
+    let filter = filter.filter(|f| keys.iter().all(|k| f.contains(k)));
+    match filter {
+        Some(f) => {
+            out.extend_from_slice(&KIND_BFUSE8.to_le_bytes());
+            out.extend_from_slice(&(f.fingerprints.len() as u64).to_le_bytes());
+            let mut desc = [0u8; DESCRIPTOR];
+            f.dma_copy_descriptor_to(&mut desc);
+            out.extend_from_slice(&desc);
+            out.extend_from_slice(&f.fingerprints);
+        }
+        None => {
+            out.extend_from_slice(&KIND_NONE.to_le_bytes());
+            out.extend_from_slice(&0u64.to_le_bytes());
+            out.extend_from_slice(&[0u8; DESCRIPTOR]);
+        }
+    }
+    out
+}
+
+/// One shard's filter inside a snapshot: where its fingerprints are in the snapshot's bytes.
+#[derive(Debug, Clone)]
+pub struct ShardFilter {
+    descriptor: [u8; DESCRIPTOR],
+    fingerprints: Range<usize>,
+}
+
+impl ShardFilter {
+    /// False when `key` is surely not in the shard. `bytes` are the snapshot's bytes the
+    /// ranges were parsed from (checked then, so the reads stay in bounds).
+    #[inline]
+    pub fn may_contain(&self, bytes: &[u8], key: u64) -> bool {
+        let Some(fingerprints) = bytes.get(self.fingerprints.clone()) else {
+            return true;
+        };
+        BinaryFuse8Ref::from_dma(&self.descriptor, fingerprints).contains(&key)
+    }
+}
+
+/// The blocks of a filter section at `base` in the snapshot's bytes, one per shard (`None`
+/// for a shard without a filter). Errors say what is malformed: a descriptor whose indexes
+/// could leave the fingerprints is never used.
+pub fn parse(
+    section: &[u8],
+    base: usize,
+    shards: usize,
+) -> Result<Vec<Option<ShardFilter>>, &'static str> {
+    let mut out = Vec::with_capacity(shards);
+    let mut at = 0usize;
+    for _ in 0..shards {
+        let head = section
+            .get(at..at + BLOCK_HEAD)
+            .ok_or("block shorter than its header")?;
+        let u32_at = |o: usize| {
+            let mut w = [0u8; 4];
+            w.copy_from_slice(&head[o..o + 4]);
+            u32::from_le_bytes(w)
+        };
+        let kind = u32_at(0);
+        let mut len = [0u8; 8];
+        len.copy_from_slice(&head[4..12]);
+        let len = usize::try_from(u64::from_le_bytes(len)).map_err(|_| "length too large")?;
+        let mut descriptor = [0u8; DESCRIPTOR];
+        descriptor.copy_from_slice(&head[12..BLOCK_HEAD]);
+        let start = at + BLOCK_HEAD;
+        let end = start.checked_add(len).ok_or("length too large")?;
+        if end > section.len() {
+            return Err("fingerprints run past the section");
+        }
+        match kind {
+            KIND_NONE if len == 0 => out.push(None),
+            KIND_BFUSE8 => {
+                let (seg_len, mask, count_len) = (u32_at(20), u32_at(24), u32_at(28));
+                // Lookups index fingerprints below count_len + 2 * seg_len (the fuse
+                // graph's three segments from a start below count_len, a whole number of
+                // segments): anything else could index out of bounds.
+                let consistent = seg_len.is_power_of_two()
+                    && mask == seg_len - 1
+                    && count_len.is_multiple_of(seg_len)
+                    && u64::from(count_len) + 2 * u64::from(seg_len) == len as u64
+                    && len <= u32::MAX as usize;
+                if !consistent {
+                    return Err("descriptor does not match the fingerprints");
+                }
+                out.push(Some(ShardFilter {
+                    descriptor,
+                    fingerprints: base + start..base + end,
+                }));
+            }
+            _ => return Err("unknown filter kind"),
+        }
+        at = end;
+    }
+    if at != section.len() {
+        return Err("bytes after the last shard's block");
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(n: u32) -> Vec<u64> {
+        (0..n)
+            .map(|i| key(i % 7, format!("user{i}").as_bytes()))
+            .collect()
+    }
+
+    #[test]
+    fn every_key_is_contained_and_strangers_mostly_are_not() {
+        let ks = keys(50_000);
+        let b = block(ks.clone());
+        let f = parse(&b, 0, 1).expect("parse")[0]
+            .clone()
+            .expect("a filter");
+        assert!(ks.iter().all(|&k| f.may_contain(&b, k)));
+        let strangers = (0..50_000u32)
+            .filter(|i| f.may_contain(&b, key(i % 7, format!("nobody{i}").as_bytes())))
+            .count();
+        // ~1/256 expected; far fewer than 1 % says the filter filters.
+        assert!(strangers < 500, "{strangers} false positives in 50000");
+    }
+
+    #[test]
+    fn empty_and_tiny_shards() {
+        let b = block(Vec::new());
+        assert_eq!(b.len(), BLOCK_HEAD);
+        assert!(parse(&b, 0, 1).expect("parse")[0].is_none());
+        for n in 1..40 {
+            let ks = keys(n);
+            let b = block(ks.clone());
+            if let Some(f) = parse(&b, 0, 1).expect("parse")[0].clone() {
+                assert!(ks.iter().all(|&k| f.may_contain(&b, k)), "{n} keys");
+            }
+        }
+    }
+
+    #[test]
+    fn duplicates_are_fine() {
+        let mut ks = keys(1000);
+        ks.extend(keys(1000));
+        let b = block(ks.clone());
+        let f = parse(&b, 0, 1).expect("parse")[0]
+            .clone()
+            .expect("a filter");
+        assert!(ks.iter().all(|&k| f.may_contain(&b, k)));
+    }
+
+    #[test]
+    fn two_blocks_at_an_offset() {
+        let (a, b) = (keys(300), keys(3000));
+        let mut sec = block(a.clone());
+        sec.extend(block(b.clone()));
+        let mut file = vec![0xAAu8; 100];
+        file.extend_from_slice(&sec);
+        let fs = parse(&sec, 100, 2).expect("parse");
+        let (fa, fb) = (fs[0].clone().expect("a"), fs[1].clone().expect("b"));
+        assert!(a.iter().all(|&k| fa.may_contain(&file, k)));
+        assert!(b.iter().all(|&k| fb.may_contain(&file, k)));
+    }
+
+    #[test]
+    fn hostile_blocks_are_refused() {
+        let good = block(keys(1000));
+        assert!(parse(&good, 0, 2).is_err(), "a missing block");
+        assert!(parse(&good[..good.len() - 1], 0, 1).is_err(), "truncated");
+        let mut extra = good.clone();
+        extra.push(0);
+        assert!(parse(&extra, 0, 1).is_err(), "trailing bytes");
+        // Each descriptor field changed: a segment length that is not a power of two, a
+        // mask that does not match, a count length that would index past the end.
+        for (at, v) in [(20usize, 3u32), (24, 0xffff_ffff), (28, 0xffff_fff0)] {
+            let mut bad = good.clone();
+            bad[at..at + 4].copy_from_slice(&v.to_le_bytes());
+            assert!(parse(&bad, 0, 1).is_err(), "field at {at}");
+        }
+        let mut kind = good.clone();
+        kind[0] = 9;
+        assert!(parse(&kind, 0, 1).is_err(), "unknown kind");
+    }
+
+    #[test]
+    fn the_key_separates_domains() {
+        assert_ne!(key(0, b"alice"), key(1, b"alice"));
+        assert_ne!(key(0, b"alice"), key(0, b"alicf"));
+    }
+}
