@@ -21,9 +21,9 @@ use arc_swap::{ArcSwapOption, Guard};
 pub use build::{BuildError, BuildStats};
 pub(crate) use build::{BuildInput, DomainSpec, Interner, NONE, RecordSpec, build, name_order};
 pub(crate) use format::with_section;
-pub(crate) use walk::fuzz as fuzz_walk;
 pub use format::{Sec, SnapshotError, clean_temporaries, write_atomic};
 pub use snapshot::{AddressCursor, DomainInfo, RecordInfo, Snapshot};
+pub(crate) use walk::fuzz as fuzz_walk;
 
 use crate::address::{AddrBuf, AddrError};
 

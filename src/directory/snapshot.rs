@@ -53,6 +53,24 @@ impl Backing {
     }
 }
 
+/// Hot sections read into memory of their own (huge pages) instead of the backing.
+#[derive(Default)]
+struct Owned {
+    fst: Option<memmap2::Mmap>,
+    filter: Option<memmap2::Mmap>,
+}
+
+impl Owned {
+    /// Where section `sec` goes when it gets memory of its own (`None`: it never does).
+    fn slot(&mut self, sec: Sec) -> Option<&mut Option<memmap2::Mmap>> {
+        match sec {
+            Sec::Fst => Some(&mut self.fst),
+            Sec::Filter => Some(&mut self.filter),
+            _ => None,
+        }
+    }
+}
+
 /// The cold sections once read: `bytes` covers file offsets `base..`, or is `None` when they
 /// are in the backing already.
 struct Cold {
@@ -145,8 +163,10 @@ pub struct Snapshot {
     header: Header,
     /// (first domain index, FST) per shard, in domain order.
     shards: Vec<(u32, Fst<FstBytes>)>,
-    /// The miss filter of each shard, when it has a usable one (see `filter.rs`).
+    /// The miss filter of each shard, when it has a usable one (see `filter.rs`), and the
+    /// memory its ranges point into (huge pages of its own, or the backing).
     filters: Vec<Option<ShardFilter>>,
+    filter_mem: Arc<Backing>,
     /// In-memory domain index built at open: (hash fingerprint, domain index + 1) per slot,
     /// same size and probe order as the persisted slots.
     probe: Vec<(u32, u32)>,
@@ -182,7 +202,7 @@ impl fmt::Debug for Snapshot {
 
 impl Snapshot {
     /// Open a persisted snapshot: read the header and every hot section into memory this
-    /// process owns (the FST into anonymous memory advised to use transparent huge pages, in
+    /// process owns (the FST and the miss filter into anonymous memory advised to use transparent huge pages, in
     /// Linux `madvise` mode, which cuts TLB misses on random lookups in a large directory)
     /// and check their checksums. The cold sections (diagnostics) are read on first use.
     /// Whatever happens to the file afterwards cannot change an answer or crash the
@@ -191,12 +211,12 @@ impl Snapshot {
         Snapshot::open_with(path, true)
     }
 
-    /// Like [`Self::open`], without the huge-page copy of the FST.
+    /// Like [`Self::open`], without the huge-page copies of the FST and the miss filter.
     pub fn open_plain(path: &Path) -> Result<Snapshot, SnapshotError> {
         Snapshot::open_with(path, false)
     }
 
-    fn open_with(path: &Path, huge_fst: bool) -> Result<Snapshot, SnapshotError> {
+    fn open_with(path: &Path, huge_pages: bool) -> Result<Snapshot, SnapshotError> {
         use std::os::unix::fs::FileExt;
         let io = |source| SnapshotError::Io {
             path: path.to_path_buf(),
@@ -210,25 +230,26 @@ impl Snapshot {
         let head = len.min(format::HEADER_LEN);
         file.read_exact_at(&mut image[..head], 0).map_err(io)?;
         let header = Header::decode(&image)?;
-        let mut fst = None;
+        // The FST and the miss filter (the randomly accessed sections) go to huge pages.
+        let mut own = Owned::default();
         for sec in Sec::ALL.into_iter().filter(|s| !s.is_cold()) {
             let range = section_range(&header, &image, sec)?;
             let at = range.start as u64;
-            if sec == Sec::Fst
-                && huge_fst
+            if huge_pages
+                && let Some(slot) = own.slot(sec)
                 && let Some(mut anon) = huge_page_memory(range.len())
             {
                 file.read_exact_at(&mut anon[..range.len()], at)
                     .map_err(io)?;
-                fst = anon.make_read_only().ok();
-                if fst.is_some() {
+                if let Ok(m) = anon.make_read_only() {
+                    *slot = Some(m);
                     continue;
                 }
             }
             let dst = image.get_mut(range).unwrap_or_default();
             file.read_exact_at(dst, at).map_err(io)?;
         }
-        Snapshot::from_backing(Arc::new(Backing::Partial { image, file }), fst, false)
+        Snapshot::from_backing(Arc::new(Backing::Partial { image, file }), own)
     }
 
     /// Check a snapshot's header and its hot sections' checksums without loading it (before
@@ -265,22 +286,18 @@ impl Snapshot {
 
     /// Check and load a snapshot held in memory.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Snapshot, SnapshotError> {
-        Snapshot::from_backing(Arc::new(Backing::Heap(bytes)), None, false)
+        Snapshot::from_backing(Arc::new(Backing::Heap(bytes)), Owned::default())
     }
 
-    /// `fst`: the FST section already read into its own memory (its range in `backing` is
-    /// not used then); else `huge_fst` copies it there.
-    fn from_backing(
-        backing: Arc<Backing>,
-        fst: Option<memmap2::Mmap>,
-        huge_fst: bool,
-    ) -> Result<Snapshot, SnapshotError> {
+    /// `own`: sections already read into memory of their own (their ranges in `backing` are
+    /// not used then), checked here against the header's checksums.
+    fn from_backing(backing: Arc<Backing>, mut own: Owned) -> Result<Snapshot, SnapshotError> {
         let file = backing.bytes();
         let header = Header::decode(file)?;
         for sec in Sec::ALL {
             header.section(file, sec)?;
-            match (&fst, sec) {
-                (Some(m), Sec::Fst) => {
+            match own.slot(sec).and_then(|m| m.as_ref()) {
+                Some(m) => {
                     let expected = header.sections[sec as usize].crc;
                     let got = crc32fast::hash(
                         m.get(..header.sections[sec as usize].len as usize)
@@ -305,6 +322,7 @@ impl Snapshot {
         let mut snap = Snapshot {
             shards: Vec::new(),
             filters: Vec::new(),
+            filter_mem: backing.clone(),
             probe: Vec::new(),
             hot: Vec::new(),
             str_index: range(Sec::StrIndex),
@@ -323,8 +341,8 @@ impl Snapshot {
             backing: backing.clone(),
         };
         snap.validate_tables()?;
-        snap.shards = snap.load_shards(&backing, fst, huge_fst)?;
-        snap.filters = snap.load_filters()?;
+        snap.shards = snap.load_shards(&backing, own.fst.take())?;
+        snap.filters = snap.load_filters(own.filter.take())?;
         snap.hot = (0..snap.header.domains)
             .map(|i| {
                 snap.domain_hot(i).ok_or(SnapshotError::Malformed {
@@ -455,14 +473,11 @@ impl Snapshot {
         &self,
         backing: &Arc<Backing>,
         fst: Option<memmap2::Mmap>,
-        huge_fst: bool,
     ) -> Result<Vec<(u32, Fst<FstBytes>)>, SnapshotError> {
         let table = self.header.section(backing.bytes(), Sec::Shards)?;
         let fst_sec = self.header.sections[Sec::Fst as usize];
-        let fst_bytes = self.header.section(backing.bytes(), Sec::Fst)?;
         // Where the FST bytes live, and the offset of the FST section inside that.
-        let copy = fst.or_else(|| huge_fst.then(|| copy_to_huge_pages(fst_bytes)).flatten());
-        let (fst_backing, base) = match copy {
+        let (fst_backing, base) = match fst {
             Some(copy) => (Arc::new(Backing::Anon(copy)), 0),
             None => (backing.clone(), fst_sec.off as usize),
         };
@@ -510,16 +525,30 @@ impl Snapshot {
 
     /// The shards' miss filters, each checked against a sample of its FST's keys: one that
     /// disagrees (built with other hashing) is left unused rather than trusted.
-    fn load_filters(&self) -> Result<Vec<Option<ShardFilter>>, SnapshotError> {
+    /// `own`: the section in memory of its own (huge pages), else it is read in the backing.
+    fn load_filters(
+        &mut self,
+        own: Option<memmap2::Mmap>,
+    ) -> Result<Vec<Option<ShardFilter>>, SnapshotError> {
         let r = self.header.sections[Sec::Filter as usize];
-        let section = self.header.section(self.backing.bytes(), Sec::Filter)?;
-        let mut filters =
-            filter::parse(section, r.off as usize, self.shards.len()).map_err(|what| {
-                SnapshotError::Malformed {
-                    section: Sec::Filter.name(),
-                    what,
-                }
-            })?;
+        let base = match own {
+            Some(m) => {
+                self.filter_mem = Arc::new(Backing::Anon(m));
+                0
+            }
+            None => r.off as usize,
+        };
+        let section = self
+            .filter_mem
+            .bytes()
+            .get(base..base + r.len as usize)
+            .unwrap_or(&[]);
+        let mut filters = filter::parse(section, base, self.shards.len()).map_err(|what| {
+            SnapshotError::Malformed {
+                section: Sec::Filter.name(),
+                what,
+            }
+        })?;
         let w = self.header.key_width as usize;
         for (n, ((_, fst), slot)) in self.shards.iter().zip(filters.iter_mut()).enumerate() {
             let Some(f) = slot else { continue };
@@ -530,7 +559,7 @@ impl Snapshot {
                     break;
                 };
                 let domain = prefix.iter().fold(0u32, |a, &b| a << 8 | u32::from(b));
-                if !f.may_contain(self.backing.bytes(), filter::key(domain, local)) {
+                if !f.may_contain(self.filter_mem.bytes(), filter::key(domain, local)) {
                     tracing::warn!(
                         shard = n,
                         generation = self.header.generation,
@@ -555,7 +584,7 @@ impl Snapshot {
         self.filters
             .get(d.shard())
             .and_then(Option::as_ref)
-            .is_some_and(|f| !f.may_contain(self.backing.bytes(), filter::key(d.index, local)))
+            .is_some_and(|f| !f.may_contain(self.filter_mem.bytes(), filter::key(d.index, local)))
     }
 
     /// The whole snapshot file image (what is persisted), when it is all in memory (a build,
@@ -1252,12 +1281,6 @@ fn huge_page_memory(len: usize) -> Option<memmap2::MmapMut> {
     #[cfg(target_os = "linux")]
     let _ = anon.advise(memmap2::Advice::HugePage);
     Some(anon)
-}
-
-fn copy_to_huge_pages(bytes: &[u8]) -> Option<memmap2::Mmap> {
-    let mut anon = huge_page_memory(bytes.len())?;
-    anon.get_mut(..bytes.len())?.copy_from_slice(bytes);
-    anon.make_read_only().ok()
 }
 
 /// The byte range of a section, checked against the file's length.
