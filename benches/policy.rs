@@ -1,6 +1,7 @@
-//! The policy service over loopback: requests per second and latency p50/p99 with 1, 8 and
-//! 64 concurrent connections, and the server's CPU time per request (read from the server
-//! runtime's own threads in /proc). Clients and server share this 2-core machine, so the
+//! The policy service over loopback TCP and over a unix socket: requests per second and
+//! latency p50/p99 with 1, 8 and 64 concurrent connections, and the server's CPU time per
+//! request (read from the server runtime's own threads in /proc; on loopback TCP that
+//! includes the kernel's receive processing of each reply, done in the sender's context). Clients and server share this 2-core machine, so the
 //! rates are a floor; CPU per request is the server's alone.
 //!
 //! `cargo bench --bench policy` (a directory of 100k synthetic addresses, 3 s per level);
@@ -11,8 +12,9 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
 use rcptgate::directory::{Directory, LookupOptions, Snapshot};
 use rcptgate::proto::policy::Texts;
@@ -39,6 +41,39 @@ fn server_cpu() -> Option<f64> {
     Some(total as f64 / ticks)
 }
 
+/// A client connection, TCP or unix.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// One request at a time until `deadline`, as Postfix's smtpd does: the latency of each.
+async fn client(
+    mut s: Box<dyn Stream>,
+    requests: &[Vec<u8>],
+    first: usize,
+    deadline: Instant,
+) -> Vec<u64> {
+    let mut lat = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let mut i = first;
+    while Instant::now() < deadline {
+        let req = &requests[i % requests.len()];
+        i += 1;
+        let t = Instant::now();
+        s.write_all(req).await.expect("write");
+        let mut got = 0;
+        loop {
+            let n = s.read(&mut buf[got..]).await.expect("read");
+            assert!(n > 0, "server closed");
+            got += n;
+            if buf[..got].ends_with(b"\n\n") {
+                break;
+            }
+        }
+        lat.push(t.elapsed().as_nanos() as u64);
+    }
+    lat
+}
+
 fn percentile(sorted: &[u64], q: f64) -> f64 {
     sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)] as f64 / 1000.0
 }
@@ -57,8 +92,12 @@ fn main() {
     let dir = Directory::new(LookupOptions::default());
     dir.publish(Arc::new(Snapshot::from_bytes(bytes).expect("load")));
 
+    let workers: usize = std::env::var("SERVER_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(workers)
         .thread_name(SERVER_THREAD)
         .enable_all()
         .build()
@@ -76,7 +115,15 @@ fn main() {
         milter: Default::default(),
         dane: None,
     });
-    server_rt.spawn(serve(listener, Protocol::Policy, ctx, rx));
+    server_rt.spawn(serve(listener, Protocol::Policy, ctx.clone(), rx.clone()));
+    // The same service on a unix socket (Postfix: `check_policy_service unix:…`).
+    let sock_dir = tempfile::tempdir().expect("tempdir");
+    let sock = sock_dir.path().join("policy.sock");
+    let unix = {
+        let _guard = server_rt.enter();
+        tokio::net::UnixListener::bind(&sock).expect("bind unix")
+    };
+    server_rt.spawn(serve(unix, Protocol::Policy, ctx, rx));
 
     let client_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -105,7 +152,14 @@ instance=1a2b.5f3c.0\npolicy_context=\ncompatibility_level=3.6\n\n"
     );
 
     println!("\n=== policy service, {n} addresses, loopback, server on 1 thread ===");
-    for conns in [1usize, 8, 64] {
+    for (transport, conns) in [
+        ("tcp", 1usize),
+        ("tcp", 8),
+        ("tcp", 64),
+        ("unix", 1),
+        ("unix", 8),
+        ("unix", 64),
+    ] {
         let cpu0 = server_cpu();
         let started = Instant::now();
         let deadline = started + Duration::from_secs_f64(secs);
@@ -113,28 +167,14 @@ instance=1a2b.5f3c.0\npolicy_context=\ncompatibility_level=3.6\n\n"
             let mut tasks = Vec::new();
             for c in 0..conns {
                 let requests = requests.clone();
+                let sock = sock.clone();
                 tasks.push(tokio::spawn(async move {
-                    let mut s = TcpStream::connect(addr).await.expect("connect");
-                    let mut lat = Vec::new();
-                    let mut buf = vec![0u8; 4096];
-                    let mut i = c * 997;
-                    while Instant::now() < deadline {
-                        let req = &requests[i % requests.len()];
-                        i += 1;
-                        let t = Instant::now();
-                        s.write_all(req).await.expect("write");
-                        let mut got = 0;
-                        loop {
-                            let n = s.read(&mut buf[got..]).await.expect("read");
-                            assert!(n > 0, "server closed");
-                            got += n;
-                            if buf[..got].ends_with(b"\n\n") {
-                                break;
-                            }
-                        }
-                        lat.push(t.elapsed().as_nanos() as u64);
-                    }
-                    lat
+                    let stream: Box<dyn Stream> = if transport == "tcp" {
+                        Box::new(TcpStream::connect(addr).await.expect("connect"))
+                    } else {
+                        Box::new(UnixStream::connect(&sock).await.expect("connect"))
+                    };
+                    client(stream, &requests, c * 997, deadline).await
                 }));
             }
             let mut all = Vec::new();
@@ -152,7 +192,7 @@ instance=1a2b.5f3c.0\npolicy_context=\ncompatibility_level=3.6\n\n"
         sorted.sort_unstable();
         let count = sorted.len();
         println!(
-            "{conns:>3} connections: {:>8.0} requests/s, latency p50 {:>6.1} µs p99 {:>6.1} µs, server CPU {}",
+            "{transport:<4} {conns:>3} connections: {:>8.0} requests/s, latency p50 {:>6.1} µs p99 {:>6.1} µs, server CPU {}",
             count as f64 / elapsed,
             percentile(&sorted, 0.5),
             percentile(&sorted, 0.99),

@@ -73,10 +73,12 @@ fn start_daemon(dir: &Path, map: &Path) -> (Daemon, String, String, String) {
 [policy]\nlisten = [\"127.0.0.1:0\", \"unix:{d}/policy.sock\"]\n\n\
 [socketmap]\nlisten = [\"127.0.0.1:0\", \"unix:{d}/socketmap.sock\"]\n\n\
 [milter]\nlisten = [\"127.0.0.1:0\"]\n\n\
-[metrics]\nlisten = \"127.0.0.1:0\"\n",
+[metrics]\nlisten = \"127.0.0.1:0\"\n\n[limits]\nthreads = {threads}\n",
             dir.join("snap.bin").display(),
             map.display(),
-            d = dir.display()
+            d = dir.display(),
+            // E2E_THREADS: the daemon's request-path threads (`[limits] threads`, default 1).
+            threads = std::env::var("E2E_THREADS").unwrap_or_else(|_| "1".into())
         ),
     )
     .expect("config");

@@ -28,6 +28,7 @@ pub fn serve(config: &Path, log_format: Option<LogFormat>) -> Result<ExitCode> {
     let json = log_format.map_or(cfg.log_json, |f| f == LogFormat::Json);
     init_logging(&cfg.log_level, json);
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.threads)
         .enable_all()
         .build()
         .context("starting the runtime")?;

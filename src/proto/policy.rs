@@ -87,7 +87,7 @@ pub fn decode<'a>(buf: &'a [u8], limits: &Limits) -> Result<Decoded<'a>, PolicyE
     let mut attrs = 0;
     for line_no in 1.. {
         let rest = &buf[at..];
-        let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
+        let Some(nl) = memchr::memchr(b'\n', rest) else {
             if rest.len() > limits.max_line {
                 return Err(PolicyError::LineTooLong {
                     line: line_no,
@@ -124,9 +124,7 @@ pub fn decode<'a>(buf: &'a [u8], limits: &Limits) -> Result<Decoded<'a>, PolicyE
         if attrs > limits.max_attributes {
             return Err(PolicyError::TooManyAttributes(limits.max_attributes));
         }
-        let eq = line
-            .iter()
-            .position(|&b| b == b'=')
+        let eq = memchr::memchr(b'=', line)
             .filter(|&p| p > 0)
             .ok_or(PolicyError::BadLine { line: line_no })?;
         let (name, value) = (&line[..eq], &line[eq + 1..]);
