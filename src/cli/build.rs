@@ -48,21 +48,27 @@ pub fn compile(specs: &[String], output: &Path, generation: u64) -> Result<ExitC
         stats.shards
     );
     println!(
+        "miss filter: {} bytes, {:.2} bytes/address",
+        stats.filter_bytes,
+        stats.filter_bytes as f64 / n
+    );
+    println!(
         "hot:         {} bytes, {:.2} bytes/address (what a verdict needs)",
         stats.hot_bytes,
         stats.hot_bytes as f64 / n
     );
     println!(
-        "cold:        {} bytes, {:.2} bytes/address (owner, origin)",
+        "cold:        {} bytes, {:.2} bytes/address (owner, origin, excluded)",
         stats.cold_bytes,
         stats.cold_bytes as f64 / n
     );
     println!(
-        "build time:  {:.1} ms (parse+merge {:.1} ms, sort {:.1} ms, fst {:.1} ms)",
+        "build time:  {:.1} ms (parse+merge {:.1} ms, sort {:.1} ms, fst {:.1} ms, miss filter {:.1} ms)",
         (merge_time + stats.total_time).as_secs_f64() * 1e3,
         merge_time.as_secs_f64() * 1e3,
         stats.sort_time.as_secs_f64() * 1e3,
-        stats.fst_time.as_secs_f64() * 1e3
+        stats.fst_time.as_secs_f64() * 1e3,
+        stats.filter_time.as_secs_f64() * 1e3
     );
     Ok(ExitCode::SUCCESS)
 }
