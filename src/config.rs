@@ -300,8 +300,9 @@ pub struct Config {
     pub limits: crate::server::Limits,
     /// Worker threads of the daemon's runtime, where every connection is served (builds and
     /// syncs run on threads of their own). 1 by default: each request is then read, answered
-    /// and written on one thread with no wake-up of another (with 2 workers the policy
-    /// benchmark measured ~35 % more CPU per request); one thread answers ~80k requests/s.
+    /// and written on one thread with no wake-up of another (2 workers cost 8-35 % more CPU
+    /// per request in the policy benchmark, 14-18 % end to end through Postfix); one thread
+    /// answers ~80k requests/s over TCP.
     pub threads: usize,
     /// `/metrics` and `/healthz` (TCP only).
     pub metrics_listen: Option<std::net::SocketAddr>,

@@ -202,9 +202,9 @@ impl fmt::Debug for Snapshot {
 
 impl Snapshot {
     /// Open a persisted snapshot: read the header and every hot section into memory this
-    /// process owns (the FST and the miss filter into anonymous memory advised to use transparent huge pages, in
-    /// Linux `madvise` mode, which cuts TLB misses on random lookups in a large directory)
-    /// and check their checksums. The cold sections (diagnostics) are read on first use.
+    /// process owns (the FST and the miss filter into anonymous memory advised to use
+    /// transparent huge pages, in Linux `madvise` mode, which cuts TLB misses on random
+    /// lookups in a large directory) and check their checksums. The cold sections (diagnostics) are read on first use.
     /// Whatever happens to the file afterwards cannot change an answer or crash the
     /// process.
     pub fn open(path: &Path) -> Result<Snapshot, SnapshotError> {
