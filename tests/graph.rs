@@ -461,21 +461,20 @@ fn the_daemon_follows_the_tenant() {
 }
 
 fn cli_config(dir: &std::path::Path, fake: &FakeGraph) -> std::path::PathBuf {
-    let secret = dir.join("graph.secret");
-    std::fs::write(&secret, SECRET).expect("secret");
     let config = dir.join("cli.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[[source]]\nname = \"entra\"\nkind = \"graph\"\ntenant_id = \"{TENANT}\"\nclient_id = \"{CLIENT}\"\n\
-client_secret_file = \"{}\"\nauthority = \"{url}\"\ngraph_url = \"{url}\"\nca_file = \"{}\"\n",
-            secret.display(),
-            fake.ca.display(),
-            url = fake.url
-        ),
-    )
-    .expect("config");
+    std::fs::write(&config, graph::source_block(dir, fake)).expect("config");
     config
+}
+
+/// A daemon on this fake syncing hourly (so only the test's own steps change it), with a
+/// policy listener.
+fn hourly_daemon_config(dir: &std::path::Path, fake: &FakeGraph) -> std::path::PathBuf {
+    graph::daemon_config(
+        dir,
+        fake,
+        "interval = \"1h\"",
+        "[policy]\nlisten = [\"127.0.0.1:0\"]\n",
+    )
 }
 
 #[test]
@@ -536,14 +535,7 @@ fn graph_test_and_sync_once_on_the_command_line() {
 fn a_restart_continues_from_the_delta_links() {
     let dir = tempfile::tempdir().expect("tempdir");
     let fake = FakeGraph::start(dir.path(), tenant());
-    let config = graph::daemon_config(
-        dir.path(),
-        &fake,
-        "interval = \"1h\"",
-        "[policy]
-listen = [\"127.0.0.1:0\"]
-",
-    );
+    let config = hourly_daemon_config(dir.path(), &fake);
     let d = daemon::Daemon::start(&config);
     let s = d.wait_generation(1);
     assert_eq!(s.syncs[0].kind, "full");
@@ -563,14 +555,7 @@ listen = [\"127.0.0.1:0\"]
 fn provision_on_demand_from_the_tenant() {
     let dir = tempfile::tempdir().expect("tempdir");
     let fake = FakeGraph::start(dir.path(), tenant());
-    let config = graph::daemon_config(
-        dir.path(),
-        &fake,
-        "interval = \"1h\"",
-        "[policy]
-listen = [\"127.0.0.1:0\"]
-",
-    );
+    let config = hourly_daemon_config(dir.path(), &fake);
     let d = daemon::Daemon::start(&config);
     d.wait_generation(1);
     fake.with(|t| {

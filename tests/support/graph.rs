@@ -75,22 +75,31 @@ pub fn user(id: &str, mail: &str, aliases: &[&str]) -> Value {
         "userType": "Member", "displayName": id, "proxyAddresses": proxy})
 }
 
+/// The `[[source]]` block of a Graph source `entra` on this fake, its secret written to
+/// `dir/graph.secret`.
+pub fn source_block(dir: &Path, fake: &FakeGraph) -> String {
+    let secret = dir.join("graph.secret");
+    std::fs::write(&secret, SECRET).expect("secret");
+    format!(
+        "[[source]]\nname = \"entra\"\nkind = \"graph\"\n\
+tenant_id = \"{TENANT}\"\nclient_id = \"{CLIENT}\"\nclient_secret_file = \"{secret}\"\n\
+authority = \"{url}\"\ngraph_url = \"{url}\"\nca_file = \"{ca}\"\n",
+        secret = secret.display(),
+        url = fake.url,
+        ca = fake.ca.display()
+    )
+}
+
 /// A daemon configuration for a Graph source `entra` on this fake (secret file written next
 /// to it): `source` lines go into the source, `rest` after it (listeners, guard, …).
 pub fn daemon_config(dir: &Path, fake: &FakeGraph, source: &str, rest: &str) -> PathBuf {
-    let secret = dir.join("graph.secret");
-    std::fs::write(&secret, SECRET).expect("secret");
     let config = dir.join("rcptgate.toml");
     std::fs::write(
         &config,
         format!(
-            "[directory]\nsnapshot = \"{snap}\"\n\n[[source]]\nname = \"entra\"\nkind = \"graph\"\n\
-tenant_id = \"{TENANT}\"\nclient_id = \"{CLIENT}\"\nclient_secret_file = \"{secret}\"\n\
-authority = \"{url}\"\ngraph_url = \"{url}\"\nca_file = \"{ca}\"\n{source}\n{rest}",
-            snap = dir.join("snap").display(),
-            secret = secret.display(),
-            url = fake.url,
-            ca = fake.ca.display()
+            "[directory]\nsnapshot = \"{}\"\n\n{}{source}\n{rest}",
+            dir.join("snap").display(),
+            source_block(dir, fake)
         ),
     )
     .expect("config");
