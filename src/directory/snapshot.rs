@@ -525,6 +525,7 @@ impl Snapshot {
 
     /// The shards' miss filters, each checked against a sample of its FST's keys: one that
     /// disagrees (built with other hashing) is left unused rather than trusted.
+    ///
     /// `own`: the section in memory of its own (huge pages), else it is read in the backing.
     fn load_filters(
         &mut self,

@@ -102,26 +102,26 @@ impl<'a> Walker<'a> {
                     }
                     i
                 } else {
-                    let start = any.inputs_end.checked_sub(any.ntrans)?;
-                    let inputs = self.data.get(start..any.inputs_end)?;
+                    let inputs = self.data.get(any.inputs_start..any.inputs_end)?;
                     any.ntrans
                         .checked_sub(1 + inputs.iter().position(|&x| x == b)?)?
                 };
-                let inputs_start = any.inputs_end.checked_sub(any.ntrans)?;
-                let delta_at = inputs_start.checked_sub((i + 1).checked_mul(any.tsize)?)?;
+                let delta_at = any
+                    .inputs_start
+                    .checked_sub((i + 1).checked_mul(any.tsize)?)?;
                 let delta = self.uint(delta_at, any.tsize)?;
-                let deltas_start = inputs_start.checked_sub(any.ntrans.checked_mul(any.tsize)?)?;
                 let out = if any.osize == 0 {
                     0
                 } else {
-                    let at = deltas_start.checked_sub((i + 1).checked_mul(any.osize)?)?;
+                    let at = any
+                        .deltas_start
+                        .checked_sub((i + 1).checked_mul(any.osize)?)?;
                     self.uint(at, any.osize)?
                 };
-                let outs_start = deltas_start.checked_sub(any.ntrans.checked_mul(any.osize)?)?;
                 let end = if any.is_final {
-                    outs_start.checked_sub(any.osize)?
+                    any.outs_start.checked_sub(any.osize)?
                 } else {
-                    outs_start
+                    any.outs_start
                 };
                 Some((next(end, delta)?, out))
             }
@@ -145,10 +145,7 @@ impl<'a> Walker<'a> {
         if any.osize == 0 {
             return Some(0);
         }
-        let inputs_start = any.inputs_end.checked_sub(any.ntrans)?;
-        let deltas_start = inputs_start.checked_sub(any.ntrans.checked_mul(any.tsize)?)?;
-        let outs_start = deltas_start.checked_sub(any.ntrans.checked_mul(any.osize)?)?;
-        self.uint(outs_start.checked_sub(any.osize)?, any.osize)
+        self.uint(any.outs_start.checked_sub(any.osize)?, any.osize)
     }
 
     /// The header of a node with any number of transitions.
@@ -164,14 +161,23 @@ impl<'a> Walker<'a> {
         let sizes_at = addr.checked_sub(nlen + 1)?;
         let sizes = self.byte(sizes_at)?;
         let indexed = ntrans > INDEX_THRESHOLD;
+        let (tsize, osize) = (usize::from(sizes >> 4), usize::from(sizes & 0xf));
+        // Going down from the pack sizes: the index (when there is one), the inputs, the
+        // address deltas, the outputs, the final output.
+        let inputs_end = sizes_at.checked_sub(if indexed { 256 } else { 0 })?;
+        let inputs_start = inputs_end.checked_sub(ntrans)?;
+        let deltas_start = inputs_start.checked_sub(ntrans.checked_mul(tsize)?)?;
+        let outs_start = deltas_start.checked_sub(ntrans.checked_mul(osize)?)?;
         Some(Any {
             is_final: state & 0b0100_0000 != 0,
             ntrans,
-            tsize: usize::from(sizes >> 4),
-            osize: usize::from(sizes & 0xf),
+            tsize,
+            osize,
             indexed,
-            // The index (when there is one) starts here; the inputs end here.
-            inputs_end: sizes_at.checked_sub(if indexed { 256 } else { 0 })?,
+            inputs_end,
+            inputs_start,
+            deltas_start,
+            outs_start,
         })
     }
 }
@@ -201,7 +207,11 @@ struct Any {
     tsize: usize,
     osize: usize,
     indexed: bool,
+    /// Where the index (when there is one) starts and the inputs end.
     inputs_end: usize,
+    inputs_start: usize,
+    deltas_start: usize,
+    outs_start: usize,
 }
 
 /// The address a transition leads to: `end` is the end of the node it leaves (its lowest
