@@ -390,18 +390,35 @@ impl Snapshot {
     /// Everything the build left out under this address (a scan that only allocates for
     /// the records that match; the list is sorted, so it stops past the address).
     pub fn excluded_for(&self, address: &str) -> Vec<Excluded> {
-        find(self.excluded_bytes(), address)
+        match self.segments() {
+            Some(parts) => parts.iter().flat_map(|p| p.excluded_for(address)).collect(),
+            None => find(self.excluded_bytes(), address),
+        }
     }
 
     /// Read (and check) the `excluded` section now, so the first `explain` does not wait on
     /// the disk; the loader does it after every build.
     pub fn prefetch_excluded(&self) {
-        let _ = self.excluded_bytes();
+        match self.segments() {
+            Some(parts) => parts.iter().for_each(|p| p.prefetch_excluded()),
+            None => drop(self.excluded_bytes()),
+        }
     }
 
     /// How many addresses the build left out, by reason.
     pub fn excluded_counts(&self) -> Vec<(Reason, u64)> {
-        decode(self.excluded_bytes()).0
+        let Some(parts) = self.segments() else {
+            return decode(self.excluded_bytes()).0;
+        };
+        let mut sum: Vec<(Reason, u64)> = Vec::new();
+        for (r, n) in parts.iter().flat_map(|p| p.excluded_counts()) {
+            match sum.iter_mut().find(|(s, _)| *s == r) {
+                Some((_, m)) => *m += n,
+                None => sum.push((r, n)),
+            }
+        }
+        sum.sort_by_key(|&(r, _)| r as u8);
+        sum
     }
 }
 

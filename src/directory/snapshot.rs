@@ -20,6 +20,7 @@ use super::format::{
     self, COLD_AMBIGUOUS, COLD_REC, DOMAIN_REC, Header, SHARD_REC, Sec, SnapshotError, domain_hash,
     get_str, u32_at,
 };
+use super::segments::{self, SetIndex};
 use super::walk::Walker;
 use super::{Hit, Kind, LookupOptions, Match, Reject, Verdict};
 use crate::address::{self, AddrBuf, AddrError};
@@ -188,6 +189,9 @@ pub struct Snapshot {
     /// The `excluded` section, read and checked on its own the first time `explain` needs
     /// it (a miss's explanation does not pay for reading every cold section).
     excluded_cache: OnceLock<Vec<u8>>,
+    /// A segmented snapshot (see `segments.rs`): its segments and domain index. Its own
+    /// sections are then those of an empty snapshot of the set's generation.
+    set: Option<Box<SetIndex>>,
 }
 
 impl fmt::Debug for Snapshot {
@@ -218,11 +222,32 @@ impl Snapshot {
 
     fn open_with(path: &Path, huge_pages: bool) -> Result<Snapshot, SnapshotError> {
         use std::os::unix::fs::FileExt;
+        let file = File::open(path).map_err(|source| SnapshotError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut magic = [0u8; 8];
+        if file.read_exact_at(&mut magic, 0).is_ok() && segments::is_set(&magic) {
+            return segments::open(path, huge_pages);
+        }
+        Snapshot::open_file(path, file, huge_pages)
+    }
+
+    /// Open one segment of a set (a single snapshot file, never an index).
+    pub(super) fn open_part(path: &Path, huge_pages: bool) -> Result<Snapshot, SnapshotError> {
+        let file = File::open(path).map_err(|source| SnapshotError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Snapshot::open_file(path, file, huge_pages)
+    }
+
+    fn open_file(path: &Path, file: File, huge_pages: bool) -> Result<Snapshot, SnapshotError> {
+        use std::os::unix::fs::FileExt;
         let io = |source| SnapshotError::Io {
             path: path.to_path_buf(),
             source,
         };
-        let file = File::open(path).map_err(io)?;
         let len = usize::try_from(file.metadata().map_err(io)?.len())
             .map_err(|_| io(std::io::Error::other("file too large")))?;
         // Zeroed, so untouched (cold) pages are never committed.
@@ -268,6 +293,9 @@ impl Snapshot {
     /// Length and checksum of every section: equal for two snapshots with the same content,
     /// whatever their generation and build time.
     pub fn content_digest(&self) -> Vec<(u64, u32)> {
+        if let Some(set) = &self.set {
+            return set.parts.iter().flat_map(|p| p.content_digest()).collect();
+        }
         self.header
             .sections
             .iter()
@@ -337,6 +365,7 @@ impl Snapshot {
             excluded: range(Sec::Excluded),
             cold: OnceLock::new(),
             excluded_cache: OnceLock::new(),
+            set: None,
             header,
             backing: backing.clone(),
         };
@@ -591,6 +620,9 @@ impl Snapshot {
     /// The whole snapshot file image (what is persisted), when it is all in memory (a build,
     /// or [`Self::from_bytes`]); `None` for a snapshot opened from a file.
     pub fn image(&self) -> Option<&[u8]> {
+        if self.set.is_some() {
+            return None;
+        }
         match &*self.backing {
             Backing::Heap(v) => Some(v),
             Backing::Partial { .. } | Backing::Anon(_) => None,
@@ -609,26 +641,41 @@ impl Snapshot {
 
     /// Addresses stored, tombstones and exceptions included.
     pub fn record_count(&self) -> u64 {
-        self.header.records
+        match &self.set {
+            Some(set) => set.parts.iter().map(|p| p.record_count()).sum(),
+            None => self.header.records,
+        }
     }
 
     /// Accepted domains.
     pub fn domain_count(&self) -> u32 {
-        self.header.domains
+        match &self.set {
+            Some(set) => set.domains.len() as u32,
+            None => self.header.domains,
+        }
     }
 
-    /// Size of the whole file.
+    /// Size of the whole file (of every segment's file, for a set).
     pub fn file_bytes(&self) -> usize {
-        self.backing.bytes().len()
+        match &self.set {
+            Some(set) => set.parts.iter().map(|p| p.file_bytes()).sum(),
+            None => self.backing.bytes().len(),
+        }
     }
 
-    /// Size in bytes of one section.
+    /// Size in bytes of one section (summed over the segments of a set).
     pub fn section_bytes(&self, sec: Sec) -> u64 {
-        self.header.sections[sec as usize].len
+        match &self.set {
+            Some(set) => set.parts.iter().map(|p| p.section_bytes(sec)).sum(),
+            None => self.header.sections[sec as usize].len,
+        }
     }
 
     /// Bytes of the sections a verdict needs (everything but the cold sections).
     pub fn hot_bytes(&self) -> u64 {
+        if let Some(set) = &self.set {
+            return set.parts.iter().map(|p| p.hot_bytes()).sum();
+        }
         Sec::ALL
             .iter()
             .filter(|s| !s.is_cold())
@@ -639,7 +686,73 @@ impl Snapshot {
 
     /// Bytes of the diagnostic (owner, origin) sections.
     pub fn cold_bytes(&self) -> u64 {
+        if let Some(set) = &self.set {
+            return set.parts.iter().map(|p| p.cold_bytes()).sum();
+        }
         self.section_bytes(Sec::ColdRecords) + self.section_bytes(Sec::ColdBlob)
+    }
+
+    /// True for a segmented snapshot (see [`Self::assemble`]).
+    pub fn is_set(&self) -> bool {
+        self.set.is_some()
+    }
+
+    /// The segments of a set, in the order of its index; `None` for a single snapshot.
+    pub fn segments(&self) -> Option<&[Arc<Snapshot>]> {
+        self.set.as_deref().map(|s| &s.parts[..])
+    }
+
+    /// A set of generation `generation` from `segments` (single snapshots, each holding whole
+    /// domains; a domain in two segments is refused). Segments are shared, not copied: a
+    /// new set that changes one customer's segment reuses every other segment of the set in
+    /// service (see `segments.rs`). Hits name the set's domains and generation.
+    pub fn assemble(
+        segments: Vec<Arc<Snapshot>>,
+        generation: u64,
+        created_unix: u64,
+    ) -> Result<Snapshot, SnapshotError> {
+        let index = SetIndex::new(segments)?;
+        let mut snap = Snapshot::empty(generation, created_unix)?;
+        snap.set = Some(Box::new(index));
+        Ok(snap)
+    }
+
+    /// A snapshot with no domain (the own sections of a set).
+    pub(super) fn empty(generation: u64, created_unix: u64) -> Result<Snapshot, SnapshotError> {
+        let input = super::BuildInput {
+            generation,
+            created_unix,
+            ..Default::default()
+        };
+        let (bytes, _) = super::build(input).map_err(|e| SnapshotError::Fst(e.to_string()))?;
+        Snapshot::from_bytes(bytes)
+    }
+
+    /// The header (of a single snapshot).
+    pub(super) fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The whole file of a single snapshot opened from a file, read again and checked
+    /// against the header it was opened with (to copy it into a set's directory).
+    pub(super) fn read_back(&self) -> Result<Vec<u8>, SnapshotError> {
+        use std::os::unix::fs::FileExt;
+        let Backing::Partial { image, file } = &*self.backing else {
+            return Ok(self.backing.bytes().to_vec());
+        };
+        let mut bytes = vec![0u8; image.len()];
+        file.read_exact_at(&mut bytes, 0)
+            .map_err(|source| SnapshotError::Io {
+                path: "segment".into(),
+                source,
+            })?;
+        if Header::decode(&bytes)?.encode() != self.header.encode() {
+            return Err(SnapshotError::Cold(
+                "the snapshot file changed since it was opened".into(),
+            ));
+        }
+        Snapshot::verify(&bytes)?;
+        Ok(bytes)
     }
 
     fn string_count(&self) -> usize {
@@ -703,11 +816,29 @@ impl Snapshot {
 
     /// Index of an accepted domain (normalized form), if it is one of ours.
     pub fn domain_index(&self, normalized: &str) -> Option<u32> {
-        self.find_domain(normalized).map(|d| d.rec.index)
+        match &self.set {
+            Some(set) => set.find(normalized).map(|(_, _, g)| g),
+            None => self.find_domain(normalized).map(|d| d.rec.index),
+        }
+    }
+
+    /// True when domain `index` of this (single) snapshot is named `name`.
+    pub(super) fn domain_named(&self, index: u32, name: &str) -> bool {
+        self.hot.get(index as usize).is_some_and(|d| {
+            if usize::from(d.name_len) <= INLINE_NAME {
+                d.name.get(..usize::from(d.name_len)) == Some(name.as_bytes())
+            } else {
+                self.string_bytes(d.rec.name) == Some(name.as_bytes())
+            }
+        })
     }
 
     /// A domain by its index (from a [`Hit`] or [`Self::domain_index`]).
     pub fn domain_info(&self, index: u32) -> Option<DomainInfo<'_>> {
+        if let Some(set) = &self.set {
+            let &(p, l) = set.domains.get(index as usize)?;
+            return set.parts.get(p as usize)?.domain_info(l);
+        }
         let d = self.domain_rec(index)?;
         let (profile, route) = self.attrset(d.declared);
         Some(DomainInfo {
@@ -795,19 +926,59 @@ impl Snapshot {
         if addr.literal {
             return Verdict::NotOurs;
         }
-        let Some(d) = self.find_domain(addr.domain) else {
-            return Verdict::NotOurs;
+        let (part, d, global) = match &self.set {
+            None => match self.find_domain(addr.domain) {
+                Some(d) => (self, d, None),
+                None => return Verdict::NotOurs,
+            },
+            Some(set) => match set.find(addr.domain) {
+                Some((part, l, g)) => match part.hot.get(l as usize) {
+                    Some(d) => (part, d, Some(g)),
+                    None => return Verdict::Tempfail(super::Tempfail::Internal),
+                },
+                None => return Verdict::NotOurs,
+            },
         };
         let keep_case = d.rec.flags & FLAG_KEEP_CASE != 0;
         let mut key = [0u8; KEY_MAX];
-        match address::fold_local_into_slice(addr.local, keep_case, &mut key) {
-            Some(n) => self.match_local(&key[..n], d, options),
+        let verdict = match address::fold_local_into_slice(addr.local, keep_case, &mut key) {
+            Some(n) => part.match_local(&key[..n], d, options),
             None => {
                 let mut long = Vec::new();
                 address::fold_local_into(addr.local, keep_case, &mut long);
-                self.match_local(&long, d, options)
+                part.match_local(&long, d, options)
             }
+        };
+        // A segment's hit, in the set's terms: its global domain and the set's generation.
+        match (verdict, global) {
+            (Verdict::Accept(hit), Some(g)) => Verdict::Accept(Hit {
+                domain: g,
+                generation: self.header.generation,
+                ..hit
+            }),
+            (v, _) => v,
         }
+    }
+
+    /// For a hit of this snapshot: the (single) snapshot that holds its record, and the hit
+    /// in that snapshot's terms (a set's segment); `None` for a hit of another generation.
+    fn resolve(&self, hit: &Hit) -> Option<(&Snapshot, Hit)> {
+        if !self.same_generation(hit) {
+            return None;
+        }
+        let Some(set) = &self.set else {
+            return Some((self, *hit));
+        };
+        let &(p, l) = set.domains.get(hit.domain as usize)?;
+        let part = set.parts.get(p as usize)?;
+        Some((
+            part,
+            Hit {
+                domain: l,
+                generation: part.header.generation,
+                ..*hit
+            },
+        ))
     }
 
     /// DESIGN.md §4 step 2 for input that is not a mailbox: a permanent `501` only when what
@@ -821,7 +992,7 @@ impl Snapshot {
             .and_then(|at| std::str::from_utf8(raw.get(at + 1..)?).ok())
             .map(|d| d.trim().trim_end_matches('>').trim_end())
             .and_then(|d| address::normalize_domain(d).ok())
-            .is_some_and(|d| self.find_domain(&d).is_some());
+            .is_some_and(|d| self.domain_index(&d).is_some());
         if owned {
             Verdict::Reject(Reject::Syntax(e))
         } else {
@@ -881,35 +1052,41 @@ impl Snapshot {
 
     /// Profile of an accepted address (its own, its owner's or its domain's); `None` for a hit of another generation.
     pub fn profile(&self, hit: &Hit) -> Option<&str> {
-        self.same_generation(hit)
-            .then(|| self.attrset(hit.attrs).0)
-            .flatten()
+        let (part, hit) = self.resolve(hit)?;
+        part.attrset(hit.attrs).0
     }
 
     /// Route (next hop) of an accepted address (its own, its owner's or its domain's); `None` for a hit of another generation.
     pub fn route(&self, hit: &Hit) -> Option<&str> {
-        self.same_generation(hit)
-            .then(|| self.attrset(hit.attrs).1)
-            .flatten()
+        let (part, hit) = self.resolve(hit)?;
+        part.attrset(hit.attrs).1
     }
 
     /// Every distinct route (next hop) the snapshot's records and domain defaults name, in
     /// table order: what an outbound TLS policy cache can resolve ahead of the first message.
     pub fn routes(&self) -> Vec<&str> {
-        let n = self.bytes(&self.attrsets).len() / 8;
         let mut seen = std::collections::HashSet::new();
-        (0..n as u32)
-            .filter_map(|id| self.attrset(id).1)
-            .filter(|r| seen.insert(*r))
-            .collect()
+        let parts: Vec<&Snapshot> = match &self.set {
+            Some(set) => set.parts.iter().map(|p| &**p).collect(),
+            None => vec![self],
+        };
+        let mut out = Vec::new();
+        for part in parts {
+            let n = part.bytes(&part.attrsets).len() / 8;
+            out.extend(
+                (0..n as u32)
+                    .filter_map(|id| part.attrset(id).1)
+                    .filter(|r| seen.insert(*r)),
+            );
+        }
+        out
     }
 
     /// Customer of an accepted address's domain; `None` for a hit of another generation.
     pub fn customer(&self, hit: &Hit) -> Option<&str> {
-        let d = self.domain_rec(hit.domain)?;
-        self.same_generation(hit)
-            .then(|| self.string(d.customer))
-            .flatten()
+        let (part, hit) = self.resolve(hit)?;
+        let d = part.domain_rec(hit.domain)?;
+        part.string(d.customer)
     }
 
     /// Read (for a snapshot opened from a file) and check the cold sections, once.
@@ -1008,6 +1185,12 @@ impl Snapshot {
     /// distance 1 of `local`, else 2: the FST's Levenshtein automaton, run only over the
     /// domain's keys.
     pub fn similar(&self, local: &str, domain: &str, max: usize) -> Vec<String> {
+        if let Some(set) = &self.set {
+            return set
+                .find(domain)
+                .map(|(part, _, _)| part.similar(local, domain, max))
+                .unwrap_or_default();
+        }
         use fst::Automaton;
         use fst::automaton::Levenshtein;
         use fst::{IntoStreamer, Streamer};
@@ -1087,8 +1270,14 @@ impl Snapshot {
     /// cold sections (checked on first use). `None` for an accept-all answer, a hit from
     /// another generation, or (p ~ 1e-6 per 10M addresses) a key whose hash is ambiguous.
     pub fn record_info(&self, rcpt: &str, hit: &Hit) -> Result<Option<RecordInfo>, SnapshotError> {
-        if matches!(hit.matched, Match::AcceptAll | Match::Reserved) || !self.same_generation(hit) {
+        if matches!(hit.matched, Match::AcceptAll | Match::Reserved) {
             return Ok(None);
+        }
+        let Some((part, hit)) = self.resolve(hit) else {
+            return Ok(None);
+        };
+        if self.set.is_some() {
+            return part.record_info(rcpt, &hit);
         }
         let mut buf = AddrBuf::default();
         let Ok(addr) = address::parse(rcpt, &mut buf) else {
@@ -1180,12 +1369,35 @@ impl Snapshot {
             local: Vec::new(),
             domain: 0,
             value: 0,
+            set: self.set.as_deref().map(|index| SetCursor {
+                generation: self.header.generation,
+                cursors: index.parts.iter().map(|p| p.cursor()).collect(),
+                pending: vec![false; index.parts.len()],
+                done: vec![false; index.parts.len()],
+                index,
+                at: 0,
+                current: 0,
+            }),
         }
     }
 
     /// Every address in key order with its verdict data (for `diff` and exports).
     pub fn for_each_address(&self, mut f: impl FnMut(&str, Hit)) {
         use fst::Streamer;
+        if self.set.is_some() {
+            let mut c = self.cursor();
+            let mut text = String::new();
+            while let Some((domain, local)) = c.next_address() {
+                text.clear();
+                text.push_str(&String::from_utf8_lossy(local));
+                text.push('@');
+                text.push_str(domain);
+                if let Some(hit) = c.hit() {
+                    f(&text, hit);
+                }
+            }
+            return;
+        }
         let w = self.header.key_width as usize;
         let mut text = String::new();
         for (_, map) in &self.shards {
@@ -1223,6 +1435,25 @@ pub struct AddressCursor<'s> {
     domain: u32,
     /// The current address's FST value.
     value: u64,
+    /// For a set: a cursor per segment, merged in domain name order.
+    set: Option<SetCursor<'s>>,
+}
+
+/// The segments' cursors of a set's [`AddressCursor`]. Each segment's domains come in name
+/// order, and no domain is in two segments, so visiting the set's domains in name order and
+/// taking, for each, the addresses its segment's cursor holds for it is the merged order.
+struct SetCursor<'s> {
+    index: &'s SetIndex,
+    generation: u64,
+    cursors: Vec<AddressCursor<'s>>,
+    /// Segment `i`'s cursor holds an address not returned yet.
+    pending: Vec<bool>,
+    /// Segment `i`'s cursor is at its end.
+    done: Vec<bool>,
+    /// The global domain being visited.
+    at: usize,
+    /// The segment of the address returned last.
+    current: usize,
 }
 
 impl std::fmt::Debug for AddressCursor<'_> {
@@ -1237,6 +1468,9 @@ impl AddressCursor<'_> {
     /// The next address as (domain, local part), or `None` at the end.
     pub fn next_address(&mut self) -> Option<(&str, &[u8])> {
         use fst::Streamer;
+        if self.set.is_some() {
+            return self.next_in_set();
+        }
         let w = self.snap.header.key_width as usize;
         loop {
             let stream = self.streams.get_mut(self.shard)?;
@@ -1255,6 +1489,35 @@ impl AddressCursor<'_> {
             self.local.extend_from_slice(local);
             break;
         }
+        self.current()
+    }
+
+    /// [`Self::next_address`] of a set's cursor.
+    fn next_in_set(&mut self) -> Option<(&str, &[u8])> {
+        let set = self.set.as_mut()?;
+        loop {
+            let &(p, l) = set.index.domains.get(set.at)?;
+            let p = p as usize;
+            let c = set.cursors.get_mut(p)?;
+            if !set.pending[p] && !set.done[p] {
+                if c.next_address().is_some() {
+                    set.pending[p] = true;
+                } else {
+                    set.done[p] = true;
+                }
+            }
+            if set.pending[p] && c.domain == l {
+                set.pending[p] = false;
+                set.current = p;
+                break;
+            }
+            set.at += 1;
+        }
+        set.cursors.get(set.current)?.current()
+    }
+
+    /// The address read last, of a single snapshot's cursor.
+    fn current(&self) -> Option<(&str, &[u8])> {
         let name = self
             .snap
             .domain_rec(self.domain)
@@ -1264,6 +1527,14 @@ impl AddressCursor<'_> {
 
     /// What the snapshot says of the current address (after [`Self::next_address`]).
     pub fn hit(&self) -> Option<Hit> {
+        if let Some(set) = &self.set {
+            let hit = set.cursors.get(set.current)?.hit()?;
+            return Some(Hit {
+                domain: set.index.global_of(set.current, hit.domain)?,
+                generation: set.generation,
+                ..hit
+            });
+        }
         let d = self.snap.domain_rec(self.domain)?;
         Some(
             self.snap

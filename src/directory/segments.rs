@@ -1,0 +1,331 @@
+//! Segmented snapshots: a directory as a set of *segments*, each a complete snapshot file of
+//! whole domains (one customer's, say), under a small *index* file that names them.
+//!
+//! ```text
+//! PATH            index: magic "RCPTSETS", version, segment count, generation, created,
+//!                 then per segment (name hash u64, the segment header's crc32 u32),
+//!                 then a crc32 of everything before it
+//! PATH.parts/     one file per segment, named by the hash of its header
+//!                 (`<16 hex digits>.snap`): a snapshot of the ordinary format
+//! ```
+//!
+//! A domain lives in exactly one segment, so a segment answers for its domains on its own
+//! and a change to one customer rebuilds one segment: [`Snapshot::with_segments`] makes a
+//! new set that shares every other segment (memory and file) with the set in service.
+//! Writing a set ([`write`]) writes only the segment files that do not exist yet (a segment
+//! file never changes once written: its name is its header's hash), then replaces the index
+//! atomically, then removes the segment files no index names. A crash at any point leaves
+//! the old index naming complete old segment files, or the new index naming complete new
+//! ones: a restart opens one directory or the other, never a mix (each segment's header
+//! checksum is in the index, and a segment that does not match is refused).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::format::{SnapshotError, domain_hash, write_atomic};
+use super::snapshot::Snapshot;
+
+/// First bytes of an index file.
+pub const SET_MAGIC: &[u8; 8] = b"RCPTSETS";
+const SET_VERSION: u32 = 1;
+const FIXED: usize = 8 + 4 + 4 + 8 + 8;
+const ENTRY: usize = 12;
+
+/// What a set adds to the snapshot that carries it: its segments and the domain index over
+/// all of them. Domains are numbered globally in name order (what a [`super::Hit`] of the
+/// set names); each maps to its segment and its index there.
+pub(super) struct SetIndex {
+    pub(super) parts: Vec<Arc<Snapshot>>,
+    /// Per global domain: (segment, domain index in the segment).
+    pub(super) domains: Vec<(u32, u32)>,
+    /// Per segment, its domains' global indices.
+    pub(super) global: Vec<Vec<u32>>,
+    /// Open-addressing index: (hash fingerprint, global domain + 1), 0 = empty.
+    probe: Vec<(u32, u32)>,
+}
+
+impl SetIndex {
+    /// Index the domains of `parts`; a domain in two segments is refused.
+    pub(super) fn new(parts: Vec<Arc<Snapshot>>) -> Result<SetIndex, SnapshotError> {
+        let mut all: Vec<(&str, u32, u32)> = Vec::new();
+        for (p, part) in parts.iter().enumerate() {
+            if part.is_set() {
+                return Err(malformed("a segment is itself a set"));
+            }
+            for l in 0..part.domain_count() {
+                let info = part
+                    .domain_info(l)
+                    .ok_or(malformed("segment domain unreadable"))?;
+                all.push((info.name, p as u32, l));
+            }
+        }
+        all.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        if all.windows(2).any(|w| w[0].0 == w[1].0) {
+            return Err(malformed("a domain is in two segments"));
+        }
+        let mut global: Vec<Vec<u32>> = parts
+            .iter()
+            .map(|p| vec![0; p.domain_count() as usize])
+            .collect();
+        let mut domains = Vec::with_capacity(all.len());
+        let slots = (all.len() * 2).next_power_of_two().max(2);
+        let mut probe = vec![(0u32, 0u32); slots];
+        for (g, &(name, p, l)) in all.iter().enumerate() {
+            domains.push((p, l));
+            global[p as usize][l as usize] = g as u32;
+            let h = domain_hash(name.as_bytes());
+            let mut at = h as usize & (slots - 1);
+            while probe[at].1 != 0 {
+                at = (at + 1) & (slots - 1);
+            }
+            probe[at] = (h as u32, g as u32 + 1);
+        }
+        Ok(SetIndex {
+            parts,
+            domains,
+            global,
+            probe,
+        })
+    }
+
+    /// The segment holding domain `name` (normalized), its index there and its global index.
+    #[inline]
+    pub(super) fn find(&self, name: &str) -> Option<(&Snapshot, u32, u32)> {
+        let mask = self.probe.len() - 1;
+        let h = domain_hash(name.as_bytes());
+        let mut at = h as usize & mask;
+        loop {
+            let (fp, v) = *self.probe.get(at)?;
+            if v == 0 {
+                return None;
+            }
+            if fp == h as u32 {
+                let g = v - 1;
+                let &(p, l) = self.domains.get(g as usize)?;
+                let part = self.parts.get(p as usize)?;
+                if part.domain_named(l, name) {
+                    return Some((part, l, g));
+                }
+            }
+            at = (at + 1) & mask;
+        }
+    }
+
+    /// Global index of domain `local` of segment `part`.
+    pub(super) fn global_of(&self, part: usize, local: u32) -> Option<u32> {
+        self.global.get(part)?.get(local as usize).copied()
+    }
+}
+
+fn malformed(what: &'static str) -> SnapshotError {
+    SnapshotError::Malformed {
+        section: "segments",
+        what,
+    }
+}
+
+/// Where the segment files of the set at `path` live.
+pub fn parts_dir(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".parts");
+    path.with_file_name(name)
+}
+
+/// A segment's file name: the hash of its header (which holds every section's checksum).
+fn part_name(part: &Snapshot) -> (String, u64, u32) {
+    let head = part.header().encode();
+    let crc = head
+        .last_chunk::<4>()
+        .map_or(0, |b| u32::from_le_bytes(*b));
+    let h = domain_hash(&head);
+    (format!("{h:016x}.snap"), h, crc)
+}
+
+/// True when `bytes` start like an index file.
+pub fn is_set(bytes: &[u8]) -> bool {
+    bytes.starts_with(SET_MAGIC)
+}
+
+/// What [`write`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Segment files written now.
+    pub written: usize,
+    /// Segment files that already existed (shared with the set in service).
+    pub kept: usize,
+    /// Bytes of the segment files written now.
+    pub bytes_written: u64,
+    /// Segment files no index names any more, removed.
+    pub removed: usize,
+}
+
+/// Persist a set (or a single snapshot as a set of one): the segment files that do not exist
+/// yet, then the index (atomically), then remove unnamed segment files. A segment opened from
+/// a file of another set directory, or not held in memory, is copied by reading its file.
+pub fn write(path: &Path, set: &Snapshot) -> Result<WriteStats, SnapshotError> {
+    let io = |p: &Path, source| SnapshotError::Io {
+        path: p.to_path_buf(),
+        source,
+    };
+    let dir = parts_dir(path);
+    std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+    let single = [Arc::new(Snapshot::empty(0, 0)?)];
+    let parts: &[Arc<Snapshot>] = match set.segments() {
+        Some(p) => p,
+        None => &single,
+    };
+    let mut stats = WriteStats::default();
+    let mut index = Vec::with_capacity(FIXED + parts.len() * ENTRY + 4);
+    index.extend_from_slice(SET_MAGIC);
+    index.extend_from_slice(&SET_VERSION.to_le_bytes());
+    index.extend_from_slice(&(parts.len() as u32).to_le_bytes());
+    index.extend_from_slice(&set.generation().to_le_bytes());
+    index.extend_from_slice(&set.created_unix().to_le_bytes());
+    for part in parts {
+        let part: &Snapshot = if set.is_set() { part } else { set };
+        let (name, h, crc) = part_name(part);
+        let file = dir.join(&name);
+        if file.exists() {
+            stats.kept += 1;
+        } else {
+            let bytes = match part.image() {
+                Some(b) => b.to_vec(),
+                None => part.read_back()?,
+            };
+            write_atomic(&file, &bytes)?;
+            stats.written += 1;
+            stats.bytes_written += bytes.len() as u64;
+        }
+        index.extend_from_slice(&h.to_le_bytes());
+        index.extend_from_slice(&crc.to_le_bytes());
+    }
+    let crc = crc32fast::hash(&index);
+    index.extend_from_slice(&crc.to_le_bytes());
+    write_atomic(path, &index)?;
+    stats.removed = collect_garbage(path);
+    Ok(stats)
+}
+
+/// The segment files named by the index at `path`: (file, expected header crc).
+fn read_index(path: &Path) -> Result<(u64, u64, Vec<(PathBuf, u32)>), SnapshotError> {
+    let bytes = std::fs::read(path).map_err(|source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let body_len = bytes.len().checked_sub(4).ok_or(SnapshotError::TooShort {
+        len: bytes.len(),
+        need: FIXED + 4,
+    })?;
+    let (body, tail) = bytes.split_at(body_len);
+    let expected = tail.first_chunk::<4>().map_or(0, |b| u32::from_le_bytes(*b));
+    if !is_set(body) || body.len() < FIXED {
+        return Err(SnapshotError::BadMagic);
+    }
+    let got = crc32fast::hash(body);
+    if got != expected {
+        return Err(SnapshotError::SectionChecksum {
+            section: "segment index",
+            expected,
+            got,
+        });
+    }
+    let u32_at = |at: usize| {
+        body.get(at..at + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+    };
+    let u64_at = |at: usize| {
+        body.get(at..at + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
+    let version = u32_at(8).unwrap_or(0);
+    if version != SET_VERSION {
+        return Err(SnapshotError::UnsupportedVersion {
+            found: version,
+            supported: SET_VERSION,
+        });
+    }
+    let count = u32_at(12).unwrap_or(0) as usize;
+    if body.len() != FIXED + count * ENTRY {
+        return Err(malformed("index length does not match its segment count"));
+    }
+    let generation = u64_at(16).unwrap_or(0);
+    let created = u64_at(24).unwrap_or(0);
+    let dir = parts_dir(path);
+    let parts = (0..count)
+        .map(|i| {
+            let at = FIXED + i * ENTRY;
+            let h = u64_at(at).unwrap_or(0);
+            let crc = u32_at(at + 8).unwrap_or(0);
+            (dir.join(format!("{h:016x}.snap")), crc)
+        })
+        .collect();
+    Ok((generation, created, parts))
+}
+
+/// Open the set whose index is at `path`: every segment (on `threads` threads), each checked
+/// against the index's record of its header.
+pub(super) fn open(path: &Path, huge_pages: bool) -> Result<Snapshot, SnapshotError> {
+    let (generation, created, files) = read_index(path)?;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .clamp(1, 8);
+    let chunk = files.len().div_ceil(threads).max(1);
+    let opened: Vec<Result<Arc<Snapshot>, SnapshotError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = files
+            .chunks(chunk)
+            .map(|group| {
+                s.spawn(move || {
+                    group
+                        .iter()
+                        .map(|(file, crc)| {
+                            let part = Snapshot::open_part(file, huge_pages)?;
+                            if part_name(&part).2 != *crc {
+                                return Err(malformed(
+                                    "a segment file does not match the index (replaced?)",
+                                ));
+                            }
+                            Ok(Arc::new(part))
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    vec![Err(malformed("opening a segment panicked"))]
+                })
+            })
+            .collect()
+    });
+    let parts = opened.into_iter().collect::<Result<Vec<_>, _>>()?;
+    Snapshot::assemble(parts, generation, created)
+}
+
+/// Remove the segment files that the index at `path` does not name (left by a crash between
+/// writing segments and the index, or no longer used), and temporary files; how many.
+pub fn collect_garbage(path: &Path) -> usize {
+    let Ok((_, _, named)) = read_index(path) else {
+        return 0;
+    };
+    let keep: HashSet<PathBuf> = named.into_iter().map(|(p, _)| p).collect();
+    let dir = parts_dir(path);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return 0;
+    };
+    let mine = format!(".tmp.{}", std::process::id());
+    entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| !keep.contains(p))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| !n.to_string_lossy().ends_with(&mine))
+        })
+        .filter(|p| std::fs::remove_file(p).is_ok())
+        .count()
+}
