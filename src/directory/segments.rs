@@ -23,7 +23,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::format::{SnapshotError, domain_hash, write_atomic};
+use super::format::{HEADER_LEN, SnapshotError, domain_hash, write_atomic};
 use super::snapshot::Snapshot;
 
 /// First bytes of an index file.
@@ -132,14 +132,10 @@ pub fn parts_dir(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-/// A segment's file name: the hash of its header (which holds every section's checksum).
-fn part_name(part: &Snapshot) -> (String, u64, u32) {
-    let head = part.header().encode();
-    let crc = head
-        .last_chunk::<4>()
-        .map_or(0, |b| u32::from_le_bytes(*b));
-    let h = domain_hash(&head);
-    (format!("{h:016x}.snap"), h, crc)
+/// The crc32 of a segment's header (which holds every section's checksum), as the index
+/// records it.
+fn header_crc(part: &Snapshot) -> u32 {
+    segment_ref(&part.header().encode(), 0).crc
 }
 
 /// True when `bytes` start like an index file.
@@ -160,50 +156,104 @@ pub struct WriteStats {
     pub removed: usize,
 }
 
-/// Persist a set (or a single snapshot as a set of one): the segment files that do not exist
-/// yet, then the index (atomically), then remove unnamed segment files. A segment opened from
-/// a file of another set directory, or not held in memory, is copied by reading its file.
-pub fn write(path: &Path, set: &Snapshot) -> Result<WriteStats, SnapshotError> {
-    let io = |p: &Path, source| SnapshotError::Io {
-        path: p.to_path_buf(),
-        source,
-    };
+/// A segment file as the index names it (see [`write_segment`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentRef {
+    hash: u64,
+    crc: u32,
+    /// Bytes written now (0 when the file existed already).
+    pub written: u64,
+}
+
+fn segment_ref(head: &[u8], written: u64) -> SegmentRef {
+    SegmentRef {
+        hash: domain_hash(head),
+        crc: head.last_chunk::<4>().map_or(0, |b| u32::from_le_bytes(*b)),
+        written,
+    }
+}
+
+/// Write one segment image (a single snapshot's bytes, checked first) into the set directory
+/// of `path`, unless a file of the same content is there already. Nothing names it until
+/// [`write_index`] does: a crash before that leaves an orphan that [`collect_garbage`]
+/// removes.
+pub fn write_segment(path: &Path, image: &[u8]) -> Result<SegmentRef, SnapshotError> {
+    Snapshot::verify(image)?;
+    let head = image.get(..HEADER_LEN).ok_or(SnapshotError::TooShort {
+        len: image.len(),
+        need: HEADER_LEN,
+    })?;
+    let r = segment_ref(head, 0);
     let dir = parts_dir(path);
-    std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
-    let single = [Arc::new(Snapshot::empty(0, 0)?)];
-    let parts: &[Arc<Snapshot>] = match set.segments() {
-        Some(p) => p,
-        None => &single,
-    };
-    let mut stats = WriteStats::default();
-    let mut index = Vec::with_capacity(FIXED + parts.len() * ENTRY + 4);
+    std::fs::create_dir_all(&dir).map_err(|source| SnapshotError::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    let file = dir.join(format!("{:016x}.snap", r.hash));
+    if file.exists() {
+        return Ok(r);
+    }
+    write_atomic(&file, image)?;
+    Ok(SegmentRef {
+        written: image.len() as u64,
+        ..r
+    })
+}
+
+/// Replace the index at `path` (atomically) by one naming `segments`, then remove the
+/// segment files it does not name; how many were removed.
+pub fn write_index(
+    path: &Path,
+    generation: u64,
+    created_unix: u64,
+    segments: &[SegmentRef],
+) -> Result<usize, SnapshotError> {
+    let mut index = Vec::with_capacity(FIXED + segments.len() * ENTRY + 4);
     index.extend_from_slice(SET_MAGIC);
     index.extend_from_slice(&SET_VERSION.to_le_bytes());
-    index.extend_from_slice(&(parts.len() as u32).to_le_bytes());
-    index.extend_from_slice(&set.generation().to_le_bytes());
-    index.extend_from_slice(&set.created_unix().to_le_bytes());
-    for part in parts {
-        let part: &Snapshot = if set.is_set() { part } else { set };
-        let (name, h, crc) = part_name(part);
-        let file = dir.join(&name);
-        if file.exists() {
-            stats.kept += 1;
-        } else {
-            let bytes = match part.image() {
-                Some(b) => b.to_vec(),
-                None => part.read_back()?,
-            };
-            write_atomic(&file, &bytes)?;
-            stats.written += 1;
-            stats.bytes_written += bytes.len() as u64;
-        }
-        index.extend_from_slice(&h.to_le_bytes());
-        index.extend_from_slice(&crc.to_le_bytes());
+    index.extend_from_slice(&(segments.len() as u32).to_le_bytes());
+    index.extend_from_slice(&generation.to_le_bytes());
+    index.extend_from_slice(&created_unix.to_le_bytes());
+    for r in segments {
+        index.extend_from_slice(&r.hash.to_le_bytes());
+        index.extend_from_slice(&r.crc.to_le_bytes());
     }
     let crc = crc32fast::hash(&index);
     index.extend_from_slice(&crc.to_le_bytes());
     write_atomic(path, &index)?;
-    stats.removed = collect_garbage(path);
+    Ok(collect_garbage(path))
+}
+
+/// Persist a set (or a single snapshot as a set of one): the segment files that do not exist
+/// yet, then the index, then remove unnamed segment files. A segment opened from a file is
+/// read back from it (and checked) when its file is not in this set's directory.
+pub fn write(path: &Path, set: &Snapshot) -> Result<WriteStats, SnapshotError> {
+    let dir = parts_dir(path);
+    let one = [set];
+    let parts: Vec<&Snapshot> = match set.segments() {
+        Some(p) => p.iter().map(|p| &**p).collect(),
+        None => one.to_vec(),
+    };
+    let mut stats = WriteStats::default();
+    let mut refs = Vec::with_capacity(parts.len());
+    for part in parts {
+        let head = part.header().encode();
+        let r = segment_ref(&head, 0);
+        if dir.join(format!("{:016x}.snap", r.hash)).exists() {
+            stats.kept += 1;
+            refs.push(r);
+            continue;
+        }
+        let bytes = match part.image() {
+            Some(b) => std::borrow::Cow::Borrowed(b),
+            None => std::borrow::Cow::Owned(part.read_back()?),
+        };
+        let r = write_segment(path, &bytes)?;
+        stats.written += 1;
+        stats.bytes_written += r.written;
+        refs.push(r);
+    }
+    stats.removed = write_index(path, set.generation(), set.created_unix(), &refs)?;
     Ok(stats)
 }
 
@@ -282,7 +332,7 @@ pub(super) fn open(path: &Path, huge_pages: bool) -> Result<Snapshot, SnapshotEr
                         .iter()
                         .map(|(file, crc)| {
                             let part = Snapshot::open_part(file, huge_pages)?;
-                            if part_name(&part).2 != *crc {
+                            if header_crc(&part) != *crc {
                                 return Err(malformed(
                                     "a segment file does not match the index (replaced?)",
                                 ));

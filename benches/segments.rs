@@ -1,0 +1,325 @@
+//! Provider scale (issue 14 parts 2 and 3): a directory of `SEG_CUSTOMERS` customers with
+//! `SEG_PER_CUSTOMER` addresses each (default 10,000 x 10,000 = 100M), built as one segment
+//! per customer, one customer after another (only one customer's records in memory at a
+//! time), written as a set, opened warm, and looked up; then one customer uploads a new MAP
+//! file and the time from the file being complete to its new address being answered is
+//! measured. The baseline in the same run: one snapshot of `SEG_BASELINE` addresses (default
+//! 10M; 0 skips it), the lookup benchmark's directory.
+//!
+//! `cargo bench --bench segments` (documented figures: ~10 minutes and ~3 GB of memory at
+//! the defaults); under `cargo test` it runs once on 20 x 200 as a smoke test.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::hint::black_box;
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use rcptgate::address::AddrBuf;
+use rcptgate::directory::{Directory, LookupOptions, Snapshot, Verdict, segments};
+use rcptgate::internal::{BuildInput, build};
+use rcptgate::sources::{self, Format};
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Peak resident memory since the last [`reset_peak`], in MiB.
+fn peak_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn reset_peak() {
+    // Linux: writing 5 to clear_refs resets the peak resident set size.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Customer `c`'s directory: the shared generator's, in domains of its own.
+fn customer(c: usize, n: usize, seed: u64) -> (BuildInput, Vec<String>) {
+    let syn = common::generate(n, seed);
+    let mut input = syn.input;
+    for d in &mut input.domains {
+        d.name = format!("c{c}-{}", d.name);
+        d.customer = input.strings.intern(&format!("customer{c}"));
+    }
+    let prefix = |a: &String| {
+        let (l, d) = a.rsplit_once('@').unwrap_or((a, ""));
+        format!("{l}@c{c}-{d}")
+    };
+    for x in &mut input.excluded {
+        x.address = prefix(&x.address);
+    }
+    let addresses = syn.addresses.iter().map(prefix).collect();
+    (input, addresses)
+}
+
+/// The same directory as a MAP file, as a directory-sync agent uploads it.
+fn map_file(path: &Path, input: &BuildInput, c: usize) {
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).expect("map file"));
+    let s = |id: u32| input.strings.get(id).unwrap_or("");
+    for d in &input.domains {
+        writeln!(
+            out,
+            "{c}|{n}\tDOMAIN:\t{n}\troute={}\tprofile={}",
+            s(d.route),
+            s(d.profile),
+            n = d.name
+        )
+        .expect("write");
+    }
+    for r in &input.records {
+        let d = &input.domains[r.domain as usize].name;
+        let a = format!("{}@{d}", r.local);
+        writeln!(out, "{c}|{d}\tDIR:\t{a}").expect("write");
+        if let Some(owner) = &r.owner {
+            writeln!(out, "{c}|{d}\tMAP:\t{a}\t{owner}").expect("write");
+        }
+    }
+    // The end marker: the upload is complete.
+    writeln!(out, "++++").expect("write");
+    out.flush().expect("flush");
+}
+
+fn percentiles(mut ns: Vec<f64>) -> (f64, f64) {
+    ns.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| ns[((ns.len() as f64 * q) as usize).min(ns.len() - 1)];
+    (at(0.50), at(0.99))
+}
+
+/// p50 and p99 of each lookup timed on its own, in µs (as the lookup benchmark times them).
+fn time_each(dir: &Directory, queries: &[String]) -> (f64, f64) {
+    let overhead = {
+        let mut v: Vec<f64> = (0..100_000)
+            .map(|_| {
+                let t = Instant::now();
+                black_box(());
+                t.elapsed().as_nanos() as f64
+            })
+            .collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let mut buf = AddrBuf::default();
+    for q in queries.iter().take(1000) {
+        black_box(dir.verdict_in(q, &mut buf));
+    }
+    let mut hot = String::with_capacity(512);
+    let ns = queries
+        .iter()
+        .map(|q| {
+            hot.clear();
+            hot.push_str(q);
+            let t = Instant::now();
+            black_box(dir.verdict_in(black_box(&hot), &mut buf));
+            (t.elapsed().as_nanos() as f64 - overhead).max(0.0)
+        })
+        .collect();
+    let (p50, p99) = percentiles(ns);
+    (p50 / 1000.0, p99 / 1000.0)
+}
+
+fn misses(hits: &[String]) -> Vec<String> {
+    hits.iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let (l, d) = a.rsplit_once('@').unwrap_or((a, ""));
+            format!("{l}.x{}@{d}", i % 1000)
+        })
+        .collect()
+}
+
+/// Lookups of `hits` and of invented addresses in the same domains; every hit must accept.
+fn lookups(dir: &Directory, hits: &[String]) -> [(f64, f64); 2] {
+    let mut buf = AddrBuf::default();
+    for q in hits {
+        assert!(
+            matches!(dir.verdict_in(q, &mut buf), Verdict::Accept(_)),
+            "{q} must be accepted"
+        );
+    }
+    [time_each(dir, hits), time_each(dir, &misses(hits))]
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test` runs it as a smoke test.
+    let test_mode = !std::env::args().any(|a| a == "--bench");
+    let (customers, per, baseline) = if test_mode {
+        (20, 200, 2000)
+    } else {
+        (
+            env("SEG_CUSTOMERS", 10_000),
+            env("SEG_PER_CUSTOMER", 10_000),
+            env("SEG_BASELINE", 10_000_000),
+        )
+    };
+    let samples = if test_mode { 2000 } else { 200_000 };
+    let tmp = tempfile::tempdir_in(std::env::var("SEG_DIR").unwrap_or_else(|_| ".".into()))
+        .expect("tempdir");
+    let options = LookupOptions::default();
+
+    // Baseline: one snapshot, opened from its file like the daemon does.
+    let mut base = None;
+    if baseline > 0 {
+        let syn = common::generate(baseline, 42);
+        let step = (syn.addresses.len() / samples).max(1);
+        let hits: Vec<String> = syn.addresses.iter().step_by(step).cloned().collect();
+        let (image, _) = build(syn.input).expect("baseline build");
+        let file = tmp.path().join("baseline.snap");
+        rcptgate::directory::write_atomic(&file, &image).expect("write baseline");
+        drop(image);
+        let dir = Directory::new(options.clone());
+        dir.publish(Arc::new(Snapshot::open(&file).expect("open baseline")));
+        base = Some((baseline, lookups(&dir, &hits)));
+        let _ = std::fs::remove_file(&file);
+    }
+
+    // The set: one segment per customer, built one after another on every core, each
+    // written as soon as it is built.
+    reset_peak();
+    let index = tmp.path().join("directory.snap");
+    let t0 = Instant::now();
+    let next = AtomicUsize::new(0);
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let per_sample = (samples / customers).max(1);
+    let mut built: Vec<(usize, segments::SegmentRef, Vec<String>, u64)> =
+        std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut mine = Vec::new();
+                        loop {
+                            let c = next.fetch_add(1, Ordering::Relaxed);
+                            if c >= customers {
+                                return mine;
+                            }
+                            let (input, addresses) = customer(c, per, 1000 + c as u64);
+                            let (image, stats) = build(input).expect("segment build");
+                            let r = segments::write_segment(&index, &image).expect("write");
+                            let step = (addresses.len() / per_sample).max(1);
+                            let sample = addresses.iter().step_by(step).cloned().collect();
+                            mine.push((c, r, sample, stats.records as u64));
+                        }
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().expect("worker"))
+                .collect()
+        });
+    built.sort_by_key(|b| b.0);
+    let refs: Vec<segments::SegmentRef> = built.iter().map(|b| b.1).collect();
+    segments::write_index(&index, 1, 0, &refs).expect("index");
+    let build_time = t0.elapsed();
+    let build_peak = peak_mib();
+    let addresses: u64 = built.iter().map(|b| b.3).sum();
+    let hits: Vec<String> = built.iter().flat_map(|b| b.2.iter().cloned()).collect();
+    drop(built);
+
+    // Warm start: the index and every segment, files in the page cache.
+    let mut starts = Vec::new();
+    let mut set = None;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let s = Snapshot::open(&index).expect("open the set");
+        starts.push(t.elapsed());
+        set = Some(s);
+    }
+    starts.sort();
+    let set = Arc::new(set.expect("opened"));
+    let hot = set.hot_bytes() as f64 / addresses as f64;
+    let dir = Directory::new(options.clone());
+    dir.publish(set.clone());
+    let seg = lookups(&dir, &hits);
+
+    // One customer uploads a new file: parse, merge, build its segment, write it and a new
+    // index, publish a set that shares every other segment; until its new address answers.
+    let c = customers / 2;
+    let mut changes = Vec::new();
+    let mut rebuilt = 0;
+    let mut current = set.clone();
+    for round in 0..5u64 {
+        let (input, addresses) = customer(c, per, 77_000 + round);
+        let file = tmp.path().join(format!("customer{c}.map"));
+        map_file(&file, &input, c);
+        drop(input);
+        let probe = addresses.last().expect("an address").clone();
+        let t = Instant::now();
+        let src = sources::load(Format::Map, &file).expect("load the map file");
+        let mut merged = rcptgate::sync::merge(&[src], 1);
+        let (image, _) = merged.build().expect("build");
+        let r = segments::write_segment(&index, &image).expect("write segment");
+        let part = Arc::new(Snapshot::from_bytes(image).expect("segment"));
+        let first_domain = part.domain_info(0).expect("a domain").name.to_owned();
+        let mut parts = current.segments().expect("a set").to_vec();
+        let at = parts
+            .iter()
+            .position(|p| p.domain_index(&first_domain).is_some())
+            .expect("the customer's segment");
+        parts[at] = part;
+        let generation = current.generation() + 1;
+        let next_set = Arc::new(Snapshot::assemble(parts, generation, 0).expect("assemble"));
+        let mut all = refs.clone();
+        all[c] = r;
+        segments::write_index(&index, generation, 0, &all).expect("index");
+        dir.publish(next_set.clone());
+        let mut buf = AddrBuf::default();
+        assert!(matches!(
+            dir.verdict_in(&probe, &mut buf),
+            Verdict::Accept(_)
+        ));
+        changes.push(t.elapsed());
+        rebuilt = r.written;
+        current = next_set;
+    }
+    changes.sort();
+    let median = |v: &[Duration]| v[v.len() / 2];
+
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "segments: {customers} customers x {per} = {addresses} addresses, {threads} threads"
+    );
+    println!(
+        "  full build, one customer at a time: {:.1} s (goal <= 180 s), peak RSS {build_peak:.0} MiB",
+        build_time.as_secs_f64()
+    );
+    println!("  hot bytes per address: {hot:.2} (goal: hot total <= 1.2 GB: {:.2} GB)", set.hot_bytes() as f64 / 1e9);
+    println!(
+        "  warm start (index + {customers} segments, page cache): median {:.0} ms (goal <= 200 ms)",
+        ms(median(&starts))
+    );
+    println!(
+        "  one customer's new file ({per} addresses) to its answer: median {:.0} ms, max {:.0} ms (goal <= 1000 ms); segment rebuilt {} KiB of {:.1} GiB",
+        ms(median(&changes)),
+        ms(changes[changes.len() - 1]),
+        rebuilt / 1024,
+        set.file_bytes() as f64 / (1u64 << 30) as f64
+    );
+    println!(
+        "  hit p50/p99 {:.2}/{:.2} µs, miss p50/p99 {:.2}/{:.2} µs",
+        seg[0].0, seg[0].1, seg[1].0, seg[1].1
+    );
+    if let Some((n, b)) = base {
+        println!(
+            "  baseline, one snapshot of {n}: hit p50/p99 {:.2}/{:.2} µs, miss p50/p99 {:.2}/{:.2} µs (goal: set p50 within 1.3x: hit {:.2}x, miss {:.2}x)",
+            b[0].0,
+            b[0].1,
+            b[1].0,
+            b[1].1,
+            seg[0].0 / b[0].0,
+            seg[1].0 / b[1].0
+        );
+    }
+}
