@@ -2,7 +2,7 @@
 //! the snapshot builder's raw input types for the benchmarks. Not a stable API.
 
 pub use crate::directory::build::{
-    BuildInput, DomainSpec, Interner, NONE, RecordSpec, build, name_order,
+    BuildInput, DomainSpec, Interner, NONE, RecordSpec, build, name_order, split_by_customer,
 };
 
 use std::sync::Arc;
@@ -65,11 +65,16 @@ pub fn fuzz_snapshot_section(data: &[u8]) {
     }
 }
 
-/// Load arbitrary bytes as a snapshot, and answer a few lookups if it loads. The same bytes
+/// Load arbitrary bytes as a snapshot (and decode them as a set's index file), and answer a
+/// few lookups if it loads. The same bytes
 /// are also walked as FST nodes by the lookup's own decoder (a loaded snapshot's FST has
 /// passed fst's checksum, which hostile bytes rarely do; the decoder must not trust it either).
 pub fn fuzz_snapshot(data: &[u8]) {
     crate::directory::fuzz_walk(data);
+    // The same bytes as a set's index file (segments.rs): decoded or refused, never a panic.
+    if let Ok(index) = crate::directory::segments::parse_index(data) {
+        assert_eq!(index.segments.len() * 12 + 36, data.len());
+    }
     if let Ok(snap) = Snapshot::from_bytes(data.to_vec()) {
         let mut buf = address::AddrBuf::default();
         for q in ["alice@contoso.com", "x+y@example.com", "a@b"] {

@@ -24,19 +24,36 @@ fn build_from(specs: &[String], generation: u64) -> Result<Snapshot> {
     Snapshot::from_bytes(bytes).context("loading the built snapshot")
 }
 
-pub fn compile(specs: &[String], output: &Path, generation: u64) -> Result<ExitCode> {
+pub fn compile(
+    specs: &[String],
+    output: &Path,
+    generation: u64,
+    segments: bool,
+) -> Result<ExitCode> {
     let (srcs, refused) = load_sources(specs);
     no_refused(&refused, "nothing written")?;
     let t = Instant::now();
     let mut merged = merge(&srcs, generation);
     let (errors, warnings) = print_diagnostics(&srcs, &merged);
     let merge_time = t.elapsed();
-    let (bytes, stats) = merged.build().context("building the snapshot")?;
-    // Never write a file we cannot read back.
-    Snapshot::verify(&bytes).context("verifying the built snapshot")?;
-    directory::write_atomic(output, &bytes)?;
+    let stats = if segments {
+        let (stats, count) = compile_segments(&mut merged, output, generation)?;
+        println!(
+            "wrote {} ({count} segment(s) in {}, {} bytes)",
+            output.display(),
+            directory::segments::parts_dir(output).display(),
+            stats.file_bytes
+        );
+        stats
+    } else {
+        let (bytes, stats) = merged.build().context("building the snapshot")?;
+        // Never write a file we cannot read back.
+        Snapshot::verify(&bytes).context("verifying the built snapshot")?;
+        directory::write_atomic(output, &bytes)?;
+        println!("wrote {} ({} bytes)", output.display(), stats.file_bytes);
+        stats
+    };
     let n = stats.records.max(1) as f64;
-    println!("wrote {} ({} bytes)", output.display(), stats.file_bytes);
     println!("addresses:   {}", stats.records);
     println!("domains:     {}", stats.domains);
     println!("conflicts:   {}", merged.conflicts.len());
@@ -73,6 +90,40 @@ pub fn compile(specs: &[String], output: &Path, generation: u64) -> Result<ExitC
     Ok(ExitCode::SUCCESS)
 }
 
+/// One segment per customer, each built and written in turn, then the index; the sizes
+/// summed over the segments, and how many there are.
+fn compile_segments(
+    merged: &mut rcptgate::sync::Merged,
+    output: &Path,
+    generation: u64,
+) -> Result<(directory::BuildStats, usize)> {
+    let parts = merged.build_segments().context("building the segments")?;
+    let mut sum = directory::BuildStats::default();
+    let mut refs = Vec::with_capacity(parts.len());
+    for (bytes, s) in parts {
+        refs.push(directory::segments::write_segment(output, &bytes)?);
+        sum.records += s.records;
+        sum.domains += s.domains;
+        sum.shards += s.shards;
+        sum.fst_bytes += s.fst_bytes;
+        sum.filter_bytes += s.filter_bytes;
+        sum.hot_bytes += s.hot_bytes;
+        sum.cold_bytes += s.cold_bytes;
+        sum.file_bytes += s.file_bytes;
+        sum.sort_time += s.sort_time;
+        sum.fst_time += s.fst_time;
+        sum.filter_time += s.filter_time;
+        sum.total_time += s.total_time;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    directory::segments::write_index(output, generation, now, &refs)?;
+    // Never leave a set we cannot read back.
+    Snapshot::open(output).context("reading back the written set")?;
+    Ok((sum, refs.len()))
+}
+
 pub fn check(specs: &[String]) -> Result<ExitCode> {
     let (srcs, refused) = load_sources(specs);
     for e in &refused {
@@ -102,7 +153,7 @@ fn open_snapshot_or_sources(spec: &str) -> Result<Snapshot> {
     let is_snapshot = std::fs::File::open(path)
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
         .is_ok()
-        && &magic == b"RCPTGATE";
+        && (&magic == b"RCPTGATE" || directory::segments::is_set(&magic));
     if is_snapshot {
         Ok(Snapshot::open(path).with_context(|| format!("opening snapshot {spec}"))?)
     } else {

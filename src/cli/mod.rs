@@ -48,6 +48,10 @@ enum Command {
         /// Generation number stored in the snapshot.
         #[arg(long, default_value_t = 1)]
         generation: u64,
+        /// Write a set of segments, one per customer (an index at OUTPUT, the segments in
+        /// OUTPUT.parts/): a change to one customer then rebuilds one segment.
+        #[arg(long)]
+        segments: bool,
     },
     /// Lint sources: invalid addresses, conflicts, missing trailer, each with its location.
     /// Exits non-zero when there are errors.
@@ -220,7 +224,8 @@ pub fn main() -> ExitCode {
             sources,
             output,
             generation,
-        } => build::compile(&sources, &output, generation),
+            segments,
+        } => build::compile(&sources, &output, generation, segments),
         Command::Check { sources } => build::check(&sources),
         Command::Lookup {
             snapshot,

@@ -165,6 +165,65 @@ pub fn name_order(domains: &[DomainSpec]) -> (Vec<u32>, Vec<u32>) {
     (order, rank)
 }
 
+/// Cut one build input into one input per customer (the domains without a customer make
+/// one input of their own), for a set of segments (`segments.rs`): each keeps its domains'
+/// records and exclusions, with its own string table. Exclusions of addresses in no accepted
+/// domain go with the first input. Inputs come in the order of their first domain's name.
+pub fn split_by_customer(input: BuildInput) -> Vec<BuildInput> {
+    let (order, _) = name_order(&input.domains);
+    // Customer string id (or NONE) -> part, in name order of each part's first domain.
+    let mut part_of_customer: HashMap<u32, usize> = HashMap::new();
+    let mut part_of_domain = vec![0usize; input.domains.len()];
+    for &d in &order {
+        let c = input.domains[d as usize].customer;
+        let n = part_of_customer.len();
+        part_of_domain[d as usize] = *part_of_customer.entry(c).or_insert(n);
+    }
+    let parts = part_of_customer.len().max(1);
+    let mut out: Vec<BuildInput> = (0..parts)
+        .map(|_| BuildInput {
+            generation: input.generation,
+            created_unix: input.created_unix,
+            sources: input.sources.clone(),
+            shards: input.shards,
+            ..BuildInput::default()
+        })
+        .collect();
+    let mut local = vec![0u32; input.domains.len()];
+    let mut by_name: HashMap<&str, usize> = HashMap::new();
+    let copy = |strings: &Interner, to: &mut Interner, id: u32| {
+        strings.get(id).map_or(NONE, |s| to.intern(s))
+    };
+    for (d, spec) in input.domains.iter().enumerate() {
+        let p = &mut out[part_of_domain[d]];
+        local[d] = p.domains.len() as u32;
+        by_name.insert(&spec.name, part_of_domain[d]);
+        let mut spec = spec.clone();
+        spec.customer = copy(&input.strings, &mut p.strings, spec.customer);
+        spec.profile = copy(&input.strings, &mut p.strings, spec.profile);
+        spec.route = copy(&input.strings, &mut p.strings, spec.route);
+        p.domains.push(spec);
+    }
+    for mut r in input.records {
+        let Some(&p) = part_of_domain.get(r.domain as usize) else {
+            // `build` refuses it; keep it so the part's build says so.
+            out[0].records.push(r);
+            continue;
+        };
+        let part = &mut out[p];
+        r.profile = copy(&input.strings, &mut part.strings, r.profile);
+        r.route = copy(&input.strings, &mut part.strings, r.route);
+        r.domain = local[r.domain as usize];
+        part.records.push(r);
+    }
+    for x in input.excluded {
+        let domain = x.address.rsplit_once('@').map_or("", |(_, d)| d);
+        let p = by_name.get(domain).copied().unwrap_or(0);
+        out[p].excluded.push(x);
+    }
+    out
+}
+
 /// Build a snapshot file image. Pure function of the input (plus timings).
 pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError> {
     let t0 = Instant::now();

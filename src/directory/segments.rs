@@ -263,6 +263,29 @@ fn read_index(path: &Path) -> Result<(u64, u64, Vec<(PathBuf, u32)>), SnapshotEr
         path: path.to_path_buf(),
         source,
     })?;
+    let index = parse_index(&bytes)?;
+    let dir = parts_dir(path);
+    let files = index
+        .segments
+        .iter()
+        .map(|&(h, crc)| (dir.join(format!("{h:016x}.snap")), crc))
+        .collect();
+    Ok((index.generation, index.created_unix, files))
+}
+
+/// A decoded index file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Index {
+    /// Generation of the set.
+    pub generation: u64,
+    /// When it was written (Unix seconds).
+    pub created_unix: u64,
+    /// Per segment: the hash naming its file, the CRC-32 of its header.
+    pub segments: Vec<(u64, u32)>,
+}
+
+/// Decode an index file (any bytes: a torn, truncated or corrupt index is an error).
+pub fn parse_index(bytes: &[u8]) -> Result<Index, SnapshotError> {
     let body_len = bytes.len().checked_sub(4).ok_or(SnapshotError::TooShort {
         len: bytes.len(),
         need: FIXED + 4,
@@ -298,21 +321,20 @@ fn read_index(path: &Path) -> Result<(u64, u64, Vec<(PathBuf, u32)>), SnapshotEr
         });
     }
     let count = u32_at(12).unwrap_or(0) as usize;
-    if body.len() != FIXED + count * ENTRY {
+    if Some(body.len()) != count.checked_mul(ENTRY).and_then(|n| n.checked_add(FIXED)) {
         return Err(malformed("index length does not match its segment count"));
     }
-    let generation = u64_at(16).unwrap_or(0);
-    let created = u64_at(24).unwrap_or(0);
-    let dir = parts_dir(path);
-    let parts = (0..count)
+    let segments = (0..count)
         .map(|i| {
             let at = FIXED + i * ENTRY;
-            let h = u64_at(at).unwrap_or(0);
-            let crc = u32_at(at + 8).unwrap_or(0);
-            (dir.join(format!("{h:016x}.snap")), crc)
+            (u64_at(at).unwrap_or(0), u32_at(at + 8).unwrap_or(0))
         })
         .collect();
-    Ok((generation, created, parts))
+    Ok(Index {
+        generation: u64_at(16).unwrap_or(0),
+        created_unix: u64_at(24).unwrap_or(0),
+        segments,
+    })
 }
 
 /// Open the set whose index is at `path`: every segment (on `threads` threads), each checked
@@ -378,4 +400,54 @@ pub fn collect_garbage(path: &Path) -> usize {
         })
         .filter(|p| std::fs::remove_file(p).is_ok())
         .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn index(count: u32, entries: &[(u64, u32)]) -> Vec<u8> {
+        let mut b = SET_MAGIC.to_vec();
+        b.extend_from_slice(&SET_VERSION.to_le_bytes());
+        b.extend_from_slice(&count.to_le_bytes());
+        b.extend_from_slice(&9u64.to_le_bytes());
+        b.extend_from_slice(&1_700_000_000u64.to_le_bytes());
+        for (h, c) in entries {
+            b.extend_from_slice(&h.to_le_bytes());
+            b.extend_from_slice(&c.to_le_bytes());
+        }
+        let crc = crc32fast::hash(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn an_index_decodes_and_every_damage_is_refused() {
+        let good = index(2, &[(0xfeed, 7), (0xbeef, 8)]);
+        assert_eq!(
+            parse_index(&good).expect("good"),
+            Index {
+                generation: 9,
+                created_unix: 1_700_000_000,
+                segments: vec![(0xfeed, 7), (0xbeef, 8)],
+            }
+        );
+        assert_eq!(parse_index(&index(0, &[])).expect("empty").segments, []);
+        // Torn at every length, a flipped bit anywhere, a count that lies: refused.
+        for cut in 0..good.len() {
+            assert!(parse_index(&good[..cut]).is_err(), "cut at {cut}");
+        }
+        for bit in 0..good.len() * 8 {
+            let mut b = good.clone();
+            b[bit / 8] ^= 1 << (bit % 8);
+            assert!(parse_index(&b).is_err(), "bit {bit}");
+        }
+        assert!(parse_index(&index(3, &[(1, 1), (2, 2)])).is_err());
+        assert!(parse_index(&index(u32::MAX, &[])).is_err());
+        // A single snapshot is not an index.
+        assert!(matches!(
+            parse_index(b"RCPTGATE and more bytes than the index header needs....."),
+            Err(SnapshotError::BadMagic | SnapshotError::SectionChecksum { .. })
+        ));
+    }
 }

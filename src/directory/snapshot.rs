@@ -41,7 +41,28 @@ enum Backing {
     /// Read from a file: the header and every hot section in `image` (the length of the
     /// file; cold ranges stay zero and untouched, so they take no memory), and the file, to
     /// read the cold sections on first use (checked against their checksums).
-    Partial { image: Vec<u8>, file: File },
+    Partial { image: Vec<u8>, file: ColdFile },
+}
+
+/// Where the cold sections of a snapshot opened from a file are read.
+enum ColdFile {
+    /// The file opened at start (a single snapshot: a file renamed over it later does not
+    /// change what is read).
+    Open(File),
+    /// Opened again at each read: a segment of a set (thousands of segments would otherwise
+    /// hold thousands of descriptors; a segment file never changes, and what is read is
+    /// checked against the checksums anyway).
+    Path(std::path::PathBuf),
+}
+
+impl ColdFile {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        match self {
+            ColdFile::Open(f) => f.read_exact_at(buf, offset),
+            ColdFile::Path(p) => File::open(p)?.read_exact_at(buf, offset),
+        }
+    }
 }
 
 impl Backing {
@@ -230,7 +251,7 @@ impl Snapshot {
         if file.read_exact_at(&mut magic, 0).is_ok() && segments::is_set(&magic) {
             return segments::open(path, huge_pages);
         }
-        Snapshot::open_file(path, file, huge_pages)
+        Snapshot::open_file(path, file, huge_pages, true)
     }
 
     /// Open one segment of a set (a single snapshot file, never an index).
@@ -239,10 +260,17 @@ impl Snapshot {
             path: path.to_path_buf(),
             source,
         })?;
-        Snapshot::open_file(path, file, huge_pages)
+        Snapshot::open_file(path, file, huge_pages, false)
     }
 
-    fn open_file(path: &Path, file: File, huge_pages: bool) -> Result<Snapshot, SnapshotError> {
+    /// `keep_open`: read the cold sections later through this open file, else through the
+    /// path (see [`ColdFile`]).
+    fn open_file(
+        path: &Path,
+        file: File,
+        huge_pages: bool,
+        keep_open: bool,
+    ) -> Result<Snapshot, SnapshotError> {
         use std::os::unix::fs::FileExt;
         let io = |source| SnapshotError::Io {
             path: path.to_path_buf(),
@@ -274,6 +302,11 @@ impl Snapshot {
             let dst = image.get_mut(range).unwrap_or_default();
             file.read_exact_at(dst, at).map_err(io)?;
         }
+        let file = if keep_open {
+            ColdFile::Open(file)
+        } else {
+            ColdFile::Path(path.to_path_buf())
+        };
         Snapshot::from_backing(Arc::new(Backing::Partial { image, file }), own)
     }
 
@@ -736,7 +769,6 @@ impl Snapshot {
     /// The whole file of a single snapshot opened from a file, read again and checked
     /// against the header it was opened with (to copy it into a set's directory).
     pub(super) fn read_back(&self) -> Result<Vec<u8>, SnapshotError> {
-        use std::os::unix::fs::FileExt;
         let Backing::Partial { image, file } = &*self.backing else {
             return Ok(self.backing.bytes().to_vec());
         };
@@ -1098,7 +1130,6 @@ impl Snapshot {
     }
 
     fn load_cold(&self) -> Result<Cold, String> {
-        use std::os::unix::fs::FileExt;
         let cold = [
             Sec::ColdKeys,
             Sec::ColdRecords,
@@ -1158,7 +1189,6 @@ impl Snapshot {
     /// changed or the checksum does not match).
     pub(crate) fn excluded_bytes(&self) -> &[u8] {
         self.excluded_cache.get_or_init(|| {
-            use std::os::unix::fs::FileExt;
             let r = &self.excluded;
             let bytes = match &*self.backing {
                 Backing::Partial { file, .. } => {

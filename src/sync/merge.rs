@@ -82,6 +82,18 @@ impl Merged {
     ) -> Result<(Vec<u8>, crate::directory::BuildStats), crate::directory::BuildError> {
         crate::directory::build(std::mem::take(&mut self.input))
     }
+
+    /// Build one snapshot image per customer (the domains without a customer make one of
+    /// their own): the segments of a set (see `directory::segments`), built one after
+    /// another.
+    pub fn build_segments(
+        &mut self,
+    ) -> Result<Vec<(Vec<u8>, crate::directory::BuildStats)>, crate::directory::BuildError> {
+        crate::directory::split_by_customer(std::mem::take(&mut self.input))
+            .into_iter()
+            .map(crate::directory::build)
+            .collect()
+    }
 }
 
 /// Bookkeeping per record for conflict resolution: which entry of which source made it.
