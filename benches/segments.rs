@@ -193,32 +193,31 @@ fn main() {
     let next = AtomicUsize::new(0);
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
     let per_sample = (samples / customers).max(1);
-    let mut built: Vec<(usize, segments::SegmentRef, Vec<String>, u64)> =
-        std::thread::scope(|s| {
-            let workers: Vec<_> = (0..threads)
-                .map(|_| {
-                    s.spawn(|| {
-                        let mut mine = Vec::new();
-                        loop {
-                            let c = next.fetch_add(1, Ordering::Relaxed);
-                            if c >= customers {
-                                return mine;
-                            }
-                            let (input, addresses) = customer(c, per, 1000 + c as u64);
-                            let (image, stats) = build(input).expect("segment build");
-                            let r = segments::write_segment(&index, &image).expect("write");
-                            let step = (addresses.len() / per_sample).max(1);
-                            let sample = addresses.iter().step_by(step).cloned().collect();
-                            mine.push((c, r, sample, stats.records as u64));
+    let mut built: Vec<(usize, segments::SegmentRef, Vec<String>, u64)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let c = next.fetch_add(1, Ordering::Relaxed);
+                        if c >= customers {
+                            return mine;
                         }
-                    })
+                        let (input, addresses) = customer(c, per, 1000 + c as u64);
+                        let (image, stats) = build(input).expect("segment build");
+                        let r = segments::write_segment(&index, &image).expect("write");
+                        let step = (addresses.len() / per_sample).max(1);
+                        let sample = addresses.iter().step_by(step).cloned().collect();
+                        mine.push((c, r, sample, stats.records as u64));
+                    }
                 })
-                .collect();
-            workers
-                .into_iter()
-                .flat_map(|w| w.join().expect("worker"))
-                .collect()
-        });
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("worker"))
+            .collect()
+    });
     built.sort_by_key(|b| b.0);
     let refs: Vec<segments::SegmentRef> = built.iter().map(|b| b.1).collect();
     segments::write_index(&index, 1, 0, &refs).expect("index");
@@ -288,14 +287,15 @@ fn main() {
     let median = |v: &[Duration]| v[v.len() / 2];
 
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    println!(
-        "segments: {customers} customers x {per} = {addresses} addresses, {threads} threads"
-    );
+    println!("segments: {customers} customers x {per} = {addresses} addresses, {threads} threads");
     println!(
         "  full build, one customer at a time: {:.1} s (goal <= 180 s), peak RSS {build_peak:.0} MiB",
         build_time.as_secs_f64()
     );
-    println!("  hot bytes per address: {hot:.2} (goal: hot total <= 1.2 GB: {:.2} GB)", set.hot_bytes() as f64 / 1e9);
+    println!(
+        "  hot bytes per address: {hot:.2} (goal: hot total <= 1.2 GB: {:.2} GB)",
+        set.hot_bytes() as f64 / 1e9
+    );
     println!(
         "  warm start (index + {customers} segments, page cache): median {:.0} ms (goal <= 200 ms)",
         ms(median(&starts))

@@ -8,6 +8,7 @@
 //! subaddress_separator = "+"                    # "" disables subaddressing
 //! max_age = "24h"                               # then unknown -> tempfail; "0s" disables
 //! debounce = "500ms"                            # quiet time after a source file changes
+//! segments = false                              # true: one segment per group of sources
 //! reject_text = "User unknown"
 //!
 //! [[source]]
@@ -136,6 +137,7 @@ struct RawDirectory {
     max_age: Option<String>,
     debounce: Option<String>,
     always_accept: Option<Vec<String>>,
+    segments: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -273,6 +275,10 @@ pub struct Config {
     pub max_age: Option<Duration>,
     /// Quiet time after a source file changes before rebuilding.
     pub debounce: Duration,
+    /// Keep the directory as a set of segments, one per group of sources that share
+    /// domains (see README, Segments): a changed source file rebuilds and writes only its
+    /// group's segment. Off by default.
+    pub segments: bool,
     /// Subaddress separators (`+` by default; empty disables).
     pub separators: String,
     /// Local parts accepted in every domain we own (`postmaster` by default).
@@ -357,6 +363,7 @@ impl Default for Config {
             snapshot: None,
             max_age: Some(Duration::from_secs(86_400)),
             debounce: Duration::from_millis(500),
+            segments: false,
             separators: "+".into(),
             always_accept: vec!["postmaster".into()],
             log_level: "info".into(),
@@ -845,6 +852,7 @@ impl Config {
             snapshot: raw.directory.snapshot,
             max_age: (!max_age.is_zero()).then_some(max_age),
             debounce,
+            segments: raw.directory.segments.unwrap_or(false),
             separators,
             always_accept,
             log_level,

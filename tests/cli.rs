@@ -288,7 +288,12 @@ fn compile_segments_writes_a_set_that_answers_like_one_snapshot() {
             .collect::<Vec<_>>()
     };
     assert_eq!(ask(&set), ask(&one));
-    let o = bin().arg("diff").arg(&one).arg(&set).output().expect("runs");
+    let o = bin()
+        .arg("diff")
+        .arg(&one)
+        .arg(&set)
+        .output()
+        .expect("runs");
     let (stdout, stderr) = text(&o);
     assert!(o.status.success(), "{stderr}");
     assert!(stdout.contains("0 added, 0 removed"), "{stdout}");

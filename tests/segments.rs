@@ -136,7 +136,11 @@ fn addresses(snap: &Snapshot) -> Vec<String> {
         let hit = c.hit().expect("hit of the cursor");
         let info = snap.domain_info(hit.domain).expect("domain");
         assert_eq!(info.name, d, "the cursor's hit names its domain");
-        out.push(format!("{}@{d} {:?}", String::from_utf8_lossy(&l), hit.kind));
+        out.push(format!(
+            "{}@{d} {:?}",
+            String::from_utf8_lossy(&l),
+            hit.kind
+        ));
     }
     out
 }
@@ -179,7 +183,8 @@ fn a_set_answers_what_one_snapshot_of_the_same_records_answers() {
     assert_eq!(routes, expected);
     // A hit of another generation resolves to nothing, as for a single snapshot.
     let mut buf = AddrBuf::default();
-    let Verdict::Accept(hit) = set.lookup("user1@c0-d0.example", &LookupOptions::default(), &mut buf)
+    let Verdict::Accept(hit) =
+        set.lookup("user1@c0-d0.example", &LookupOptions::default(), &mut buf)
     else {
         panic!("user1 is a user of customer0");
     };
@@ -318,7 +323,10 @@ fn a_crash_between_segment_and_index_restarts_into_one_directory_or_the_other() 
     let saved = std::fs::read(dir.join(&victim)).expect("read");
     std::fs::write(dir.join(&victim), &new_part).expect("replace");
     let err = Snapshot::open(&path).expect_err("a replaced segment");
-    assert!(err.to_string().contains("does not match the index"), "{err}");
+    assert!(
+        err.to_string().contains("does not match the index"),
+        "{err}"
+    );
     std::fs::remove_file(dir.join(&victim)).expect("remove");
     assert!(Snapshot::open(&path).is_err(), "a missing segment");
     std::fs::write(dir.join(&victim), &saved).expect("restore");

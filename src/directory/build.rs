@@ -166,16 +166,22 @@ pub fn name_order(domains: &[DomainSpec]) -> (Vec<u32>, Vec<u32>) {
 }
 
 /// Cut one build input into one input per customer (the domains without a customer make
-/// one input of their own), for a set of segments (`segments.rs`): each keeps its domains'
-/// records and exclusions, with its own string table. Exclusions of addresses in no accepted
-/// domain go with the first input. Inputs come in the order of their first domain's name.
+/// one input of their own), for a set of segments (`segments.rs`): see [`split_by`].
 pub fn split_by_customer(input: BuildInput) -> Vec<BuildInput> {
+    split_by(input, |d| u64::from(d.customer))
+}
+
+/// Cut one build input into one input per value of `key` over its domains: each keeps its
+/// domains' records and exclusions, with its own string table. Exclusions of addresses in
+/// no accepted domain go with the first input. Inputs come in the order of their first
+/// domain's name.
+pub fn split_by(input: BuildInput, key: impl Fn(&DomainSpec) -> u64) -> Vec<BuildInput> {
     let (order, _) = name_order(&input.domains);
-    // Customer string id (or NONE) -> part, in name order of each part's first domain.
-    let mut part_of_customer: HashMap<u32, usize> = HashMap::new();
+    // Key -> part, in name order of each part's first domain.
+    let mut part_of_customer: HashMap<u64, usize> = HashMap::new();
     let mut part_of_domain = vec![0usize; input.domains.len()];
     for &d in &order {
-        let c = input.domains[d as usize].customer;
+        let c = key(&input.domains[d as usize]);
         let n = part_of_customer.len();
         part_of_domain[d as usize] = *part_of_customer.entry(c).or_insert(n);
     }
@@ -184,11 +190,13 @@ pub fn split_by_customer(input: BuildInput) -> Vec<BuildInput> {
         .map(|_| BuildInput {
             generation: input.generation,
             created_unix: input.created_unix,
-            sources: input.sources.clone(),
             shards: input.shards,
             ..BuildInput::default()
         })
         .collect();
+    // Each part names only the sources its records come from, so a part's content does not
+    // depend on the sources of the others.
+    let mut source_of: Vec<HashMap<u32, u32>> = vec![HashMap::new(); parts];
     let mut local = vec![0u32; input.domains.len()];
     let mut by_name: HashMap<&str, usize> = HashMap::new();
     let copy = |strings: &Interner, to: &mut Interner, id: u32| {
@@ -211,6 +219,13 @@ pub fn split_by_customer(input: BuildInput) -> Vec<BuildInput> {
             continue;
         };
         let part = &mut out[p];
+        if let Some(name) = input.sources.get(r.source as usize) {
+            let n = part.sources.len() as u32;
+            r.source = *source_of[p].entry(r.source).or_insert_with(|| {
+                part.sources.push(name.clone());
+                n
+            });
+        }
         r.profile = copy(&input.strings, &mut part.strings, r.profile);
         r.route = copy(&input.strings, &mut part.strings, r.route);
         r.domain = local[r.domain as usize];

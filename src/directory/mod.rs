@@ -21,7 +21,8 @@ use arc_swap::{ArcSwapOption, Guard};
 
 pub use build::{BuildError, BuildStats};
 pub(crate) use build::{
-    BuildInput, DomainSpec, Interner, NONE, RecordSpec, build, name_order, split_by_customer,
+    BuildInput, DomainSpec, Interner, NONE, RecordSpec, build, name_order, split_by,
+    split_by_customer,
 };
 pub(crate) use format::with_section;
 pub use format::{Sec, SnapshotError, clean_temporaries, write_atomic};

@@ -47,7 +47,10 @@ pub(super) struct SetIndex {
 
 impl SetIndex {
     /// Index the domains of `parts`; a domain in two segments is refused.
-    pub(super) fn new(parts: Vec<Arc<Snapshot>>) -> Result<SetIndex, SnapshotError> {
+    pub(super) fn new(mut parts: Vec<Arc<Snapshot>>) -> Result<SetIndex, SnapshotError> {
+        // In the order of their first domain's name: the same segments make the same set
+        // (its content digest, its index file), however it was put together.
+        parts.sort_by_cached_key(|p| p.domain_info(0).map(|d| d.name.to_owned()));
         let mut all: Vec<(&str, u32, u32)> = Vec::new();
         for (p, part) in parts.iter().enumerate() {
             if part.is_set() {
@@ -291,7 +294,9 @@ pub fn parse_index(bytes: &[u8]) -> Result<Index, SnapshotError> {
         need: FIXED + 4,
     })?;
     let (body, tail) = bytes.split_at(body_len);
-    let expected = tail.first_chunk::<4>().map_or(0, |b| u32::from_le_bytes(*b));
+    let expected = tail
+        .first_chunk::<4>()
+        .map_or(0, |b| u32::from_le_bytes(*b));
     if !is_set(body) || body.len() < FIXED {
         return Err(SnapshotError::BadMagic);
     }
@@ -368,14 +373,40 @@ pub(super) fn open(path: &Path, huge_pages: bool) -> Result<Snapshot, SnapshotEr
         handles
             .into_iter()
             .flat_map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    vec![Err(malformed("opening a segment panicked"))]
-                })
+                h.join()
+                    .unwrap_or_else(|_| vec![Err(malformed("opening a segment panicked"))])
             })
             .collect()
     });
     let parts = opened.into_iter().collect::<Result<Vec<_>, _>>()?;
     Snapshot::assemble(parts, generation, created)
+}
+
+/// The set `set`, written at `path` already, with every segment that is still held in
+/// memory as built (a whole image, cold sections included) replaced by the same segment
+/// opened from its file (hot sections only); the other segments are shared.
+pub fn reopen(path: &Path, set: &Snapshot) -> Result<Snapshot, SnapshotError> {
+    let Some(parts) = set.segments() else {
+        return Snapshot::open(path);
+    };
+    let dir = parts_dir(path);
+    let parts = parts
+        .iter()
+        .map(|p| {
+            if p.image().is_none() {
+                return Ok(p.clone());
+            }
+            let r = segment_ref(&p.header().encode(), 0);
+            let opened = Snapshot::open_part(&dir.join(format!("{:016x}.snap", r.hash)), true)?;
+            if header_crc(&opened) != r.crc {
+                return Err(malformed(
+                    "a segment file does not match the index (replaced?)",
+                ));
+            }
+            Ok(Arc::new(opened))
+        })
+        .collect::<Result<Vec<_>, SnapshotError>>()?;
+    Snapshot::assemble(parts, set.generation(), set.created_unix())
 }
 
 /// Remove the segment files that the index at `path` does not name (left by a crash between

@@ -735,6 +735,14 @@ impl Snapshot {
         self.set.as_deref().map(|s| &s.parts[..])
     }
 
+    /// For a set: the position (in [`Self::segments`]) of the segment holding domain
+    /// `normalized`; `None` for a single snapshot or a domain that is not ours.
+    pub fn segment_of(&self, normalized: &str) -> Option<usize> {
+        let set = self.set.as_deref()?;
+        let (_, _, g) = set.find(normalized)?;
+        set.domains.get(g as usize).map(|&(p, _)| p as usize)
+    }
+
     /// A set of generation `generation` from `segments` (single snapshots, each holding whole
     /// domains; a domain in two segments is refused). Segments are shared, not copied: a
     /// new set that changes one customer's segment reuses every other segment of the set in

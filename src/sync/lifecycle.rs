@@ -389,8 +389,14 @@ pub fn plan_approved(
         }
         true
     });
+    // Where a tombstone comes from, for `explain` (not the first source's name).
+    let tomb_source = (!serve.is_empty()).then(|| {
+        input.sources.push(TOMBSTONE.into());
+        input.sources.len() as u32 - 1
+    });
     for (d, local, profile, route) in serve {
         let mut r = RecordSpec::new(d, local, Kind::Tombstone);
+        r.source = tomb_source.unwrap_or(0);
         r.profile = profile.as_deref().map_or(NONE, |s| input.strings.intern(s));
         r.route = route.as_deref().map_or(NONE, |s| input.strings.intern(s));
         input.records.push(r);
@@ -402,6 +408,9 @@ pub fn plan_approved(
     p.held_removals = keep.into_iter().map(|(a, _)| a).collect();
     p
 }
+
+/// The origin of a tombstone.
+const TOMBSTONE: &str = "tombstone: removed from the sources, accepted until its grace period ends";
 
 /// The origin of an address kept because its removal is held.
 const KEPT: &str = "kept: removal held by the deletion guard";

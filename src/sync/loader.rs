@@ -5,6 +5,9 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
+
+#[path = "segmented.rs"]
+mod segmented;
 use std::sync::Arc;
 
 use serde_json::json;
@@ -242,6 +245,10 @@ pub struct Loader {
     /// The last good sync of each LDAP source, when it was read, and where an incremental
     /// sync continues from.
     ldap_cache: std::collections::HashMap<String, (SourceData, u64, Option<LiveMark>)>,
+    /// Segmented mode: what the last build read of each source, by name.
+    summaries: std::collections::HashMap<String, segmented::Summary>,
+    /// The next build must be a full one (tombstones deleted by hand, provisioning).
+    force_full: bool,
 }
 
 impl std::fmt::Debug for Loader {
@@ -267,7 +274,10 @@ impl Loader {
             .into_iter()
             .flatten()
         {
-            let n = directory::clean_temporaries(p);
+            let mut n = directory::clean_temporaries(p);
+            // Segment files of a set that no index names (a crash between writing them and
+            // the index).
+            n += directory::segments::collect_garbage(p);
             if n > 0 {
                 info!(path = %p.display(), removed = n, "removed {n} partial file(s) left by an interrupted write");
             }
@@ -291,6 +301,8 @@ impl Loader {
             syncs: Default::default(),
             adopt_orphans,
             ldap_cache: Default::default(),
+            summaries: Default::default(),
+            force_full: false,
         })
     }
 
@@ -302,6 +314,10 @@ impl Loader {
         };
         let snap = Snapshot::open(path)?;
         let generation = snap.generation();
+        if self.cfg.segments && snap.is_set() {
+            let path = path.to_path_buf();
+            self.load_summaries(&path, generation);
+        }
         self.dir.set_data_time(snap.created_unix());
         self.dir.publish(Arc::new(snap));
         Ok(Some(generation))
@@ -508,12 +524,7 @@ impl Loader {
                     return Err(e);
                 }
             };
-            d.role = s.role;
-            if !s.domains.is_empty() {
-                let name: Arc<str> = Arc::from(s.name.as_str());
-                d.domains = ldap::declared_domains(&s.domains, &name);
-                d.derive_domains = false;
-            }
+            self.finish_source(&mut d, s);
             data.push(d);
             back.push(from);
         }
@@ -692,6 +703,7 @@ impl Loader {
             found.entry.dn,
             addresses.len()
         );
+        self.force_full = true;
         let outcome = self.rebuild()?;
         Ok((outcome, addresses))
     }
@@ -737,6 +749,7 @@ impl Loader {
             s.name,
             addresses.len()
         );
+        self.force_full = true;
         let outcome = self.rebuild()?;
         Ok((outcome, addresses))
     }
@@ -804,36 +817,26 @@ impl Loader {
         }
     }
 
-    fn try_rebuild(&mut self, sync_all: bool) -> Result<Outcome, LoadError> {
-        let outcome = self.build_and_publish(sync_all)?;
-        let (name, r) = match &outcome {
-            Outcome::Published(r) => ("published", r),
-            Outcome::Unchanged(r) => ("unchanged", r),
-            Outcome::Held(r) => ("held", r),
-        };
-        self.last_build = Some(BuildSummary {
-            outcome: name.into(),
-            generation: self.dir.generation().unwrap_or(r.generation),
-            addresses: r.addresses,
-            added: r.plan.added,
-            removed: r.plan.removed,
-            tombstoned: r.plan.tombstoned,
-            tombstones: r.plan.tombstones,
-            time: (self.clock)(),
-        });
-        Ok(outcome)
+    /// What the configuration adds to a source's data: its role, and the accepted domains
+    /// it declares for it.
+    fn finish_source(&self, d: &mut SourceData, s: &crate::config::SourceConfig) {
+        d.role = s.role;
+        if !s.domains.is_empty() {
+            let name: Arc<str> = Arc::from(s.name.as_str());
+            d.domains = ldap::declared_domains(&s.domains, &name);
+            d.derive_domains = false;
+        }
     }
 
-    fn build_and_publish(&mut self, sync_all: bool) -> Result<Outcome, LoadError> {
-        let (data, data_time, back) = self.read_sources(sync_all)?;
-        // Without a snapshot in service, generations go on from the last publish.
-        let after_last = self.state.last_publish.map_or(1, |l| l.generation + 1);
-        let (in_service, generation) = self
-            .dir
-            .view()
-            .snapshot()
-            .map_or((0, after_last), |s| (s.record_count(), s.generation() + 1));
-        let mut merged = merge::merge(&data, generation);
+    /// Read a file source, as [`Self::read_sources`] does.
+    fn load_file(&self, s: &crate::config::SourceConfig) -> Result<SourceData, LoadError> {
+        let mut d = sources::load(s.format, &s.path)?;
+        self.finish_source(&mut d, s);
+        Ok(d)
+    }
+
+    /// Count, keep and log a build's diagnostics and conflicts (all of them for `status`).
+    fn note_diagnostics(&mut self, data: &[SourceData], merged: &merge::Merged) -> (usize, usize) {
         let (mut errors, mut warnings) = (0, 0);
         let mut lines = Vec::new();
         let mut total = 0;
@@ -869,6 +872,63 @@ impl Loader {
             );
         }
         self.diagnostics = (total, lines);
+        (errors, warnings)
+    }
+
+    fn try_rebuild(&mut self, sync_all: bool) -> Result<Outcome, LoadError> {
+        let outcome = self.build_and_publish(sync_all)?;
+        let (name, r) = match &outcome {
+            Outcome::Published(r) => ("published", r),
+            Outcome::Unchanged(r) => ("unchanged", r),
+            Outcome::Held(r) => ("held", r),
+        };
+        self.last_build = Some(BuildSummary {
+            outcome: name.into(),
+            generation: self.dir.generation().unwrap_or(r.generation),
+            addresses: r.addresses,
+            added: r.plan.added,
+            removed: r.plan.removed,
+            tombstoned: r.plan.tombstoned,
+            tombstones: r.plan.tombstones,
+            time: (self.clock)(),
+        });
+        Ok(outcome)
+    }
+
+    fn build_and_publish(&mut self, sync_all: bool) -> Result<Outcome, LoadError> {
+        if sync_all {
+            self.force_full = false;
+        } else if let Some(outcome) = self.try_incremental()? {
+            return Ok(outcome);
+        }
+        // Segmented mode: each file's stamp before it is read (a change while it is read
+        // shows at the next build).
+        let stamps: Vec<Option<segmented::Stamp>> = if self.cfg.segments {
+            self.cfg
+                .sources
+                .iter()
+                .map(|s| segmented::stamp(&s.path))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let (data, data_time, back) = self.read_sources(sync_all)?;
+        if self.cfg.segments {
+            for ((s, d), st) in self.cfg.sources.iter().zip(&data).zip(stamps) {
+                let live = s.ldap.is_some() || s.graph.is_some();
+                let sum = segmented::Summary::of(d, if live { None } else { st });
+                self.summaries.insert(s.name.clone(), sum);
+            }
+        }
+        // Without a snapshot in service, generations go on from the last publish.
+        let after_last = self.state.last_publish.map_or(1, |l| l.generation + 1);
+        let (in_service, generation) = self
+            .dir
+            .view()
+            .snapshot()
+            .map_or((0, after_last), |s| (s.record_count(), s.generation() + 1));
+        let mut merged = merge::merge(&data, generation);
+        let (errors, warnings) = self.note_diagnostics(&data, &merged);
         self.give_back(data, back);
         let view = self.dir.view();
         let old = view.snapshot();
@@ -945,6 +1005,30 @@ impl Loader {
                 )
             })
             .count() as u64;
+        if self.cfg.segments {
+            // One segment per group of sources; a domain only the guard keeps goes with the
+            // first group.
+            let sums = self.summaries_in_order().unwrap_or_default();
+            let parts = segmented::build_segments(std::mem::take(&mut merged.input), &sums, 0)?;
+            let set = Snapshot::assemble(parts, generation, now)?;
+            let mut report = Report {
+                generation,
+                plan,
+                addresses: set.record_count(),
+                live: live_now,
+                domains: set.domain_count(),
+                conflicts: conflicts.len(),
+                errors,
+                warnings,
+                approved: false,
+                data_time,
+            };
+            report.approved = !approved.is_empty() && report.plan.approved > 0;
+            let same = old.is_some_and(|o| o.content_digest() == set.content_digest());
+            drop(view);
+            self.conflicts = conflicts;
+            return self.finish_build(set, report, same, now);
+        }
         let (bytes, stats) = directory::build(merged.input)?;
         let report = Report {
             generation,
@@ -1008,8 +1092,23 @@ impl Loader {
             }
             if let Some(path) = &self.cfg.snapshot {
                 let view = self.dir.view();
-                if let Some(image) = view.snapshot().and_then(Snapshot::image) {
-                    directory::write_atomic(path, image)?;
+                match view.snapshot() {
+                    // Only the segments not on disk yet, then the index.
+                    Some(set) if set.is_set() => {
+                        directory::segments::write(path, set)?;
+                        self.save_summaries(path, set.generation());
+                    }
+                    Some(snap) => {
+                        if let Some(image) = snap.image() {
+                            directory::write_atomic(path, image)?;
+                            // The segments of a set this file replaced.
+                            let parts = directory::segments::parts_dir(path);
+                            if parts.is_dir() {
+                                let _ = std::fs::remove_dir_all(parts);
+                            }
+                        }
+                    }
+                    None => {}
                 }
             }
             Ok(())
@@ -1041,7 +1140,13 @@ impl Loader {
         let Some(generation) = self.dir.generation() else {
             return;
         };
-        match Snapshot::open(path) {
+        let dir = self.dir.clone();
+        let reopened = match dir.view().snapshot() {
+            // A set: only its segments built in memory are opened from their files.
+            Some(set) if set.is_set() => directory::segments::reopen(path, set),
+            _ => Snapshot::open(path),
+        };
+        match reopened {
             Ok(snap) if snap.generation() == generation => {
                 drop(self.dir.publish(Arc::new(snap)));
             }
@@ -1111,12 +1216,22 @@ impl Loader {
         fresh: Option<u64>,
     ) -> Result<Report, LoadError> {
         Snapshot::verify(&bytes)?;
+        let snap = Snapshot::from_bytes(bytes)?;
+        self.publish_snapshot(snap, report, fresh)
+    }
+
+    /// [`Self::publish`] of a loaded snapshot (a set of segments, in segmented mode).
+    fn publish_snapshot(
+        &mut self,
+        snap: Snapshot,
+        report: Report,
+        fresh: Option<u64>,
+    ) -> Result<Report, LoadError> {
         let mut state = report.plan.state.clone();
         state.last_publish = Some(lifecycle::LastPublish {
             generation: report.generation,
             live: report.live,
         });
-        let snap = Snapshot::from_bytes(bytes)?;
         self.state = state;
         self.adopt_orphans = false;
         let old = self.dir.publish(Arc::new(snap));
@@ -1202,6 +1317,7 @@ impl Loader {
             next.save(p)?;
         }
         self.state = next;
+        self.force_full = true;
         self.rebuild()
     }
 
