@@ -6,7 +6,12 @@
 //! measured. The baseline in the same run: one snapshot of `SEG_BASELINE` addresses (default
 //! 10M; 0 skips it), the lookup benchmark's directory.
 //!
-//! `cargo bench --bench segments` (documented figures: ~10 minutes and ~3 GB of memory at
+//! Then the daemon's path: `SEG_LOADER_CUSTOMERS` MAP files (default 1,000 x
+//! `SEG_PER_CUSTOMER` = 10M) as sources of a `Loader` in segmented mode (`segments = true`):
+//! its full build, its restart, and one customer's new file to its answer through
+//! `Loader::rebuild` (stamps, the group's read, merge, plan, build, write, publish).
+//!
+//! `cargo bench --bench segments` (documented figures: ~15 minutes and ~9 GB of memory at
 //! the defaults); under `cargo test` it runs once on 20 x 200 as a smoke test.
 
 #[path = "common/mod.rs"]
@@ -66,7 +71,7 @@ fn customer(c: usize, n: usize, seed: u64) -> (BuildInput, Vec<String>) {
 }
 
 /// The same directory as a MAP file, as a directory-sync agent uploads it.
-fn map_file(path: &Path, input: &BuildInput, c: usize) {
+fn map_file(path: &Path, input: &BuildInput, c: usize, extra: &[String]) {
     let mut out = std::io::BufWriter::new(std::fs::File::create(path).expect("map file"));
     let s = |id: u32| input.strings.get(id).unwrap_or("");
     for d in &input.domains {
@@ -86,6 +91,10 @@ fn map_file(path: &Path, input: &BuildInput, c: usize) {
         if let Some(owner) = &r.owner {
             writeln!(out, "{c}|{d}\tMAP:\t{a}\t{owner}").expect("write");
         }
+    }
+    for a in extra {
+        let d = a.rsplit_once('@').map_or("", |(_, d)| d);
+        writeln!(out, "{c}|{d}\tDIR:\t{a}").expect("write");
     }
     // The end marker: the upload is complete.
     writeln!(out, "++++").expect("write");
@@ -150,6 +159,88 @@ fn lookups(dir: &Directory, hits: &[String]) -> [(f64, f64); 2] {
         );
     }
     [time_each(dir, hits), time_each(dir, &misses(hits))]
+}
+
+/// The daemon's path: a `Loader` in segmented mode over one MAP file per customer.
+fn loader_phase(customers: usize, per: usize, root: &Path) {
+    use rcptgate::sync::loader::{Loader, Outcome, system_clock};
+    let dir = root.join("loader");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let mut config = format!(
+        "[directory]\nsnapshot = \"{}\"\nsegments = true\n\n",
+        dir.join("directory.snap").display()
+    );
+    for c in 0..customers {
+        let (input, _) = customer(c, per, 5000 + c as u64);
+        let file = dir.join(format!("c{c}.map"));
+        map_file(&file, &input, c, &[]);
+        config.push_str(&format!(
+            "[[source]]\nname = \"c{c}\"\nkind = \"map\"\npath = \"{}\"\n\n",
+            file.display()
+        ));
+    }
+    let cfg = rcptgate::Config::parse("bench.toml", &config).expect("config");
+    reset_peak();
+    let t = Instant::now();
+    let directory = Arc::new(Directory::new(LookupOptions::default()));
+    let mut loader = Loader::new(cfg.clone(), directory, system_clock()).expect("loader");
+    let first = loader.rebuild().expect("full build");
+    assert!(matches!(first, Outcome::Published(_)));
+    let full = t.elapsed();
+    let full_peak = peak_mib();
+    drop(loader);
+    // A restart: the set and the sources' summaries, then a build that reads nothing.
+    let t = Instant::now();
+    let directory = Arc::new(Directory::new(LookupOptions::default()));
+    let mut loader = Loader::new(cfg, directory.clone(), system_clock()).expect("loader");
+    loader.open_persisted().expect("open");
+    let restart = t.elapsed();
+    let t = Instant::now();
+    assert!(matches!(loader.rebuild(), Ok(Outcome::Unchanged(_))));
+    let idle = t.elapsed();
+    let c = customers / 2;
+    let mut changes = Vec::new();
+    let (input, addresses) = customer(c, per, 5000 + c as u64);
+    let domain = addresses[0]
+        .rsplit_once('@')
+        .map_or("", |(_, d)| d)
+        .to_owned();
+    let mut hires = Vec::new();
+    for round in 0..5u64 {
+        // The customer's next upload: the same directory and 20 new hires.
+        hires.extend((0..20).map(|i| format!("hire{round}-{i}@{domain}")));
+        map_file(&dir.join(format!("c{c}.map")), &input, c, &hires);
+        let probe = hires.last().expect("a hire").clone();
+        let t = Instant::now();
+        let out = loader.rebuild().expect("rebuild");
+        assert!(matches!(out, Outcome::Published(_)), "{out:?}");
+        let mut buf = AddrBuf::default();
+        assert!(matches!(
+            directory.verdict_in(&probe, &mut buf),
+            Verdict::Accept(_)
+        ));
+        changes.push(t.elapsed());
+    }
+    changes.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "daemon path (Loader, segments = true): {customers} MAP files x {per} = {} addresses",
+        customers * per
+    );
+    println!(
+        "  full build (read, merge, plan, build, write): {:.1} s, peak RSS {full_peak:.0} MiB",
+        full.as_secs_f64()
+    );
+    println!(
+        "  restart: set and summaries opened in {:.0} ms; first build (stat of every file, nothing read) {:.0} ms",
+        ms(restart),
+        ms(idle)
+    );
+    println!(
+        "  one customer's new file to its answer: median {:.0} ms, max {:.0} ms (goal <= 1000 ms)",
+        ms(changes[changes.len() / 2]),
+        ms(changes[changes.len() - 1])
+    );
 }
 
 fn main() {
@@ -252,7 +343,7 @@ fn main() {
     for round in 0..5u64 {
         let (input, addresses) = customer(c, per, 77_000 + round);
         let file = tmp.path().join(format!("customer{c}.map"));
-        map_file(&file, &input, c);
+        map_file(&file, &input, c, &[]);
         drop(input);
         let probe = addresses.last().expect("an address").clone();
         let t = Instant::now();
@@ -321,5 +412,16 @@ fn main() {
             seg[0].0 / b[0].0,
             seg[1].0 / b[1].0
         );
+    }
+    drop(dir);
+    drop(current);
+    drop(set);
+    let loader_customers = if test_mode {
+        20
+    } else {
+        env("SEG_LOADER_CUSTOMERS", 1000)
+    };
+    if loader_customers > 0 {
+        loader_phase(loader_customers, per, tmp.path());
     }
 }

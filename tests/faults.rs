@@ -263,3 +263,101 @@ fn a_snapshot_truncated_or_zeroed_under_the_running_daemon_changes_no_answer() {
         std::fs::write(&snap, &good).expect("restore");
     }
 }
+
+/// Customer `c`'s upload in segmented mode: `n` users of c{c}.test and the hires named.
+fn customer_map(c: usize, n: usize, hires: &[String]) -> String {
+    let mut s = format!("{c}|c{c}.test\tDOMAIN:\tc{c}.test\troute=smtp:[mx{c}.test]:25\n");
+    for i in 0..n {
+        s.push_str(&format!("{c}|c{c}.test\tDIR:\tuser{i}@c{c}.test\n"));
+    }
+    for h in hires {
+        s.push_str(&format!("{c}|c{c}.test\tDIR:\t{h}@c{c}.test\n"));
+    }
+    s.push_str("++++\n");
+    s
+}
+
+#[test]
+fn sigkill_during_segmented_publishes_restarts_into_whole_segments() {
+    const CUSTOMERS: usize = 12;
+    const USERS: usize = 3000;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let state = tmp.path().join("state");
+    std::fs::create_dir(&state).expect("state dir");
+    let map = |c: usize| tmp.path().join(format!("c{c}.map"));
+    let mut text = format!(
+        "[directory]\nsnapshot = \"{s}/snap.bin\"\ndebounce = \"20ms\"\nsegments = true\n\n",
+        s = state.display()
+    );
+    for c in 0..CUSTOMERS {
+        std::fs::write(map(c), customer_map(c, USERS, &[])).expect("map");
+        text.push_str(&format!(
+            "[[source]]\nname = \"c{c}\"\nkind = \"map\"\npath = \"{}\"\n\n",
+            map(c).display()
+        ));
+    }
+    text.push_str("[policy]\nlisten = [\"127.0.0.1:0\"]\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    let cfg = tmp.path().join("rcptgate.toml");
+    std::fs::write(&cfg, text).expect("config");
+    let d = Daemon::start(&cfg);
+    d.wait_generation(1);
+    drop(d);
+
+    // Every version each customer's file has had: the set on disk must hold one of them
+    // for every customer, whole.
+    let mut versions: Vec<Vec<Vec<String>>> = vec![vec![Vec::new()]; CUSTOMERS];
+    for round in 0..12usize {
+        let mut d = Daemon::start(&cfg);
+        // Two customers change at once, the kill lands somewhere in their rebuilds.
+        for c in [round % CUSTOMERS, (round * 5 + 3) % CUSTOMERS] {
+            let mut hires = versions[c].last().cloned().unwrap_or_default();
+            hires.push(format!("hire{round}"));
+            std::fs::write(map(c), customer_map(c, USERS, &hires)).expect("edit");
+            versions[c].push(hires);
+        }
+        std::thread::sleep(Duration::from_millis(30 + (round as u64 * 37) % 150));
+        d.signal("-KILL");
+        let _ = d.child.wait();
+
+        let set = rcptgate::Snapshot::open(&state.join("snap.bin"))
+            .expect("the persisted set opens after every kill");
+        for (c, seen) in versions.iter().enumerate() {
+            let mut buf = rcptgate::address::AddrBuf::default();
+            let opts = rcptgate::LookupOptions::default();
+            let mut accepted =
+                |a: &str| matches!(set.lookup(a, &opts, &mut buf), rcptgate::Verdict::Accept(_));
+            assert!(accepted(&format!("user{}@c{c}.test", USERS - 1)));
+            let hired: Vec<String> = (0..=round)
+                .map(|r| format!("hire{r}"))
+                .filter(|h| accepted(&format!("{h}@c{c}.test")))
+                .collect();
+            assert!(
+                seen.contains(&hired),
+                "round {round}: customer {c} holds {hired:?}, no version of its file: {seen:?}"
+            );
+        }
+    }
+    // The last daemon finishes what the kills interrupted and leaves no orphans.
+    let d = Daemon::start(&cfg);
+    for (c, seen) in versions.iter().enumerate() {
+        for h in seen.last().expect("a version") {
+            let a = format!("{h}@c{c}.test");
+            d.wait(&a, |_| d.ask(&a) == "action=DUNNO");
+        }
+    }
+    // Its last publish is on disk (the index names the generation in service, no job runs).
+    let on_disk = || {
+        std::fs::read(state.join("snap.bin"))
+            .ok()
+            .and_then(|b| rcptgate::directory::segments::parse_index(&b).ok())
+    };
+    d.wait("the last publish on disk", |s| {
+        s.running.is_none() && on_disk().map(|i| i.generation) == s.generation
+    });
+    let index = on_disk().expect("index");
+    let files = std::fs::read_dir(state.join("snap.bin.parts"))
+        .expect("parts")
+        .count();
+    assert_eq!(files, index.segments.len(), "no orphan segment files");
+    assert_eq!(index.segments.len(), CUSTOMERS);
+}
