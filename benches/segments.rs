@@ -17,6 +17,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
+use std::collections::HashSet;
 use std::hint::black_box;
 use std::io::Write;
 use std::path::Path;
@@ -310,7 +311,7 @@ fn main() {
             .collect()
     });
     built.sort_by_key(|b| b.0);
-    let refs: Vec<segments::SegmentRef> = built.iter().map(|b| b.1).collect();
+    let refs: Vec<segments::SegmentRef> = built.iter().map(|b| b.1.clone()).collect();
     segments::write_index(&index, 1, 0, &refs).expect("index");
     let build_time = t0.elapsed();
     let build_peak = peak_mib();
@@ -318,7 +319,20 @@ fn main() {
     let hits: Vec<String> = built.iter().flat_map(|b| b.2.iter().cloned()).collect();
     drop(built);
 
-    // Warm start: the index and every segment, files in the page cache.
+    // Warm start as the daemon does it: the index alone, each segment read on first use;
+    // until the first answer (of a customer in the middle). Then every segment read now.
+    let probe = &hits[hits.len() / 2];
+    let mut lazy_starts = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let s = Arc::new(Snapshot::open_lazy(&index).expect("open the set's index"));
+        let d = Directory::new(options.clone());
+        d.publish(s);
+        let mut buf = AddrBuf::default();
+        assert!(matches!(d.verdict_in(probe, &mut buf), Verdict::Accept(_)));
+        lazy_starts.push(t.elapsed());
+    }
+    lazy_starts.sort();
     let mut starts = Vec::new();
     let mut set = None;
     for _ in 0..3 {
@@ -353,15 +367,17 @@ fn main() {
         let r = segments::write_segment(&index, &image).expect("write segment");
         let part = Arc::new(Snapshot::from_bytes(image).expect("segment"));
         let first_domain = part.domain_info(0).expect("a domain").name.to_owned();
-        let mut parts = current.segments().expect("a set").to_vec();
-        let at = parts
-            .iter()
-            .position(|p| p.domain_index(&first_domain).is_some())
+        let at = current
+            .segment_of(&first_domain)
             .expect("the customer's segment");
-        parts[at] = part;
         let generation = current.generation() + 1;
-        let next_set = Arc::new(Snapshot::assemble(parts, generation, 0).expect("assemble"));
+        let next_set = Arc::new(
+            current
+                .with_segments(&HashSet::from([at]), vec![part], generation, 0)
+                .expect("a set sharing the other segments"),
+        );
         let mut all = refs.clone();
+        rebuilt = r.written;
         all[c] = r;
         segments::write_index(&index, generation, 0, &all).expect("index");
         dir.publish(next_set.clone());
@@ -371,7 +387,6 @@ fn main() {
             Verdict::Accept(_)
         ));
         changes.push(t.elapsed());
-        rebuilt = r.written;
         current = next_set;
     }
     changes.sort();
@@ -388,7 +403,8 @@ fn main() {
         set.hot_bytes() as f64 / 1e9
     );
     println!(
-        "  warm start (index + {customers} segments, page cache): median {:.0} ms (goal <= 200 ms)",
+        "  warm start to the first answer (index, segments read on first use; page cache): median {:.0} ms (goal <= 200 ms); every segment read: {:.0} ms",
+        ms(median(&lazy_starts)),
         ms(median(&starts))
     );
     println!(

@@ -73,7 +73,13 @@ pub fn fuzz_snapshot(data: &[u8]) {
     crate::directory::fuzz_walk(data);
     // The same bytes as a set's index file (segments.rs): decoded or refused, never a panic.
     if let Ok(index) = crate::directory::segments::parse_index(data) {
-        assert_eq!(index.segments.len() * 12 + 36, data.len());
+        let names: usize = index
+            .segments
+            .iter()
+            .flat_map(|s| &s.domains)
+            .map(|d| d.len() + 2)
+            .sum();
+        assert_eq!(index.segments.len() * 24 + names + 36, data.len());
     }
     if let Ok(snap) = Snapshot::from_bytes(data.to_vec()) {
         let mut buf = address::AddrBuf::default();

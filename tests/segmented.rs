@@ -151,7 +151,7 @@ fn answers(l: &Loader, customers: usize, except: usize) -> Vec<String> {
 fn segments(l: &Loader) -> Vec<Arc<Snapshot>> {
     let view = l.directory().view();
     let snap = view.snapshot().expect("in service");
-    snap.segments().expect("a set").to_vec()
+    snap.segments().expect("a set")
 }
 
 #[test]

@@ -160,7 +160,7 @@ fn a_set_answers_what_one_snapshot_of_the_same_records_answers() {
     let one = single(&all, 7);
     let set = set_of(&all, 7);
     assert!(set.is_set() && !one.is_set());
-    assert_eq!(set.segments().map(<[_]>::len), Some(6));
+    assert_eq!(set.segments().map(|s| s.len()), Some(6));
     assert_eq!(set.record_count(), one.record_count());
     assert_eq!(set.domain_count(), one.domain_count());
     assert_eq!(set.generation(), 7);
@@ -249,16 +249,17 @@ fn a_change_to_one_customer_rebuilds_one_segment_and_touches_nobody_else() {
 
     // Customer 2 uploads a new file: one new segment, the others shared.
     let changed = customer(2, 45, "new");
-    let mut parts: Vec<Arc<Snapshot>> = opened.segments().expect("a set").to_vec();
+    let mut parts: Vec<Arc<Snapshot>> = opened.segments().expect("a set");
     let at = parts
         .iter()
         .position(|p| p.domain_index(&changed.domains[0]).is_some())
         .expect("customer 2's segment");
     parts[at] = Arc::new(single(&[&changed], 2));
     let next = Snapshot::assemble(parts, 2, 0).expect("assemble");
+    let served = opened.segments().expect("set");
     for (i, p) in next.segments().expect("set").iter().enumerate() {
         if i != at {
-            assert!(Arc::ptr_eq(p, &opened.segments().expect("set")[i]));
+            assert!(Arc::ptr_eq(p, &served[i]));
         }
     }
     let w = segments::write(&path, &next).expect("write");
@@ -353,9 +354,59 @@ fn a_single_snapshot_is_written_as_a_set_of_one() {
     let one = single(&all, 4);
     segments::write(&path, &one).expect("write");
     let back = Snapshot::open(&path).expect("open");
-    assert_eq!(back.segments().map(<[_]>::len), Some(1));
+    assert_eq!(back.segments().map(|s| s.len()), Some(1));
     assert_eq!(back.generation(), 4);
     for q in probes(&all) {
         assert_eq!(answer(&back, &q), answer(&one, &q), "{q}");
     }
+}
+
+#[test]
+fn a_set_opened_lazily_answers_from_its_index_and_reads_segments_on_first_use() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("directory.snap");
+    let cs: Vec<Customer> = (0..4).map(|c| customer(c, 30, "")).collect();
+    let all: Vec<&Customer> = cs.iter().collect();
+    let built = set_of(&all, 3);
+    segments::write(&path, &built).expect("write");
+    let lazy = Snapshot::open_lazy(&path).expect("open from the index");
+    // Counts come from the index; answers read the segments they need.
+    assert_eq!(lazy.record_count(), built.record_count());
+    assert_eq!(lazy.domain_count(), built.domain_count());
+    assert_eq!(lazy.segment_count(), 4);
+    for q in probes(&all) {
+        assert_eq!(answer(&lazy, &q), answer(&built, &q), "{q}");
+    }
+
+    // A segment replaced under a lazily opened set: its domains answer a temporary failure
+    // (never a 5xx), every other domain as before.
+    let dir = segments::parts_dir(&path);
+    let lazy = Snapshot::open_lazy(&path).expect("open again");
+    let victim = lazy
+        .segment_of("c2-d0.example")
+        .expect("customer 2's segment");
+    let file = files(&dir)
+        .into_iter()
+        .map(|f| dir.join(f.0))
+        .find(|f| Snapshot::open(f).is_ok_and(|s| s.domain_index("c2-d0.example").is_some()))
+        .expect("customer 2's file");
+    std::fs::write(&file, image(&[&customer(2, 31, "other")], 9)).expect("replace");
+    let mut buf = AddrBuf::default();
+    assert_eq!(
+        lazy.lookup("user1@c2-d0.example", &LookupOptions::default(), &mut buf),
+        Verdict::Tempfail(rcptgate::directory::Tempfail::Internal)
+    );
+    assert_eq!(
+        lazy.lookup("nobody@c2-d0.example", &LookupOptions::default(), &mut buf),
+        Verdict::Tempfail(rcptgate::directory::Tempfail::Internal)
+    );
+    assert!(lazy.segment(victim).is_none());
+    assert!(lazy.segments().is_none(), "not every segment can be read");
+    assert_eq!(
+        answer(&lazy, "user1@c1-d0.example"),
+        answer(&built, "user1@c1-d0.example")
+    );
+    // A missing segment file: the set is refused at once.
+    std::fs::remove_file(&file).expect("remove");
+    assert!(Snapshot::open_lazy(&path).is_err());
 }

@@ -21,22 +21,94 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use super::format::{HEADER_LEN, SnapshotError, domain_hash, write_atomic};
 use super::snapshot::Snapshot;
 
 /// First bytes of an index file.
 pub const SET_MAGIC: &[u8; 8] = b"RCPTSETS";
-const SET_VERSION: u32 = 1;
+/// 2: each segment's address count and domain names, so a set opens without its segments.
+const SET_VERSION: u32 = 2;
 const FIXED: usize = 8 + 4 + 4 + 8 + 8;
-const ENTRY: usize = 12;
+/// Per segment before its names: hash, header crc, address count, domain count.
+const ENTRY: usize = 8 + 4 + 8 + 4;
+
+/// One segment of a set: in memory, or named by the index and read on first use.
+pub(super) struct Part {
+    /// The hash that names its file, the CRC-32 of its header, its address count.
+    hash: u64,
+    crc: u32,
+    records: u64,
+    /// Its domains, in name order (its own domain numbering).
+    names: Vec<Box<str>>,
+    /// Its file, when it is read on first use.
+    file: Option<PathBuf>,
+    cell: OnceLock<Option<Arc<Snapshot>>>,
+}
+
+impl Part {
+    /// A segment in memory.
+    fn loaded(snap: Arc<Snapshot>) -> Result<Part, SnapshotError> {
+        if snap.is_set() {
+            return Err(malformed("a segment is itself a set"));
+        }
+        let r = segment_ref(&snap.header().encode(), 0);
+        let names = (0..snap.domain_count())
+            .map(|l| {
+                snap.domain_info(l)
+                    .map(|d| d.name.into())
+                    .ok_or(malformed("segment domain unreadable"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Part {
+            hash: r.hash,
+            crc: r.crc,
+            records: snap.record_count(),
+            names,
+            file: None,
+            cell: OnceLock::from(Some(snap)),
+        })
+    }
+
+    /// The segment, read (and checked against the index) the first time it is needed;
+    /// `None` when it cannot be read (logged; its domains then answer a temporary failure).
+    fn get(&self) -> Option<&Arc<Snapshot>> {
+        self.cell
+            .get_or_init(|| {
+                let file = self.file.as_ref()?;
+                match Snapshot::open_part(file, true) {
+                    Ok(s) if header_crc(&s) == self.crc => Some(Arc::new(s)),
+                    Ok(_) => {
+                        tracing::error!(file = %file.display(), "segment file does not match the index (replaced?): its domains answer 4xx until the next full build");
+                        None
+                    }
+                    Err(e) => {
+                        tracing::error!(file = %file.display(), error = %e, "segment unreadable: {e}; its domains answer 4xx until the next full build");
+                        None
+                    }
+                }
+            })
+            .as_ref()
+    }
+
+    fn segment_ref(&self) -> SegmentRef {
+        SegmentRef {
+            hash: self.hash,
+            crc: self.crc,
+            records: self.records,
+            names: self.names.clone(),
+            written: 0,
+        }
+    }
+}
 
 /// What a set adds to the snapshot that carries it: its segments and the domain index over
 /// all of them. Domains are numbered globally in name order (what a [`super::Hit`] of the
-/// set names); each maps to its segment and its index there.
+/// set names); each maps to its segment and its index there. The index needs no segment in
+/// memory: a set opened from its index file reads each segment on first use.
 pub(super) struct SetIndex {
-    pub(super) parts: Vec<Arc<Snapshot>>,
+    parts: Vec<Arc<Part>>,
     /// Per global domain: (segment, domain index in the segment).
     pub(super) domains: Vec<(u32, u32)>,
     /// Per segment, its domains' global indices.
@@ -47,30 +119,29 @@ pub(super) struct SetIndex {
 
 impl SetIndex {
     /// Index the domains of `parts`; a domain in two segments is refused.
-    pub(super) fn new(mut parts: Vec<Arc<Snapshot>>) -> Result<SetIndex, SnapshotError> {
+    pub(super) fn new(parts: Vec<Arc<Snapshot>>) -> Result<SetIndex, SnapshotError> {
+        let parts = parts
+            .into_iter()
+            .map(|p| Part::loaded(p).map(Arc::new))
+            .collect::<Result<_, _>>()?;
+        SetIndex::of(parts)
+    }
+
+    fn of(mut parts: Vec<Arc<Part>>) -> Result<SetIndex, SnapshotError> {
         // In the order of their first domain's name: the same segments make the same set
         // (its content digest, its index file), however it was put together.
-        parts.sort_by_cached_key(|p| p.domain_info(0).map(|d| d.name.to_owned()));
+        parts.sort_by(|a, b| a.names.first().cmp(&b.names.first()));
         let mut all: Vec<(&str, u32, u32)> = Vec::new();
         for (p, part) in parts.iter().enumerate() {
-            if part.is_set() {
-                return Err(malformed("a segment is itself a set"));
-            }
-            for l in 0..part.domain_count() {
-                let info = part
-                    .domain_info(l)
-                    .ok_or(malformed("segment domain unreadable"))?;
-                all.push((info.name, p as u32, l));
+            for (l, name) in part.names.iter().enumerate() {
+                all.push((name, p as u32, l as u32));
             }
         }
         all.sort_unstable_by(|a, b| a.0.cmp(b.0));
         if all.windows(2).any(|w| w[0].0 == w[1].0) {
             return Err(malformed("a domain is in two segments"));
         }
-        let mut global: Vec<Vec<u32>> = parts
-            .iter()
-            .map(|p| vec![0; p.domain_count() as usize])
-            .collect();
+        let mut global: Vec<Vec<u32>> = parts.iter().map(|p| vec![0; p.names.len()]).collect();
         let mut domains = Vec::with_capacity(all.len());
         let slots = (all.len() * 2).next_power_of_two().max(2);
         let mut probe = vec![(0u32, 0u32); slots];
@@ -92,9 +163,10 @@ impl SetIndex {
         })
     }
 
-    /// The segment holding domain `name` (normalized), its index there and its global index.
+    /// The segment (number) holding domain `name` (normalized), its index there and its
+    /// global index; no segment is read.
     #[inline]
-    pub(super) fn find(&self, name: &str) -> Option<(&Snapshot, u32, u32)> {
+    pub(super) fn find(&self, name: &str) -> Option<(usize, u32, u32)> {
         let mask = self.probe.len() - 1;
         let h = domain_hash(name.as_bytes());
         let mut at = h as usize & mask;
@@ -107,12 +179,79 @@ impl SetIndex {
                 let g = v - 1;
                 let &(p, l) = self.domains.get(g as usize)?;
                 let part = self.parts.get(p as usize)?;
-                if part.domain_named(l, name) {
-                    return Some((part, l, g));
+                if part.names.get(l as usize).is_some_and(|n| **n == *name) {
+                    return Some((p as usize, l, g));
                 }
             }
             at = (at + 1) & mask;
         }
+    }
+
+    /// Segment `p`, read on first use (`None` if it cannot be read).
+    #[inline]
+    pub(super) fn part(&self, p: usize) -> Option<&Arc<Snapshot>> {
+        self.parts.get(p)?.get()
+    }
+
+    /// How many segments.
+    pub(super) fn len(&self) -> usize {
+        self.parts.len()
+    }
+
+    /// Every segment that can be read (reading those not read yet).
+    pub(super) fn loaded(&self) -> impl Iterator<Item = &Arc<Snapshot>> {
+        self.parts.iter().filter_map(|p| p.get())
+    }
+
+    /// Every segment, read; `None` if one cannot be read.
+    pub(super) fn all(&self) -> Option<Vec<Arc<Snapshot>>> {
+        self.parts.iter().map(|p| p.get().cloned()).collect()
+    }
+
+    /// Addresses in every segment (from the index: no segment is read).
+    pub(super) fn records(&self) -> u64 {
+        self.parts.iter().map(|p| p.records).sum()
+    }
+
+    /// This set's segments but `remove` (positions), plus `add`: shared, read or not.
+    pub(super) fn with(
+        &self,
+        remove: &HashSet<usize>,
+        add: Vec<Arc<Snapshot>>,
+    ) -> Result<SetIndex, SnapshotError> {
+        let mut parts: Vec<Arc<Part>> = self
+            .parts
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !remove.contains(i))
+            .map(|(_, p)| p.clone())
+            .collect();
+        for a in add {
+            parts.push(Arc::new(Part::loaded(a)?));
+        }
+        SetIndex::of(parts)
+    }
+
+    /// The same segments, those held as built (whole images in memory) replaced by their
+    /// files in `dir`, read on first use.
+    pub(super) fn built_to_files(&self, dir: &Path) -> Result<SetIndex, SnapshotError> {
+        let parts = self
+            .parts
+            .iter()
+            .map(|p| {
+                let built = p.cell.get().and_then(Option::as_ref);
+                if built.is_none_or(|s| s.image().is_none()) {
+                    return p.clone();
+                }
+                Arc::new(Part {
+                    file: Some(dir.join(format!("{:016x}.snap", p.hash))),
+                    cell: OnceLock::new(),
+                    names: p.names.clone(),
+                    ..**p
+                })
+            })
+            .collect();
+        SetIndex::of(parts)
     }
 
     /// Global index of domain `local` of segment `part`.
@@ -160,10 +299,12 @@ pub struct WriteStats {
 }
 
 /// A segment file as the index names it (see [`write_segment`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentRef {
     hash: u64,
     crc: u32,
+    records: u64,
+    names: Vec<Box<str>>,
     /// Bytes written now (0 when the file existed already).
     pub written: u64,
 }
@@ -172,35 +313,34 @@ fn segment_ref(head: &[u8], written: u64) -> SegmentRef {
     SegmentRef {
         hash: domain_hash(head),
         crc: head.last_chunk::<4>().map_or(0, |b| u32::from_le_bytes(*b)),
+        records: 0,
+        names: Vec::new(),
         written,
     }
 }
 
-/// Write one segment image (a single snapshot's bytes, checked first) into the set directory
-/// of `path`, unless a file of the same content is there already. Nothing names it until
-/// [`write_index`] does: a crash before that leaves an orphan that [`collect_garbage`]
-/// removes.
-pub fn write_segment(path: &Path, image: &[u8]) -> Result<SegmentRef, SnapshotError> {
-    Snapshot::verify(image)?;
-    let head = image.get(..HEADER_LEN).ok_or(SnapshotError::TooShort {
-        len: image.len(),
-        need: HEADER_LEN,
-    })?;
-    let r = segment_ref(head, 0);
-    let dir = parts_dir(path);
-    std::fs::create_dir_all(&dir).map_err(|source| SnapshotError::Io {
-        path: dir.clone(),
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
+    move |source| SnapshotError::Io {
+        path: path.to_path_buf(),
         source,
-    })?;
-    let file = dir.join(format!("{:016x}.snap", r.hash));
-    if file.exists() {
-        return Ok(r);
     }
-    write_atomic(&file, image)?;
-    Ok(SegmentRef {
-        written: image.len() as u64,
-        ..r
-    })
+}
+
+/// Write one segment (a single snapshot's image, loaded and checked first) into the set
+/// directory of `path`, unless a file of the same content is there already. Nothing names
+/// it until [`write_index`] does: a crash before that leaves an orphan that
+/// [`collect_garbage`] removes.
+pub fn write_segment(path: &Path, image: &[u8]) -> Result<SegmentRef, SnapshotError> {
+    let snap = Snapshot::from_bytes(image.to_vec())?;
+    let mut r = Part::loaded(Arc::new(snap))?.segment_ref();
+    let dir = parts_dir(path);
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let file = dir.join(format!("{:016x}.snap", r.hash));
+    if !file.exists() {
+        write_atomic(&file, image)?;
+        r.written = image.len() as u64;
+    }
+    Ok(r)
 }
 
 /// Replace the index at `path` (atomically) by one naming `segments`, then remove the
@@ -211,7 +351,7 @@ pub fn write_index(
     created_unix: u64,
     segments: &[SegmentRef],
 ) -> Result<usize, SnapshotError> {
-    let mut index = Vec::with_capacity(FIXED + segments.len() * ENTRY + 4);
+    let mut index = Vec::with_capacity(FIXED + segments.len() * (ENTRY + 64) + 4);
     index.extend_from_slice(SET_MAGIC);
     index.extend_from_slice(&SET_VERSION.to_le_bytes());
     index.extend_from_slice(&(segments.len() as u32).to_le_bytes());
@@ -220,6 +360,13 @@ pub fn write_index(
     for r in segments {
         index.extend_from_slice(&r.hash.to_le_bytes());
         index.extend_from_slice(&r.crc.to_le_bytes());
+        index.extend_from_slice(&r.records.to_le_bytes());
+        index.extend_from_slice(&(r.names.len() as u32).to_le_bytes());
+        for n in &r.names {
+            let len = u16::try_from(n.len()).map_err(|_| malformed("domain name too long"))?;
+            index.extend_from_slice(&len.to_le_bytes());
+            index.extend_from_slice(n.as_bytes());
+        }
     }
     let crc = crc32fast::hash(&index);
     index.extend_from_slice(&crc.to_le_bytes());
@@ -228,25 +375,13 @@ pub fn write_index(
 }
 
 /// Persist a set (or a single snapshot as a set of one): the segment files that do not exist
-/// yet, then the index, then remove unnamed segment files. A segment opened from a file is
-/// read back from it (and checked) when its file is not in this set's directory.
+/// yet, then the index, then remove unnamed segment files. Segments read from this set's
+/// directory are not read again.
 pub fn write(path: &Path, set: &Snapshot) -> Result<WriteStats, SnapshotError> {
     let dir = parts_dir(path);
-    let one = [set];
-    let parts: Vec<&Snapshot> = match set.segments() {
-        Some(p) => p.iter().map(|p| &**p).collect(),
-        None => one.to_vec(),
-    };
     let mut stats = WriteStats::default();
-    let mut refs = Vec::with_capacity(parts.len());
-    for part in parts {
-        let head = part.header().encode();
-        let r = segment_ref(&head, 0);
-        if dir.join(format!("{:016x}.snap", r.hash)).exists() {
-            stats.kept += 1;
-            refs.push(r);
-            continue;
-        }
+    let mut refs = Vec::new();
+    let put = |part: &Snapshot, stats: &mut WriteStats| -> Result<SegmentRef, SnapshotError> {
         let bytes = match part.image() {
             Some(b) => std::borrow::Cow::Borrowed(b),
             None => std::borrow::Cow::Owned(part.read_back()?),
@@ -254,26 +389,27 @@ pub fn write(path: &Path, set: &Snapshot) -> Result<WriteStats, SnapshotError> {
         let r = write_segment(path, &bytes)?;
         stats.written += 1;
         stats.bytes_written += r.written;
-        refs.push(r);
+        Ok(r)
+    };
+    match set.set_index() {
+        None => refs.push(put(set, &mut stats)?),
+        Some(index) => {
+            for part in &index.parts {
+                let r = part.segment_ref();
+                if dir.join(format!("{:016x}.snap", r.hash)).exists() {
+                    stats.kept += 1;
+                    refs.push(r);
+                    continue;
+                }
+                let snap = part
+                    .get()
+                    .ok_or(malformed("a segment to write cannot be read"))?;
+                refs.push(put(snap, &mut stats)?);
+            }
+        }
     }
     stats.removed = write_index(path, set.generation(), set.created_unix(), &refs)?;
     Ok(stats)
-}
-
-/// The segment files named by the index at `path`: (file, expected header crc).
-fn read_index(path: &Path) -> Result<(u64, u64, Vec<(PathBuf, u32)>), SnapshotError> {
-    let bytes = std::fs::read(path).map_err(|source| SnapshotError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let index = parse_index(&bytes)?;
-    let dir = parts_dir(path);
-    let files = index
-        .segments
-        .iter()
-        .map(|&(h, crc)| (dir.join(format!("{h:016x}.snap")), crc))
-        .collect();
-    Ok((index.generation, index.created_unix, files))
 }
 
 /// A decoded index file.
@@ -283,8 +419,21 @@ pub struct Index {
     pub generation: u64,
     /// When it was written (Unix seconds).
     pub created_unix: u64,
-    /// Per segment: the hash naming its file, the CRC-32 of its header.
-    pub segments: Vec<(u64, u32)>,
+    /// The segments, in order.
+    pub segments: Vec<IndexEntry>,
+}
+
+/// One segment as the index records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    /// The hash that names its file.
+    pub hash: u64,
+    /// The CRC-32 of its header.
+    pub crc: u32,
+    /// Its addresses.
+    pub records: u64,
+    /// Its domains, in name order.
+    pub domains: Vec<String>,
 }
 
 /// Decode an index file (any bytes: a torn, truncated or corrupt index is an error).
@@ -308,58 +457,113 @@ pub fn parse_index(bytes: &[u8]) -> Result<Index, SnapshotError> {
             got,
         });
     }
-    let u32_at = |at: usize| {
-        body.get(at..at + 4)
-            .and_then(|b| b.try_into().ok())
-            .map(u32::from_le_bytes)
-    };
-    let u64_at = |at: usize| {
-        body.get(at..at + 8)
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_le_bytes)
-    };
-    let version = u32_at(8).unwrap_or(0);
+    let mut r = super::format::Reader::new(body.get(8..).unwrap_or_default());
+    let short = || malformed("index shorter than its segment count");
+    let version = r.u32().unwrap_or(0);
     if version != SET_VERSION {
         return Err(SnapshotError::UnsupportedVersion {
             found: version,
             supported: SET_VERSION,
         });
     }
-    let count = u32_at(12).unwrap_or(0) as usize;
-    if Some(body.len()) != count.checked_mul(ENTRY).and_then(|n| n.checked_add(FIXED)) {
-        return Err(malformed("index length does not match its segment count"));
+    let count = r.u32().ok_or_else(short)? as usize;
+    let generation = r.u64().ok_or_else(short)?;
+    let created_unix = r.u64().ok_or_else(short)?;
+    // Every entry takes ENTRY bytes at least: a count the body cannot hold is refused before
+    // anything is allocated for it.
+    if count > body.len() / ENTRY {
+        return Err(short());
     }
-    let segments = (0..count)
-        .map(|i| {
-            let at = FIXED + i * ENTRY;
-            (u64_at(at).unwrap_or(0), u32_at(at + 8).unwrap_or(0))
-        })
-        .collect();
+    let mut segments = Vec::with_capacity(count);
+    for _ in 0..count {
+        let hash = r.u64().ok_or_else(short)?;
+        let crc = r.u32().ok_or_else(short)?;
+        let records = r.u64().ok_or_else(short)?;
+        let n = r.u32().ok_or_else(short)? as usize;
+        if n > body.len() / 2 {
+            return Err(short());
+        }
+        let mut domains = Vec::with_capacity(n);
+        for _ in 0..n {
+            let len = r
+                .take(2)
+                .and_then(|b| b.first_chunk::<2>().copied())
+                .map(u16::from_le_bytes)
+                .ok_or_else(short)?;
+            let name = r.take(usize::from(len)).ok_or_else(short)?;
+            let name = std::str::from_utf8(name).map_err(|_| malformed("domain name not UTF-8"))?;
+            domains.push(name.to_owned());
+        }
+        if domains.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(malformed("a segment's domains out of order"));
+        }
+        segments.push(IndexEntry {
+            hash,
+            crc,
+            records,
+            domains,
+        });
+    }
+    if r.take(1).is_some() {
+        return Err(malformed("bytes after the last segment"));
+    }
     Ok(Index {
-        generation: u64_at(16).unwrap_or(0),
-        created_unix: u64_at(24).unwrap_or(0),
+        generation,
+        created_unix,
         segments,
     })
 }
 
-/// Open the set whose index is at `path`: every segment (on `threads` threads), each checked
+fn read_index(path: &Path) -> Result<Index, SnapshotError> {
+    parse_index(&std::fs::read(path).map_err(io(path))?)
+}
+
+/// Open the set whose index is at `path`. `lazy`: only the index is read, and each segment
+/// the first time it is needed (a start-up does not wait for them; every segment file is
+/// checked to be there). Otherwise every segment is read now (on every core) and checked
 /// against the index's record of its header.
-pub(super) fn open(path: &Path, huge_pages: bool) -> Result<Snapshot, SnapshotError> {
-    let (generation, created, files) = read_index(path)?;
+pub(super) fn open(path: &Path, huge_pages: bool, lazy: bool) -> Result<Snapshot, SnapshotError> {
+    let index = read_index(path)?;
+    let dir = parts_dir(path);
+    let file = |e: &IndexEntry| dir.join(format!("{:016x}.snap", e.hash));
+    if lazy {
+        let parts = index
+            .segments
+            .iter()
+            .map(|e| {
+                let f = file(e);
+                let len = std::fs::metadata(&f).map_err(io(&f))?.len();
+                if len < HEADER_LEN as u64 {
+                    return Err(malformed("a segment file is shorter than its header"));
+                }
+                Ok(Arc::new(Part {
+                    hash: e.hash,
+                    crc: e.crc,
+                    records: e.records,
+                    names: e.domains.iter().map(|d| d.as_str().into()).collect(),
+                    file: Some(f),
+                    cell: OnceLock::new(),
+                }))
+            })
+            .collect::<Result<Vec<_>, SnapshotError>>()?;
+        return Snapshot::with_index(SetIndex::of(parts)?, index.generation, index.created_unix);
+    }
     let threads = std::thread::available_parallelism()
         .map_or(1, usize::from)
         .clamp(1, 8);
-    let chunk = files.len().div_ceil(threads).max(1);
+    let chunk = index.segments.len().div_ceil(threads).max(1);
     let opened: Vec<Result<Arc<Snapshot>, SnapshotError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = files
+        let handles: Vec<_> = index
+            .segments
             .chunks(chunk)
             .map(|group| {
+                let file = &file;
                 s.spawn(move || {
                     group
                         .iter()
-                        .map(|(file, crc)| {
-                            let part = Snapshot::open_part(file, huge_pages)?;
-                            if header_crc(&part) != *crc {
+                        .map(|e| {
+                            let part = Snapshot::open_part(&file(e), huge_pages)?;
+                            if header_crc(&part) != e.crc {
                                 return Err(malformed(
                                     "a segment file does not match the index (replaced?)",
                                 ));
@@ -379,44 +583,35 @@ pub(super) fn open(path: &Path, huge_pages: bool) -> Result<Snapshot, SnapshotEr
             .collect()
     });
     let parts = opened.into_iter().collect::<Result<Vec<_>, _>>()?;
-    Snapshot::assemble(parts, generation, created)
+    Snapshot::assemble(parts, index.generation, index.created_unix)
 }
 
 /// The set `set`, written at `path` already, with every segment that is still held in
-/// memory as built (a whole image, cold sections included) replaced by the same segment
-/// opened from its file (hot sections only); the other segments are shared.
+/// memory as built (a whole image, cold sections included) replaced by its file, read on
+/// first use (hot sections only); the other segments are shared.
 pub fn reopen(path: &Path, set: &Snapshot) -> Result<Snapshot, SnapshotError> {
-    let Some(parts) = set.segments() else {
+    let Some(index) = set.set_index() else {
         return Snapshot::open(path);
     };
-    let dir = parts_dir(path);
-    let parts = parts
-        .iter()
-        .map(|p| {
-            if p.image().is_none() {
-                return Ok(p.clone());
-            }
-            let r = segment_ref(&p.header().encode(), 0);
-            let opened = Snapshot::open_part(&dir.join(format!("{:016x}.snap", r.hash)), true)?;
-            if header_crc(&opened) != r.crc {
-                return Err(malformed(
-                    "a segment file does not match the index (replaced?)",
-                ));
-            }
-            Ok(Arc::new(opened))
-        })
-        .collect::<Result<Vec<_>, SnapshotError>>()?;
-    Snapshot::assemble(parts, set.generation(), set.created_unix())
+    Snapshot::with_index(
+        index.built_to_files(&parts_dir(path))?,
+        set.generation(),
+        set.created_unix(),
+    )
 }
 
 /// Remove the segment files that the index at `path` does not name (left by a crash between
 /// writing segments and the index, or no longer used), and temporary files; how many.
 pub fn collect_garbage(path: &Path) -> usize {
-    let Ok((_, _, named)) = read_index(path) else {
+    let Ok(index) = read_index(path) else {
         return 0;
     };
-    let keep: HashSet<PathBuf> = named.into_iter().map(|(p, _)| p).collect();
     let dir = parts_dir(path);
+    let keep: HashSet<PathBuf> = index
+        .segments
+        .iter()
+        .map(|e| dir.join(format!("{:016x}.snap", e.hash)))
+        .collect();
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return 0;
     };
@@ -437,15 +632,22 @@ pub fn collect_garbage(path: &Path) -> usize {
 mod tests {
     use super::*;
 
-    fn index(count: u32, entries: &[(u64, u32)]) -> Vec<u8> {
+    /// An index of (hash, crc, records, domains) entries, `count` claimed.
+    fn index(count: u32, entries: &[(u64, u32, u64, &[&str])]) -> Vec<u8> {
         let mut b = SET_MAGIC.to_vec();
         b.extend_from_slice(&SET_VERSION.to_le_bytes());
         b.extend_from_slice(&count.to_le_bytes());
         b.extend_from_slice(&9u64.to_le_bytes());
         b.extend_from_slice(&1_700_000_000u64.to_le_bytes());
-        for (h, c) in entries {
+        for (h, c, r, names) in entries {
             b.extend_from_slice(&h.to_le_bytes());
             b.extend_from_slice(&c.to_le_bytes());
+            b.extend_from_slice(&r.to_le_bytes());
+            b.extend_from_slice(&(names.len() as u32).to_le_bytes());
+            for n in *names {
+                b.extend_from_slice(&(n.len() as u16).to_le_bytes());
+                b.extend_from_slice(n.as_bytes());
+            }
         }
         let crc = crc32fast::hash(&b);
         b.extend_from_slice(&crc.to_le_bytes());
@@ -454,17 +656,28 @@ mod tests {
 
     #[test]
     fn an_index_decodes_and_every_damage_is_refused() {
-        let good = index(2, &[(0xfeed, 7), (0xbeef, 8)]);
+        let good = index(
+            2,
+            &[
+                (0xfeed, 7, 100, &["a.example", "b.example"]),
+                (0xbeef, 8, 5, &["c.example"]),
+            ],
+        );
+        let parsed = parse_index(&good).expect("good");
+        assert_eq!((parsed.generation, parsed.created_unix), (9, 1_700_000_000));
         assert_eq!(
-            parse_index(&good).expect("good"),
-            Index {
-                generation: 9,
-                created_unix: 1_700_000_000,
-                segments: vec![(0xfeed, 7), (0xbeef, 8)],
+            parsed.segments[0],
+            IndexEntry {
+                hash: 0xfeed,
+                crc: 7,
+                records: 100,
+                domains: vec!["a.example".into(), "b.example".into()],
             }
         );
+        assert_eq!(parsed.segments[1].domains, ["c.example"]);
         assert_eq!(parse_index(&index(0, &[])).expect("empty").segments, []);
-        // Torn at every length, a flipped bit anywhere, a count that lies: refused.
+        // Torn at every length, a flipped bit anywhere, a count that lies, names out of
+        // order: refused.
         for cut in 0..good.len() {
             assert!(parse_index(&good[..cut]).is_err(), "cut at {cut}");
         }
@@ -473,8 +686,10 @@ mod tests {
             b[bit / 8] ^= 1 << (bit % 8);
             assert!(parse_index(&b).is_err(), "bit {bit}");
         }
-        assert!(parse_index(&index(3, &[(1, 1), (2, 2)])).is_err());
+        assert!(parse_index(&index(3, &[(1, 1, 1, &["x"]), (2, 2, 2, &["y"])])).is_err());
+        assert!(parse_index(&index(1, &[(1, 1, 1, &["x"]), (2, 2, 2, &["y"])])).is_err());
         assert!(parse_index(&index(u32::MAX, &[])).is_err());
+        assert!(parse_index(&index(1, &[(1, 1, 1, &["b", "a"])])).is_err());
         // A single snapshot is not an index.
         assert!(matches!(
             parse_index(b"RCPTGATE and more bytes than the index header needs....."),

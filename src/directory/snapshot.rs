@@ -236,6 +236,26 @@ impl Snapshot {
         Snapshot::open_with(path, true)
     }
 
+    /// Like [`Self::open`], but a set of segments (see `segments.rs`) is opened from its
+    /// index alone, each segment read (and checked) the first time a lookup needs it: what
+    /// the daemon does at start, so a directory of thousands of segments answers at once.
+    /// A segment that cannot be read then makes its domains answer a temporary failure.
+    pub fn open_lazy(path: &Path) -> Result<Snapshot, SnapshotError> {
+        let mut magic = [0u8; 8];
+        let is_set = File::open(path)
+            .and_then(|f| {
+                use std::os::unix::fs::FileExt;
+                f.read_exact_at(&mut magic, 0)
+            })
+            .is_ok()
+            && segments::is_set(&magic);
+        if is_set {
+            segments::open(path, true, true)
+        } else {
+            Snapshot::open(path)
+        }
+    }
+
     /// Like [`Self::open`], without the huge-page copies of the FST and the miss filter.
     pub fn open_plain(path: &Path) -> Result<Snapshot, SnapshotError> {
         Snapshot::open_with(path, false)
@@ -249,7 +269,7 @@ impl Snapshot {
         })?;
         let mut magic = [0u8; 8];
         if file.read_exact_at(&mut magic, 0).is_ok() && segments::is_set(&magic) {
-            return segments::open(path, huge_pages);
+            return segments::open(path, huge_pages, false);
         }
         Snapshot::open_file(path, file, huge_pages, true)
     }
@@ -327,7 +347,7 @@ impl Snapshot {
     /// whatever their generation and build time.
     pub fn content_digest(&self) -> Vec<(u64, u32)> {
         if let Some(set) = &self.set {
-            return set.parts.iter().flat_map(|p| p.content_digest()).collect();
+            return set.loaded().flat_map(|p| p.content_digest()).collect();
         }
         self.header
             .sections
@@ -675,7 +695,7 @@ impl Snapshot {
     /// Addresses stored, tombstones and exceptions included.
     pub fn record_count(&self) -> u64 {
         match &self.set {
-            Some(set) => set.parts.iter().map(|p| p.record_count()).sum(),
+            Some(set) => set.records(),
             None => self.header.records,
         }
     }
@@ -691,7 +711,7 @@ impl Snapshot {
     /// Size of the whole file (of every segment's file, for a set).
     pub fn file_bytes(&self) -> usize {
         match &self.set {
-            Some(set) => set.parts.iter().map(|p| p.file_bytes()).sum(),
+            Some(set) => set.loaded().map(|p| p.file_bytes()).sum(),
             None => self.backing.bytes().len(),
         }
     }
@@ -699,7 +719,7 @@ impl Snapshot {
     /// Size in bytes of one section (summed over the segments of a set).
     pub fn section_bytes(&self, sec: Sec) -> u64 {
         match &self.set {
-            Some(set) => set.parts.iter().map(|p| p.section_bytes(sec)).sum(),
+            Some(set) => set.loaded().map(|p| p.section_bytes(sec)).sum(),
             None => self.header.sections[sec as usize].len,
         }
     }
@@ -707,7 +727,7 @@ impl Snapshot {
     /// Bytes of the sections a verdict needs (everything but the cold sections).
     pub fn hot_bytes(&self) -> u64 {
         if let Some(set) = &self.set {
-            return set.parts.iter().map(|p| p.hot_bytes()).sum();
+            return set.loaded().map(|p| p.hot_bytes()).sum();
         }
         Sec::ALL
             .iter()
@@ -720,7 +740,7 @@ impl Snapshot {
     /// Bytes of the diagnostic (owner, origin) sections.
     pub fn cold_bytes(&self) -> u64 {
         if let Some(set) = &self.set {
-            return set.parts.iter().map(|p| p.cold_bytes()).sum();
+            return set.loaded().map(|p| p.cold_bytes()).sum();
         }
         self.section_bytes(Sec::ColdRecords) + self.section_bytes(Sec::ColdBlob)
     }
@@ -730,17 +750,57 @@ impl Snapshot {
         self.set.is_some()
     }
 
-    /// The segments of a set, in the order of its index; `None` for a single snapshot.
-    pub fn segments(&self) -> Option<&[Arc<Snapshot>]> {
-        self.set.as_deref().map(|s| &s.parts[..])
+    /// The segments of a set, in the order of its index (each read now if it was not yet);
+    /// `None` for a single snapshot, or when a segment cannot be read.
+    pub fn segments(&self) -> Option<Vec<Arc<Snapshot>>> {
+        self.set.as_deref()?.all()
+    }
+
+    /// How many segments a set has (0 for a single snapshot); none is read.
+    pub fn segment_count(&self) -> usize {
+        self.set.as_deref().map_or(0, SetIndex::len)
+    }
+
+    /// Segment `p` of a set (read now if it was not yet).
+    pub fn segment(&self, p: usize) -> Option<Arc<Snapshot>> {
+        self.set.as_deref()?.part(p).cloned()
+    }
+
+    /// This set's segments but those at the positions in `remove`, plus `add`, as a set of
+    /// generation `generation`: the kept segments are shared (read or not).
+    pub fn with_segments(
+        &self,
+        remove: &std::collections::HashSet<usize>,
+        add: Vec<Arc<Snapshot>>,
+        generation: u64,
+        created_unix: u64,
+    ) -> Result<Snapshot, SnapshotError> {
+        let index = match self.set.as_deref() {
+            Some(set) => set.with(remove, add)?,
+            None => SetIndex::new(add)?,
+        };
+        Snapshot::with_index(index, generation, created_unix)
+    }
+
+    pub(super) fn set_index(&self) -> Option<&SetIndex> {
+        self.set.as_deref()
+    }
+
+    /// A set from its domain index.
+    pub(super) fn with_index(
+        index: SetIndex,
+        generation: u64,
+        created_unix: u64,
+    ) -> Result<Snapshot, SnapshotError> {
+        let mut snap = Snapshot::empty(generation, created_unix)?;
+        snap.set = Some(Box::new(index));
+        Ok(snap)
     }
 
     /// For a set: the position (in [`Self::segments`]) of the segment holding domain
     /// `normalized`; `None` for a single snapshot or a domain that is not ours.
     pub fn segment_of(&self, normalized: &str) -> Option<usize> {
-        let set = self.set.as_deref()?;
-        let (_, _, g) = set.find(normalized)?;
-        set.domains.get(g as usize).map(|&(p, _)| p as usize)
+        self.set.as_deref()?.find(normalized).map(|(p, _, _)| p)
     }
 
     /// A set of generation `generation` from `segments` (single snapshots, each holding whole
@@ -752,10 +812,7 @@ impl Snapshot {
         generation: u64,
         created_unix: u64,
     ) -> Result<Snapshot, SnapshotError> {
-        let index = SetIndex::new(segments)?;
-        let mut snap = Snapshot::empty(generation, created_unix)?;
-        snap.set = Some(Box::new(index));
-        Ok(snap)
+        Snapshot::with_index(SetIndex::new(segments)?, generation, created_unix)
     }
 
     /// A snapshot with no domain (the own sections of a set).
@@ -862,22 +919,11 @@ impl Snapshot {
         }
     }
 
-    /// True when domain `index` of this (single) snapshot is named `name`.
-    pub(super) fn domain_named(&self, index: u32, name: &str) -> bool {
-        self.hot.get(index as usize).is_some_and(|d| {
-            if usize::from(d.name_len) <= INLINE_NAME {
-                d.name.get(..usize::from(d.name_len)) == Some(name.as_bytes())
-            } else {
-                self.string_bytes(d.rec.name) == Some(name.as_bytes())
-            }
-        })
-    }
-
     /// A domain by its index (from a [`Hit`] or [`Self::domain_index`]).
     pub fn domain_info(&self, index: u32) -> Option<DomainInfo<'_>> {
         if let Some(set) = &self.set {
             let &(p, l) = set.domains.get(index as usize)?;
-            return set.parts.get(p as usize)?.domain_info(l);
+            return set.part(p as usize)?.domain_info(l);
         }
         let d = self.domain_rec(index)?;
         let (profile, route) = self.attrset(d.declared);
@@ -972,8 +1018,12 @@ impl Snapshot {
                 None => return Verdict::NotOurs,
             },
             Some(set) => match set.find(addr.domain) {
-                Some((part, l, g)) => match part.hot.get(l as usize) {
-                    Some(d) => (part, d, Some(g)),
+                // A segment that cannot be read: unsure, so a temporary failure.
+                Some((p, l, g)) => match set
+                    .part(p)
+                    .and_then(|part| Some((part, part.hot.get(l as usize)?)))
+                {
+                    Some((part, d)) => (&**part, d, Some(g)),
                     None => return Verdict::Tempfail(super::Tempfail::Internal),
                 },
                 None => return Verdict::NotOurs,
@@ -1010,7 +1060,7 @@ impl Snapshot {
             return Some((self, *hit));
         };
         let &(p, l) = set.domains.get(hit.domain as usize)?;
-        let part = set.parts.get(p as usize)?;
+        let part = set.part(p as usize)?;
         Some((
             part,
             Hit {
@@ -1107,7 +1157,7 @@ impl Snapshot {
     pub fn routes(&self) -> Vec<&str> {
         let mut seen = std::collections::HashSet::new();
         let parts: Vec<&Snapshot> = match &self.set {
-            Some(set) => set.parts.iter().map(|p| &**p).collect(),
+            Some(set) => set.loaded().map(|p| &**p).collect(),
             None => vec![self],
         };
         let mut out = Vec::new();
@@ -1226,7 +1276,8 @@ impl Snapshot {
         if let Some(set) = &self.set {
             return set
                 .find(domain)
-                .map(|(part, _, _)| part.similar(local, domain, max))
+                .and_then(|(p, _, _)| set.part(p))
+                .map(|part| part.similar(local, domain, max))
                 .unwrap_or_default();
         }
         use fst::Automaton;
@@ -1409,9 +1460,11 @@ impl Snapshot {
             value: 0,
             set: self.set.as_deref().map(|index| SetCursor {
                 generation: self.header.generation,
-                cursors: index.parts.iter().map(|p| p.cursor()).collect(),
-                pending: vec![false; index.parts.len()],
-                done: vec![false; index.parts.len()],
+                cursors: (0..index.len())
+                    .map(|p| index.part(p).map(|s| s.cursor()))
+                    .collect(),
+                pending: vec![false; index.len()],
+                done: vec![false; index.len()],
                 index,
                 at: 0,
                 current: 0,
@@ -1483,7 +1536,8 @@ pub struct AddressCursor<'s> {
 struct SetCursor<'s> {
     index: &'s SetIndex,
     generation: u64,
-    cursors: Vec<AddressCursor<'s>>,
+    /// `None` for a segment that cannot be read.
+    cursors: Vec<Option<AddressCursor<'s>>>,
     /// Segment `i`'s cursor holds an address not returned yet.
     pending: Vec<bool>,
     /// Segment `i`'s cursor is at its end.
@@ -1536,7 +1590,10 @@ impl AddressCursor<'_> {
         loop {
             let &(p, l) = set.index.domains.get(set.at)?;
             let p = p as usize;
-            let c = set.cursors.get_mut(p)?;
+            let Some(c) = set.cursors.get_mut(p)?.as_mut() else {
+                set.at += 1;
+                continue;
+            };
             if !set.pending[p] && !set.done[p] {
                 if c.next_address().is_some() {
                     set.pending[p] = true;
@@ -1551,7 +1608,7 @@ impl AddressCursor<'_> {
             }
             set.at += 1;
         }
-        set.cursors.get(set.current)?.current()
+        set.cursors.get(set.current)?.as_ref()?.current()
     }
 
     /// The address read last, of a single snapshot's cursor.
@@ -1566,7 +1623,7 @@ impl AddressCursor<'_> {
     /// What the snapshot says of the current address (after [`Self::next_address`]).
     pub fn hit(&self) -> Option<Hit> {
         if let Some(set) = &self.set {
-            let hit = set.cursors.get(set.current)?.hit()?;
+            let hit = set.cursors.get(set.current)?.as_ref()?.hit()?;
             return Some(Hit {
                 domain: set.index.global_of(set.current, hit.domain)?,
                 generation: set.generation,

@@ -312,7 +312,9 @@ impl Loader {
         let Some(path) = self.cfg.snapshot.as_deref().filter(|p| p.exists()) else {
             return Ok(None);
         };
-        let snap = Snapshot::open(path)?;
+        // A set of segments answers from its index at once; its segments are read on first
+        // use, and all of them by the prefetch after the first build.
+        let snap = Snapshot::open_lazy(path)?;
         let generation = snap.generation();
         if self.cfg.segments && snap.is_set() {
             let path = path.to_path_buf();

@@ -403,17 +403,17 @@ impl Loader {
             new_summaries.push((cfg.sources[i].name.clone(), sum));
         }
 
-        // The segments in service that hold any of those domains: replaced as a whole.
-        let parts = old.segments().unwrap_or_default();
+        // The segments in service that hold any of those domains: replaced as a whole (a
+        // segment that cannot be read makes this a full build).
         let replaced: HashSet<usize> = domains.iter().filter_map(|d| old.segment_of(d)).collect();
-        let old_sub = Snapshot::assemble(
-            replaced
-                .iter()
-                .filter_map(|&p| parts.get(p).cloned())
-                .collect(),
-            old.generation(),
-            old.created_unix(),
-        )?;
+        let Some(replaced_parts) = replaced
+            .iter()
+            .map(|&p| old.segment(p))
+            .collect::<Option<Vec<_>>>()
+        else {
+            return Ok(None);
+        };
+        let old_sub = Snapshot::assemble(replaced_parts, old.generation(), old.created_unix())?;
         let generation = old.generation() + 1;
         let mut merged = merge::merge(&data, generation);
         let (errors, warnings) = self.note_diagnostics(&data, &merged);
@@ -465,14 +465,7 @@ impl Loader {
         before.sort();
         after.sort();
         let same = before == after;
-        let mut next: Vec<Arc<Snapshot>> = parts
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !replaced.contains(i))
-            .map(|(_, p)| p.clone())
-            .collect();
-        next.extend(built);
-        let set = Snapshot::assemble(next, generation, now)?;
+        let set = old.with_segments(&replaced, built, generation, now)?;
         drop(old_sub);
         drop(view);
 
