@@ -165,8 +165,31 @@ impl SetIndex {
 
     /// The segment (number) holding domain `name` (normalized), its index there and its
     /// global index; no segment is read.
-    #[inline]
     pub(super) fn find(&self, name: &str) -> Option<(usize, u32, u32)> {
+        self.probe_for(name, |part, l| {
+            part.names.get(l as usize).is_some_and(|n| **n == *name)
+        })
+        .map(|(_, p, l, g)| (p, l, g))
+    }
+
+    /// [`Self::find`] for a lookup: the segment read (on first use), and the name compared
+    /// with the copy in its domain entry, which the lookup reads next anyway. `None` for the
+    /// segment when it cannot be read (the name is then compared with the index's).
+    #[inline]
+    pub(super) fn find_loaded(&self, name: &str) -> Option<(Option<&Arc<Snapshot>>, u32, u32)> {
+        self.probe_for(name, |part, l| match part.get() {
+            Some(s) => s.domain_named(l, name),
+            None => part.names.get(l as usize).is_some_and(|n| **n == *name),
+        })
+        .map(|(part, _, l, g)| (part.get(), l, g))
+    }
+
+    #[inline]
+    fn probe_for(
+        &self,
+        name: &str,
+        same: impl Fn(&Part, u32) -> bool,
+    ) -> Option<(&Part, usize, u32, u32)> {
         let mask = self.probe.len() - 1;
         let h = domain_hash(name.as_bytes());
         let mut at = h as usize & mask;
@@ -179,8 +202,8 @@ impl SetIndex {
                 let g = v - 1;
                 let &(p, l) = self.domains.get(g as usize)?;
                 let part = self.parts.get(p as usize)?;
-                if part.names.get(l as usize).is_some_and(|n| **n == *name) {
-                    return Some((p as usize, l, g));
+                if same(part, l) {
+                    return Some((part, p as usize, l, g));
                 }
             }
             at = (at + 1) & mask;
@@ -331,8 +354,16 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
 /// it until [`write_index`] does: a crash before that leaves an orphan that
 /// [`collect_garbage`] removes.
 pub fn write_segment(path: &Path, image: &[u8]) -> Result<SegmentRef, SnapshotError> {
-    let snap = Snapshot::from_bytes(image.to_vec())?;
-    let mut r = Part::loaded(Arc::new(snap))?.segment_ref();
+    let (records, names) = Snapshot::peek_names(image)?;
+    let head = image.get(..HEADER_LEN).ok_or(SnapshotError::TooShort {
+        len: image.len(),
+        need: HEADER_LEN,
+    })?;
+    let mut r = SegmentRef {
+        records,
+        names,
+        ..segment_ref(head, 0)
+    };
     let dir = parts_dir(path);
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     let file = dir.join(format!("{:016x}.snap", r.hash));

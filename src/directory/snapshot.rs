@@ -343,6 +343,31 @@ impl Snapshot {
         Ok(())
     }
 
+    /// The record count and the domain names (in name order) of a snapshot image, its hot
+    /// sections checked, without loading it (what a set's index records of a segment).
+    pub(super) fn peek_names(bytes: &[u8]) -> Result<(u64, Vec<Box<str>>), SnapshotError> {
+        Snapshot::verify(bytes)?;
+        let header = Header::decode(bytes)?;
+        let domains = header.section(bytes, Sec::Domains)?;
+        let index = header.section(bytes, Sec::StrIndex)?;
+        let blob = header.section(bytes, Sec::StrBlob)?;
+        let bad = SnapshotError::Malformed {
+            section: Sec::Domains.name(),
+            what: "domain name unreadable",
+        };
+        let names = (0..header.domains as usize)
+            .map(|d| {
+                let id = u32_at(domains, DOMAIN_REC, d, 0)? as usize;
+                let off = u32_at(index, 8, id, 0)? as usize;
+                let len = u32_at(index, 8, id, 1)? as usize;
+                let name = blob.get(off..off.checked_add(len)?)?;
+                std::str::from_utf8(name).ok().map(Box::from)
+            })
+            .collect::<Option<Vec<Box<str>>>>()
+            .ok_or(bad)?;
+        Ok((header.records, names))
+    }
+
     /// Length and checksum of every section: equal for two snapshots with the same content,
     /// whatever their generation and build time.
     pub fn content_digest(&self) -> Vec<(u64, u32)> {
@@ -919,6 +944,17 @@ impl Snapshot {
         }
     }
 
+    /// True when domain `index` of this (single) snapshot is named `name`.
+    pub(super) fn domain_named(&self, index: u32, name: &str) -> bool {
+        self.hot.get(index as usize).is_some_and(|d| {
+            if usize::from(d.name_len) <= INLINE_NAME {
+                d.name.get(..usize::from(d.name_len)) == Some(name.as_bytes())
+            } else {
+                self.string_bytes(d.rec.name) == Some(name.as_bytes())
+            }
+        })
+    }
+
     /// A domain by its index (from a [`Hit`] or [`Self::domain_index`]).
     pub fn domain_info(&self, index: u32) -> Option<DomainInfo<'_>> {
         if let Some(set) = &self.set {
@@ -1017,15 +1053,14 @@ impl Snapshot {
                 Some(d) => (self, d, None),
                 None => return Verdict::NotOurs,
             },
-            Some(set) => match set.find(addr.domain) {
+            Some(set) => match set.find_loaded(addr.domain) {
                 // A segment that cannot be read: unsure, so a temporary failure.
-                Some((p, l, g)) => match set
-                    .part(p)
-                    .and_then(|part| Some((part, part.hot.get(l as usize)?)))
-                {
-                    Some((part, d)) => (&**part, d, Some(g)),
-                    None => return Verdict::Tempfail(super::Tempfail::Internal),
-                },
+                Some((part, l, g)) => {
+                    match part.and_then(|part| Some((part, part.hot.get(l as usize)?))) {
+                        Some((part, d)) => (&**part, d, Some(g)),
+                        None => return Verdict::Tempfail(super::Tempfail::Internal),
+                    }
+                }
                 None => return Verdict::NotOurs,
             },
         };
