@@ -257,8 +257,10 @@ fn main() {
         )
     };
     let samples = if test_mode { 2000 } else { 200_000 };
-    let tmp = tempfile::tempdir_in(std::env::var("SEG_DIR").unwrap_or_else(|_| ".".into()))
-        .expect("tempdir");
+    let tmp = tempfile::tempdir_in(
+        std::env::var("SEG_DIR").map_or_else(|_| std::env::temp_dir(), Into::into),
+    )
+    .expect("tempdir");
     let options = LookupOptions::default();
 
     // Baseline: one snapshot, opened from its file like the daemon does.
