@@ -166,7 +166,7 @@ pub fn name_order(domains: &[DomainSpec]) -> (Vec<u32>, Vec<u32>) {
 }
 
 /// Cut one build input into one input per customer (the domains without a customer make
-/// one input of their own), for a set of segments (`segments.rs`): see [`split_by`].
+/// one input of their own), for a set of segments (`segments.rs`): see `split_by`.
 pub fn split_by_customer(input: BuildInput) -> Vec<BuildInput> {
     split_by(input, |d| u64::from(d.customer))
 }

@@ -12,7 +12,7 @@
 //! A domain lives in exactly one segment, so a segment answers for its domains on its own
 //! and a change to one customer rebuilds one segment: [`Snapshot::with_segments`] makes a
 //! new set that shares every other segment (memory and file) with the set in service.
-//! Writing a set ([`write`]) writes only the segment files that do not exist yet (a segment
+//! Writing a set ([`write()`]) writes only the segment files that do not exist yet (a segment
 //! file never changes once written: its name is its header's hash), then replaces the index
 //! atomically, then removes the segment files no index names. A crash at any point leaves
 //! the old index naming complete old segment files, or the new index naming complete new
@@ -308,7 +308,7 @@ pub fn is_set(bytes: &[u8]) -> bool {
     bytes.starts_with(SET_MAGIC)
 }
 
-/// What [`write`] did.
+/// What [`write()`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WriteStats {
     /// Segment files written now.
