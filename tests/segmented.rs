@@ -163,6 +163,7 @@ fn a_changed_customer_file_rebuilds_only_its_segment() {
     // Six groups: every customer alone, the contacts with customer 3.
     let before = segments(&l);
     assert_eq!(before.len(), 6);
+    assert_eq!(l.status().segments, Some(6));
     assert_eq!(f.files().len(), 6);
     assert_eq!(kind(&l, "shared-desk@c3.test"), Some(Kind::Shared));
     assert_eq!(kind(&l, "u7@c1.test"), Some(Kind::User));

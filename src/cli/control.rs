@@ -62,10 +62,12 @@ pub fn status(config: &Path, as_json: bool) -> Result<ExitCode> {
     }
     let n = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
     println!(
-        "generation {}: {} addresses, {} domains, built {} ago, data read {} ago{}",
+        "generation {}: {} addresses, {} domains{}, built {} ago, data read {} ago{}",
         n(s.generation),
         n(s.addresses),
         n(s.domains.map(u64::from)),
+        s.segments
+            .map_or(String::new(), |k| format!(" in {k} segments")),
         s.snapshot_age.map_or("-".into(), span),
         s.data_age.map_or("-".into(), span),
         if s.stale {

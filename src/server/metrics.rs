@@ -256,6 +256,11 @@ impl Metrics {
                 loaded.map_or(0, |s| u64::from(s.domain_count())),
             ),
             (
+                "rcptgate_snapshot_segments",
+                "segments of the set in service (0: a single snapshot)",
+                loaded.map_or(0, |s| s.segment_count() as u64),
+            ),
+            (
                 "rcptgate_snapshot_hot_bytes",
                 "bytes a verdict needs",
                 loaded.map_or(0, |s| s.hot_bytes()),

@@ -14,6 +14,9 @@ pub struct Status {
     pub addresses: Option<u64>,
     /// Accepted domains in service.
     pub domains: Option<u32>,
+    /// Segments of the set in service (`None` for a single snapshot; see README, Segments).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segments: Option<usize>,
     /// Seconds since the snapshot in service was built.
     pub snapshot_age: Option<u64>,
     /// Seconds since the data in service was read (what `max_age` counts).

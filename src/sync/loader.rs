@@ -1374,6 +1374,7 @@ impl Loader {
             generation: snap.map(|s| s.generation()),
             addresses: snap.map(|s| s.record_count()),
             domains: snap.map(|s| s.domain_count()),
+            segments: snap.filter(|s| s.is_set()).map(Snapshot::segment_count),
             snapshot_age: snap.map(|s| now.saturating_sub(s.created_unix())),
             data_age: self.dir.data_time().map(|t| now.saturating_sub(t)),
             stale: self.dir.is_stale(),
