@@ -307,3 +307,44 @@ fn a_customer_that_joins_another_group_rebuilds_both() {
     assert_eq!(kind(&l, "from-c0@c1.test"), Some(Kind::Tombstone));
     assert_eq!(kind(&l, "u5@c1.test"), Some(Kind::User));
 }
+
+#[test]
+fn a_full_rebuild_goes_group_by_group_and_keeps_unchanged_segments() {
+    let f = Fixture::new(5);
+    let mut l = f.loader();
+    // The first build already goes one group after another, each segment written as built.
+    published(l.rebuild());
+    let files = f.files();
+    assert_eq!(files.len(), 5);
+    let before = segments(&l);
+    // SIGHUP reads every file again: nothing changed, nothing written, nothing published.
+    f.now.fetch_add(60, Ordering::Relaxed);
+    match l.rebuild_synced().expect("rebuild") {
+        Outcome::Unchanged(_) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(f.files(), files);
+    // One file changed: a full rebuild replaces that group's segment only.
+    f.write(2, &map_text(2, 20, &[4], ""));
+    let r = published(l.rebuild_synced());
+    assert_eq!(
+        (r.plan.removed, r.plan.tombstoned, r.plan.live_before),
+        (1, 1, 101)
+    );
+    assert_eq!(kind(&l, "u4@c2.test"), Some(Kind::Tombstone));
+    let after = segments(&l);
+    assert_eq!(
+        after
+            .iter()
+            .filter(|s| before.iter().any(|b| Arc::ptr_eq(b, s)))
+            .count(),
+        4
+    );
+    let now_files = f.files();
+    assert_eq!(now_files.len(), 5, "no orphan: {now_files:?}");
+    assert_eq!(now_files.iter().filter(|x| files.contains(x)).count(), 4);
+    // Every address still answers.
+    for c in (0..5).filter(|&c| c != 2) {
+        assert_eq!(kind(&l, &format!("u7@c{c}.test")), Some(Kind::User));
+    }
+}

@@ -617,6 +617,48 @@ pub(super) fn open(path: &Path, huge_pages: bool, lazy: bool) -> Result<Snapshot
     Snapshot::assemble(parts, index.generation, index.created_unix)
 }
 
+/// A set of generation `generation`: the segments of `old` but those at the positions in
+/// `remove`, the segments in `built` (in memory) and those in `written` (files in `dir`,
+/// read on first use).
+pub fn with_parts(
+    old: Option<&Snapshot>,
+    remove: &HashSet<usize>,
+    built: Vec<Arc<Snapshot>>,
+    written: Vec<SegmentRef>,
+    dir: Option<&Path>,
+    generation: u64,
+    created_unix: u64,
+) -> Result<Snapshot, SnapshotError> {
+    let mut parts: Vec<Arc<Part>> = old
+        .and_then(Snapshot::set_index)
+        .map(|i| {
+            i.parts
+                .iter()
+                .enumerate()
+                .filter(|(p, _)| !remove.contains(p))
+                .map(|(_, p)| p.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    for b in built {
+        parts.push(Arc::new(Part::loaded(b)?));
+    }
+    if !written.is_empty() {
+        let dir = dir.ok_or(malformed("written segments without a directory"))?;
+        for r in written {
+            parts.push(Arc::new(Part {
+                file: Some(dir.join(format!("{:016x}.snap", r.hash))),
+                hash: r.hash,
+                crc: r.crc,
+                records: r.records,
+                names: r.names,
+                cell: OnceLock::new(),
+            }));
+        }
+    }
+    Snapshot::with_index(SetIndex::of(parts)?, generation, created_unix)
+}
+
 /// The set `set`, written at `path` already, with every segment that is still held in
 /// memory as built (a whole image, cold sections included) replaced by its file, read on
 /// first use (hot sections only); the other segments are shared.

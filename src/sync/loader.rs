@@ -898,10 +898,18 @@ impl Loader {
     }
 
     fn build_and_publish(&mut self, sync_all: bool) -> Result<Outcome, LoadError> {
-        if sync_all {
-            self.force_full = false;
-        } else if let Some(outcome) = self.try_incremental()? {
-            return Ok(outcome);
+        // Segmented mode: the changed files' groups, or every group one after another
+        // (SIGHUP and sync, or no summaries of what the set was built from).
+        let forced = std::mem::take(&mut self.force_full);
+        if self.cfg.segments && !forced {
+            let unknown = self
+                .cfg
+                .sources
+                .iter()
+                .any(|s| !self.summaries.contains_key(&s.name));
+            if let Some(outcome) = self.try_incremental(sync_all || unknown)? {
+                return Ok(outcome);
+            }
         }
         // Segmented mode: each file's stamp before it is read (a change while it is read
         // shows at the next build).

@@ -163,6 +163,27 @@ pub(super) fn build_segments(
     .collect()
 }
 
+/// Add one group's plan to the plan of the whole build (its state is set afterwards).
+fn add_plan(total: &mut Plan, p: Plan) {
+    let sample = |v: &mut Vec<String>, more: Vec<String>| {
+        let room = lifecycle::SAMPLE.saturating_sub(v.len());
+        v.extend(more.into_iter().take(room));
+    };
+    total.live_before += p.live_before;
+    total.removed += p.removed;
+    sample(&mut total.removed_sample, p.removed_sample);
+    total.added += p.added;
+    sample(&mut total.added_sample, p.added_sample);
+    total.tombstoned += p.tombstoned;
+    total.expired += p.expired;
+    sample(&mut total.expired_sample, p.expired_sample);
+    total.returned += p.returned;
+    total.tombstones += p.tombstones;
+    total.hold |= p.hold;
+    total.held_removals.extend(p.held_removals);
+    total.approved += p.approved;
+}
+
 /// The summaries file of a set at `snapshot`: what the set in service was built from, so a
 /// restart goes on with incremental builds (a file that does not match the configuration's
 /// sources is ignored, and the first build is a full one).
@@ -253,33 +274,43 @@ impl Loader {
     }
 
     /// Segmented mode: rebuild only the groups of the source files that changed (and of the
-    /// tombstones whose grace is over). `None` when this build must be a full one: not in
-    /// segmented mode, no set in service yet, a live source due, a hold, an approval, a
-    /// provisioning or tombstones deleted by hand.
-    pub(super) fn try_incremental(&mut self) -> Result<Option<Outcome>, LoadError> {
+    /// tombstones whose grace is over), one group after another. `all`: every file is read
+    /// again (SIGHUP, `rcptgate sync`, a start without the sources' summaries), still one
+    /// group at a time, so only one group's records are in memory at once and each new
+    /// segment is written as soon as it is built.
+    ///
+    /// `None` when the full build of the single mode must run instead: not in segmented
+    /// mode, a live source (due, or any with `all`), a hold, an approval, a provisioning or
+    /// tombstones deleted by hand, or a persisted set lost while its state file says what was
+    /// in service (that first build is guarded as a whole).
+    pub(super) fn try_incremental(&mut self, all: bool) -> Result<Option<Outcome>, LoadError> {
         let cfg = self.cfg.clone();
         let n = cfg.sources.len();
+        let live = |i: usize| cfg.sources[i].ldap.is_some() || cfg.sources[i].graph.is_some();
         if !cfg.segments
-            || std::mem::take(&mut self.force_full)
             || self.held.is_some()
             || !self.approved.is_empty()
             || self.approve_lost
-            || self.sync_due()
-            || cfg
-                .sources
-                .iter()
-                .any(|s| !self.summaries.contains_key(&s.name))
+            || (all && (0..n).any(live))
+            || (!all && self.sync_due())
+            || (!all
+                && cfg
+                    .sources
+                    .iter()
+                    .any(|s| !self.summaries.contains_key(&s.name)))
         {
             return Ok(None);
         }
         let dir = self.dir.clone();
         let view = dir.view();
-        let Some(old) = view.snapshot().filter(|s| s.is_set()) else {
-            return Ok(None);
+        let old = view.snapshot();
+        // A set in service; or nothing in service and nothing ever published (a first build).
+        let old = match old {
+            Some(s) if s.is_set() => Some(s),
+            None if all && self.state.last_publish.is_none() => None,
+            _ => return Ok(None),
         };
-        let Some(last) = self.state.last_publish else {
-            return Ok(None);
-        };
+        let last_live = self.state.last_publish.map_or(0, |l| l.live);
         let now = (self.clock)();
         let grace = cfg.guard.deletion_grace.as_secs();
         // When the oldest data was read: live sources' last syncs, files now.
@@ -288,22 +319,26 @@ impl Loader {
             .iter()
             .filter_map(|s| self.ldap_cache.get(&s.name).map(|(_, at, _)| *at))
             .fold(now, u64::min);
-        let live = |i: usize| cfg.sources[i].ldap.is_some() || cfg.sources[i].graph.is_some();
 
-        let mut fresh: HashMap<usize, (SourceData, Summary)> = HashMap::new();
+        // The files that changed since the set was built (every file with `all`): their new
+        // summaries, and their data while only a few are read (with `all`, each is read
+        // again in its group's turn, so they are not all in memory at once).
+        let mut fresh: HashMap<usize, Summary> = HashMap::new();
+        let mut kept: HashMap<usize, SourceData> = HashMap::new();
         for (i, s) in cfg.sources.iter().enumerate() {
             if live(i) {
                 continue;
             }
             let now_stamp = stamp(&s.path);
-            if now_stamp.is_some()
-                && self.summaries.get(&s.name).and_then(|x| x.stamp.clone()) == now_stamp
-            {
+            let known = self.summaries.get(&s.name).and_then(|x| x.stamp.clone());
+            if !all && now_stamp.is_some() && known == now_stamp {
                 continue;
             }
             let d = self.load_file(s)?;
-            let sum = Summary::of(&d, now_stamp);
-            fresh.insert(i, (d, sum));
+            fresh.insert(i, Summary::of(&d, now_stamp));
+            if !all {
+                kept.insert(i, d);
+            }
         }
         let expiring: HashSet<String> = self
             .state
@@ -312,18 +347,21 @@ impl Loader {
             .filter(|(_, t)| !t.keep && (grace == 0 || now >= t.removed.saturating_add(grace)))
             .filter_map(|(a, _)| a.rsplit_once('@').map(|(_, d)| d.to_owned()))
             .collect();
-        if fresh.is_empty() && expiring.is_empty() {
+        if !all && fresh.is_empty() && expiring.is_empty() {
+            let Some(old) = old else {
+                return Ok(None);
+            };
             // The sources are what the set in service was built from.
             self.set_fresh(Some(oldest));
             return Ok(Some(Outcome::Unchanged(Report {
                 generation: old.generation(),
                 plan: Plan {
                     state: self.state.clone(),
-                    live_before: last.live,
+                    live_before: last_live,
                     ..Plan::default()
                 },
                 addresses: old.record_count(),
-                live: last.live,
+                live: last_live,
                 domains: old.domain_count(),
                 conflicts: self.conflicts.len(),
                 errors: 0,
@@ -334,147 +372,224 @@ impl Loader {
         }
 
         // The groups, over what every source tied before and what the changed ones tie now.
-        let olds = self.summaries_in_order().ok_or_else(|| {
-            LoadError::Snapshot(directory::SnapshotError::Cold(
-                "internal: no summary".into(),
-            ))
-        })?;
-        let both: Vec<Vec<&Summary>> = (0..n)
-            .map(|i| match fresh.get(&i) {
-                Some((_, new)) => vec![olds[i], new],
-                None => vec![olds[i]],
+        let empty = Summary::default();
+        let both: Vec<Vec<Summary>> = (0..n)
+            .map(|i| {
+                let old = self
+                    .summaries
+                    .get(&cfg.sources[i].name)
+                    .unwrap_or(&empty)
+                    .clone();
+                match fresh.get(&i) {
+                    Some(new) => vec![old, new.clone()],
+                    None => vec![old],
+                }
             })
             .collect();
-        let group = groups(&both);
+        let refs: Vec<Vec<&Summary>> = both.iter().map(|v| v.iter().collect()).collect();
+        let group = groups(&refs);
         let mut hit: HashSet<usize> = fresh.keys().map(|&i| group[i]).collect();
         for (i, sums) in both.iter().enumerate() {
-            if sums.iter().any(|s| {
+            let ties_expiring = sums.iter().any(|s| {
                 s.declared
                     .iter()
                     .chain(&s.touched)
                     .any(|d| expiring.contains(&**d))
-            }) {
+            });
+            if ties_expiring {
                 hit.insert(group[i]);
             }
         }
-        let affected: Vec<usize> = (0..n).filter(|&i| hit.contains(&group[i])).collect();
-        // Every domain the affected groups tie, before and now, and the tombstones' own.
-        let mut domains: HashSet<Box<str>> = expiring.iter().map(|d| d.as_str().into()).collect();
-        for &i in &affected {
-            for s in &both[i] {
-                domains.extend(s.declared.iter().cloned());
-                domains.extend(s.touched.iter().cloned());
-            }
+        let mut roots: Vec<usize> = hit.into_iter().collect();
+        roots.sort_unstable();
+        for (i, sum) in &fresh {
+            self.summaries
+                .insert(cfg.sources[*i].name.clone(), sum.clone());
         }
+
+        let generation = old.map_or(1, |o| o.generation() + 1);
+        let mut state = self.state.clone();
+        let mut plan = Plan::default();
+        let (mut errors, mut warnings, mut live_now) = (0, 0, 0u64);
+        let mut lines: Vec<String> = Vec::new();
+        let mut total_diagnostics = 0;
+        let mut replaced: HashSet<usize> = HashSet::new();
+        let mut built: Vec<Arc<Snapshot>> = Vec::new();
+        let mut written: Vec<directory::segments::SegmentRef> = Vec::new();
+        let mut scope: HashSet<Box<str>> = HashSet::new();
+        let mut conflicts = Vec::new();
+        let write_now = all && cfg.snapshot.is_some();
+        for root in roots {
+            let members: Vec<usize> = (0..n).filter(|&i| group[i] == root).collect();
+            // Every domain the group ties, before and now, and its tombstones' own.
+            let mut domains: HashSet<Box<str>> = HashSet::new();
+            for &i in &members {
+                for s in &both[i] {
+                    domains.extend(s.declared.iter().cloned());
+                    domains.extend(s.touched.iter().cloned());
+                }
+            }
+            let in_scope = |address: &str| {
+                address
+                    .rsplit_once('@')
+                    .is_some_and(|(_, d)| domains.contains(d))
+            };
+            let mut data = Vec::with_capacity(members.len());
+            for &i in &members {
+                let s = &cfg.sources[i];
+                match kept.remove(&i) {
+                    Some(d) => data.push(d),
+                    None if live(i) => match self.ldap_cache.get(&s.name) {
+                        Some((d, _, _)) => {
+                            let mut d = d.clone();
+                            self.finish_source(&mut d, s);
+                            data.push(d);
+                        }
+                        None => return Ok(None),
+                    },
+                    None => {
+                        let st = stamp(&s.path);
+                        let d = self.load_file(s)?;
+                        // Read again now: what this build is made of.
+                        self.summaries.insert(s.name.clone(), Summary::of(&d, st));
+                        data.push(d);
+                    }
+                }
+            }
+            // The segments in service that hold any of those domains: replaced as a whole (a
+            // segment that cannot be read makes this a full build).
+            let mine: HashSet<usize> = match old {
+                Some(o) => domains.iter().filter_map(|d| o.segment_of(d)).collect(),
+                None => HashSet::new(),
+            };
+            let Some(old_parts) = mine
+                .iter()
+                .map(|&p| old.and_then(|o| o.segment(p)))
+                .collect::<Option<Vec<_>>>()
+            else {
+                return Ok(None);
+            };
+            let mut before: Vec<_> = old_parts.iter().map(|p| p.content_digest()).collect();
+            before.sort();
+            let old_sub = match old {
+                Some(o) => Some(Snapshot::assemble(
+                    old_parts,
+                    o.generation(),
+                    o.created_unix(),
+                )?),
+                None => None,
+            };
+            let mut merged = merge::merge(&data, generation);
+            let (e, w) = self.note_diagnostics(&data, &merged);
+            drop(data);
+            errors += e;
+            warnings += w;
+            total_diagnostics += self.diagnostics.0;
+            for l in std::mem::take(&mut self.diagnostics.1) {
+                if lines.len() < crate::service::types::MAX_DIAGNOSTICS {
+                    lines.push(l);
+                }
+            }
+            let mut sub_state = state.clone();
+            sub_state.tombstones.retain(|a, _| in_scope(a));
+            let mut p = lifecycle::plan_approved(
+                old_sub.as_ref(),
+                &mut merged.input,
+                &sub_state,
+                now,
+                &cfg.guard,
+                false,
+                &HashSet::new(),
+            );
+            state.tombstones.retain(|a, _| !in_scope(a));
+            state
+                .tombstones
+                .extend(std::mem::take(&mut p.state.tombstones));
+            live_now += merged
+                .input
+                .records
+                .iter()
+                .filter(|r| {
+                    !matches!(
+                        r.kind,
+                        directory::Kind::Exception | directory::Kind::Tombstone
+                    )
+                })
+                .count() as u64;
+            add_plan(&mut plan, p);
+            conflicts.extend(std::mem::take(&mut merged.conflicts));
+            // The new segments, by the groups as they are now.
+            let now_sums: Vec<&Summary> = members
+                .iter()
+                .filter_map(|&i| self.summaries.get(&cfg.sources[i].name))
+                .collect();
+            let parts = build_segments(std::mem::take(&mut merged.input), &now_sums, u64::MAX)?;
+            let mut after: Vec<_> = parts.iter().map(|p| p.content_digest()).collect();
+            after.sort();
+            if old.is_some() && after == before {
+                // The group's segments have the same content: they stay (nothing written).
+                scope.extend(domains);
+                continue;
+            }
+            for part in parts {
+                match (write_now, cfg.snapshot.as_deref()) {
+                    (true, Some(path)) => {
+                        let image = part.image().unwrap_or_default();
+                        written.push(directory::segments::write_segment(path, image)?);
+                    }
+                    _ => built.push(part),
+                }
+            }
+            replaced.extend(mine);
+            scope.extend(domains);
+        }
+        let same = old.is_some() && replaced.is_empty();
+        if live_now == 0 && all && old.is_some_and(|o| o.record_count() > 0) {
+            return Err(LoadError::Empty(old.map_or(0, |o| o.record_count())));
+        }
+        let dir_path = cfg.snapshot.as_deref().map(directory::segments::parts_dir);
+        let set = directory::segments::with_parts(
+            old,
+            &replaced,
+            built,
+            written,
+            dir_path.as_deref(),
+            generation,
+            now,
+        )?;
+        drop(view);
+
+        // Tombstones whose grace is over in a domain no source ties any more: nothing serves
+        // them; they leave the state.
+        let untied: Vec<String> = state
+            .tombstones
+            .iter()
+            .filter(|(a, t)| {
+                !t.keep
+                    && (grace == 0 || now >= t.removed.saturating_add(grace))
+                    && a.rsplit_once('@').is_some_and(|(_, d)| !scope.contains(d))
+                    && set
+                        .domain_index(a.rsplit_once('@').map_or("", |(_, d)| d))
+                        .is_none()
+            })
+            .map(|(a, _)| a.clone())
+            .collect();
+        for a in untied {
+            state.tombstones.remove(&a);
+            plan.expired += 1;
+        }
+        plan.state = state;
         let in_scope = |address: &str| {
             address
                 .rsplit_once('@')
-                .is_some_and(|(_, d)| domains.contains(d))
+                .is_some_and(|(_, d)| scope.contains(d))
         };
-
-        // Read the affected groups' other sources (files again, live ones from their last sync).
-        let mut data = Vec::with_capacity(affected.len());
-        let mut new_summaries: Vec<(String, Summary)> = Vec::new();
-        for &i in &affected {
-            let s = &cfg.sources[i];
-            match fresh.remove(&i) {
-                Some((d, sum)) => {
-                    new_summaries.push((s.name.clone(), sum));
-                    data.push(d);
-                }
-                None if live(i) => match self.ldap_cache.get(&s.name) {
-                    Some((d, _, _)) => {
-                        let mut d = d.clone();
-                        self.finish_source(&mut d, s);
-                        data.push(d);
-                    }
-                    None => return Ok(None),
-                },
-                None => {
-                    let st = stamp(&s.path);
-                    let d = self.load_file(s)?;
-                    new_summaries.push((s.name.clone(), Summary::of(&d, st)));
-                    data.push(d);
-                }
-            }
-        }
-        // Unaffected changed files (a changed file in no group: nothing it ties is accepted).
-        for (i, (_, sum)) in fresh {
-            new_summaries.push((cfg.sources[i].name.clone(), sum));
-        }
-
-        // The segments in service that hold any of those domains: replaced as a whole (a
-        // segment that cannot be read makes this a full build).
-        let replaced: HashSet<usize> = domains.iter().filter_map(|d| old.segment_of(d)).collect();
-        let Some(replaced_parts) = replaced
-            .iter()
-            .map(|&p| old.segment(p))
-            .collect::<Option<Vec<_>>>()
-        else {
-            return Ok(None);
-        };
-        let old_sub = Snapshot::assemble(replaced_parts, old.generation(), old.created_unix())?;
-        let generation = old.generation() + 1;
-        let mut merged = merge::merge(&data, generation);
-        let (errors, warnings) = self.note_diagnostics(&data, &merged);
-        let mut sub_state = self.state.clone();
-        sub_state.tombstones.retain(|a, _| in_scope(a));
-        let mut plan = lifecycle::plan_approved(
-            Some(&old_sub),
-            &mut merged.input,
-            &sub_state,
-            now,
-            &cfg.guard,
-            false,
-            &HashSet::new(),
-        );
-        let mut state = self.state.clone();
-        state.tombstones.retain(|a, _| !in_scope(a));
-        state
-            .tombstones
-            .extend(std::mem::take(&mut plan.state.tombstones));
-        plan.state = state;
-        let live_now = merged
-            .input
-            .records
-            .iter()
-            .filter(|r| {
-                !matches!(
-                    r.kind,
-                    directory::Kind::Exception | directory::Kind::Tombstone
-                )
-            })
-            .count() as u64;
-
-        // The new segments, by the groups as they are now.
-        for (name, sum) in new_summaries {
-            self.summaries.insert(name, sum);
-        }
-        let now_sums: Vec<&Summary> = affected
-            .iter()
-            .filter_map(|&i| self.summaries.get(&cfg.sources[i].name))
-            .collect();
-        let built = build_segments(std::mem::take(&mut merged.input), &now_sums, u64::MAX)?;
-        let mut before: Vec<_> = old_sub
-            .segments()
-            .unwrap_or_default()
-            .iter()
-            .map(|p| p.content_digest())
-            .collect();
-        let mut after: Vec<_> = built.iter().map(|p| p.content_digest()).collect();
-        before.sort();
-        after.sort();
-        let same = before == after;
-        let set = old.with_segments(&replaced, built, generation, now)?;
-        drop(old_sub);
-        drop(view);
-
-        let conflicts = std::mem::take(&mut merged.conflicts);
         self.conflicts.retain(|c| !in_scope(&c.address));
         self.conflicts.extend(conflicts);
+        self.diagnostics = (total_diagnostics, lines);
         let report = Report {
             generation,
-            live: last.live.saturating_sub(plan.live_before) + live_now,
+            live: last_live.saturating_sub(plan.live_before) + live_now,
             addresses: set.record_count(),
             domains: set.domain_count(),
             conflicts: self.conflicts.len(),
