@@ -348,3 +348,44 @@ fn a_full_rebuild_goes_group_by_group_and_keeps_unchanged_segments() {
         assert_eq!(kind(&l, &format!("u7@c{c}.test")), Some(Kind::User));
     }
 }
+
+/// The lost-snapshot guard holds in segmented mode too: with the set's index gone but the
+/// state file there, a first build that removes most of what was in service is held (every
+/// answer a 4xx), then approved into a set again.
+#[test]
+fn a_lost_set_does_not_bypass_the_deletion_guard() {
+    let f = Fixture::new(4);
+    let mut l = f.loader();
+    published(l.rebuild());
+    drop(l);
+    std::fs::remove_file(f.snapshot()).expect("lose the index");
+    for c in 0..3 {
+        f.write(c, &map_text(c, 20, &(0..15).collect::<Vec<_>>(), ""));
+    }
+    let mut l = f.loader();
+    match l.rebuild().expect("rebuild") {
+        Outcome::Held(r) => assert_eq!(r.plan.removed, 45),
+        other => panic!("not held: {other:?}"),
+    }
+    assert_eq!(l.directory().generation(), None);
+    assert!(matches!(
+        l.directory().verdict("u17@c0.test"),
+        Verdict::Tempfail(_)
+    ));
+    l.approve().expect("approve");
+    assert_eq!(l.directory().generation(), Some(2));
+    assert_eq!(kind(&l, "u17@c0.test"), Some(Kind::User));
+    assert_eq!(kind(&l, "u3@c0.test"), None);
+    assert_eq!(l.status().segments, Some(4));
+    // The next change is incremental again.
+    let before = segments(&l);
+    f.write(3, &map_text(3, 21, &[], ""));
+    published(l.rebuild());
+    assert_eq!(
+        segments(&l)
+            .iter()
+            .filter(|s| before.iter().any(|b| Arc::ptr_eq(b, s)))
+            .count(),
+        3
+    );
+}
