@@ -1015,49 +1015,60 @@ impl Loader {
                 )
             })
             .count() as u64;
-        if self.cfg.segments {
+        // The build, its size, and whether it has the content in service already.
+        type Load = Box<dyn FnOnce() -> Result<Snapshot, LoadError>>;
+        let (load, addresses, domains, same): (Load, u64, u32, bool) = if self.cfg.segments {
             // One segment per group of sources; a domain only the guard keeps goes with the
             // first group.
             let sums = self.summaries_in_order().unwrap_or_default();
             let parts = segmented::build_segments(std::mem::take(&mut merged.input), &sums, 0)?;
             let set = Snapshot::assemble(parts, generation, now)?;
-            let mut report = Report {
-                generation,
-                plan,
-                addresses: set.record_count(),
-                live: live_now,
-                domains: set.domain_count(),
-                conflicts: conflicts.len(),
-                errors,
-                warnings,
-                approved: false,
-                data_time,
-            };
-            report.approved = !approved.is_empty() && report.plan.approved > 0;
             let same = old.is_some_and(|o| o.content_digest() == set.content_digest());
-            drop(view);
-            self.conflicts = conflicts;
-            return self.finish_build(set, report, same, now);
-        }
-        let (bytes, stats) = directory::build(merged.input)?;
+            let (a, d) = (set.record_count(), set.domain_count());
+            (Box::new(move || Ok(set)), a, d, same)
+        } else {
+            let (bytes, stats) = directory::build(merged.input)?;
+            let same = old.is_some_and(|o| {
+                Snapshot::digest_of(&bytes).is_ok_and(|d| d == o.content_digest())
+            });
+            let load = move || -> Result<Snapshot, LoadError> {
+                Snapshot::verify(&bytes)?;
+                Ok(Snapshot::from_bytes(bytes)?)
+            };
+            (
+                Box::new(load),
+                stats.records as u64,
+                stats.domains as u32,
+                same,
+            )
+        };
+        drop(view);
+        let approved_now = !approved.is_empty() && plan.approved > 0;
         let report = Report {
             generation,
             plan,
-            addresses: stats.records as u64,
+            addresses,
             live: live_now,
-            domains: stats.domains as u32,
+            domains,
             conflicts: conflicts.len(),
             errors,
             warnings,
-            approved: false,
+            approved: approved_now,
             data_time,
         };
-        let mut report = report;
-        report.approved = !approved.is_empty() && report.plan.approved > 0;
-        let same =
-            old.is_some_and(|o| Snapshot::digest_of(&bytes).is_ok_and(|d| d == o.content_digest()));
-        drop(view);
         self.conflicts = conflicts;
+        self.finish_build(load, report, same, now)
+    }
+
+    /// Hold bookkeeping, then publish the build (`snap` makes it; not called when `same`:
+    /// the snapshot in service stays).
+    fn finish_build(
+        &mut self,
+        snap: impl FnOnce() -> Result<Snapshot, LoadError>,
+        report: Report,
+        same: bool,
+        now: u64,
+    ) -> Result<Outcome, LoadError> {
         let hold = report.plan.hold;
         // A held build does not count as fresh data (max_age goes on counting).
         let fresh = (!hold).then_some(report.data_time);
@@ -1086,7 +1097,7 @@ impl Loader {
                 Outcome::Unchanged(report)
             });
         }
-        let report = self.publish(bytes, report, fresh)?;
+        let report = self.publish_snapshot(snap()?, report, fresh)?;
         Ok(if hold {
             Outcome::Held(report)
         } else {
@@ -1219,18 +1230,6 @@ impl Loader {
     /// way round it would forget tombstones. A persist that fails (disk full) does not hold
     /// back the publish: the build goes in service from memory, status and metrics say the
     /// disk is behind, and [`Self::retry_persist`] tries again.
-    fn publish(
-        &mut self,
-        bytes: Vec<u8>,
-        report: Report,
-        fresh: Option<u64>,
-    ) -> Result<Report, LoadError> {
-        Snapshot::verify(&bytes)?;
-        let snap = Snapshot::from_bytes(bytes)?;
-        self.publish_snapshot(snap, report, fresh)
-    }
-
-    /// [`Self::publish`] of a loaded snapshot (a set of segments, in segmented mode).
     fn publish_snapshot(
         &mut self,
         snap: Snapshot,

@@ -18,7 +18,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Held, LoadError, Loader, Outcome, Report};
+use super::{LoadError, Loader, Outcome, Report};
 use crate::directory::{self, Snapshot};
 use crate::sources::{Role, SourceData, derives_domain};
 use crate::sync::lifecycle::{self, Plan};
@@ -599,49 +599,6 @@ impl Loader {
             data_time: oldest,
             plan,
         };
-        self.finish_build(set, report, same, now).map(Some)
-    }
-
-    /// Hold bookkeeping, then publish `snap` (or keep the snapshot in service when `same`).
-    pub(super) fn finish_build(
-        &mut self,
-        snap: Snapshot,
-        report: Report,
-        same: bool,
-        now: u64,
-    ) -> Result<Outcome, LoadError> {
-        let hold = report.plan.hold;
-        let fresh = (!hold).then_some(report.data_time);
-        if hold {
-            let since = self.held.as_ref().map_or(now, |h| h.since);
-            self.held = Some(Held {
-                report: report.clone(),
-                since,
-                lost: None,
-            });
-        } else {
-            self.held = None;
-        }
-        if same {
-            if report.plan.state != self.state {
-                if let Some(p) = &self.cfg.guard.state {
-                    report.plan.state.save(p)?;
-                }
-                self.state = report.plan.state.clone();
-            }
-            self.adopt_orphans = false;
-            self.set_fresh(fresh);
-            return Ok(if hold {
-                Outcome::Held(report)
-            } else {
-                Outcome::Unchanged(report)
-            });
-        }
-        let report = self.publish_snapshot(snap, report, fresh)?;
-        Ok(if hold {
-            Outcome::Held(report)
-        } else {
-            Outcome::Published(report)
-        })
+        self.finish_build(|| Ok(set), report, same, now).map(Some)
     }
 }
