@@ -61,46 +61,6 @@ impl HashBaseline {
     }
 }
 
-fn percentiles(mut ns: Vec<f64>) -> (f64, f64) {
-    ns.sort_by(|a, b| a.total_cmp(b));
-    let at = |q: f64| ns[((ns.len() as f64 * q) as usize).min(ns.len() - 1)];
-    (at(0.50), at(0.99))
-}
-
-/// Median cost of the timing itself (two `Instant::now` calls).
-fn timer_overhead() -> f64 {
-    let mut v: Vec<f64> = (0..100_000)
-        .map(|_| {
-            let t = Instant::now();
-            black_box(());
-            t.elapsed().as_nanos() as f64
-        })
-        .collect();
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-/// Time each query on its own. The query is first copied into a reused buffer, outside the
-/// timed region: a server has the address it just received in cache, while the directory
-/// data it needs is wherever a random lookup finds it.
-fn time_each(queries: &[String], overhead: f64, mut f: impl FnMut(&str)) -> (f64, f64) {
-    for q in queries.iter().take(1000) {
-        f(q);
-    }
-    let mut hot = String::with_capacity(512);
-    let ns: Vec<f64> = queries
-        .iter()
-        .map(|q| {
-            hot.clear();
-            hot.push_str(q);
-            let t = Instant::now();
-            f(black_box(&hot));
-            (t.elapsed().as_nanos() as f64 - overhead).max(0.0)
-        })
-        .collect();
-    percentiles(ns)
-}
-
 /// Cycle through `qs`, handing each query to the measured routine from a hot buffer.
 struct Cycle<'q> {
     qs: &'q [String],
@@ -183,21 +143,21 @@ fn run_size(c: &mut Criterion, n: usize, test_mode: bool) {
         assert_eq!(fst, hash, "disagreement on {q}");
     }
 
-    let overhead = timer_overhead();
+    let overhead = common::timer_overhead();
     let mut report = Vec::new();
     for (name, qs) in [
         ("hit", &q_hit),
         ("subaddress hit", &q_sub),
         ("miss", &q_miss),
     ] {
-        let f = time_each(qs, overhead, |q| {
+        let f = common::time_each(qs, overhead, |q| {
             black_box(dir.verdict(black_box(q)));
         });
-        let hp = time_each(qs, overhead, |q| {
+        let hp = common::time_each(qs, overhead, |q| {
             black_box(huge.verdict(black_box(q)));
         });
         let mut b2 = AddrBuf::default();
-        let h = time_each(qs, overhead, |q| {
+        let h = common::time_each(qs, overhead, |q| {
             black_box(base.lookup(black_box(q), &mut b2));
         });
         report.push((name, f, hp, h));

@@ -102,41 +102,13 @@ fn map_file(path: &Path, input: &BuildInput, c: usize, extra: &[String]) {
     out.flush().expect("flush");
 }
 
-fn percentiles(mut ns: Vec<f64>) -> (f64, f64) {
-    ns.sort_by(|a, b| a.total_cmp(b));
-    let at = |q: f64| ns[((ns.len() as f64 * q) as usize).min(ns.len() - 1)];
-    (at(0.50), at(0.99))
-}
-
 /// p50 and p99 of each lookup timed on its own, in µs (as the lookup benchmark times them).
 fn time_each(dir: &Directory, queries: &[String]) -> (f64, f64) {
-    let overhead = {
-        let mut v: Vec<f64> = (0..100_000)
-            .map(|_| {
-                let t = Instant::now();
-                black_box(());
-                t.elapsed().as_nanos() as f64
-            })
-            .collect();
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    };
+    let overhead = common::timer_overhead();
     let mut buf = AddrBuf::default();
-    for q in queries.iter().take(1000) {
+    let (p50, p99) = common::time_each(queries, overhead, |q| {
         black_box(dir.verdict_in(q, &mut buf));
-    }
-    let mut hot = String::with_capacity(512);
-    let ns = queries
-        .iter()
-        .map(|q| {
-            hot.clear();
-            hot.push_str(q);
-            let t = Instant::now();
-            black_box(dir.verdict_in(black_box(&hot), &mut buf));
-            (t.elapsed().as_nanos() as f64 - overhead).max(0.0)
-        })
-        .collect();
-    let (p50, p99) = percentiles(ns);
+    });
     (p50 / 1000.0, p99 / 1000.0)
 }
 

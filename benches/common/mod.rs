@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+use std::hint::black_box;
+use std::time::Instant;
+
 use rcptgate::directory::Kind;
 use rcptgate::internal::{BuildInput, DomainSpec, Interner, NONE, RecordSpec};
 
@@ -335,4 +338,46 @@ pub fn hits(syn: &Synthetic, count: usize, seed: u64, tag: bool) -> Vec<String> 
             }
         })
         .collect()
+}
+
+// Timing of single lookups, shared by the lookup and segments benchmarks.
+
+pub fn percentiles(mut ns: Vec<f64>) -> (f64, f64) {
+    ns.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| ns[((ns.len() as f64 * q) as usize).min(ns.len() - 1)];
+    (at(0.50), at(0.99))
+}
+
+/// Median cost of the timing itself (two `Instant::now` calls).
+pub fn timer_overhead() -> f64 {
+    let mut v: Vec<f64> = (0..100_000)
+        .map(|_| {
+            let t = Instant::now();
+            black_box(());
+            t.elapsed().as_nanos() as f64
+        })
+        .collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Time each query on its own. The query is first copied into a reused buffer, outside the
+/// timed region: a server has the address it just received in cache, while the directory
+/// data it needs is wherever a random lookup finds it.
+pub fn time_each(queries: &[String], overhead: f64, mut f: impl FnMut(&str)) -> (f64, f64) {
+    for q in queries.iter().take(1000) {
+        f(q);
+    }
+    let mut hot = String::with_capacity(512);
+    let ns: Vec<f64> = queries
+        .iter()
+        .map(|q| {
+            hot.clear();
+            hot.push_str(q);
+            let t = Instant::now();
+            f(black_box(&hot));
+            (t.elapsed().as_nanos() as f64 - overhead).max(0.0)
+        })
+        .collect();
+    percentiles(ns)
 }

@@ -104,6 +104,20 @@ pub enum LoadError {
     Graph(String, graph::GraphError),
 }
 
+/// Live addresses of a build input (tombstones and exceptions not counted).
+fn live_records(input: &directory::BuildInput) -> u64 {
+    input
+        .records
+        .iter()
+        .filter(|r| {
+            !matches!(
+                r.kind,
+                directory::Kind::Exception | directory::Kind::Tombstone
+            )
+        })
+        .count() as u64
+}
+
 /// Where a live source's next sync starts.
 #[derive(Debug, Clone)]
 enum LiveMark {
@@ -1004,17 +1018,7 @@ impl Loader {
             &approved,
         );
         let conflicts = std::mem::take(&mut merged.conflicts);
-        let live_now = merged
-            .input
-            .records
-            .iter()
-            .filter(|r| {
-                !matches!(
-                    r.kind,
-                    directory::Kind::Exception | directory::Kind::Tombstone
-                )
-            })
-            .count() as u64;
+        let live_now = live_records(&merged.input);
         // The build, its size, and whether it has the content in service already.
         type Load = Box<dyn FnOnce() -> Result<Snapshot, LoadError>>;
         let (load, addresses, domains, same): (Load, u64, u32, bool) = if self.cfg.segments {

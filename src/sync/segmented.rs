@@ -505,17 +505,7 @@ impl Loader {
             state
                 .tombstones
                 .extend(std::mem::take(&mut p.state.tombstones));
-            live_now += merged
-                .input
-                .records
-                .iter()
-                .filter(|r| {
-                    !matches!(
-                        r.kind,
-                        directory::Kind::Exception | directory::Kind::Tombstone
-                    )
-                })
-                .count() as u64;
+            live_now += super::live_records(&merged.input);
             add_plan(&mut plan, p);
             conflicts.extend(std::mem::take(&mut merged.conflicts));
             // The new segments, by the groups as they are now.
