@@ -2,9 +2,10 @@
 //! whole domains (one customer's, say), under a small *index* file that names them.
 //!
 //! ```text
-//! PATH            index: magic "RCPTSETS", version, segment count, generation, created,
-//!                 then per segment (name hash u64, the segment header's crc32 u32),
-//!                 then a crc32 of everything before it
+//! PATH            index: magic "RCPTSETS", version 2, segment count, generation, created,
+//!                 then per segment: the hash naming its file (u64), its header's crc32,
+//!                 its address count (u64), its domain names (count, then u16-length
+//!                 prefixed, in name order); then a crc32 of everything before it
 //! PATH.parts/     one file per segment, named by the hash of its header
 //!                 (`<16 hex digits>.snap`): a snapshot of the ordinary format
 //! ```
@@ -16,8 +17,11 @@
 //! file never changes once written: its name is its header's hash), then replaces the index
 //! atomically, then removes the segment files no index names. A crash at any point leaves
 //! the old index naming complete old segment files, or the new index naming complete new
-//! ones: a restart opens one directory or the other, never a mix (each segment's header
-//! checksum is in the index, and a segment that does not match is refused).
+//! ones: a restart opens one directory or the other, never a mix. Each segment's header
+//! checksum is in the index: opened eagerly ([`Snapshot::open`]) a segment that does not
+//! match refuses the set; opened lazily ([`Snapshot::open_lazy`], the daemon's start, which
+//! reads only the index) it is refused when first read and its domains answer a temporary
+//! failure.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

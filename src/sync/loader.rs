@@ -284,9 +284,14 @@ impl Loader {
         };
         let adopt_orphans = cfg.guard.state.as_deref().is_none_or(|p| !p.exists());
         // Partial files of a process killed mid-write.
-        for p in [cfg.snapshot.as_deref(), cfg.guard.state.as_deref()]
-            .into_iter()
-            .flatten()
+        let summaries = cfg.snapshot.as_deref().map(segmented::summaries_path);
+        for p in [
+            cfg.snapshot.as_deref(),
+            cfg.guard.state.as_deref(),
+            summaries.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
         {
             let mut n = directory::clean_temporaries(p);
             // Segment files of a set that no index names (a crash between writing them and

@@ -187,7 +187,7 @@ fn add_plan(total: &mut Plan, p: Plan) {
 /// The summaries file of a set at `snapshot`: what the set in service was built from, so a
 /// restart goes on with incremental builds (a file that does not match the configuration's
 /// sources is ignored, and the first build is a full one).
-fn summaries_path(snapshot: &Path) -> std::path::PathBuf {
+pub(super) fn summaries_path(snapshot: &Path) -> std::path::PathBuf {
     let mut name = snapshot.file_name().unwrap_or_default().to_os_string();
     name.push(".sources.json");
     snapshot.with_file_name(name)
