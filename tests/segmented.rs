@@ -389,3 +389,42 @@ fn a_lost_set_does_not_bypass_the_deletion_guard() {
         3
     );
 }
+
+/// A segment file damaged on disk: after a restart its domains answer 4xx (never 5xx) until
+/// the first build, which notices and builds everything again from the sources.
+#[test]
+fn a_damaged_segment_is_rebuilt_by_the_first_build_after_a_start() {
+    let f = Fixture::new(3);
+    let mut l = f.loader();
+    published(l.rebuild());
+    drop(l);
+    let parts = f.dir.join("snap.bin.parts");
+    let victim = std::fs::read_dir(&parts)
+        .expect("parts")
+        .map(|e| e.expect("entry").path())
+        .find(|p| Snapshot::open(p).is_ok_and(|s| s.domain_index("c1.test").is_some()))
+        .expect("customer 1's segment");
+    let mut bytes = std::fs::read(&victim).expect("read");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&victim, bytes).expect("damage");
+    let mut l = f.loader();
+    assert!(matches!(
+        l.directory().verdict("u1@c1.test"),
+        Verdict::Tempfail(_)
+    ));
+    assert!(matches!(
+        l.directory().verdict("nobody@c1.test"),
+        Verdict::Tempfail(_)
+    ));
+    assert_eq!(kind(&l, "u1@c0.test"), Some(Kind::User));
+    // Nothing changed in the sources, but the set in service cannot be read whole: a full
+    // build replaces it.
+    let r = published(l.rebuild());
+    assert_eq!(r.plan.removed, 0);
+    assert_eq!(kind(&l, "u1@c1.test"), Some(Kind::User));
+    assert!(matches!(
+        l.directory().verdict("nobody@c1.test"),
+        Verdict::Reject(_)
+    ));
+}

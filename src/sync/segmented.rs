@@ -351,6 +351,11 @@ impl Loader {
             let Some(old) = old else {
                 return Ok(None);
             };
+            // Every segment is read (a no-op once done): one that cannot be read (replaced or
+            // damaged on disk) makes this a full build, which writes a whole set again.
+            if old.segments().is_none() {
+                return Ok(None);
+            }
             // The sources are what the set in service was built from.
             self.set_fresh(Some(oldest));
             return Ok(Some(Outcome::Unchanged(Report {
