@@ -2,7 +2,7 @@
 //! the snapshot builder's raw input types for the benchmarks. Not a stable API.
 
 pub use crate::directory::build::{
-    BuildInput, DomainSpec, Interner, NONE, RecordSpec, build, name_order, split_by_customer,
+    BuildInput, DomainSpec, Interner, NONE, RecordSpec, build, name_order,
 };
 
 use std::sync::Arc;

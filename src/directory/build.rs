@@ -178,14 +178,14 @@ pub fn split_by_customer(input: BuildInput) -> Vec<BuildInput> {
 pub fn split_by(input: BuildInput, key: impl Fn(&DomainSpec) -> u64) -> Vec<BuildInput> {
     let (order, _) = name_order(&input.domains);
     // Key -> part, in name order of each part's first domain.
-    let mut part_of_customer: HashMap<u64, usize> = HashMap::new();
+    let mut part_of_key: HashMap<u64, usize> = HashMap::new();
     let mut part_of_domain = vec![0usize; input.domains.len()];
     for &d in &order {
         let c = key(&input.domains[d as usize]);
-        let n = part_of_customer.len();
-        part_of_domain[d as usize] = *part_of_customer.entry(c).or_insert(n);
+        let n = part_of_key.len();
+        part_of_domain[d as usize] = *part_of_key.entry(c).or_insert(n);
     }
-    let parts = part_of_customer.len().max(1);
+    let parts = part_of_key.len().max(1);
     let mut out: Vec<BuildInput> = (0..parts)
         .map(|_| BuildInput {
             generation: input.generation,

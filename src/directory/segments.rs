@@ -96,6 +96,18 @@ impl Part {
             .as_ref()
     }
 
+    /// A segment named by `r`, in its file in `dir`, read on first use.
+    fn on_disk(r: SegmentRef, dir: &Path) -> Part {
+        Part {
+            file: Some(segment_file(dir, r.hash)),
+            hash: r.hash,
+            crc: r.crc,
+            records: r.records,
+            names: r.names,
+            cell: OnceLock::new(),
+        }
+    }
+
     fn segment_ref(&self) -> SegmentRef {
         SegmentRef {
             hash: self.hash,
@@ -240,25 +252,6 @@ impl SetIndex {
         self.parts.iter().map(|p| p.records).sum()
     }
 
-    /// This set's segments but `remove` (positions), plus `add`: shared, read or not.
-    pub(super) fn with(
-        &self,
-        remove: &HashSet<usize>,
-        add: Vec<Arc<Snapshot>>,
-    ) -> Result<SetIndex, SnapshotError> {
-        let mut parts: Vec<Arc<Part>> = self
-            .parts
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !remove.contains(i))
-            .map(|(_, p)| p.clone())
-            .collect();
-        for a in add {
-            parts.push(Arc::new(Part::loaded(a)?));
-        }
-        SetIndex::of(parts)
-    }
-
     /// The same segments, those held as built (whole images in memory) replaced by their
     /// files in `dir`, read on first use.
     pub(super) fn built_to_files(&self, dir: &Path) -> Result<SetIndex, SnapshotError> {
@@ -270,12 +263,7 @@ impl SetIndex {
                 if built.is_none_or(|s| s.image().is_none()) {
                     return p.clone();
                 }
-                Arc::new(Part {
-                    file: Some(dir.join(format!("{:016x}.snap", p.hash))),
-                    cell: OnceLock::new(),
-                    names: p.names.clone(),
-                    ..**p
-                })
+                Arc::new(Part::on_disk(p.segment_ref(), dir))
             })
             .collect();
         SetIndex::of(parts)
@@ -292,6 +280,11 @@ fn malformed(what: &'static str) -> SnapshotError {
         section: "segments",
         what,
     }
+}
+
+/// The file of the segment whose header hashes to `hash`, in a set's directory `dir`.
+fn segment_file(dir: &Path, hash: u64) -> PathBuf {
+    dir.join(format!("{hash:016x}.snap"))
 }
 
 /// Where the segment files of the set at `path` live.
@@ -370,7 +363,7 @@ pub fn write_segment(path: &Path, image: &[u8]) -> Result<SegmentRef, SnapshotEr
     };
     let dir = parts_dir(path);
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-    let file = dir.join(format!("{:016x}.snap", r.hash));
+    let file = segment_file(&dir, r.hash);
     if !file.exists() {
         write_atomic(&file, image)?;
         r.written = image.len() as u64;
@@ -431,7 +424,7 @@ pub fn write(path: &Path, set: &Snapshot) -> Result<WriteStats, SnapshotError> {
         Some(index) => {
             for part in &index.parts {
                 let r = part.segment_ref();
-                if dir.join(format!("{:016x}.snap", r.hash)).exists() {
+                if segment_file(&dir, r.hash).exists() {
                     stats.kept += 1;
                     refs.push(r);
                     continue;
@@ -560,7 +553,7 @@ fn read_index(path: &Path) -> Result<Index, SnapshotError> {
 pub(super) fn open(path: &Path, huge_pages: bool, lazy: bool) -> Result<Snapshot, SnapshotError> {
     let index = read_index(path)?;
     let dir = parts_dir(path);
-    let file = |e: &IndexEntry| dir.join(format!("{:016x}.snap", e.hash));
+    let file = |e: &IndexEntry| segment_file(&dir, e.hash);
     if lazy {
         let parts = index
             .segments
@@ -571,14 +564,14 @@ pub(super) fn open(path: &Path, huge_pages: bool, lazy: bool) -> Result<Snapshot
                 if len < HEADER_LEN as u64 {
                     return Err(malformed("a segment file is shorter than its header"));
                 }
-                Ok(Arc::new(Part {
+                let r = SegmentRef {
                     hash: e.hash,
                     crc: e.crc,
                     records: e.records,
                     names: e.domains.iter().map(|d| d.as_str().into()).collect(),
-                    file: Some(f),
-                    cell: OnceLock::new(),
-                }))
+                    written: 0,
+                };
+                Ok(Arc::new(Part::on_disk(r, &dir)))
             })
             .collect::<Result<Vec<_>, SnapshotError>>()?;
         return Snapshot::with_index(SetIndex::of(parts)?, index.generation, index.created_unix);
@@ -650,14 +643,7 @@ pub fn with_parts(
     if !written.is_empty() {
         let dir = dir.ok_or(malformed("written segments without a directory"))?;
         for r in written {
-            parts.push(Arc::new(Part {
-                file: Some(dir.join(format!("{:016x}.snap", r.hash))),
-                hash: r.hash,
-                crc: r.crc,
-                records: r.records,
-                names: r.names,
-                cell: OnceLock::new(),
-            }));
+            parts.push(Arc::new(Part::on_disk(r, dir)));
         }
     }
     Snapshot::with_index(SetIndex::of(parts)?, generation, created_unix)
@@ -687,7 +673,7 @@ pub fn collect_garbage(path: &Path) -> usize {
     let keep: HashSet<PathBuf> = index
         .segments
         .iter()
-        .map(|e| dir.join(format!("{:016x}.snap", e.hash)))
+        .map(|e| segment_file(&dir, e.hash))
         .collect();
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return 0;

@@ -800,11 +800,15 @@ impl Snapshot {
         generation: u64,
         created_unix: u64,
     ) -> Result<Snapshot, SnapshotError> {
-        let index = match self.set.as_deref() {
-            Some(set) => set.with(remove, add)?,
-            None => SetIndex::new(add)?,
-        };
-        Snapshot::with_index(index, generation, created_unix)
+        segments::with_parts(
+            Some(self),
+            remove,
+            add,
+            Vec::new(),
+            None,
+            generation,
+            created_unix,
+        )
     }
 
     pub(super) fn set_index(&self) -> Option<&SetIndex> {
