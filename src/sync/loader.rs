@@ -1030,7 +1030,8 @@ impl Loader {
             // One segment per group of sources; a domain only the guard keeps goes with the
             // first group.
             let sums = self.summaries_in_order().unwrap_or_default();
-            let parts = segmented::build_segments(std::mem::take(&mut merged.input), &sums, 0)?;
+            let images = segmented::build_segments(std::mem::take(&mut merged.input), &sums, 0)?;
+            let parts = segmented::load_segments(images)?;
             let set = Snapshot::assemble(parts, generation, now)?;
             let same = old.is_some_and(|o| o.content_digest() == set.content_digest());
             let (a, d) = (set.record_count(), set.domain_count());

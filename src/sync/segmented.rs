@@ -140,13 +140,13 @@ fn domain_groups(summaries: &[&Summary], group: &[usize]) -> HashMap<Box<str>, u
     out
 }
 
-/// Build the segments of `input`, one per group of `summaries` (one per configured source,
-/// in order; a domain no summary ties — kept by the guard — goes with `fallback`).
+/// Build the segment images of `input`, one per group of `summaries` (one per configured
+/// source, in order; a domain no summary ties — kept by the guard — goes with `fallback`).
 pub(super) fn build_segments(
     input: directory::BuildInput,
     summaries: &[&Summary],
     fallback: u64,
-) -> Result<Vec<Arc<Snapshot>>, LoadError> {
+) -> Result<Vec<Vec<u8>>, LoadError> {
     let single: Vec<Vec<&Summary>> = summaries.iter().map(|s| vec![*s]).collect();
     let group = groups(&single);
     let of = domain_groups(summaries, &group);
@@ -156,11 +156,16 @@ pub(super) fn build_segments(
     .into_iter()
     // A group left with no domain (its files emptied) has no segment.
     .filter(|input| !input.domains.is_empty())
-    .map(|input| {
-        let (bytes, _) = directory::build(input)?;
-        Ok(Arc::new(Snapshot::from_bytes(bytes)?))
-    })
+    .map(|input| Ok(directory::build(input)?.0))
     .collect()
+}
+
+/// Load built segment images (checked).
+pub(super) fn load_segments(images: Vec<Vec<u8>>) -> Result<Vec<Arc<Snapshot>>, LoadError> {
+    images
+        .into_iter()
+        .map(|bytes| Ok(Arc::new(Snapshot::from_bytes(bytes)?)))
+        .collect()
 }
 
 /// Add one group's plan to the plan of the whole build (its state is set afterwards).
@@ -378,38 +383,47 @@ impl Loader {
 
         // The groups, over what every source tied before and what the changed ones tie now.
         let empty = Summary::default();
-        let both: Vec<Vec<Summary>> = (0..n)
-            .map(|i| {
-                let old = self
-                    .summaries
-                    .get(&cfg.sources[i].name)
-                    .unwrap_or(&empty)
-                    .clone();
-                match fresh.get(&i) {
-                    Some(new) => vec![old, new.clone()],
-                    None => vec![old],
+        let (group, roots, mut group_domains) = {
+            let refs: Vec<Vec<&Summary>> = (0..n)
+                .map(|i| {
+                    let old = self.summaries.get(&cfg.sources[i].name).unwrap_or(&empty);
+                    match fresh.get(&i) {
+                        Some(new) => vec![old, new],
+                        None => vec![old],
+                    }
+                })
+                .collect();
+            let group = groups(&refs);
+            let mut hit: HashSet<usize> = fresh.keys().map(|&i| group[i]).collect();
+            for (i, sums) in refs.iter().enumerate() {
+                let ties_expiring = sums.iter().any(|s| {
+                    s.declared
+                        .iter()
+                        .chain(&s.touched)
+                        .any(|d| expiring.contains(&**d))
+                });
+                if ties_expiring {
+                    hit.insert(group[i]);
                 }
-            })
-            .collect();
-        let refs: Vec<Vec<&Summary>> = both.iter().map(|v| v.iter().collect()).collect();
-        let group = groups(&refs);
-        let mut hit: HashSet<usize> = fresh.keys().map(|&i| group[i]).collect();
-        for (i, sums) in both.iter().enumerate() {
-            let ties_expiring = sums.iter().any(|s| {
-                s.declared
-                    .iter()
-                    .chain(&s.touched)
-                    .any(|d| expiring.contains(&**d))
-            });
-            if ties_expiring {
-                hit.insert(group[i]);
             }
-        }
-        let mut roots: Vec<usize> = hit.into_iter().collect();
-        roots.sort_unstable();
-        for (i, sum) in &fresh {
-            self.summaries
-                .insert(cfg.sources[*i].name.clone(), sum.clone());
+            // Every domain each rebuilt group ties, before and now.
+            let mut domains: HashMap<usize, HashSet<Box<str>>> = HashMap::new();
+            for (i, sums) in refs
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| hit.contains(&group[*i]))
+            {
+                let d = domains.entry(group[i]).or_default();
+                for s in sums {
+                    d.extend(s.declared.iter().chain(&s.touched).cloned());
+                }
+            }
+            let mut roots: Vec<usize> = hit.into_iter().collect();
+            roots.sort_unstable();
+            (group, roots, domains)
+        };
+        for (i, sum) in fresh {
+            self.summaries.insert(cfg.sources[i].name.clone(), sum);
         }
 
         let generation = old.map_or(1, |o| o.generation() + 1);
@@ -426,14 +440,7 @@ impl Loader {
         let write_now = all && cfg.snapshot.is_some();
         for root in roots {
             let members: Vec<usize> = (0..n).filter(|&i| group[i] == root).collect();
-            // Every domain the group ties, before and now, and its tombstones' own.
-            let mut domains: HashSet<Box<str>> = HashSet::new();
-            for &i in &members {
-                for s in &both[i] {
-                    domains.extend(s.declared.iter().cloned());
-                    domains.extend(s.touched.iter().cloned());
-                }
-            }
+            let domains = group_domains.remove(&root).unwrap_or_default();
             let in_scope = |address: &str| {
                 address
                     .rsplit_once('@')
@@ -518,22 +525,25 @@ impl Loader {
                 .iter()
                 .filter_map(|&i| self.summaries.get(&cfg.sources[i].name))
                 .collect();
-            let parts = build_segments(std::mem::take(&mut merged.input), &now_sums, u64::MAX)?;
-            let mut after: Vec<_> = parts.iter().map(|p| p.content_digest()).collect();
+            let images = build_segments(std::mem::take(&mut merged.input), &now_sums, u64::MAX)?;
+            let mut after = images
+                .iter()
+                .map(|b| Snapshot::digest_of(b))
+                .collect::<Result<Vec<_>, _>>()?;
             after.sort();
             if old.is_some() && after == before {
                 // The group's segments have the same content: they stay (nothing written).
                 scope.extend(domains);
                 continue;
             }
-            for part in parts {
-                match (write_now, cfg.snapshot.as_deref()) {
-                    (true, Some(path)) => {
-                        let image = part.image().unwrap_or_default();
+            match (write_now, cfg.snapshot.as_deref()) {
+                // Written now (and checked on the way), read from its file on first use.
+                (true, Some(path)) => {
+                    for image in &images {
                         written.push(directory::segments::write_segment(path, image)?);
                     }
-                    _ => built.push(part),
                 }
+                _ => built.extend(load_segments(images)?),
             }
             replaced.extend(mine);
             scope.extend(domains);
