@@ -11,6 +11,8 @@
 //! its full build, its restart, and one customer's new file to its answer through
 //! `Loader::rebuild` (stamps, the group's read, merge, plan, build, write, publish).
 //!
+//! `SEG_CUSTOMERS=0` runs the daemon's path alone.
+//!
 //! `cargo bench --bench segments` (documented figures: ~15 minutes and ~9 GB of memory at
 //! the defaults); under `cargo test` it runs once on 20 x 200 as a smoke test.
 
@@ -139,29 +141,47 @@ fn loader_phase(customers: usize, per: usize, root: &Path) {
     use rcptgate::sync::loader::{Loader, Outcome, system_clock};
     let dir = root.join("loader");
     std::fs::create_dir_all(&dir).expect("dir");
-    let mut config = format!(
-        "[directory]\nsnapshot = \"{}\"\nsegments = true\n\n",
-        dir.join("directory.snap").display()
-    );
+    let mut sources = String::new();
+    let mut file_bytes = 0;
     for c in 0..customers {
         let (input, _) = customer(c, per, 5000 + c as u64);
         let file = dir.join(format!("c{c}.map"));
         map_file(&file, &input, c, &[]);
-        config.push_str(&format!(
+        file_bytes += std::fs::metadata(&file).map_or(0, |m| m.len());
+        sources.push_str(&format!(
             "[[source]]\nname = \"c{c}\"\nkind = \"map\"\npath = \"{}\"\n\n",
             file.display()
         ));
     }
-    let cfg = rcptgate::Config::parse("bench.toml", &config).expect("config");
-    reset_peak();
-    let t = Instant::now();
-    let directory = Arc::new(Directory::new(LookupOptions::default()));
-    let mut loader = Loader::new(cfg.clone(), directory, system_clock()).expect("loader");
-    let first = loader.rebuild().expect("full build");
-    assert!(matches!(first, Outcome::Published(_)));
-    let full = t.elapsed();
-    let full_peak = peak_mib();
-    drop(loader);
+    let config = |budget: &str| {
+        let text = format!(
+            "[directory]\nsnapshot = \"{}\"\nsegments = true\nbuild_memory = \"{budget}\"\n\n{sources}",
+            dir.join("directory.snap").display()
+        );
+        rcptgate::Config::parse("bench.toml", &text).expect("config")
+    };
+    // The full build from nothing, one group at a time (the smallest budget: no two groups'
+    // estimates fit in it) and then at the default budget (groups built on every core).
+    let mut full = Vec::new();
+    for budget in ["1MiB", "1GiB"] {
+        for e in std::fs::read_dir(&dir).expect("dir").flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with("directory.snap")
+            {
+                let p = e.path();
+                let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
+            }
+        }
+        reset_peak();
+        let t = Instant::now();
+        let directory = Arc::new(Directory::new(LookupOptions::default()));
+        let mut loader = Loader::new(config(budget), directory, system_clock()).expect("loader");
+        let first = loader.rebuild().expect("full build");
+        assert!(matches!(first, Outcome::Published(_)));
+        full.push((budget, t.elapsed(), peak_mib()));
+    }
+    let cfg = config("1GiB");
     // A restart: the set and the sources' summaries, then a build that reads nothing.
     let t = Instant::now();
     let directory = Arc::new(Directory::new(LookupOptions::default()));
@@ -201,9 +221,16 @@ fn loader_phase(customers: usize, per: usize, root: &Path) {
         customers * per
     );
     println!(
-        "  full build (read, merge, plan, build, write): {:.1} s, peak RSS {full_peak:.0} MiB",
-        full.as_secs_f64()
+        "  files: {:.0} MiB ({:.1} bytes/address)",
+        file_bytes as f64 / (1u64 << 20) as f64,
+        file_bytes as f64 / (customers * per) as f64
     );
+    for (budget, time, peak) in &full {
+        println!(
+            "  full build (read, merge, plan, build, write), build_memory = {budget}: {:.1} s, peak RSS {peak:.0} MiB",
+            time.as_secs_f64()
+        );
+    }
     println!(
         "  restart: set and summaries opened in {:.0} ms; first build (stat of every file, nothing read) {:.0} ms",
         ms(restart),
@@ -234,6 +261,16 @@ fn main() {
     )
     .expect("tempdir");
     let options = LookupOptions::default();
+    let loader_customers = if test_mode {
+        20
+    } else {
+        env("SEG_LOADER_CUSTOMERS", 1000)
+    };
+    // SEG_CUSTOMERS=0: the daemon's path alone.
+    if customers == 0 {
+        loader_phase(loader_customers, per, tmp.path());
+        return;
+    }
 
     // Baseline: one snapshot, opened from its file like the daemon does.
     let mut base = None;
@@ -411,11 +448,6 @@ fn main() {
     drop(dir);
     drop(current);
     drop(set);
-    let loader_customers = if test_mode {
-        20
-    } else {
-        env("SEG_LOADER_CUSTOMERS", 1000)
-    };
     if loader_customers > 0 {
         loader_phase(loader_customers, per, tmp.path());
     }

@@ -9,6 +9,7 @@
 //! max_age = "24h"                               # then unknown -> tempfail; "0s" disables
 //! debounce = "500ms"                            # quiet time after a source file changes
 //! segments = false                              # true: one segment per group of sources
+//! build_memory = "1GiB"                         # segmented builds: groups built at once fit
 //! reject_text = "User unknown"
 //!
 //! [[source]]
@@ -138,6 +139,7 @@ struct RawDirectory {
     debounce: Option<String>,
     always_accept: Option<Vec<String>>,
     segments: Option<bool>,
+    build_memory: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -279,6 +281,10 @@ pub struct Config {
     /// domains (see README, Segments): a changed source file rebuilds and writes only its
     /// group's segment. Off by default.
     pub segments: bool,
+    /// Segmented mode: the memory that the groups being built at once may take, estimated
+    /// from their files' sizes (`build_memory = "1GiB"` by default). Groups are built in
+    /// parallel, one per core, while they fit; a group larger than the budget is built alone.
+    pub build_memory: u64,
     /// Subaddress separators (`+` by default; empty disables).
     pub separators: String,
     /// Local parts accepted in every domain we own (`postmaster` by default).
@@ -364,6 +370,7 @@ impl Default for Config {
             max_age: Some(Duration::from_secs(86_400)),
             debounce: Duration::from_millis(500),
             segments: false,
+            build_memory: DEFAULT_BUILD_MEMORY,
             separators: "+".into(),
             always_accept: vec!["postmaster".into()],
             log_level: "info".into(),
@@ -432,6 +439,32 @@ pub enum ConfigError {
         key: String,
         message: String,
     },
+}
+
+/// Default `directory.build_memory`.
+pub const DEFAULT_BUILD_MEMORY: u64 = 1 << 30;
+
+/// Parse a size such as `"512MiB"`, `"2GiB"`, `"64M"` or `"1048576"` (bytes; K, M, G, T are
+/// powers of 1024, with or without `iB` or `B`).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let unit = unit.trim_start();
+    let unit = unit
+        .strip_suffix("iB")
+        .or_else(|| unit.strip_suffix('B'))
+        .unwrap_or(unit);
+    let shift = match unit {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return None,
+    };
+    n.checked_mul(1u64 << shift)
 }
 
 /// Parse a duration such as `"90s"`, `"15m"`, `"24h"`, `"7d"`.
@@ -762,6 +795,15 @@ impl Config {
             &raw.directory.debounce,
             Duration::from_millis(500),
         )?;
+        let build_memory = match &raw.directory.build_memory {
+            None => DEFAULT_BUILD_MEMORY,
+            Some(t) => parse_size(t).filter(|&n| n >= 1 << 20).ok_or_else(|| {
+                bad(
+                    "directory.build_memory",
+                    format!("{t:?} is not a size of at least 1MiB like \"512MiB\" or \"2GiB\""),
+                )
+            })?,
+        };
         let always_accept = raw
             .directory
             .always_accept
@@ -853,6 +895,7 @@ impl Config {
             max_age: (!max_age.is_zero()).then_some(max_age),
             debounce,
             segments: raw.directory.segments.unwrap_or(false),
+            build_memory,
             separators,
             always_accept,
             log_level,
@@ -1319,5 +1362,40 @@ fingerprint_digest = \"sha512\"\nmin_ttl = \"1m\"\nmax_ttl = \"2h\"\ndecision_ti
         assert_eq!(parse_duration("15"), None);
         assert_eq!(parse_duration("m"), None);
         assert_eq!(parse_duration("5y"), None);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512MiB"), Some(512 << 20));
+        assert_eq!(parse_size("2GiB"), Some(2 << 30));
+        assert_eq!(parse_size("64M"), Some(64 << 20));
+        assert_eq!(parse_size("1 GB"), Some(1 << 30));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("16Ki"), None);
+        assert_eq!(parse_size("GiB"), None);
+        assert_eq!(parse_size("-1G"), None);
+        assert_eq!(parse_size("99999999999T"), None);
+    }
+
+    #[test]
+    fn build_memory_is_checked() {
+        let with = |v: &str| {
+            GOOD.replace(
+                "[directory]\n",
+                &format!("[directory]\nbuild_memory = {v:?}\n"),
+            )
+        };
+        let c = Config::parse("t.toml", &with("256MiB")).expect("valid");
+        assert_eq!(c.build_memory, 256 << 20);
+        let c = Config::parse("t.toml", GOOD).expect("valid");
+        assert_eq!(c.build_memory, DEFAULT_BUILD_MEMORY);
+        let e = Config::parse("t.toml", &with("12KiB"))
+            .expect_err("too small")
+            .to_string();
+        assert!(
+            e.starts_with("t.toml: directory.build_memory: \"12KiB\""),
+            "{e}"
+        );
+        assert!(Config::parse("t.toml", &with("lots")).is_err());
     }
 }

@@ -31,6 +31,8 @@ struct Fixture {
     dir: PathBuf,
     now: Arc<AtomicU64>,
     customers: usize,
+    /// `[directory] build_memory`, when not the default.
+    build_memory: Option<&'static str>,
 }
 
 impl Fixture {
@@ -41,6 +43,7 @@ impl Fixture {
             _tmp: tmp,
             now: Arc::new(AtomicU64::new(T0)),
             customers,
+            build_memory: None,
         };
         for c in 0..customers {
             f.write(c, &map_text(c, 20, &[], ""));
@@ -69,8 +72,10 @@ impl Fixture {
 
     fn config(&self) -> Config {
         let mut text = format!(
-            "[directory]\nsnapshot = \"{}\"\nsegments = true\n\n",
-            self.snapshot().display()
+            "[directory]\nsnapshot = \"{}\"\nsegments = true\n{}\n",
+            self.snapshot().display(),
+            self.build_memory
+                .map_or(String::new(), |m| format!("build_memory = {m:?}\n"))
         );
         for c in 0..self.customers {
             text.push_str(&format!(
@@ -347,6 +352,50 @@ fn a_full_rebuild_goes_group_by_group_and_keeps_unchanged_segments() {
     for c in (0..5).filter(|&c| c != 2) {
         assert_eq!(kind(&l, &format!("u7@c{c}.test")), Some(Kind::User));
     }
+}
+
+/// The build memory budget decides how many groups are built at once, not what is built: with
+/// room for one group at a time (the smallest budget) and with the default (every group at
+/// once here), the same segments come out, and they answer the same.
+#[test]
+fn the_build_memory_budget_changes_when_groups_are_built_not_what() {
+    // The same segments (their content, which names each source's path: so one directory,
+    // built twice from nothing).
+    let digests = |l: &Loader| {
+        let mut d: Vec<_> = segments(l).iter().map(|s| s.content_digest()).collect();
+        d.sort();
+        d
+    };
+    let mut f = Fixture::new(6);
+    let mut b = f.loader();
+    published(b.rebuild());
+    let (all_at_once, answered) = (digests(&b), answers(&b, 6, usize::MAX));
+    drop(b);
+    for e in std::fs::read_dir(&f.dir).expect("dir").flatten() {
+        if e.file_name().to_string_lossy().starts_with("snap.bin") {
+            let p = e.path();
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p).expect("rm");
+            } else {
+                std::fs::remove_file(&p).expect("rm");
+            }
+        }
+    }
+    f.build_memory = Some("1MiB");
+    let mut a = f.loader();
+    published(a.rebuild());
+    assert_eq!(f.files().len(), 6);
+    assert_eq!(digests(&a), all_at_once);
+    assert_eq!(answers(&a, 6, usize::MAX), answered);
+    let one_at_a_time = &f;
+    // And an incremental build of two changed groups under the small budget.
+    one_at_a_time.write(1, &map_text(1, 20, &[3], ""));
+    one_at_a_time.write(4, &map_text(4, 20, &[5], ""));
+    let r = published(a.rebuild());
+    assert_eq!((r.plan.removed, r.plan.tombstoned), (2, 2));
+    assert_eq!(kind(&a, "u3@c1.test"), Some(Kind::Tombstone));
+    assert_eq!(kind(&a, "u5@c4.test"), Some(Kind::Tombstone));
+    assert_eq!(kind(&a, "u5@c1.test"), Some(Kind::User));
 }
 
 /// The lost-snapshot guard holds in segmented mode too: with the set's index gone but the

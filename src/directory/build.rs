@@ -122,6 +122,8 @@ pub enum BuildError {
     TooMany(&'static str),
     #[error("FST build failed: {0}")]
     Fst(String),
+    #[error("build failed: {0}")]
+    Internal(String),
 }
 
 /// What a build produced, for `compile` and the benchmarks.

@@ -84,6 +84,32 @@ impl Summary {
         s
     }
 
+    /// The summary of a MAP file from a scan of its lines' domains (`mapfile::scan_domains`),
+    /// without parsing its records: what the full build needs to form the groups before it
+    /// reads each group's files. It may tie more than the parse would (a refused line still
+    /// names its domain), never less. `None` for other formats, and for a file that cannot
+    /// be read or is not UTF-8 (its parse says why).
+    pub(super) fn scan(s: &crate::config::SourceConfig, stamp: Option<Stamp>) -> Option<Summary> {
+        if s.format != crate::sources::Format::Map {
+            return None;
+        }
+        let bytes = std::fs::read(&s.path).ok()?;
+        let text =
+            std::str::from_utf8(bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes)).ok()?;
+        let (mut declared, touched) = crate::sources::mapfile::scan_domains(text);
+        if s.role == Role::Exceptions {
+            declared.clear();
+        } else if !s.domains.is_empty() {
+            // Configured domains replace the file's (as `Loader::finish_source` does).
+            declared = s.domains.iter().map(|d| d.as_str().into()).collect();
+        }
+        Some(Summary {
+            stamp,
+            declared,
+            touched,
+        })
+    }
+
     /// The domains of this source that tie it to others: accepted ones it declares or lists
     /// addresses in.
     fn ties<'a>(&'a self, accepted: &'a HashSet<&str>) -> impl Iterator<Item = &'a str> + 'a {
@@ -158,6 +184,114 @@ pub(super) fn build_segments(
     .filter(|input| !input.domains.is_empty())
     .map(|input| Ok(directory::build(input)?.0))
     .collect()
+}
+
+/// One group's build, handed to the pool: its merged and planned records, what its segments
+/// are cut by, the digests of its segments in service (`None` on a first build) and the
+/// memory reserved for it.
+struct Job {
+    root: usize,
+    input: directory::BuildInput,
+    sums: Vec<Summary>,
+    before: Option<Vec<Vec<(u64, u32)>>>,
+    reserved: u64,
+}
+
+/// What became of a group's build.
+enum Done {
+    /// Its segments came out as they are in service: they stay.
+    Same,
+    /// Written to the set's directory (read on first use).
+    Written(Vec<directory::segments::SegmentRef>),
+    /// Kept in memory (no snapshot path, or an incremental build that writes the set after).
+    Built(Vec<Arc<Snapshot>>),
+}
+
+/// Build one group's segments; compare them with those in service; write them to the set at
+/// `write_to` or load them.
+fn build_job(job: Job, write_to: Option<&Path>) -> Result<Done, LoadError> {
+    let sums: Vec<&Summary> = job.sums.iter().collect();
+    let images = build_segments(job.input, &sums, u64::MAX)?;
+    if let Some(before) = &job.before {
+        let mut after = images
+            .iter()
+            .map(|b| Snapshot::digest_of(b))
+            .collect::<Result<Vec<_>, _>>()?;
+        after.sort();
+        if &after == before {
+            return Ok(Done::Same);
+        }
+    }
+    Ok(match write_to {
+        Some(path) => Done::Written(
+            images
+                .iter()
+                .map(|image| directory::segments::write_segment(path, image))
+                .collect::<Result<_, _>>()?,
+        ),
+        None => Done::Built(load_segments(images)?),
+    })
+}
+
+/// Memory a group's build takes, estimated from its source files' bytes: parsed entries,
+/// the merge, the sorted records and the segment images together come to about this many
+/// times the text (measured on MAP files of the benchmark's generator; see README).
+pub(super) const BUILD_MEMORY_PER_FILE_BYTE: u64 = 24;
+
+fn estimate(file_bytes: u64) -> u64 {
+    file_bytes
+        .saturating_mul(BUILD_MEMORY_PER_FILE_BYTE)
+        .max(1 << 20)
+}
+
+/// The `build_memory` budget of a segmented build: groups in progress reserve their
+/// estimate; a group waits until it fits beside the others, and runs alone when it does not
+/// fit at all (a group cannot be split).
+/// Whether a group of `bytes` may start beside groups holding `used`: when it fits, or when
+/// nothing else is in progress (a group larger than the budget runs alone).
+fn fits(used: u64, bytes: u64, budget: u64) -> bool {
+    used == 0 || used.saturating_add(bytes) <= budget
+}
+
+struct BuildPool {
+    budget: u64,
+    in_use: std::sync::Mutex<u64>,
+    freed: std::sync::Condvar,
+}
+
+impl BuildPool {
+    fn new(budget: u64) -> BuildPool {
+        BuildPool {
+            budget,
+            in_use: std::sync::Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Wait until `bytes` fit (or nothing else is in progress), and take them.
+    fn reserve(&self, bytes: u64) -> u64 {
+        let mut used = self
+            .in_use
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while !fits(*used, bytes, self.budget) {
+            used = self
+                .freed
+                .wait(used)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        *used = used.saturating_add(bytes);
+        bytes
+    }
+
+    fn release(&self, bytes: u64) {
+        let mut used = self
+            .in_use
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *used = used.saturating_sub(bytes);
+        self.freed.notify_all();
+    }
 }
 
 /// Load built segment images (checked).
@@ -339,6 +473,19 @@ impl Loader {
             if !all && now_stamp.is_some() && known == now_stamp {
                 continue;
             }
+            if all {
+                // Only the groups are needed now: each file is read in its group's turn.
+                // An unchanged file ties what it tied; a MAP file's domains come from a scan.
+                let old = self.summaries.get(&s.name);
+                let sum = match old {
+                    Some(o) if now_stamp.is_some() && o.stamp == now_stamp => Some(o.clone()),
+                    _ => Summary::scan(s, now_stamp.clone()),
+                };
+                if let Some(sum) = sum {
+                    fresh.insert(i, sum);
+                    continue;
+                }
+            }
             let d = self.load_file(s)?;
             fresh.insert(i, Summary::of(&d, now_stamp));
             if !all {
@@ -437,115 +584,197 @@ impl Loader {
         let mut written: Vec<directory::segments::SegmentRef> = Vec::new();
         let mut scope: HashSet<Box<str>> = HashSet::new();
         let mut conflicts = Vec::new();
-        let write_now = all && cfg.snapshot.is_some();
-        for root in roots {
-            let members: Vec<usize> = (0..n).filter(|&i| group[i] == root).collect();
-            let domains = group_domains.remove(&root).unwrap_or_default();
-            let in_scope = |address: &str| {
-                address
-                    .rsplit_once('@')
-                    .is_some_and(|(_, d)| domains.contains(d))
-            };
-            let mut data = Vec::with_capacity(members.len());
-            for &i in &members {
-                let s = &cfg.sources[i];
-                match kept.remove(&i) {
-                    Some(d) => data.push(d),
-                    None if live(i) => match self.ldap_cache.get(&s.name) {
-                        Some((d, _, _)) => {
-                            let mut d = d.clone();
-                            self.finish_source(&mut d, s);
-                            data.push(d);
+        let write_to = match (all, cfg.snapshot.as_deref()) {
+            (true, Some(path)) => Some(path),
+            _ => None,
+        };
+        // Groups are read, merged and planned here, in order (the plan and the state are one
+        // sequence), and built by a pool of threads; a group is read only when its estimated
+        // memory fits the budget beside the groups in progress (or when none is).
+        let pool = BuildPool::new(cfg.build_memory);
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(roots.len())
+            .max(1);
+        let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<Job>(0);
+        let job_rx = std::sync::Mutex::new(job_rx);
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<(usize, Result<Done, LoadError>)>();
+        let mut groups_done: Vec<(usize, HashSet<usize>, HashSet<Box<str>>)> = Vec::new();
+        let produced = std::thread::scope(|sc| {
+            for _ in 0..workers {
+                let (job_rx, done_tx, pool) = (&job_rx, done_tx.clone(), &pool);
+                sc.spawn(move || {
+                    loop {
+                        let job = match job_rx.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok(job) = job else { return };
+                        let (root, reserved) = (job.root, job.reserved);
+                        let r = build_job(job, write_to);
+                        pool.release(reserved);
+                        if done_tx.send((root, r)).is_err() {
+                            return;
                         }
-                        None => return Ok(None),
-                    },
-                    None => {
-                        let st = stamp(&s.path);
-                        let d = self.load_file(s)?;
-                        // Read again now: what this build is made of.
-                        self.summaries.insert(s.name.clone(), Summary::of(&d, st));
-                        data.push(d);
+                    }
+                });
+            }
+            drop(done_tx);
+            let r = (|| -> Result<Option<()>, LoadError> {
+                for root in roots {
+                    let members: Vec<usize> = (0..n).filter(|&i| group[i] == root).collect();
+                    let domains = group_domains.remove(&root).unwrap_or_default();
+                    let in_scope = |address: &str| {
+                        address
+                            .rsplit_once('@')
+                            .is_some_and(|(_, d)| domains.contains(d))
+                    };
+                    // Estimated from the files' sizes as the last build saw them.
+                    let file_bytes: u64 = members
+                        .iter()
+                        .map(|&i| {
+                            self.summaries
+                                .get(&cfg.sources[i].name)
+                                .and_then(|s| s.stamp.as_ref())
+                                .map_or(0, |st| st.len)
+                        })
+                        .sum();
+                    let reserved = pool.reserve(estimate(file_bytes));
+                    let mut data = Vec::with_capacity(members.len());
+                    let mut read = || -> Result<Option<()>, LoadError> {
+                        for &i in &members {
+                            let s = &cfg.sources[i];
+                            match kept.remove(&i) {
+                                Some(d) => data.push(d),
+                                None if live(i) => match self.ldap_cache.get(&s.name) {
+                                    Some((d, _, _)) => {
+                                        let mut d = d.clone();
+                                        self.finish_source(&mut d, s);
+                                        data.push(d);
+                                    }
+                                    None => return Ok(None),
+                                },
+                                None => {
+                                    let st = stamp(&s.path);
+                                    let d = self.load_file(s)?;
+                                    // Read again now: what this build is made of.
+                                    self.summaries.insert(s.name.clone(), Summary::of(&d, st));
+                                    data.push(d);
+                                }
+                            }
+                        }
+                        Ok(Some(()))
+                    };
+                    let r = read();
+                    if !matches!(r, Ok(Some(()))) {
+                        pool.release(reserved);
+                        return r;
+                    }
+                    // The segments in service that hold any of those domains: replaced as a
+                    // whole (a segment that cannot be read makes this a full build).
+                    let mine: HashSet<usize> = match old {
+                        Some(o) => domains.iter().filter_map(|d| o.segment_of(d)).collect(),
+                        None => HashSet::new(),
+                    };
+                    let Some(old_parts) = mine
+                        .iter()
+                        .map(|&p| old.and_then(|o| o.segment(p)))
+                        .collect::<Option<Vec<_>>>()
+                    else {
+                        pool.release(reserved);
+                        return Ok(None);
+                    };
+                    let before = old.map(|_| {
+                        let mut b: Vec<_> = old_parts.iter().map(|p| p.content_digest()).collect();
+                        b.sort();
+                        b
+                    });
+                    let old_sub = match old {
+                        Some(o) => Some(Snapshot::assemble(
+                            old_parts,
+                            o.generation(),
+                            o.created_unix(),
+                        )?),
+                        None => None,
+                    };
+                    let mut merged = merge::merge(&data, generation);
+                    let (e, w) = self.note_diagnostics(&data, &merged);
+                    drop(data);
+                    errors += e;
+                    warnings += w;
+                    total_diagnostics += self.diagnostics.0;
+                    for l in std::mem::take(&mut self.diagnostics.1) {
+                        if lines.len() < crate::service::types::MAX_DIAGNOSTICS {
+                            lines.push(l);
+                        }
+                    }
+                    let mut sub_state = state.clone();
+                    sub_state.tombstones.retain(|a, _| in_scope(a));
+                    let mut p = lifecycle::plan_approved(
+                        old_sub.as_ref(),
+                        &mut merged.input,
+                        &sub_state,
+                        now,
+                        &cfg.guard,
+                        false,
+                        &HashSet::new(),
+                    );
+                    state.tombstones.retain(|a, _| !in_scope(a));
+                    state
+                        .tombstones
+                        .extend(std::mem::take(&mut p.state.tombstones));
+                    live_now += super::live_records(&merged.input);
+                    add_plan(&mut plan, p);
+                    conflicts.extend(std::mem::take(&mut merged.conflicts));
+                    // The new segments, by the groups as they are now (built by the pool).
+                    let sums: Vec<Summary> = members
+                        .iter()
+                        .filter_map(|&i| self.summaries.get(&cfg.sources[i].name).cloned())
+                        .collect();
+                    groups_done.push((root, mine, domains));
+                    let job = Job {
+                        root,
+                        input: std::mem::take(&mut merged.input),
+                        sums,
+                        before,
+                        reserved,
+                    };
+                    if job_tx.send(job).is_err() {
+                        break;
                     }
                 }
-            }
-            // The segments in service that hold any of those domains: replaced as a whole (a
-            // segment that cannot be read makes this a full build).
-            let mine: HashSet<usize> = match old {
-                Some(o) => domains.iter().filter_map(|d| o.segment_of(d)).collect(),
-                None => HashSet::new(),
-            };
-            let Some(old_parts) = mine
-                .iter()
-                .map(|&p| old.and_then(|o| o.segment(p)))
-                .collect::<Option<Vec<_>>>()
-            else {
-                return Ok(None);
-            };
-            let mut before: Vec<_> = old_parts.iter().map(|p| p.content_digest()).collect();
-            before.sort();
-            let old_sub = match old {
-                Some(o) => Some(Snapshot::assemble(
-                    old_parts,
-                    o.generation(),
-                    o.created_unix(),
-                )?),
-                None => None,
-            };
-            let mut merged = merge::merge(&data, generation);
-            let (e, w) = self.note_diagnostics(&data, &merged);
-            drop(data);
-            errors += e;
-            warnings += w;
-            total_diagnostics += self.diagnostics.0;
-            for l in std::mem::take(&mut self.diagnostics.1) {
-                if lines.len() < crate::service::types::MAX_DIAGNOSTICS {
-                    lines.push(l);
-                }
-            }
-            let mut sub_state = state.clone();
-            sub_state.tombstones.retain(|a, _| in_scope(a));
-            let mut p = lifecycle::plan_approved(
-                old_sub.as_ref(),
-                &mut merged.input,
-                &sub_state,
-                now,
-                &cfg.guard,
-                false,
-                &HashSet::new(),
-            );
-            state.tombstones.retain(|a, _| !in_scope(a));
-            state
-                .tombstones
-                .extend(std::mem::take(&mut p.state.tombstones));
-            live_now += super::live_records(&merged.input);
-            add_plan(&mut plan, p);
-            conflicts.extend(std::mem::take(&mut merged.conflicts));
-            // The new segments, by the groups as they are now.
-            let now_sums: Vec<&Summary> = members
-                .iter()
-                .filter_map(|&i| self.summaries.get(&cfg.sources[i].name))
-                .collect();
-            let images = build_segments(std::mem::take(&mut merged.input), &now_sums, u64::MAX)?;
-            let mut after = images
-                .iter()
-                .map(|b| Snapshot::digest_of(b))
-                .collect::<Result<Vec<_>, _>>()?;
-            after.sort();
-            if old.is_some() && after == before {
+                Ok(Some(()))
+            })();
+            // No more jobs: the workers finish what they hold and stop.
+            drop(job_tx);
+            r
+        });
+        let mut results: HashMap<usize, Done> = HashMap::new();
+        for (root, r) in done_rx {
+            results.insert(root, r?);
+        }
+        if produced?.is_none() {
+            return Ok(None);
+        }
+        for (root, mine, domains) in groups_done {
+            match results.remove(&root) {
                 // The group's segments have the same content: they stay (nothing written).
-                scope.extend(domains);
-                continue;
-            }
-            match (write_now, cfg.snapshot.as_deref()) {
-                // Written now (and checked on the way), read from its file on first use.
-                (true, Some(path)) => {
-                    for image in &images {
-                        written.push(directory::segments::write_segment(path, image)?);
-                    }
+                Some(Done::Same) => {}
+                Some(Done::Written(refs)) => {
+                    written.extend(refs);
+                    replaced.extend(mine);
                 }
-                _ => built.extend(load_segments(images)?),
+                Some(Done::Built(parts)) => {
+                    built.extend(parts);
+                    replaced.extend(mine);
+                }
+                // A worker that stopped without an answer (it panicked).
+                None => {
+                    return Err(LoadError::Build(directory::BuildError::Internal(
+                        "a segment build stopped without a result".into(),
+                    )));
+                }
             }
-            replaced.extend(mine);
             scope.extend(domains);
         }
         let same = old.is_some() && replaced.is_empty();
@@ -605,5 +834,28 @@ impl Loader {
             plan,
         };
         self.finish_build(|| Ok(set), report, same, now).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_starts_when_it_fits_or_runs_alone() {
+        assert!(fits(0, 5 << 30, 1 << 30), "too large: alone");
+        assert!(fits(512 << 20, 512 << 20, 1 << 30));
+        assert!(!fits(512 << 20, (512 << 20) + 1, 1 << 30));
+        assert!(!fits(1, u64::MAX, u64::MAX - 1));
+        assert_eq!(estimate(0), 1 << 20);
+        assert_eq!(estimate(1 << 20), BUILD_MEMORY_PER_FILE_BYTE << 20);
+        assert_eq!(estimate(u64::MAX), u64::MAX);
+        // What is reserved is given back.
+        let pool = BuildPool::new(1 << 30);
+        let a = pool.reserve(600 << 20);
+        pool.release(a);
+        let b = pool.reserve(900 << 20);
+        pool.release(b);
+        assert_eq!(*pool.in_use.lock().expect("lock"), 0);
     }
 }
