@@ -104,6 +104,65 @@ pub enum LoadError {
     Graph(String, graph::GraphError),
 }
 
+/// A source's data as its configuration says: its role, and the accepted domains it is
+/// configured with (instead of those of its addresses).
+fn finish_source(d: &mut SourceData, s: &crate::config::SourceConfig) {
+    d.role = s.role;
+    if !s.domains.is_empty() {
+        let name: Arc<str> = Arc::from(s.name.as_str());
+        d.domains = ldap::declared_domains(&s.domains, &name);
+        d.derive_domains = false;
+    }
+}
+
+/// A build's diagnostics and conflicts counted, the first ones as text.
+#[derive(Debug, Default)]
+struct Diagnosed {
+    errors: usize,
+    warnings: usize,
+    conflicts: usize,
+    total: usize,
+    lines: Vec<String>,
+}
+
+impl Diagnosed {
+    fn of(data: &[SourceData], merged: &merge::Merged) -> Diagnosed {
+        let mut out = Diagnosed::default();
+        for d in data
+            .iter()
+            .flat_map(|s| s.diagnostics.iter())
+            .chain(&merged.diagnostics)
+        {
+            match d.severity {
+                Severity::Error => out.errors += 1,
+                Severity::Warning => out.warnings += 1,
+            }
+            out.total += 1;
+            if out.lines.len() < MAX_DIAGNOSTICS {
+                out.lines.push(d.to_string());
+            }
+        }
+        for c in &merged.conflicts {
+            out.total += 1;
+            out.conflicts += 1;
+            if out.lines.len() < MAX_DIAGNOSTICS {
+                out.lines.push(format!("conflict: {c}"));
+            }
+        }
+        out
+    }
+
+    /// Another group's, after these.
+    fn add(&mut self, other: Diagnosed) {
+        self.errors += other.errors;
+        self.warnings += other.warnings;
+        self.conflicts += other.conflicts;
+        self.total += other.total;
+        let room = MAX_DIAGNOSTICS.saturating_sub(self.lines.len());
+        self.lines.extend(other.lines.into_iter().take(room));
+    }
+}
+
 /// Live addresses of a build input (tombstones and exceptions not counted).
 fn live_records(input: &directory::BuildInput) -> u64 {
     input
@@ -545,7 +604,7 @@ impl Loader {
                     return Err(e);
                 }
             };
-            self.finish_source(&mut d, s);
+            finish_source(&mut d, s);
             data.push(d);
             back.push(from);
         }
@@ -838,62 +897,31 @@ impl Loader {
         }
     }
 
-    /// What the configuration adds to a source's data: its role, and the accepted domains
-    /// it declares for it.
-    fn finish_source(&self, d: &mut SourceData, s: &crate::config::SourceConfig) {
-        d.role = s.role;
-        if !s.domains.is_empty() {
-            let name: Arc<str> = Arc::from(s.name.as_str());
-            d.domains = ldap::declared_domains(&s.domains, &name);
-            d.derive_domains = false;
-        }
-    }
-
     /// Read a file source, as [`Self::read_sources`] does.
     fn load_file(&self, s: &crate::config::SourceConfig) -> Result<SourceData, LoadError> {
         let mut d = sources::load(s.format, &s.path)?;
-        self.finish_source(&mut d, s);
+        finish_source(&mut d, s);
         Ok(d)
     }
 
-    /// Count, keep and log a build's diagnostics and conflicts (all of them for `status`).
-    fn note_diagnostics(&mut self, data: &[SourceData], merged: &merge::Merged) -> (usize, usize) {
-        let (mut errors, mut warnings) = (0, 0);
-        let mut lines = Vec::new();
-        let mut total = 0;
-        for d in data
-            .iter()
-            .flat_map(|s| s.diagnostics.iter())
-            .chain(&merged.diagnostics)
-        {
-            match d.severity {
-                Severity::Error => errors += 1,
-                Severity::Warning => warnings += 1,
-            }
-            total += 1;
-            if lines.len() < MAX_DIAGNOSTICS {
-                lines.push(d.to_string());
-            }
-        }
-        for c in &merged.conflicts {
-            total += 1;
-            if lines.len() < MAX_DIAGNOSTICS {
-                lines.push(format!("conflict: {c}"));
-            }
-        }
+    /// Keep and log a build's diagnostics and conflicts (all of them for `status`); its
+    /// errors and warnings.
+    fn note_diagnostics(&mut self, d: Diagnosed) -> (usize, usize) {
         // A summary, not every diagnostic again at every sync (`status` shows them).
-        if total > 0 {
+        if d.total > 0 {
             warn!(
-                errors,
-                warnings,
-                conflicts = merged.conflicts.len(),
-                first = ?&lines[..lines.len().min(LOGGED_DIAGNOSTICS)],
-                "build diagnostics: {errors} error(s), {warnings} warning(s), {} conflict(s) (rcptgate status shows them)",
-                merged.conflicts.len()
+                errors = d.errors,
+                warnings = d.warnings,
+                conflicts = d.conflicts,
+                first = ?&d.lines[..d.lines.len().min(LOGGED_DIAGNOSTICS)],
+                "build diagnostics: {} error(s), {} warning(s), {} conflict(s) (rcptgate status shows them)",
+                d.errors,
+                d.warnings,
+                d.conflicts
             );
         }
-        self.diagnostics = (total, lines);
-        (errors, warnings)
+        self.diagnostics = (d.total, d.lines);
+        (d.errors, d.warnings)
     }
 
     fn try_rebuild(&mut self, sync_all: bool) -> Result<Outcome, LoadError> {
@@ -957,7 +985,7 @@ impl Loader {
             .snapshot()
             .map_or((0, after_last), |s| (s.record_count(), s.generation() + 1));
         let mut merged = merge::merge(&data, generation);
-        let (errors, warnings) = self.note_diagnostics(&data, &merged);
+        let (errors, warnings) = self.note_diagnostics(Diagnosed::of(&data, &merged));
         self.give_back(data, back);
         let view = self.dir.view();
         let old = view.snapshot();

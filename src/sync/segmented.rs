@@ -18,7 +18,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use super::{LoadError, Loader, Outcome, Report};
+use super::{Diagnosed, LoadError, Loader, Outcome, Report, finish_source};
 use crate::directory::{self, Snapshot};
 use crate::sources::{Role, SourceData, derives_domain};
 use crate::sync::lifecycle::{self, Plan};
@@ -100,7 +100,7 @@ impl Summary {
         if s.role == Role::Exceptions {
             declared.clear();
         } else if !s.domains.is_empty() {
-            // Configured domains replace the file's (as `Loader::finish_source` does).
+            // Configured domains replace the file's (as `finish_source` does).
             declared = s.domains.iter().map(|d| d.as_str().into()).collect();
         }
         Some(Summary {
@@ -186,20 +186,48 @@ pub(super) fn build_segments(
     .collect()
 }
 
-/// One group's build, handed to the pool: its merged and planned records, what its segments
-/// are cut by, the digests of its segments in service (`None` on a first build) and the
-/// memory reserved for it.
+/// A source of a group's build: read already (a changed file, a live source's last sync), or
+/// a file the group's thread reads.
+enum GroupSource {
+    Read(SourceData),
+    File,
+}
+
+/// One group's build, handed to the pool: its sources, its segments in service (with the
+/// set's generation and time; `None` on a first build), the tombstones in its domains and
+/// the memory reserved for it.
 struct Job {
     root: usize,
-    input: directory::BuildInput,
-    sums: Vec<Summary>,
-    before: Option<Vec<Vec<(u64, u32)>>>,
+    sources: Vec<(crate::config::SourceConfig, GroupSource)>,
+    old: Option<(Vec<Arc<Snapshot>>, u64, u64)>,
+    state: lifecycle::State,
     reserved: u64,
 }
 
-/// What became of a group's build.
+/// What every group's build shares.
+struct GroupContext<'a> {
+    generation: u64,
+    now: u64,
+    guard: &'a crate::config::GuardConfig,
+    /// Where new segments are written as built (full builds); otherwise they are kept in
+    /// memory and written with the set.
+    write_to: Option<&'a Path>,
+}
+
+/// What a group's build did.
+struct GroupDone {
+    /// The summaries of the files it read.
+    summaries: Vec<(String, Summary)>,
+    plan: Plan,
+    live: u64,
+    diagnosed: Diagnosed,
+    conflicts: Vec<merge::Conflict>,
+    done: Done,
+}
+
+/// What became of a group's segments.
 enum Done {
-    /// Its segments came out as they are in service: they stay.
+    /// They came out as they are in service: they stay.
     Same,
     /// Written to the set's directory (read on first use).
     Written(Vec<directory::segments::SegmentRef>),
@@ -207,29 +235,95 @@ enum Done {
     Built(Vec<Arc<Snapshot>>),
 }
 
-/// Build one group's segments; compare them with those in service; write them to the set at
-/// `write_to` or load them.
-fn build_job(job: Job, write_to: Option<&Path>) -> Result<Done, LoadError> {
-    let sums: Vec<&Summary> = job.sums.iter().collect();
-    let images = build_segments(job.input, &sums, u64::MAX)?;
-    if let Some(before) = &job.before {
-        let mut after = images
-            .iter()
-            .map(|b| Snapshot::digest_of(b))
-            .collect::<Result<Vec<_>, _>>()?;
-        after.sort();
-        if &after == before {
-            return Ok(Done::Same);
-        }
+/// One group's build: read its files, merge, plan against its segments in service
+/// (tombstones, guard), build its segments, compare them with those in service, and write
+/// or load them.
+fn build_group(job: Job, ctx: &GroupContext) -> Result<GroupDone, LoadError> {
+    let mut data = Vec::with_capacity(job.sources.len());
+    let mut summaries = Vec::new();
+    for (s, input) in job.sources {
+        let d = match input {
+            GroupSource::Read(d) => d,
+            GroupSource::File => {
+                let st = stamp(&s.path);
+                let mut d = crate::sources::load(s.format, &s.path)?;
+                finish_source(&mut d, &s);
+                // Read again now: what this build is made of.
+                summaries.push((s.name.clone(), Summary::of(&d, st)));
+                d
+            }
+        };
+        data.push((s.name, d));
     }
-    Ok(match write_to {
-        Some(path) => Done::Written(
-            images
+    let (names, data): (Vec<String>, Vec<SourceData>) = data.into_iter().unzip();
+    let (old_sub, before) = match job.old {
+        Some((parts, generation, created)) => {
+            let mut before: Vec<_> = parts.iter().map(|p| p.content_digest()).collect();
+            before.sort();
+            (
+                Some(Snapshot::assemble(parts, generation, created)?),
+                Some(before),
+            )
+        }
+        None => (None, None),
+    };
+    let mut merged = merge::merge(&data, ctx.generation);
+    let diagnosed = Diagnosed::of(&data, &merged);
+    // The segments are cut by what each source ties now.
+    let now_sums: Vec<Summary> = names
+        .iter()
+        .zip(&data)
+        .map(|(name, d)| {
+            summaries
                 .iter()
-                .map(|image| directory::segments::write_segment(path, image))
-                .collect::<Result<_, _>>()?,
-        ),
-        None => Done::Built(load_segments(images)?),
+                .find(|(n, _)| n == name)
+                .map_or_else(|| Summary::of(d, None), |(_, s)| s.clone())
+        })
+        .collect();
+    drop(data);
+    let plan = lifecycle::plan_approved(
+        old_sub.as_ref(),
+        &mut merged.input,
+        &job.state,
+        ctx.now,
+        ctx.guard,
+        false,
+        &HashSet::new(),
+    );
+    let live = super::live_records(&merged.input);
+    let conflicts = std::mem::take(&mut merged.conflicts);
+    let sums: Vec<&Summary> = now_sums.iter().collect();
+    let images = build_segments(merged.input, &sums, u64::MAX)?;
+    let done = match &before {
+        Some(before)
+            if {
+                let mut after = images
+                    .iter()
+                    .map(|b| Snapshot::digest_of(b))
+                    .collect::<Result<Vec<_>, _>>()?;
+                after.sort();
+                &after == before
+            } =>
+        {
+            Done::Same
+        }
+        _ => match ctx.write_to {
+            Some(path) => Done::Written(
+                images
+                    .iter()
+                    .map(|image| directory::segments::write_segment(path, image))
+                    .collect::<Result<_, _>>()?,
+            ),
+            None => Done::Built(load_segments(images)?),
+        },
+    };
+    Ok(GroupDone {
+        summaries,
+        plan,
+        live,
+        diagnosed,
+        conflicts,
+        done,
     })
 }
 
@@ -576,21 +670,26 @@ impl Loader {
         let generation = old.map_or(1, |o| o.generation() + 1);
         let mut state = self.state.clone();
         let mut plan = Plan::default();
-        let (mut errors, mut warnings, mut live_now) = (0, 0, 0u64);
-        let mut lines: Vec<String> = Vec::new();
-        let mut total_diagnostics = 0;
+        let mut live_now = 0u64;
+        let mut diagnosed = Diagnosed::default();
         let mut replaced: HashSet<usize> = HashSet::new();
         let mut built: Vec<Arc<Snapshot>> = Vec::new();
         let mut written: Vec<directory::segments::SegmentRef> = Vec::new();
         let mut scope: HashSet<Box<str>> = HashSet::new();
         let mut conflicts = Vec::new();
-        let write_to = match (all, cfg.snapshot.as_deref()) {
-            (true, Some(path)) => Some(path),
-            _ => None,
+        let ctx = GroupContext {
+            generation,
+            now,
+            guard: &cfg.guard,
+            write_to: match (all, cfg.snapshot.as_deref()) {
+                (true, Some(path)) => Some(path),
+                _ => None,
+            },
         };
-        // Groups are read, merged and planned here, in order (the plan and the state are one
-        // sequence), and built by a pool of threads; a group is read only when its estimated
-        // memory fits the budget beside the groups in progress (or when none is).
+        // Each group is read, merged, planned and built by a pool of threads, one group per
+        // thread (groups share no domain, so their plans are independent); a group starts
+        // only when its estimated memory fits the budget beside the groups in progress (or
+        // when none is). What the groups did is combined here, in the groups' order.
         let pool = BuildPool::new(cfg.build_memory);
         let workers = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
@@ -598,11 +697,14 @@ impl Loader {
             .max(1);
         let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<Job>(0);
         let job_rx = std::sync::Mutex::new(job_rx);
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<(usize, Result<Done, LoadError>)>();
-        let mut groups_done: Vec<(usize, HashSet<usize>, HashSet<Box<str>>)> = Vec::new();
-        let produced = std::thread::scope(|sc| {
+        let (done_tx, done_rx) =
+            std::sync::mpsc::channel::<(usize, Result<GroupDone, LoadError>)>();
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let mut sent: Vec<(usize, HashSet<usize>, HashSet<Box<str>>)> = Vec::new();
+        let dispatched = std::thread::scope(|sc| {
             for _ in 0..workers {
-                let (job_rx, done_tx, pool) = (&job_rx, done_tx.clone(), &pool);
+                let (job_rx, done_tx, pool, ctx, failed) =
+                    (&job_rx, done_tx.clone(), &pool, &ctx, &failed);
                 sc.spawn(move || {
                     loop {
                         let job = match job_rx.lock() {
@@ -611,8 +713,11 @@ impl Loader {
                         };
                         let Ok(job) = job else { return };
                         let (root, reserved) = (job.root, job.reserved);
-                        let r = build_job(job, write_to);
+                        let r = build_group(job, ctx);
                         pool.release(reserved);
+                        if r.is_err() {
+                            failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
                         if done_tx.send((root, r)).is_err() {
                             return;
                         }
@@ -620,14 +725,53 @@ impl Loader {
                 });
             }
             drop(done_tx);
-            let r = (|| -> Result<Option<()>, LoadError> {
+            let dispatch = || -> Option<()> {
                 for root in roots {
+                    if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                        return Some(());
+                    }
                     let members: Vec<usize> = (0..n).filter(|&i| group[i] == root).collect();
                     let domains = group_domains.remove(&root).unwrap_or_default();
+                    // Live sources' data as last synced; files are read by the group's thread
+                    // (changed ones read already are handed over).
+                    let mut sources = Vec::with_capacity(members.len());
+                    for &i in &members {
+                        let s = &cfg.sources[i];
+                        let input = match kept.remove(&i) {
+                            Some(d) => GroupSource::Read(d),
+                            None if live(i) => {
+                                let (d, _, _) = self.ldap_cache.get(&s.name)?;
+                                let mut d = d.clone();
+                                finish_source(&mut d, s);
+                                GroupSource::Read(d)
+                            }
+                            None => GroupSource::File,
+                        };
+                        sources.push((s.clone(), input));
+                    }
+                    // The segments in service that hold any of those domains: replaced as a
+                    // whole (a segment that cannot be read makes this a full build).
+                    let mine: HashSet<usize> = match old {
+                        Some(o) => domains.iter().filter_map(|d| o.segment_of(d)).collect(),
+                        None => HashSet::new(),
+                    };
+                    let old_parts = mine
+                        .iter()
+                        .map(|&p| old.and_then(|o| o.segment(p)))
+                        .collect::<Option<Vec<_>>>()?;
                     let in_scope = |address: &str| {
                         address
                             .rsplit_once('@')
                             .is_some_and(|(_, d)| domains.contains(d))
+                    };
+                    let sub_state = lifecycle::State {
+                        tombstones: state
+                            .tombstones
+                            .iter()
+                            .filter(|(a, _)| in_scope(a))
+                            .map(|(a, t)| (a.clone(), t.clone()))
+                            .collect(),
+                        ..state.clone_without_tombstones()
                     };
                     // Estimated from the files' sizes as the last build saw them.
                     let file_bytes: u64 = members
@@ -640,143 +784,71 @@ impl Loader {
                         })
                         .sum();
                     let reserved = pool.reserve(estimate(file_bytes));
-                    let mut data = Vec::with_capacity(members.len());
-                    let mut read = || -> Result<Option<()>, LoadError> {
-                        for &i in &members {
-                            let s = &cfg.sources[i];
-                            match kept.remove(&i) {
-                                Some(d) => data.push(d),
-                                None if live(i) => match self.ldap_cache.get(&s.name) {
-                                    Some((d, _, _)) => {
-                                        let mut d = d.clone();
-                                        self.finish_source(&mut d, s);
-                                        data.push(d);
-                                    }
-                                    None => return Ok(None),
-                                },
-                                None => {
-                                    let st = stamp(&s.path);
-                                    let d = self.load_file(s)?;
-                                    // Read again now: what this build is made of.
-                                    self.summaries.insert(s.name.clone(), Summary::of(&d, st));
-                                    data.push(d);
-                                }
-                            }
-                        }
-                        Ok(Some(()))
-                    };
-                    let r = read();
-                    if !matches!(r, Ok(Some(()))) {
-                        pool.release(reserved);
-                        return r;
-                    }
-                    // The segments in service that hold any of those domains: replaced as a
-                    // whole (a segment that cannot be read makes this a full build).
-                    let mine: HashSet<usize> = match old {
-                        Some(o) => domains.iter().filter_map(|d| o.segment_of(d)).collect(),
-                        None => HashSet::new(),
-                    };
-                    let Some(old_parts) = mine
-                        .iter()
-                        .map(|&p| old.and_then(|o| o.segment(p)))
-                        .collect::<Option<Vec<_>>>()
-                    else {
-                        pool.release(reserved);
-                        return Ok(None);
-                    };
-                    let before = old.map(|_| {
-                        let mut b: Vec<_> = old_parts.iter().map(|p| p.content_digest()).collect();
-                        b.sort();
-                        b
-                    });
-                    let old_sub = match old {
-                        Some(o) => Some(Snapshot::assemble(
-                            old_parts,
-                            o.generation(),
-                            o.created_unix(),
-                        )?),
-                        None => None,
-                    };
-                    let mut merged = merge::merge(&data, generation);
-                    let (e, w) = self.note_diagnostics(&data, &merged);
-                    drop(data);
-                    errors += e;
-                    warnings += w;
-                    total_diagnostics += self.diagnostics.0;
-                    for l in std::mem::take(&mut self.diagnostics.1) {
-                        if lines.len() < crate::service::types::MAX_DIAGNOSTICS {
-                            lines.push(l);
-                        }
-                    }
-                    let mut sub_state = state.clone();
-                    sub_state.tombstones.retain(|a, _| in_scope(a));
-                    let mut p = lifecycle::plan_approved(
-                        old_sub.as_ref(),
-                        &mut merged.input,
-                        &sub_state,
-                        now,
-                        &cfg.guard,
-                        false,
-                        &HashSet::new(),
-                    );
-                    state.tombstones.retain(|a, _| !in_scope(a));
-                    state
-                        .tombstones
-                        .extend(std::mem::take(&mut p.state.tombstones));
-                    live_now += super::live_records(&merged.input);
-                    add_plan(&mut plan, p);
-                    conflicts.extend(std::mem::take(&mut merged.conflicts));
-                    // The new segments, by the groups as they are now (built by the pool).
-                    let sums: Vec<Summary> = members
-                        .iter()
-                        .filter_map(|&i| self.summaries.get(&cfg.sources[i].name).cloned())
-                        .collect();
-                    groups_done.push((root, mine, domains));
+                    sent.push((root, mine, domains));
                     let job = Job {
                         root,
-                        input: std::mem::take(&mut merged.input),
-                        sums,
-                        before,
+                        sources,
+                        old: old.map(|o| (old_parts, o.generation(), o.created_unix())),
+                        state: sub_state,
                         reserved,
                     };
                     if job_tx.send(job).is_err() {
-                        break;
+                        return Some(());
                     }
                 }
-                Ok(Some(()))
-            })();
+                Some(())
+            };
+            let r = dispatch();
             // No more jobs: the workers finish what they hold and stop.
             drop(job_tx);
             r
         });
-        let mut results: HashMap<usize, Done> = HashMap::new();
+        let mut results: HashMap<usize, GroupDone> = HashMap::new();
         for (root, r) in done_rx {
             results.insert(root, r?);
         }
-        if produced?.is_none() {
+        if dispatched.is_none() {
             return Ok(None);
         }
-        for (root, mine, domains) in groups_done {
-            match results.remove(&root) {
+        for (root, mine, domains) in sent {
+            let Some(g) = results.remove(&root) else {
+                // A worker that stopped without an answer (it panicked).
+                return Err(LoadError::Build(directory::BuildError::Internal(
+                    "a segment build stopped without a result".into(),
+                )));
+            };
+            for (name, sum) in g.summaries {
+                self.summaries.insert(name, sum);
+            }
+            let in_scope = |address: &str| {
+                address
+                    .rsplit_once('@')
+                    .is_some_and(|(_, d)| domains.contains(d))
+            };
+            let mut p = g.plan;
+            state.tombstones.retain(|a, _| !in_scope(a));
+            state
+                .tombstones
+                .extend(std::mem::take(&mut p.state.tombstones));
+            add_plan(&mut plan, p);
+            live_now += g.live;
+            diagnosed.add(g.diagnosed);
+            conflicts.extend(g.conflicts);
+            match g.done {
                 // The group's segments have the same content: they stay (nothing written).
-                Some(Done::Same) => {}
-                Some(Done::Written(refs)) => {
+                Done::Same => {}
+                Done::Written(refs) => {
                     written.extend(refs);
                     replaced.extend(mine);
                 }
-                Some(Done::Built(parts)) => {
+                Done::Built(parts) => {
                     built.extend(parts);
                     replaced.extend(mine);
-                }
-                // A worker that stopped without an answer (it panicked).
-                None => {
-                    return Err(LoadError::Build(directory::BuildError::Internal(
-                        "a segment build stopped without a result".into(),
-                    )));
                 }
             }
             scope.extend(domains);
         }
+        let (errors, warnings) = self.note_diagnostics(diagnosed);
         let same = old.is_some() && replaced.is_empty();
         if live_now == 0 && all && old.is_some_and(|o| o.record_count() > 0) {
             return Err(LoadError::Empty(old.map_or(0, |o| o.record_count())));
@@ -820,7 +892,6 @@ impl Loader {
         };
         self.conflicts.retain(|c| !in_scope(&c.address));
         self.conflicts.extend(conflicts);
-        self.diagnostics = (total_diagnostics, lines);
         let report = Report {
             generation,
             live: last_live.saturating_sub(plan.live_before) + live_now,
