@@ -11,7 +11,8 @@
 //! its full build, its restart, and one customer's new file to its answer through
 //! `Loader::rebuild` (stamps, the group's read, merge, plan, build, write, publish).
 //!
-//! `SEG_CUSTOMERS=0` runs the daemon's path alone.
+//! `SEG_CUSTOMERS=0` runs the daemon's path alone; `SEG_LOADER_BUDGETS` (default
+//! `1MiB,1GiB`) are the `build_memory` budgets its full build is timed at, one after another.
 //!
 //! `cargo bench --bench segments` (documented figures: ~15 minutes and ~9 GB of memory at
 //! the defaults); under `cargo test` it runs once on 20 x 200 as a smoke test.
@@ -163,7 +164,8 @@ fn loader_phase(customers: usize, per: usize, root: &Path) {
     // The full build from nothing, one group at a time (the smallest budget: no two groups'
     // estimates fit in it) and then at the default budget (groups built on every core).
     let mut full = Vec::new();
-    for budget in ["1MiB", "1GiB"] {
+    let budgets = std::env::var("SEG_LOADER_BUDGETS").unwrap_or_else(|_| "1MiB,1GiB".into());
+    for budget in budgets.split(',') {
         for e in std::fs::read_dir(&dir).expect("dir").flatten() {
             if e.file_name()
                 .to_string_lossy()
@@ -181,7 +183,7 @@ fn loader_phase(customers: usize, per: usize, root: &Path) {
         assert!(matches!(first, Outcome::Published(_)));
         full.push((budget, t.elapsed(), peak_mib()));
     }
-    let cfg = config("1GiB");
+    let cfg = config(budgets.rsplit(',').next().unwrap_or("1GiB"));
     // A restart: the set and the sources' summaries, then a build that reads nothing.
     let t = Instant::now();
     let directory = Arc::new(Directory::new(LookupOptions::default()));

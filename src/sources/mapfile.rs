@@ -51,11 +51,16 @@ struct Dir {
 /// Parse a whole MAP file. `Err` when the file must be refused (no `++++` trailer).
 pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
     let mut out = SourceData::new(name, Format::Map);
-    let mut dirs: Vec<Dir> = Vec::new();
-    let mut dir_index: HashMap<String, usize> = HashMap::new();
-    let mut extra: HashMap<String, Extra> = HashMap::new();
-    let mut declared: HashMap<String, usize> = HashMap::new();
-    let mut undeclared: HashMap<String, Location> = HashMap::new();
+    // Sized for a file of directory lines (~50 bytes each), the common case.
+    let lines_guess = text.len() / 50;
+    let mut dirs: Vec<Dir> = Vec::with_capacity(lines_guess);
+    let mut dir_index: FastMap<String, usize> = new_map(lines_guess);
+    let mut extra: FastMap<String, Extra> = new_map(0);
+    let mut declared: FastMap<String, usize> = new_map(0);
+    let mut undeclared: FastMap<String, Location> = new_map(0);
+    let mut fields: Vec<(&str, usize)> = Vec::with_capacity(8);
+    // Lines of one domain come together: the last raw line domain and what it normalizes to.
+    let mut last_domain: (&str, Result<String, String>) = ("", Err(String::new()));
     let mut trailer: Option<u32> = None;
     let mut last_line = 0;
 
@@ -89,8 +94,10 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
             ));
             continue;
         }
-        let fields = split_fields(line);
-        let (head, head_col) = fields[0];
+        split_fields(line, &mut fields);
+        let Some(&(head, head_col)) = fields.first() else {
+            continue;
+        };
         let Some((customer, line_domain)) = head.split_once('|') else {
             out.diagnostics.push(Diagnostic::error(
                 at(head_col),
@@ -105,7 +112,13 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
             continue;
         }
         let dom_col = head_col + customer.len() + 1;
-        let line_domain = match address::normalize_domain(line_domain) {
+        if last_domain.0 != line_domain || last_domain.0.is_empty() {
+            last_domain = (
+                line_domain,
+                address::normalize_domain(line_domain).map_err(|e| e.to_string()),
+            );
+        }
+        let line_domain: &str = match &last_domain.1 {
             Ok(d) => d,
             Err(e) => {
                 out.diagnostics.push(Diagnostic::error(
@@ -267,12 +280,29 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
         }
     }
 
-    for d in dirs {
+    // Each record's MAP:, PROFILE:, UCFG: and P13N: lines, by its DIR: line (those of a
+    // DIR: line in an undeclared domain are left, as of no DIR: line).
+    let mut extra_of: Vec<u32> = vec![u32::MAX; dirs.len()];
+    let mut extras: Vec<(String, Extra)> = Vec::new();
+    let mut orphans: Vec<(String, Location)> = Vec::new();
+    for (key, x) in extra {
+        match dir_index.get(&key) {
+            Some(&i) if declared.contains_key(&dirs[i].domain) => {
+                extra_of[i] = extras.len() as u32;
+                extras.push((key, x));
+            }
+            _ => orphans.extend(x.loc.map(|l| (key, l))),
+        }
+    }
+    drop(dir_index);
+    for (i, d) in dirs.into_iter().enumerate() {
         if !declared.contains_key(&d.domain) {
             continue;
         }
-        let key = join_key(&d.local, &d.domain);
-        let x = extra.remove(&key).unwrap_or_default();
+        let (key, x) = match extras.get_mut(extra_of[i] as usize) {
+            Some(e) => std::mem::take(e),
+            None => Default::default(),
+        };
         let object = x.kind.unwrap_or(Kind::User);
         let owner = x.owner.map(|(o, _)| o).filter(|o| *o != key);
         let mut e = Entry::new(d.local, d.domain, object, owner, d.loc, None);
@@ -281,10 +311,6 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
         e.attributes = (!x.attributes.is_empty()).then(|| x.attributes.join("\t"));
         out.entries.push(e);
     }
-    let orphans: Vec<(String, Location)> = extra
-        .into_iter()
-        .filter_map(|(k, x)| x.loc.map(|l| (k, l)))
-        .collect();
     for (key, loc) in orphans {
         out.diagnostics.push(Diagnostic::warning(
             loc,
@@ -331,15 +357,22 @@ pub fn scan_domains(text: &str) -> (HashSet<Box<str>>, HashSet<Box<str>>) {
     (declared, touched)
 }
 
-/// Split a line at TABs, keeping each field's 0-based byte column.
-fn split_fields(line: &str) -> Vec<(&str, usize)> {
-    let mut out = Vec::new();
+/// Split a line at TABs into `out`, keeping each field's 0-based byte column.
+fn split_fields<'a>(line: &'a str, out: &mut Vec<(&'a str, usize)>) {
+    out.clear();
     let mut col = 0;
     for f in line.split('\t') {
         out.push((f.trim_end_matches(' '), col));
         col += f.len() + 1;
     }
-    out
+}
+
+/// The parser's tables: keyed by what an uploaded file says, so hashed with a seed of the
+/// process's own (`foldhash`'s random state), not predictable from the file.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+fn new_map<K, V>(capacity: usize) -> FastMap<K, V> {
+    HashMap::with_capacity_and_hasher(capacity, foldhash::fast::RandomState::default())
 }
 
 fn domain_option(decl: &mut DomainDecl, kv: &str) -> Result<(), String> {
