@@ -41,13 +41,38 @@ fn env(name: &str, default: usize) -> usize {
 }
 
 /// Peak resident memory since the last [`reset_peak`], in MiB.
-fn peak_mib() -> f64 {
+/// A field of /proc/self/status, in MiB.
+fn status_mib(field: &str) -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn peak_mib() -> f64 {
+    status_mib("VmHWM:")
+}
+
+/// Run `f` while sampling the process's anonymous memory (heap: what a build holds, as
+/// opposed to mapped files, whose pages the kernel can drop) every 20 ms; its result and
+/// the largest sample in MiB.
+fn peak_anon<T>(f: impl FnOnce() -> T) -> (T, f64) {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut peak = 0f64;
+            while !stop.load(Ordering::Relaxed) {
+                peak = peak.max(status_mib("RssAnon:"));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak.max(status_mib("RssAnon:"))
+        });
+        let out = f();
+        stop.store(true, Ordering::Relaxed);
+        (out, sampler.join().unwrap_or(0.0))
+    })
 }
 
 fn reset_peak() {
@@ -179,9 +204,9 @@ fn loader_phase(customers: usize, per: usize, root: &Path) {
         let t = Instant::now();
         let directory = Arc::new(Directory::new(LookupOptions::default()));
         let mut loader = Loader::new(config(budget), directory, system_clock()).expect("loader");
-        let first = loader.rebuild().expect("full build");
+        let (first, anon) = peak_anon(|| loader.rebuild().expect("full build"));
         assert!(matches!(first, Outcome::Published(_)));
-        full.push((budget, t.elapsed(), peak_mib()));
+        full.push((budget, t.elapsed(), peak_mib(), anon));
     }
     let cfg = config(budgets.rsplit(',').next().unwrap_or("1GiB"));
     // A restart: the set and the sources' summaries, then a build that reads nothing.
@@ -227,9 +252,9 @@ fn loader_phase(customers: usize, per: usize, root: &Path) {
         file_bytes as f64 / (1u64 << 20) as f64,
         file_bytes as f64 / (customers * per) as f64
     );
-    for (budget, time, peak) in &full {
+    for (budget, time, peak, anon) in &full {
         println!(
-            "  full build (read, merge, plan, build, write), build_memory = {budget}: {:.1} s, peak RSS {peak:.0} MiB",
+            "  full build (read, merge, plan, build, write), build_memory = {budget}: {:.1} s, peak RSS {peak:.0} MiB, of which anonymous (heap) {anon:.0} MiB",
             time.as_secs_f64()
         );
     }

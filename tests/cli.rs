@@ -298,3 +298,77 @@ fn compile_segments_writes_a_set_that_answers_like_one_snapshot() {
     assert!(o.status.success(), "{stderr}");
     assert!(stdout.contains("0 added, 0 removed"), "{stdout}");
 }
+
+/// `compile --segments` over many files reads one group of files at a time (files sharing a
+/// domain): the set answers what one snapshot of the same files answers, with one segment per
+/// customer; a refused file fails it before anything is written.
+#[test]
+fn compile_segments_over_many_files_answers_like_one_snapshot_and_refuses_before_writing() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).expect("write");
+        format!("map:{}", p.display())
+    };
+    let a = file(
+        "a.map",
+        "1|a.example\tDOMAIN:\ta.example\n1|a.example\tDIR:\tann@a.example\n++++\n",
+    );
+    let b = file(
+        "b.map",
+        "2|b.example\tDOMAIN:\tb.example\troute=smtp:[mx.b.example]:25\n2|b.example\tDIR:\tbo@b.example\n++++\n",
+    );
+    // Another upload of a.example's customer: read with a.map, in its group.
+    let c = file(
+        "c.map",
+        "1|a.example\tDOMAIN:\ta.example\n1|a.example\tDIR:\tcarl@a.example\n1|a.example\tMAP:\tcarl@a.example\tann@a.example\n++++\n",
+    );
+    let one = compile(&dir, &[&a, &b, &c], "one.snap");
+    let set = dir.path().join("set.snap");
+    let o = bin()
+        .args(["compile", "--segments", &a, &b, &c, "-o"])
+        .arg(&set)
+        .output()
+        .expect("runs");
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("wrote") && stdout.contains("2 segment(s)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("addresses:   3"), "{stdout}");
+    let o = bin()
+        .arg("diff")
+        .arg(&one)
+        .arg(&set)
+        .output()
+        .expect("runs");
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stdout.contains("0 added, 0 removed"), "{stdout}");
+    let o = bin()
+        .args(["lookup", "--snapshot"])
+        .arg(&set)
+        .args(["carl@a.example", "bo@b.example", "nobody@b.example"])
+        .output()
+        .expect("runs");
+    let (stdout, _) = text(&o);
+    assert_eq!(stdout.matches(": accept 250").count(), 2, "{stdout}");
+    assert!(stdout.contains("carl@a.example: accept 250 2.1.5 kind=alias owner=ann@a.example"));
+    assert!(
+        stdout.contains("nobody@b.example: reject 550 5.1.1"),
+        "{stdout}"
+    );
+    // An upload without its end marker: refused, no set written.
+    let cut = file("cut.map", "3|c.example\tDOMAIN:\tc.example\n");
+    let other = dir.path().join("other.snap");
+    let o = bin()
+        .args(["compile", "--segments", &a, &cut, "-o"])
+        .arg(&other)
+        .output()
+        .expect("runs");
+    let (stdout, stderr) = text(&o);
+    assert!(!o.status.success(), "{stdout}");
+    assert!(stderr.contains("end marker"), "{stderr}");
+    assert!(!other.exists() && !dir.path().join("other.snap.parts").exists());
+}

@@ -30,33 +30,34 @@ pub fn compile(
     generation: u64,
     segments: bool,
 ) -> Result<ExitCode> {
-    let (srcs, refused) = load_sources(specs);
-    no_refused(&refused, "nothing written")?;
     let t = Instant::now();
-    let mut merged = merge(&srcs, generation);
-    let (errors, warnings) = print_diagnostics(&srcs, &merged);
-    let merge_time = t.elapsed();
-    let stats = if segments {
-        let (stats, count) = compile_segments(&mut merged, output, generation)?;
+    let (stats, merge_time, errors, warnings, conflicts) = if segments {
+        let (stats, count, merge_time, errors, warnings, conflicts) =
+            compile_segments(specs, output, generation)?;
         println!(
             "wrote {} ({count} segment(s) in {}, {} bytes)",
             output.display(),
             directory::segments::parts_dir(output).display(),
             stats.file_bytes
         );
-        stats
+        (stats, merge_time, errors, warnings, conflicts)
     } else {
+        let (srcs, refused) = load_sources(specs);
+        no_refused(&refused, "nothing written")?;
+        let mut merged = merge(&srcs, generation);
+        let (errors, warnings) = print_diagnostics(&srcs, &merged);
+        let merge_time = t.elapsed();
         let (bytes, stats) = merged.build().context("building the snapshot")?;
         // Never write a file we cannot read back.
         Snapshot::verify(&bytes).context("verifying the built snapshot")?;
         directory::write_atomic(output, &bytes)?;
         println!("wrote {} ({} bytes)", output.display(), stats.file_bytes);
-        stats
+        (stats, merge_time, errors, warnings, merged.conflicts.len())
     };
     let n = stats.records.max(1) as f64;
     println!("addresses:   {}", stats.records);
     println!("domains:     {}", stats.domains);
-    println!("conflicts:   {}", merged.conflicts.len());
+    println!("conflicts:   {conflicts}");
     println!("errors:      {errors} (entries skipped), warnings: {warnings}");
     println!(
         "fst:         {} bytes, {:.2} bytes/address ({} shard(s))",
@@ -90,30 +91,65 @@ pub fn compile(
     Ok(ExitCode::SUCCESS)
 }
 
-/// One segment per customer, each built and written in turn, then the index; the sizes
-/// summed over the segments, and how many there are.
+/// Write a set of segments at `output`, one per customer, reading the sources one group at a
+/// time (sources that share a domain; see `group_files`): only one group's records are in
+/// memory at once. The build's statistics summed over the segments, how many there are, the
+/// time spent reading and merging, errors, warnings and conflicts.
 fn compile_segments(
-    merged: &mut rcptgate::sync::Merged,
+    specs: &[String],
     output: &Path,
     generation: u64,
-) -> Result<(directory::BuildStats, usize)> {
-    let parts = merged.build_segments().context("building the segments")?;
+) -> Result<(
+    directory::BuildStats,
+    usize,
+    std::time::Duration,
+    usize,
+    usize,
+    usize,
+)> {
+    let files: Vec<_> = specs
+        .iter()
+        .map(|s| rcptgate::sources::parse_spec(s))
+        .collect();
+    let group = rcptgate::sync::loader::group_files(&files).context("reading the sources")?;
+    let mut roots = group.clone();
+    roots.sort_unstable();
+    roots.dedup();
     let mut sum = directory::BuildStats::default();
-    let mut refs = Vec::with_capacity(parts.len());
-    for (bytes, s) in parts {
-        refs.push(directory::segments::write_segment(output, &bytes)?);
-        sum.records += s.records;
-        sum.domains += s.domains;
-        sum.shards += s.shards;
-        sum.fst_bytes += s.fst_bytes;
-        sum.filter_bytes += s.filter_bytes;
-        sum.hot_bytes += s.hot_bytes;
-        sum.cold_bytes += s.cold_bytes;
-        sum.file_bytes += s.file_bytes;
-        sum.sort_time += s.sort_time;
-        sum.fst_time += s.fst_time;
-        sum.filter_time += s.filter_time;
-        sum.total_time += s.total_time;
+    let mut refs = Vec::new();
+    let mut merge_time = std::time::Duration::ZERO;
+    let (mut errors, mut warnings, mut conflicts) = (0, 0, 0);
+    for root in roots {
+        let t = Instant::now();
+        let mine: Vec<String> = specs
+            .iter()
+            .zip(&group)
+            .filter(|(_, g)| **g == root)
+            .map(|(s, _)| s.clone())
+            .collect();
+        let (srcs, refused) = load_sources(&mine);
+        no_refused(&refused, "nothing written")?;
+        let mut merged = merge(&srcs, generation);
+        let (e, w) = print_diagnostics(&srcs, &merged);
+        drop(srcs);
+        (errors, warnings, conflicts) =
+            (errors + e, warnings + w, conflicts + merged.conflicts.len());
+        merge_time += t.elapsed();
+        for (bytes, s) in merged.build_segments().context("building the segments")? {
+            refs.push(directory::segments::write_segment(output, &bytes)?);
+            sum.records += s.records;
+            sum.domains += s.domains;
+            sum.shards += s.shards;
+            sum.fst_bytes += s.fst_bytes;
+            sum.filter_bytes += s.filter_bytes;
+            sum.hot_bytes += s.hot_bytes;
+            sum.cold_bytes += s.cold_bytes;
+            sum.file_bytes += s.file_bytes;
+            sum.sort_time += s.sort_time;
+            sum.fst_time += s.fst_time;
+            sum.filter_time += s.filter_time;
+            sum.total_time += s.total_time;
+        }
     }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -121,7 +157,7 @@ fn compile_segments(
     directory::segments::write_index(output, generation, now, &refs)?;
     // Never leave a set we cannot read back.
     Snapshot::open(output).context("reading back the written set")?;
-    Ok((sum, refs.len()))
+    Ok((sum, refs.len(), merge_time, errors, warnings, conflicts))
 }
 
 pub fn check(specs: &[String]) -> Result<ExitCode> {

@@ -321,18 +321,22 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
     Ok(out)
 }
 
+/// A set of domain names.
+pub type Domains = HashSet<Box<str>>;
+
 /// The domains of a MAP upload without parsing its records: those its `DOMAIN:` lines
 /// declare, and the domain of every line. A superset of what [`parse`] makes of the same
 /// text (a line it refuses still counts), at a fraction of its cost: enough to tell which
-/// sources share domains before reading them for real.
-pub fn scan_domains(text: &str) -> (HashSet<Box<str>>, HashSet<Box<str>>) {
+/// sources share domains before reading them for real. `None` for an upload without its end
+/// marker (which [`parse`] refuses).
+pub fn scan_domains(text: &str) -> Option<(Domains, Domains)> {
     let (mut declared, mut touched) = (HashSet::new(), HashSet::new());
     // Lines of one domain come together: its name is normalized once per run of lines.
     let (mut last_raw, mut last): (&str, Option<String>) = ("", None);
     for raw in text.split('\n') {
         let line = raw.strip_suffix('\r').unwrap_or(raw);
         if line.trim() == TRAILER {
-            break;
+            return Some((declared, touched));
         }
         if line.starts_with('#') || line.len() > MAX_LINE {
             continue;
@@ -354,7 +358,7 @@ pub fn scan_domains(text: &str) -> (HashSet<Box<str>>, HashSet<Box<str>>) {
             declared.insert(d.as_str().into());
         }
     }
-    (declared, touched)
+    None
 }
 
 /// Split a line at TABs into `out`, keeping each field's 0-based byte column.
@@ -462,7 +466,8 @@ no bar here
 1|after.example\tDOMAIN:\tafter.example
 ";
         let parsed = parse(&name(), text).expect("complete");
-        let (declared, touched) = scan_domains(text);
+        let (declared, touched) = scan_domains(text).expect("complete");
+        assert!(scan_domains("1|a.example\tDOMAIN:\ta.example\n").is_none());
         for d in &parsed.domains {
             assert!(declared.contains(d.name.as_str()), "{}", d.name);
         }

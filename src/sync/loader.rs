@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 #[path = "segmented.rs"]
 mod segmented;
+
+pub use segmented::group_files;
 use std::sync::Arc;
 
 use serde_json::json;

@@ -7,9 +7,11 @@
 //! and published in a set that shares every other segment; only the new segments and the
 //! index are written.
 //!
-//! The full build (at start, on SIGHUP or `rcptgate sync`, a live source due, `approve`,
-//! tombstones deleted by hand, provisioning) reads and merges everything as in the single
-//! mode and cuts the result into the groups' segments.
+//! A full build (the first, SIGHUP, `rcptgate sync`, a start without the sources'
+//! summaries) goes group by group on a pool of threads within `[directory] build_memory`,
+//! each segment written as built. With a live source to sync, `approve`, tombstones deleted
+//! by hand, provisioning or a lost set, the full build of the single mode runs instead and
+//! its result is cut into the groups' segments.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -88,7 +90,7 @@ impl Summary {
     /// without parsing its records: what the full build needs to form the groups before it
     /// reads each group's files. It may tie more than the parse would (a refused line still
     /// names its domain), never less. `None` for other formats, and for a file that cannot
-    /// be read or is not UTF-8 (its parse says why).
+    /// be read, is not UTF-8 or has no end marker (its parse says why).
     pub(super) fn scan(s: &crate::config::SourceConfig, stamp: Option<Stamp>) -> Option<Summary> {
         if s.format != crate::sources::Format::Map {
             return None;
@@ -96,7 +98,7 @@ impl Summary {
         let bytes = std::fs::read(&s.path).ok()?;
         let text =
             std::str::from_utf8(bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes)).ok()?;
-        let (mut declared, touched) = crate::sources::mapfile::scan_domains(text);
+        let (mut declared, touched) = crate::sources::mapfile::scan_domains(text)?;
         if s.role == Role::Exceptions {
             declared.clear();
         } else if !s.domains.is_empty() {
@@ -149,6 +151,37 @@ fn groups(summaries: &[Vec<&Summary>]) -> Vec<usize> {
         }
     }
     (0..summaries.len()).map(|i| root(&mut parent, i)).collect()
+}
+
+/// The groups that source files make, as the segmented daemon forms them (sources sharing an
+/// accepted domain are one group): per file, the index of the first file of its group. A MAP
+/// file's domains come from a scan of its lines; other formats are read for them (and
+/// dropped). For building a set group by group, e.g. `rcptgate compile --segments`.
+pub fn group_files(files: &[(crate::sources::Format, &Path)]) -> Result<Vec<usize>, LoadError> {
+    let mut sums = Vec::with_capacity(files.len());
+    for &(format, path) in files {
+        let scanned = (format == crate::sources::Format::Map)
+            .then(|| std::fs::read(path).ok())
+            .flatten()
+            .and_then(|bytes| {
+                let text =
+                    std::str::from_utf8(bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes))
+                        .ok()?;
+                let (declared, touched) = crate::sources::mapfile::scan_domains(text)?;
+                Some(Summary {
+                    stamp: None,
+                    declared,
+                    touched,
+                })
+            });
+        let sum = match scanned {
+            Some(s) => s,
+            None => Summary::of(&crate::sources::load(format, path)?, None),
+        };
+        sums.push(sum);
+    }
+    let refs: Vec<Vec<&Summary>> = sums.iter().map(|s| vec![s]).collect();
+    Ok(groups(&refs))
 }
 
 /// Per domain, the group of the sources that tie it (the key of its segment).
