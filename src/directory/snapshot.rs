@@ -41,7 +41,51 @@ enum Backing {
     /// Read from a file: the header and every hot section in `image` (the length of the
     /// file; cold ranges stay zero and untouched, so they take no memory), and the file, to
     /// read the cold sections on first use (checked against their checksums).
-    Partial { image: Vec<u8>, file: ColdFile },
+    Partial { image: Image, file: ColdFile },
+}
+
+/// The zeroed image of a file opened from disk. Large ones are an anonymous mapping, whose
+/// pages are committed only when written: the cold ranges, never written, take no memory.
+/// (Zeroed memory from the heap does not promise that: below the allocator's threshold for
+/// mappings — which rises up to 32 MiB as large blocks are freed — a zeroed allocation is
+/// recycled memory written with zeros, so a set of small segments had every file resident,
+/// cold sections included: 47 bytes per address where 10 are hot.)
+enum Image {
+    Heap(Vec<u8>),
+    Anon(memmap2::MmapMut),
+}
+
+impl Image {
+    /// Smallest image put in a mapping of its own (smaller ones are a few pages anyway).
+    const MAPPED: usize = 64 << 10;
+
+    fn zeroed(len: usize) -> Image {
+        if len >= Image::MAPPED
+            && let Ok(m) = memmap2::MmapOptions::new().len(len).map_anon()
+        {
+            return Image::Anon(m);
+        }
+        Image::Heap(vec![0u8; len])
+    }
+}
+
+impl std::ops::Deref for Image {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Image::Heap(v) => v,
+            Image::Anon(m) => m,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Image {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            Image::Heap(v) => v,
+            Image::Anon(m) => m,
+        }
+    }
 }
 
 /// Where the cold sections of a snapshot opened from a file are read.
@@ -299,7 +343,7 @@ impl Snapshot {
         let len = usize::try_from(file.metadata().map_err(io)?.len())
             .map_err(|_| io(std::io::Error::other("file too large")))?;
         // Zeroed, so untouched (cold) pages are never committed.
-        let mut image = vec![0u8; len];
+        let mut image = Image::zeroed(len);
         let head = len.min(format::HEADER_LEN);
         file.read_exact_at(&mut image[..head], 0).map_err(io)?;
         let header = Header::decode(&image)?;
@@ -308,7 +352,10 @@ impl Snapshot {
         for sec in Sec::ALL.into_iter().filter(|s| !s.is_cold()) {
             let range = section_range(&header, &image, sec)?;
             let at = range.start as u64;
+            // Only a section of at least one huge page gains from memory of its own (a small
+            // segment's would be one more mapping for nothing).
             if huge_pages
+                && range.len() >= HUGE_PAGE
                 && let Some(slot) = own.slot(sec)
                 && let Some(mut anon) = huge_page_memory(range.len())
             {
@@ -1679,6 +1726,9 @@ impl AddressCursor<'_> {
 
 /// A read-only copy of `bytes` in anonymous memory advised for transparent huge pages.
 /// Anonymous memory of `len` bytes advised to use transparent huge pages.
+/// The size of a transparent huge page on x86-64.
+const HUGE_PAGE: usize = 2 << 20;
+
 fn huge_page_memory(len: usize) -> Option<memmap2::MmapMut> {
     let anon = memmap2::MmapOptions::new()
         .len(len.max(1))
