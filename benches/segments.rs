@@ -220,11 +220,7 @@ fn loader_phase(customers: usize, per: usize, root: &Path) {
     let idle = t.elapsed();
     // In service: every segment read (hot sections, the `excluded` section), nothing else.
     let serving = status_mib("RssAnon:");
-    let hot = directory
-        .view()
-        .snapshot()
-        .map_or(0, |s| s.hot_bytes()) as f64
-        / (1u64 << 20) as f64;
+    let hot = directory.view().snapshot().map_or(0, |s| s.hot_bytes()) as f64 / (1u64 << 20) as f64;
     let c = customers / 2;
     let mut changes = Vec::new();
     let (input, addresses) = customer(c, per, 5000 + c as u64);
