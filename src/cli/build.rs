@@ -137,18 +137,7 @@ fn compile_segments(
         merge_time += t.elapsed();
         for (bytes, s) in merged.build_segments().context("building the segments")? {
             refs.push(directory::segments::write_segment(output, &bytes)?);
-            sum.records += s.records;
-            sum.domains += s.domains;
-            sum.shards += s.shards;
-            sum.fst_bytes += s.fst_bytes;
-            sum.filter_bytes += s.filter_bytes;
-            sum.hot_bytes += s.hot_bytes;
-            sum.cold_bytes += s.cold_bytes;
-            sum.file_bytes += s.file_bytes;
-            sum.sort_time += s.sort_time;
-            sum.fst_time += s.fst_time;
-            sum.filter_time += s.filter_time;
-            sum.total_time += s.total_time;
+            sum += &s;
         }
     }
     let now = std::time::SystemTime::now()

@@ -145,6 +145,24 @@ pub struct BuildStats {
     pub total_time: Duration,
 }
 
+impl std::ops::AddAssign<&BuildStats> for BuildStats {
+    /// Another build's, summed (the segments of a set).
+    fn add_assign(&mut self, s: &BuildStats) {
+        self.records += s.records;
+        self.domains += s.domains;
+        self.shards += s.shards;
+        self.fst_bytes += s.fst_bytes;
+        self.filter_bytes += s.filter_bytes;
+        self.hot_bytes += s.hot_bytes;
+        self.cold_bytes += s.cold_bytes;
+        self.file_bytes += s.file_bytes;
+        self.sort_time += s.sort_time;
+        self.fst_time += s.fst_time;
+        self.filter_time += s.filter_time;
+        self.total_time += s.total_time;
+    }
+}
+
 /// What one shard thread returns.
 struct ShardOut {
     fst: Vec<u8>,
