@@ -46,13 +46,14 @@ fn bed() -> &'static Bed {
     static BED: OnceLock<Bed> = OnceLock::new();
     BED.get_or_init(|| {
         let ports = Ports {
-            good: nsd::free_port(),
-            wrong: nsd::free_port(),
-            plain: nsd::free_port(),
+            // Sinks' ports bound now (and kept until each sink starts); `closed` stays closed.
+            good: smtp_sink::reserve(),
+            wrong: smtp_sink::reserve(),
+            plain: smtp_sink::reserve(),
             closed: nsd::free_port(),
-            deliver_good: nsd::free_port(),
-            deliver_wrong: nsd::free_port(),
-            trust_anchor: nsd::free_port(),
+            deliver_good: smtp_sink::reserve(),
+            deliver_wrong: smtp_sink::reserve(),
+            trust_anchor: smtp_sink::reserve(),
         };
         let mut extra = vec![
             // Secure MX, one host with usable TLSA (mx1) and one without (mx3): `dane`.

@@ -32,6 +32,31 @@ pub struct Sink {
     pub seen: Arc<Seen>,
 }
 
+/// Listeners bound ahead by [`reserve`], by port.
+static RESERVED: Mutex<Vec<TcpListener>> = Mutex::new(Vec::new());
+
+/// A port on 127.0.0.1 for a sink started later, bound now and kept so: a port only chosen
+/// free and bound minutes later can meanwhile be the source port of some connection of
+/// another test (seen as "Address already in use").
+pub fn reserve() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("reserve a port");
+    let port = l.local_addr().expect("addr").port();
+    RESERVED.lock().unwrap_or_else(|e| e.into_inner()).push(l);
+    port
+}
+
+/// The listener [`reserve`] bound on `port`, or a new one.
+fn listener(port: u16) -> TcpListener {
+    let mut held = RESERVED.lock().unwrap_or_else(|e| e.into_inner());
+    match held
+        .iter()
+        .position(|l| l.local_addr().is_ok_and(|a| a.port() == port))
+    {
+        Some(i) if port != 0 => held.swap_remove(i),
+        _ => TcpListener::bind(("127.0.0.1", port)).expect("sink bind"),
+    }
+}
+
 impl Sink {
     /// Listen on 127.0.0.1:`port` (0: any); `tls` = (certificate chain PEM, key PEM) to
     /// offer STARTTLS with, `None` to offer none.
@@ -53,7 +78,7 @@ impl Sink {
                 .expect("server config"),
             )
         });
-        let l = TcpListener::bind(("127.0.0.1", port)).expect("sink bind");
+        let l = listener(port);
         let port = l.local_addr().expect("addr").port();
         let seen = Arc::new(Seen::default());
         let s = seen.clone();
