@@ -477,3 +477,25 @@ fn a_damaged_segment_is_rebuilt_by_the_first_build_after_a_start() {
         Verdict::Reject(_)
     ));
 }
+
+/// A build that fails after reading a changed file (here: its segment cannot be written)
+/// leaves that file counted as changed: the next build applies it.
+#[test]
+fn a_failed_build_leaves_its_changed_files_to_the_next() {
+    let f = Fixture::new(3);
+    let mut l = f.loader();
+    published(l.rebuild());
+    f.write(1, &map_text(1, 20, &[2], ""));
+    // The segments' directory replaced by a file: writing a segment fails.
+    let parts = f.dir.join("snap.bin.parts");
+    let away = f.dir.join("parts.away");
+    std::fs::rename(&parts, &away).expect("move");
+    std::fs::write(&parts, b"not a directory").expect("file");
+    assert!(l.rebuild_synced().is_err());
+    std::fs::remove_file(&parts).expect("rm");
+    std::fs::rename(&away, &parts).expect("back");
+    assert_eq!(kind(&l, "u2@c1.test"), Some(Kind::User));
+    let r = published(l.rebuild());
+    assert_eq!((r.plan.removed, r.plan.tombstoned), (1, 1));
+    assert_eq!(kind(&l, "u2@c1.test"), Some(Kind::Tombstone));
+}

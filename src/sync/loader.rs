@@ -956,8 +956,16 @@ impl Loader {
                 .sources
                 .iter()
                 .any(|s| !self.summaries.contains_key(&s.name));
-            if let Some(outcome) = self.try_incremental(sync_all || unknown)? {
-                return Ok(outcome);
+            // A failed build must not leave the files' new stamps behind: the next build
+            // would take them for built.
+            let saved = self.summaries.clone();
+            match self.try_incremental(sync_all || unknown) {
+                Ok(Some(outcome)) => return Ok(outcome),
+                Ok(None) => {}
+                Err(e) => {
+                    self.summaries = saved;
+                    return Err(e);
+                }
             }
         }
         // Segmented mode: each file's stamp before it is read (a change while it is read

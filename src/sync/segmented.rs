@@ -375,15 +375,15 @@ fn estimate(file_bytes: u64) -> u64 {
         .max(1 << 20)
 }
 
-/// The `build_memory` budget of a segmented build: groups in progress reserve their
-/// estimate; a group waits until it fits beside the others, and runs alone when it does not
-/// fit at all (a group cannot be split).
 /// Whether a group of `bytes` may start beside groups holding `used`: when it fits, or when
 /// nothing else is in progress (a group larger than the budget runs alone).
 fn fits(used: u64, bytes: u64, budget: u64) -> bool {
     used == 0 || used.saturating_add(bytes) <= budget
 }
 
+/// The `build_memory` budget of a segmented build: groups in progress reserve their
+/// estimate; a group waits until it fits beside the others, and runs alone when it does not
+/// fit at all (a group cannot be split).
 struct BuildPool {
     budget: u64,
     in_use: std::sync::Mutex<u64>,
