@@ -18,6 +18,14 @@ fn text(o: &Output) -> (String, String) {
     )
 }
 
+/// `rcptgate diff` finds no address added or removed between two snapshots (or sets).
+fn same_addresses(a: &std::path::Path, b: &std::path::Path) {
+    let o = bin().arg("diff").arg(a).arg(b).output().expect("runs");
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stdout.contains("0 added, 0 removed"), "{stdout}");
+}
+
 fn compile(dir: &tempfile::TempDir, sources: &[&str], name: &str) -> PathBuf {
     let out = dir.path().join(name);
     let o = bin()
@@ -288,15 +296,7 @@ fn compile_segments_writes_a_set_that_answers_like_one_snapshot() {
             .collect::<Vec<_>>()
     };
     assert_eq!(ask(&set), ask(&one));
-    let o = bin()
-        .arg("diff")
-        .arg(&one)
-        .arg(&set)
-        .output()
-        .expect("runs");
-    let (stdout, stderr) = text(&o);
-    assert!(o.status.success(), "{stderr}");
-    assert!(stdout.contains("0 added, 0 removed"), "{stdout}");
+    same_addresses(&one, &set);
 }
 
 /// `compile --segments` over many files reads one group of files at a time (files sharing a
@@ -337,15 +337,7 @@ fn compile_segments_over_many_files_answers_like_one_snapshot_and_refuses_before
         "{stdout}"
     );
     assert!(stdout.contains("addresses:   3"), "{stdout}");
-    let o = bin()
-        .arg("diff")
-        .arg(&one)
-        .arg(&set)
-        .output()
-        .expect("runs");
-    let (stdout, stderr) = text(&o);
-    assert!(o.status.success(), "{stderr}");
-    assert!(stdout.contains("0 added, 0 removed"), "{stdout}");
+    same_addresses(&one, &set);
     let o = bin()
         .args(["lookup", "--snapshot"])
         .arg(&set)
