@@ -1724,11 +1724,10 @@ impl AddressCursor<'_> {
     }
 }
 
-/// A read-only copy of `bytes` in anonymous memory advised for transparent huge pages.
-/// Anonymous memory of `len` bytes advised to use transparent huge pages.
 /// The size of a transparent huge page on x86-64.
 const HUGE_PAGE: usize = 2 << 20;
 
+/// Anonymous memory of `len` bytes advised to use transparent huge pages.
 fn huge_page_memory(len: usize) -> Option<memmap2::MmapMut> {
     let anon = memmap2::MmapOptions::new()
         .len(len.max(1))

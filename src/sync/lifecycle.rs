@@ -55,17 +55,6 @@ pub struct State {
     pub last_publish: Option<LastPublish>,
 }
 
-impl State {
-    /// This state without its tombstones (the version and the last publish).
-    pub fn clone_without_tombstones(&self) -> State {
-        State {
-            version: self.version,
-            tombstones: BTreeMap::new(),
-            last_publish: self.last_publish,
-        }
-    }
-}
-
 /// What the last publish put in service.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LastPublish {

@@ -8,8 +8,6 @@ use std::path::PathBuf;
 
 #[path = "segmented.rs"]
 mod segmented;
-
-pub use segmented::group_files;
 use std::sync::Arc;
 
 use serde_json::json;
@@ -25,6 +23,7 @@ use crate::sync::lifecycle::{self, Plan, State, StateError};
 use crate::sync::merge::{self, Conflict};
 
 pub use crate::directory::{Clock, system_clock};
+pub use segmented::group_files;
 
 /// How many added and removed addresses an audit line lists by name.
 pub const SAMPLE: usize = lifecycle::SAMPLE;

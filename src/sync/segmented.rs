@@ -99,10 +99,7 @@ impl Summary {
         if s.format != crate::sources::Format::Map {
             return None;
         }
-        let bytes = std::fs::read(&s.path).ok()?;
-        let text =
-            std::str::from_utf8(bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes)).ok()?;
-        let (mut declared, touched) = crate::sources::mapfile::scan_domains(text)?;
+        let (mut declared, touched) = scan_map(&s.path)?;
         if s.role == Role::Exceptions {
             declared.clear();
         } else if !s.domains.is_empty() {
@@ -157,6 +154,20 @@ fn groups(summaries: &[Vec<&Summary>]) -> Vec<usize> {
     (0..summaries.len()).map(|i| root(&mut parent, i)).collect()
 }
 
+/// The declared and touched domains of the MAP file at `path`, from a scan of its lines
+/// (`mapfile::scan_domains`); `None` when it cannot be read, is not UTF-8 or has no end
+/// marker (its parse then says why).
+fn scan_map(
+    path: &Path,
+) -> Option<(
+    crate::sources::mapfile::Domains,
+    crate::sources::mapfile::Domains,
+)> {
+    let bytes = std::fs::read(path).ok()?;
+    let text = crate::sources::decode_utf8(&Arc::from(""), &bytes).ok()?;
+    crate::sources::mapfile::scan_domains(text)
+}
+
 /// The groups that source files make, as the segmented daemon forms them (sources sharing an
 /// accepted domain are one group): per file, the index of the first file of its group. A MAP
 /// file's domains come from a scan of its lines; other formats are read for them (and
@@ -165,21 +176,14 @@ pub fn group_files(files: &[(crate::sources::Format, &Path)]) -> Result<Vec<usiz
     let mut sums = Vec::with_capacity(files.len());
     for &(format, path) in files {
         let scanned = (format == crate::sources::Format::Map)
-            .then(|| std::fs::read(path).ok())
-            .flatten()
-            .and_then(|bytes| {
-                let text =
-                    std::str::from_utf8(bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes))
-                        .ok()?;
-                let (declared, touched) = crate::sources::mapfile::scan_domains(text)?;
-                Some(Summary {
-                    stamp: None,
-                    declared,
-                    touched,
-                })
-            });
+            .then(|| scan_map(path))
+            .flatten();
         let sum = match scanned {
-            Some(s) => s,
+            Some((declared, touched)) => Summary {
+                stamp: None,
+                declared,
+                touched,
+            },
             None => Summary::of(&crate::sources::load(format, path)?, None),
         };
         sums.push(sum);
@@ -809,7 +813,8 @@ impl Loader {
                             .filter(|(a, _)| in_scope(a))
                             .map(|(a, t)| (a.clone(), t.clone()))
                             .collect(),
-                        ..state.clone_without_tombstones()
+                        version: state.version,
+                        last_publish: state.last_publish,
                     };
                     // Estimated from the files' sizes as the last build saw them.
                     let file_bytes: u64 = members
