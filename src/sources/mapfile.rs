@@ -16,14 +16,16 @@
 //! `profile=NAME`, `route=NEXTHOP`; `UCFG:` key `kind=group|shared|contact|public_folder`;
 //! lines starting with `#` are comments.
 
+use std::collections::hash_map::Entry as Slot;
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use super::{
     Diagnostic, DomainDecl, Entry, Format, Location, SourceData, SourceError, directory_address,
-    join_key, parse_flag,
+    directory_address_in, join_key, parse_flag,
 };
-use crate::address;
+use crate::address::{self, AddrBuf};
 use crate::directory::Kind;
 
 /// The end-of-data marker.
@@ -44,8 +46,109 @@ struct Extra {
 
 struct Dir {
     local: String,
-    domain: String,
+    /// Index in the parse's table of line domains.
+    domain: u32,
     loc: Location,
+}
+
+/// The `DIR:` records of a file by their folded `local@domain` key, without a copy of the key:
+/// a seeded hash of it to the first record with that hash, chained through `next`.
+struct DirIndex {
+    hasher: foldhash::fast::RandomState,
+    heads: HashMap<u64, u32, BuildHasherDefault<Prehashed>>,
+    next: Vec<u32>,
+    /// Scratch for a candidate's key.
+    scratch: Vec<u8>,
+}
+
+impl DirIndex {
+    fn new(capacity: usize) -> DirIndex {
+        DirIndex {
+            hasher: Default::default(),
+            heads: HashMap::with_capacity_and_hasher(capacity, Default::default()),
+            next: Vec::with_capacity(capacity),
+            scratch: Vec::with_capacity(128),
+        }
+    }
+
+    /// The record whose folded key is `key`.
+    fn find(&mut self, key: &[u8], dirs: &[Dir], domains: &[String]) -> Option<usize> {
+        let head = self.heads.get(&self.hasher.hash_one(key)).copied()?;
+        chain(&self.next, &mut self.scratch, head, key, dirs, domains)
+    }
+
+    /// The record whose folded key is `key`, or `None` after recording that the next record,
+    /// `dirs[dirs.len()]`, has it.
+    fn find_or_insert(&mut self, key: &[u8], dirs: &[Dir], domains: &[String]) -> Option<usize> {
+        let index = dirs.len() as u32;
+        debug_assert_eq!(self.next.len(), dirs.len());
+        match self.heads.entry(self.hasher.hash_one(key)) {
+            Slot::Vacant(v) => {
+                v.insert(index);
+                self.next.push(u32::MAX);
+                None
+            }
+            Slot::Occupied(mut o) => {
+                let head = *o.get();
+                let (next, scratch) = (&self.next, &mut self.scratch);
+                if let Some(i) = chain(next, scratch, head, key, dirs, domains) {
+                    return Some(i);
+                }
+                o.insert(index);
+                self.next.push(head);
+                None
+            }
+        }
+    }
+}
+
+/// Follow a chain of `DirIndex` from `head` to the record whose key is `key`.
+fn chain(
+    next: &[u32],
+    scratch: &mut Vec<u8>,
+    head: u32,
+    key: &[u8],
+    dirs: &[Dir],
+    domains: &[String],
+) -> Option<usize> {
+    let mut at = head;
+    while at != u32::MAX {
+        let d = &dirs[at as usize];
+        scratch.clear();
+        append_key(&d.local, &domains[d.domain as usize], scratch);
+        if scratch.as_slice() == key {
+            return Some(at as usize);
+        }
+        at = next[at as usize];
+    }
+    None
+}
+
+/// Append the folded `local@domain` join key (as [`super::join_key`] makes it) to `out`.
+fn append_key(local: &str, domain: &str, out: &mut Vec<u8>) {
+    address::fold_local_into(local, false, out);
+    out.push(b'@');
+    out.extend_from_slice(domain.as_bytes());
+}
+
+/// A hasher for keys that are hashes already.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 /// Parse a whole MAP file. `Err` when the file must be refused (no `++++` trailer).
@@ -54,13 +157,19 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
     // Sized for a file of directory lines (~50 bytes each), the common case.
     let lines_guess = text.len() / 50;
     let mut dirs: Vec<Dir> = Vec::with_capacity(lines_guess);
-    let mut dir_index: FastMap<String, usize> = new_map(lines_guess);
+    let mut dir_index = DirIndex::new(lines_guess);
+    // The line domains seen, by index (a `Dir` names its domain by index).
+    let mut line_domains: Vec<String> = Vec::new();
+    let mut line_domain_ids: FastMap<String, u32> = new_map(0);
+    let mut abuf = AddrBuf::default();
+    let mut key: Vec<u8> = Vec::with_capacity(128);
     let mut extra: FastMap<String, Extra> = new_map(0);
     let mut declared: FastMap<String, usize> = new_map(0);
     let mut undeclared: FastMap<String, Location> = new_map(0);
     let mut fields: Vec<(&str, usize)> = Vec::with_capacity(8);
-    // Lines of one domain come together: the last raw line domain and what it normalizes to.
-    let mut last_domain: (&str, Result<String, String>) = ("", Err(String::new()));
+    // Lines of one domain come together: the last raw line domain and what it normalizes to
+    // (with its index in `line_domains`).
+    let mut last_domain: (&str, Result<(String, u32), String>) = ("", Err(String::new()));
     let mut trailer: Option<u32> = None;
     let mut last_line = 0;
 
@@ -113,13 +222,18 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
         }
         let dom_col = head_col + customer.len() + 1;
         if last_domain.0 != line_domain || last_domain.0.is_empty() {
-            last_domain = (
-                line_domain,
-                address::normalize_domain(line_domain).map_err(|e| e.to_string()),
-            );
+            let normalized = address::normalize_domain(line_domain).map(|d| {
+                let next = line_domains.len() as u32;
+                let id = *line_domain_ids.entry(d.clone()).or_insert(next);
+                if id == next {
+                    line_domains.push(d.clone());
+                }
+                (d, id)
+            });
+            last_domain = (line_domain, normalized.map_err(|e| e.to_string()));
         }
-        let line_domain: &str = match &last_domain.1 {
-            Ok(d) => d,
+        let (line_domain, line_domain_id): (&str, u32) = match &last_domain.1 {
+            Ok((d, id)) => (d, *id),
             Err(e) => {
                 out.diagnostics.push(Diagnostic::error(
                     at(dom_col),
@@ -189,22 +303,38 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
                     out.domains.push(decl);
                 }
                 "DIR:" => {
-                    let (local, domain) = addr(need(0, "an address")?)?;
-                    let key = join_key(&local, &domain);
-                    if let Some(&first) = dir_index.get(&key) {
-                        return Err(Diagnostic::warning(
-                            at(rcol),
-                            format!("{key} listed again (first on {}); ignored", dirs[first].loc),
+                    // The `addr` checks without a copy of the address until it is kept.
+                    let (v, c) = need(0, "an address")?;
+                    let (local, domain) =
+                        directory_address_in(v, &mut abuf).map_err(|(off, why)| {
+                            Diagnostic::error(at(c + off), format!("invalid address {v:?}: {why}"))
+                                .with_subject(v)
+                        })?;
+                    if domain != line_domain {
+                        return Err(Diagnostic::error(
+                            at(c),
+                            format!("address {v:?} is not in the line's domain {line_domain}"),
                         ));
                     }
-                    dir_index.insert(key, dirs.len());
-                    if !declared.contains_key(&domain) {
-                        undeclared.entry(domain.clone()).or_insert_with(whole);
+                    key.clear();
+                    append_key(local, domain, &mut key);
+                    if let Some(first) = dir_index.find_or_insert(&key, &dirs, &line_domains) {
+                        return Err(Diagnostic::warning(
+                            at(rcol),
+                            format!(
+                                "{} listed again (first on {}); ignored",
+                                String::from_utf8_lossy(&key),
+                                dirs[first].loc
+                            ),
+                        ));
+                    }
+                    if !declared.contains_key(domain) {
+                        undeclared.entry(domain.to_owned()).or_insert_with(whole);
                     }
                     dirs.push(Dir {
-                        local,
-                        domain,
-                        loc: at(arg(0).map_or(rcol, |a| a.1)),
+                        local: local.to_owned(),
+                        domain: line_domain_id,
+                        loc: at(c),
                     });
                 }
                 "MAP:" => {
@@ -282,12 +412,16 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
 
     // Each record's MAP:, PROFILE:, UCFG: and P13N: lines, by its DIR: line (those of a
     // DIR: line in an undeclared domain are left, as of no DIR: line).
+    let is_declared: Vec<bool> = line_domains
+        .iter()
+        .map(|d| declared.contains_key(d))
+        .collect();
     let mut extra_of: Vec<u32> = vec![u32::MAX; dirs.len()];
     let mut extras: Vec<(String, Extra)> = Vec::new();
     let mut orphans: Vec<(String, Location)> = Vec::new();
     for (key, x) in extra {
-        match dir_index.get(&key) {
-            Some(&i) if declared.contains_key(&dirs[i].domain) => {
+        match dir_index.find(key.as_bytes(), &dirs, &line_domains) {
+            Some(i) if is_declared[dirs[i].domain as usize] => {
                 extra_of[i] = extras.len() as u32;
                 extras.push((key, x));
             }
@@ -295,8 +429,9 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
         }
     }
     drop(dir_index);
+    out.entries.reserve(dirs.len());
     for (i, d) in dirs.into_iter().enumerate() {
-        if !declared.contains_key(&d.domain) {
+        if !is_declared[d.domain as usize] {
             continue;
         }
         let (key, x) = match extras.get_mut(extra_of[i] as usize) {
@@ -305,7 +440,8 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
         };
         let object = x.kind.unwrap_or(Kind::User);
         let owner = x.owner.map(|(o, _)| o).filter(|o| *o != key);
-        let mut e = Entry::new(d.local, d.domain, object, owner, d.loc, None);
+        let domain = line_domains[d.domain as usize].clone();
+        let mut e = Entry::new(d.local, domain, object, owner, d.loc, None);
         e.profile = x.profile;
         e.route = x.route;
         e.attributes = (!x.attributes.is_empty()).then(|| x.attributes.join("\t"));
@@ -580,6 +716,52 @@ no pipe here\tDIR:\ta@contoso.com
             s.diagnostics
                 .iter()
                 .any(|d| d.severity == Severity::Warning)
+        );
+    }
+
+    #[test]
+    fn records_of_interleaved_domains_keep_their_domain() {
+        // Domains declared after their DIR: lines, lines of two domains taking turns, the
+        // same local part in both, and a MAP: line for each found by its folded key.
+        let text = "\
+1|contoso.com\tDIR:\tAnn@contoso.com
+2|fabrikam.com\tDIR:\tann@fabrikam.com
+1|CONTOSO.com\tDIR:\tbob@contoso.com
+1|contoso.com\tDIR:\tann@CONTOSO.COM
+2|fabrikam.com\tMAP:\tANN@fabrikam.com\tbob@fabrikam.com
+1|contoso.com\tPROFILE:\tann@contoso.com\tsales
+2|fabrikam.com\tDOMAIN:\tfabrikam.com
+1|contoso.com\tDOMAIN:\tcontoso.com
+++++
+";
+        let s = parse(&name(), text).expect("complete");
+        let got: Vec<(String, String, Option<&str>, Option<&str>)> = s
+            .entries
+            .iter()
+            .map(|e| {
+                (
+                    e.local.clone(),
+                    e.domain.clone(),
+                    e.owner.as_deref(),
+                    e.profile.as_deref(),
+                )
+            })
+            .collect();
+        let rec = |l: &str, d: &str, owner, profile| (l.to_owned(), d.to_owned(), owner, profile);
+        assert_eq!(
+            got,
+            [
+                rec("Ann", "contoso.com", None, Some("sales")),
+                rec("ann", "fabrikam.com", Some("bob@fabrikam.com"), None),
+                rec("bob", "contoso.com", None, None),
+            ]
+        );
+        let msgs: Vec<String> = s.diagnostics.iter().map(|d| d.to_string()).collect();
+        assert_eq!(
+            msgs,
+            [
+                "test.map:4:15: warning: ann@contoso.com listed again (first on test.map:1:20); ignored"
+            ]
         );
     }
 

@@ -410,6 +410,27 @@ pub fn decode_utf8<'a>(name: &Arc<str>, bytes: &'a [u8]) -> Result<&'a str, Sour
 /// 5321 syntax: no spaces or `< > ( ) ; , [ ] "` outside a quoted local part, no address
 /// literal. Returns the canonical (local, domain) or the reason and the 0-based offset.
 pub fn directory_address(raw: &str) -> Result<(String, String), (usize, String)> {
+    thread_local! {
+        // Parsing scratch for every source's addresses: allocated once per thread, not once
+        // per address (its strings are sized for the longest input).
+        static BUF: std::cell::RefCell<AddrBuf> = std::cell::RefCell::new(AddrBuf::default());
+    }
+    BUF.with(|b| match b.try_borrow_mut() {
+        Ok(mut buf) => {
+            directory_address_in(raw, &mut buf).map(|(l, d)| (l.to_owned(), d.to_owned()))
+        }
+        // Not reentrant in practice; a nested call gets a buffer of its own.
+        Err(_) => directory_address_in(raw, &mut AddrBuf::default())
+            .map(|(l, d)| (l.to_owned(), d.to_owned())),
+    })
+}
+
+/// [`directory_address`] into `buf`: the canonical local part and domain borrow from `raw`
+/// or from `buf`, so nothing is allocated for an address already in canonical form.
+pub fn directory_address_in<'a>(
+    raw: &'a str,
+    buf: &'a mut AddrBuf,
+) -> Result<(&'a str, &'a str), (usize, String)> {
     let mut quoted = false;
     let mut prev_backslash = false;
     for (i, c) in raw.char_indices() {
@@ -434,9 +455,8 @@ pub fn directory_address(raw: &str) -> Result<(String, String), (usize, String)>
     if raw.starts_with('@') || raw.ends_with('@') {
         return Err((0, "address starts or ends with '@'".into()));
     }
-    let mut buf = AddrBuf::default();
-    match address::parse(raw, &mut buf) {
-        Ok(a) => Ok((a.local.to_owned(), a.domain.to_owned())),
+    match address::parse(raw, buf) {
+        Ok(a) => Ok((a.local, a.domain)),
         Err(e) => Err((error_offset(&e), e.to_string())),
     }
 }

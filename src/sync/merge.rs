@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 
 use crate::address;
 use crate::directory::explain::{Excluded, Reason};
@@ -201,6 +201,7 @@ pub fn merge(sources: &[SourceData], generation: u64) -> Merged {
     // Records by (domain, folded local part): a hash of the key to the first record with
     // that hash, chained through `next`, so no key is allocated twice.
     let total: usize = sources.iter().map(|s| s.entries.len()).sum();
+    let seed = foldhash::fast::RandomState::default();
     let mut heads: HashMap<u64, u32, BuildHasherDefault<Prehashed>> =
         HashMap::with_capacity_and_hasher(total, Default::default());
     let mut next: Vec<u32> = Vec::with_capacity(total);
@@ -261,7 +262,7 @@ pub fn merge(sources: &[SourceData], generation: u64) -> Merged {
             };
             local.clear();
             address::fold_local_into(&e.local, domains[d as usize].keep_case, &mut local);
-            let h = key_hash(d, &local);
+            let h = key_hash(&seed, d, &local);
             let mut found = heads.get(&h).copied().unwrap_or(u32::MAX);
             while found != u32::MAX {
                 let r = &records[found as usize];
@@ -377,23 +378,12 @@ pub fn merge(sources: &[SourceData], generation: u64) -> Merged {
     m
 }
 
-/// A fast, non-cryptographic hash of a record key (FxHash's multiply-rotate over 8-byte
-/// words). Keys come from the administrator's own directory; a crafted collision would only
-/// lengthen one chain in the merge index, never change a result.
-fn key_hash(domain: u32, local: &[u8]) -> u64 {
-    const K: u64 = 0x517c_c1b7_2722_0a95;
-    let mut h = u64::from(domain).wrapping_mul(K);
-    let mut words = local.chunks_exact(8);
-    for w in words.by_ref() {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(w);
-        h = (h.rotate_left(5) ^ u64::from_le_bytes(b)).wrapping_mul(K);
-    }
-    let rest = words.remainder();
-    let mut b = [0u8; 8];
-    b[..rest.len()].copy_from_slice(rest);
-    h = (h.rotate_left(5) ^ u64::from_le_bytes(b) ^ (rest.len() as u64) << 56).wrapping_mul(K);
-    h ^ (h >> 29)
+/// The hash of a record key in the merge index: `foldhash`, seeded per process. Keys come
+/// from uploaded files (at a provider, one customer's upload may share a build with others):
+/// an unseeded hash would let a file of crafted addresses put them all on one chain and make
+/// the merge quadratic.
+fn key_hash(hasher: &foldhash::fast::RandomState, domain: u32, local: &[u8]) -> u64 {
+    hasher.hash_one((domain, local))
 }
 
 /// A hasher for keys that are hashes already.
