@@ -497,8 +497,9 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
         sections: [SectionRef::default(); SECTIONS],
     };
     let mut off = HEADER_LEN as u64;
-    for (i, s) in sec.iter().enumerate() {
-        header.sections[i] = SectionRef {
+    for name in Sec::ALL {
+        let s = &sec[name as usize];
+        header.sections[name as usize] = SectionRef {
             off,
             len: s.len() as u64,
             crc: crc32fast::hash(s),
@@ -507,8 +508,8 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
     }
     let mut file = header.encode();
     file.reserve(off as usize - HEADER_LEN);
-    for s in &sec {
-        file.extend_from_slice(s);
+    for name in Sec::ALL {
+        file.extend_from_slice(&sec[name as usize]);
     }
     let cold_bytes: usize = Sec::ALL
         .iter()

@@ -19,7 +19,8 @@ pub const SECTIONS: usize = 13;
 const SECTION_REF: usize = 24;
 pub const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 8 + 8 + 4 + 4 + SECTIONS * SECTION_REF + 4;
 
-/// Section indices, in file order.
+/// Section indices (the header's order of section references; a file may lay them out in
+/// any order, see [`Sec::ALL`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sec {
     /// Concatenated FSTs, one per shard.
@@ -52,7 +53,11 @@ pub enum Sec {
 }
 
 impl Sec {
-    /// Every section, in file order.
+    /// Every section, in the order a build lays them out: the hot ones first, so what a
+    /// lookup reads is one run of pages at the start of the file and the cold sections,
+    /// which are read from the file on first use, take no memory at all. (Files written
+    /// before had `Sources` and `Filter` among the cold sections: still read, since every
+    /// section is found by its offset.)
     pub const ALL: [Sec; SECTIONS] = [
         Sec::Fst,
         Sec::Shards,
@@ -61,12 +66,12 @@ impl Sec {
         Sec::Domains,
         Sec::DomainSlots,
         Sec::AttrSets,
-        Sec::ColdKeys,
         Sec::Sources,
+        Sec::Filter,
+        Sec::ColdKeys,
         Sec::ColdRecords,
         Sec::ColdBlob,
         Sec::Excluded,
-        Sec::Filter,
     ];
 
     /// The section's name in errors.
@@ -399,14 +404,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
 }
 
 /// `image` with section number `index` (modulo [`SECTIONS`]) replaced by `content`, the
-/// sections laid out again one after the other and every checksum recomputed: a snapshot
-/// whose checksums all pass around hostile content (the structure-aware fuzz target).
+/// sections laid out again one after the other in the header's order (the layout of files
+/// written before [`Sec::ALL`] put the hot sections first) and every checksum recomputed: a
+/// snapshot whose checksums all pass around hostile content (the structure-aware fuzz
+/// target).
 pub(crate) fn with_section(image: &[u8], index: usize, content: &[u8]) -> Option<Vec<u8>> {
     let header = Header::decode(image).ok()?;
     let index = index % SECTIONS;
     let mut out = vec![0u8; HEADER_LEN];
     let mut sections = header.sections;
-    for (i, sec) in Sec::ALL.into_iter().enumerate() {
+    let mut in_header_order = Sec::ALL;
+    in_header_order.sort_by_key(|&s| s as usize);
+    for (i, sec) in in_header_order.into_iter().enumerate() {
         let bytes = if i == index {
             content
         } else {
@@ -488,6 +497,72 @@ mod tests {
         assert_eq!(get_str(&blob, blob.len() as u32), None);
         assert_eq!(get_str(&blob[..blob.len() - 1], b), None);
         assert_eq!(get_str(&[0xff, 0xff, 0xff, 0xff, 0xff, 0x01], 0), None);
+    }
+
+    #[test]
+    fn hot_sections_come_first_and_the_earlier_layout_still_opens() {
+        use crate::address::AddrBuf;
+        use crate::directory::{LookupOptions, Snapshot, Verdict};
+        let text = "\
+1|contoso.com\tDOMAIN:\tcontoso.com\troute=smtp:[mx.contoso.com]:25
+1|contoso.com\tDIR:\talice@contoso.com
+1|contoso.com\tDIR:\tal@contoso.com
+1|contoso.com\tMAP:\tal@contoso.com\talice@contoso.com
+1|contoso.com\tPROFILE:\talice@contoso.com\texecutives
+++++
+";
+        let name: std::sync::Arc<str> = "t.map".into();
+        let data = crate::sources::mapfile::parse(&name, text).expect("parse");
+        let (image, _) = crate::sync::merge(&[data], 3).build().expect("build");
+        let header = Header::decode(&image).expect("header");
+        let end = |s: Sec| header.sections[s as usize].off + header.sections[s as usize].len;
+        let hot_end = Sec::ALL.into_iter().filter(|s| !s.is_cold()).map(end).max();
+        let cold_start = Sec::ALL
+            .into_iter()
+            .filter(|s| s.is_cold())
+            .map(|s| header.sections[s as usize].off)
+            .min();
+        assert!(hot_end <= cold_start, "{hot_end:?} > {cold_start:?}");
+        // The layout of files written before: every section in the header's order.
+        let fst = header.section(&image, Sec::Fst).expect("fst").to_vec();
+        let earlier = with_section(&image, Sec::Fst as usize, &fst).expect("relaid");
+        let old = Header::decode(&earlier).expect("header");
+        assert!(old.sections[Sec::Filter as usize].off > old.sections[Sec::Excluded as usize].off);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let answers = |bytes: &[u8], file: &str| {
+            let path = dir.path().join(file);
+            std::fs::write(&path, bytes).expect("write");
+            let snap = Snapshot::open(&path).expect("open");
+            let mut buf = AddrBuf::default();
+            ["alice@contoso.com", "al@contoso.com", "bob@contoso.com"]
+                .iter()
+                .map(|a| {
+                    let v = snap.lookup(a, &LookupOptions::default(), &mut buf);
+                    let detail = match &v {
+                        Verdict::Accept(hit) => format!(
+                            "{:?} {:?} {:?}",
+                            snap.profile(hit),
+                            snap.route(hit),
+                            snap.record_info(a, hit)
+                                .expect("cold")
+                                .map(|r| (r.owner, r.origin))
+                        ),
+                        _ => String::new(),
+                    };
+                    format!("{a}: {} {detail}", v.name())
+                })
+                .collect::<Vec<_>>()
+        };
+        let now = answers(&image, "new.snap");
+        assert_eq!(now, answers(&earlier, "old.snap"));
+        assert_eq!(
+            now,
+            [
+                "alice@contoso.com: accept Some(\"executives\") Some(\"smtp:[mx.contoso.com]:25\") Some((None, \"t.map:2\"))",
+                "al@contoso.com: accept Some(\"executives\") Some(\"smtp:[mx.contoso.com]:25\") Some((Some(\"alice@contoso.com\"), \"t.map:3\"))",
+                "bob@contoso.com: reject ",
+            ]
+        );
     }
 
     #[test]

@@ -926,7 +926,12 @@ impl Loader {
     }
 
     fn try_rebuild(&mut self, sync_all: bool) -> Result<Outcome, LoadError> {
-        let outcome = self.build_and_publish(sync_all)?;
+        let outcome = self.build_and_publish(sync_all);
+        // What the build read and merged is freed now; without this the allocator keeps it
+        // (every worker thread's arena) and the process holds a build's worth of memory
+        // beside the directory in service for good.
+        release_free_memory();
+        let outcome = outcome?;
         let (name, r) = match &outcome {
             Outcome::Published(r) => ("published", r),
             Outcome::Unchanged(r) => ("unchanged", r),
@@ -1477,5 +1482,19 @@ impl Loader {
                 })
                 .collect(),
         }
+    }
+}
+
+/// Give the heap's free pages back to the system (glibc's `malloc_trim`: each arena, the
+/// pool threads' included, returns the whole pages it holds free).
+/// The crate's one `unsafe` block (a foreign call).
+#[allow(unsafe_code)]
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` takes no pointer and only walks glibc's own arenas under their
+    // locks; it is safe to call from any thread at any time (memory allocated by another
+    // allocator is not glibc's and is left alone).
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
