@@ -224,14 +224,12 @@ fn loader_phase(customers: usize, per: usize, root: &Path) {
         full.push((budget, t.elapsed(), cpu_seconds() - cpu, peak_mib(), anon));
     }
     let cfg = config(budgets.rsplit(',').next().unwrap_or("1GiB"));
-    eprintln!("DBG before restart {}", status_mib("RssAnon:"));
     // A restart: the set and the sources' summaries, then a build that reads nothing.
     let t = Instant::now();
     let directory = Arc::new(Directory::new(LookupOptions::default()));
     let mut loader = Loader::new(cfg, directory.clone(), system_clock()).expect("loader");
     loader.open_persisted().expect("open");
     let restart = t.elapsed();
-    eprintln!("DBG after open {}", status_mib("RssAnon:"));
     let t = Instant::now();
     assert!(matches!(loader.rebuild(), Ok(Outcome::Unchanged(_))));
     let idle = t.elapsed();
