@@ -157,6 +157,34 @@ fn groups(summaries: &[Vec<&Summary>]) -> Vec<usize> {
 /// The declared and touched domains of the MAP file at `path`, from a scan of its lines
 /// (`mapfile::scan_domains`); `None` when it cannot be read, is not UTF-8 or has no end
 /// marker (its parse then says why).
+/// [`Summary::scan`] of the sources at `todo`, on every core (a full build's first pass:
+/// reading through the text of every MAP file).
+fn scan_all(
+    sources: &[crate::config::SourceConfig],
+    todo: &[usize],
+    stamps: &[Option<Stamp>],
+) -> HashMap<usize, Option<Summary>> {
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let chunk = todo.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = todo
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|&i| (i, Summary::scan(&sources[i], stamps[i].clone())))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        // A scan that panicked leaves its files to be read in full (no summary).
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
+}
+
 fn scan_map(
     path: &Path,
 ) -> Option<(
@@ -600,11 +628,32 @@ impl Loader {
         // again in its group's turn, so they are not all in memory at once).
         let mut fresh: HashMap<usize, Summary> = HashMap::new();
         let mut kept: HashMap<usize, SourceData> = HashMap::new();
+        // Each file's stamp before it is read (a change while it is read shows next time).
+        let stamps: Vec<Option<Stamp>> = (0..n)
+            .map(|i| {
+                if live(i) {
+                    None
+                } else {
+                    stamp(&cfg.sources[i].path)
+                }
+            })
+            .collect();
+        let unchanged = |i: usize| {
+            let known = self.summaries.get(&cfg.sources[i].name);
+            stamps[i].is_some() && known.is_some_and(|k| k.stamp == stamps[i])
+        };
+        // A full build scans the MAP files it cannot take as they were on every core first.
+        let mut scanned = if all {
+            let todo: Vec<usize> = (0..n).filter(|&i| !live(i) && !unchanged(i)).collect();
+            scan_all(&cfg.sources, &todo, &stamps)
+        } else {
+            HashMap::new()
+        };
         for (i, s) in cfg.sources.iter().enumerate() {
             if live(i) {
                 continue;
             }
-            let now_stamp = stamp(&s.path);
+            let now_stamp = stamps[i].clone();
             let known = self.summaries.get(&s.name).and_then(|x| x.stamp.clone());
             if !all && now_stamp.is_some() && known == now_stamp {
                 continue;
@@ -614,8 +663,8 @@ impl Loader {
                 // An unchanged file ties what it tied; a MAP file's domains come from a scan.
                 let old = self.summaries.get(&s.name);
                 let sum = match old {
-                    Some(o) if now_stamp.is_some() && o.stamp == now_stamp => Some(o.clone()),
-                    _ => Summary::scan(s, now_stamp.clone()),
+                    Some(o) if unchanged(i) => Some(o.clone()),
+                    _ => scanned.remove(&i).flatten(),
                 };
                 if let Some(sum) = sum {
                     fresh.insert(i, sum);
