@@ -323,6 +323,8 @@ pub struct Loader {
     summaries: std::collections::HashMap<String, segmented::Summary>,
     /// The next build must be a full one (tombstones deleted by hand, provisioning).
     force_full: bool,
+    /// The build in progress reads every source: give the heap back to the system after it.
+    read_all: bool,
 }
 
 impl std::fmt::Debug for Loader {
@@ -382,6 +384,7 @@ impl Loader {
             ldap_cache: Default::default(),
             summaries: Default::default(),
             force_full: false,
+            read_all: false,
         })
     }
 
@@ -927,10 +930,14 @@ impl Loader {
 
     fn try_rebuild(&mut self, sync_all: bool) -> Result<Outcome, LoadError> {
         let outcome = self.build_and_publish(sync_all);
-        // What the build read and merged is freed now; without this the allocator keeps it
-        // (every worker thread's arena) and the process holds a build's worth of memory
-        // beside the directory in service for good.
-        release_free_memory();
+        // What a build of every source read and merged is freed now; without this the
+        // allocator keeps it (every worker thread's arena) and the process holds a full
+        // build's worth of memory beside the directory in service for good. (Not after an
+        // incremental build: what it freed is small and taken again by the next one, and a
+        // trim walks the whole heap.)
+        if std::mem::take(&mut self.read_all) {
+            release_free_memory();
+        }
         let outcome = outcome?;
         let (name, r) = match &outcome {
             Outcome::Published(r) => ("published", r),
@@ -983,6 +990,7 @@ impl Loader {
         } else {
             Vec::new()
         };
+        self.read_all = true;
         let (data, data_time, back) = self.read_sources(sync_all)?;
         if self.cfg.segments {
             for ((s, d), st) in self.cfg.sources.iter().zip(&data).zip(stamps) {

@@ -643,6 +643,7 @@ impl Loader {
             stamps[i].is_some() && known.is_some_and(|k| k.stamp == stamps[i])
         };
         // A full build scans the MAP files it cannot take as they were on every core first.
+        self.read_all |= all;
         let mut scanned = if all {
             let todo: Vec<usize> = (0..n).filter(|&i| !live(i) && !unchanged(i)).collect();
             scan_all(&cfg.sources, &todo, &stamps)
