@@ -793,6 +793,11 @@ impl Loader {
             std::sync::mpsc::channel::<(usize, Result<GroupDone, LoadError>)>();
         let failed = std::sync::atomic::AtomicBool::new(false);
         let mut sent: Vec<(usize, HashSet<usize>, HashSet<Box<str>>)> = Vec::new();
+        // Each group's sources (one pass, not one per group).
+        let mut members_of: HashMap<usize, Vec<usize>> = HashMap::new();
+        for (i, &g) in group.iter().enumerate() {
+            members_of.entry(g).or_default().push(i);
+        }
         let dispatched = std::thread::scope(|sc| {
             for _ in 0..workers {
                 let (job_rx, done_tx, pool, ctx, failed) =
@@ -822,7 +827,7 @@ impl Loader {
                     if failed.load(std::sync::atomic::Ordering::Relaxed) {
                         return Some(());
                     }
-                    let members: Vec<usize> = (0..n).filter(|&i| group[i] == root).collect();
+                    let members = members_of.remove(&root).unwrap_or_default();
                     let domains = group_domains.remove(&root).unwrap_or_default();
                     // Live sources' data as last synced; files are read by the group's thread
                     // (changed ones read already are handed over).
