@@ -18,12 +18,12 @@
 
 use std::collections::hash_map::Entry as Slot;
 use std::collections::{HashMap, HashSet};
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault};
 use std::sync::Arc;
 
 use super::{
-    Diagnostic, DomainDecl, Entry, Format, Location, SourceData, SourceError, directory_address,
-    directory_address_in, join_key, parse_flag,
+    Diagnostic, DomainDecl, Entry, Format, Location, Prehashed, SourceData, SourceError,
+    directory_address, directory_address_in, join_key, parse_flag,
 };
 use crate::address::{self, AddrBuf};
 use crate::directory::Kind;
@@ -129,26 +129,6 @@ fn append_key(local: &str, domain: &str, out: &mut Vec<u8>) {
     address::fold_local_into(local, false, out);
     out.push(b'@');
     out.extend_from_slice(domain.as_bytes());
-}
-
-/// A hasher for keys that are hashes already.
-#[derive(Default)]
-struct Prehashed(u64);
-
-impl Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8) | u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
 }
 
 /// Parse a whole MAP file. `Err` when the file must be refused (no `++++` trailer).

@@ -468,6 +468,27 @@ fn error_offset(e: &AddrError) -> usize {
     }
 }
 
+/// A hasher for keys that are hashes already (seeded ones: the indexes of the MAP parser and
+/// of the merge chain records by a hash of their key instead of holding a copy of it).
+#[derive(Default)]
+pub(crate) struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
 /// The default-folded `local@domain` join key for an address (case-insensitive).
 pub fn join_key(local: &str, domain: &str) -> String {
     let mut out = Vec::with_capacity(local.len() + domain.len() + 1);

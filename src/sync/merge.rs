@@ -3,12 +3,14 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault};
 
 use crate::address;
 use crate::directory::explain::{Excluded, Reason};
 use crate::directory::{BuildInput, DomainSpec, Interner, Kind, NONE, RecordSpec};
-use crate::sources::{self, Diagnostic, Role, Severity, SourceData, derives_domain, join_key};
+use crate::sources::{
+    self, Diagnostic, Prehashed, Role, Severity, SourceData, derives_domain, join_key,
+};
 
 /// One address claimed by two owners.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -384,26 +386,6 @@ pub fn merge(sources: &[SourceData], generation: u64) -> Merged {
 /// the merge quadratic.
 fn key_hash(hasher: &foldhash::fast::RandomState, domain: u32, local: &[u8]) -> u64 {
     hasher.hash_one((domain, local))
-}
-
-/// A hasher for keys that are hashes already.
-#[derive(Default)]
-struct Prehashed(u64);
-
-impl Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8) | u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
 }
 
 /// An alias delivers to its owner's mailbox: without a profile or route of its own it takes
