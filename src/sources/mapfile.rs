@@ -124,6 +124,27 @@ fn chain(
     None
 }
 
+/// An address field `v` (at 0-based column `c`) as `directory_address` parsed it, checked to
+/// be in the line's domain.
+fn in_line_domain<L, D: AsRef<str>>(
+    v: &str,
+    c: usize,
+    parsed: Result<(L, D), (usize, String)>,
+    line_domain: &str,
+    at: &dyn Fn(usize) -> Location,
+) -> Result<(L, D), Diagnostic> {
+    let (local, domain) = parsed.map_err(|(off, why)| {
+        Diagnostic::error(at(c + off), format!("invalid address {v:?}: {why}")).with_subject(v)
+    })?;
+    if domain.as_ref() != line_domain {
+        return Err(Diagnostic::error(
+            at(c),
+            format!("address {v:?} is not in the line's domain {line_domain}"),
+        ));
+    }
+    Ok((local, domain))
+}
+
 /// Append the folded `local@domain` join key (as [`super::join_key`] makes it) to `out`.
 fn append_key(local: &str, domain: &str, out: &mut Vec<u8>) {
     address::fold_local_into(local, false, out);
@@ -242,17 +263,7 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
         };
         // Parse an address field that must belong to the line's domain.
         let addr = |(v, c): (&str, usize)| -> Result<(String, String), Diagnostic> {
-            let (local, domain) = directory_address(v).map_err(|(off, why)| {
-                Diagnostic::error(at(c + off), format!("invalid address {v:?}: {why}"))
-                    .with_subject(v)
-            })?;
-            if domain != line_domain {
-                return Err(Diagnostic::error(
-                    at(c),
-                    format!("address {v:?} is not in the line's domain {line_domain}"),
-                ));
-            }
-            Ok((local, domain))
+            in_line_domain(v, c, directory_address(v), line_domain, &at)
         };
         let result: Result<(), Diagnostic> = (|| {
             match rtype {
@@ -285,17 +296,8 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
                 "DIR:" => {
                     // The `addr` checks without a copy of the address until it is kept.
                     let (v, c) = need(0, "an address")?;
-                    let (local, domain) =
-                        directory_address_in(v, &mut abuf).map_err(|(off, why)| {
-                            Diagnostic::error(at(c + off), format!("invalid address {v:?}: {why}"))
-                                .with_subject(v)
-                        })?;
-                    if domain != line_domain {
-                        return Err(Diagnostic::error(
-                            at(c),
-                            format!("address {v:?} is not in the line's domain {line_domain}"),
-                        ));
-                    }
+                    let parsed = directory_address_in(v, &mut abuf);
+                    let (local, domain) = in_line_domain(v, c, parsed, line_domain, &at)?;
                     key.clear();
                     append_key(local, domain, &mut key);
                     if let Some(first) = dir_index.find_or_insert(&key, &dirs, &line_domains) {
