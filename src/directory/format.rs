@@ -317,6 +317,21 @@ impl Header {
         file.get(start..end).ok_or_else(out_of_bounds)
     }
 
+    /// Check that a section lies within a file of `file_len` bytes (one not in memory).
+    pub fn section_within(&self, file_len: usize, sec: Sec) -> Result<(), SnapshotError> {
+        let r = self.sections[sec as usize];
+        let out_of_bounds = SnapshotError::SectionOutOfBounds {
+            section: sec.name(),
+            off: r.off,
+            len: r.len,
+            file_len,
+        };
+        match r.off.checked_add(r.len) {
+            Some(end) if r.off >= HEADER_LEN as u64 && end <= file_len as u64 => Ok(()),
+            _ => Err(out_of_bounds),
+        }
+    }
+
     pub fn check(&self, file: &[u8], sec: Sec) -> Result<(), SnapshotError> {
         let bytes = self.section(file, sec)?;
         let expected = self.sections[sec as usize].crc;
@@ -533,6 +548,14 @@ mod tests {
             let path = dir.path().join(file);
             std::fs::write(&path, bytes).expect("write");
             let snap = Snapshot::open(&path).expect("open");
+            // Only the hot sections are held when they come first; else the file's length.
+            let held = if file == "new.snap" {
+                hot_end.map_or(0, |e| e as usize)
+            } else {
+                bytes.len()
+            };
+            assert_eq!(snap.image_len(), held, "{file}");
+            assert_eq!(snap.file_bytes(), bytes.len(), "{file}");
             let mut buf = AddrBuf::default();
             ["alice@contoso.com", "al@contoso.com", "bob@contoso.com"]
                 .iter()

@@ -38,10 +38,39 @@ enum Backing {
     Anon(memmap2::Mmap),
     /// The whole image (a build, or a snapshot given as bytes).
     Heap(Vec<u8>),
-    /// Read from a file: the header and every hot section in `image` (the length of the
-    /// file; cold ranges stay zero and untouched, so they take no memory), and the file, to
-    /// read the cold sections on first use (checked against their checksums).
-    Partial { image: Image, file: ColdFile },
+    /// Read from a file: the header and every hot section in `image`, and the file (`len`
+    /// bytes), to read the cold sections on first use (checked against their checksums). The
+    /// image ends with the last hot section when the file lays out its hot sections first
+    /// (as builds do), else it is as long as the file (cold ranges stay zero and untouched,
+    /// so they take no memory in a mapping).
+    Partial {
+        image: Image,
+        file: ColdFile,
+        len: usize,
+    },
+}
+
+/// Where the hot sections of a file of `len` bytes end when they all come before the cold
+/// ones (the layout of builds since [`Sec::ALL`] put them first), checked to be within the
+/// file; `None` for another layout.
+fn hot_prefix(header: &Header, len: usize) -> Option<usize> {
+    let end = |s: Sec| {
+        let r = header.sections[s as usize];
+        r.off.checked_add(r.len)
+    };
+    let hot_end = Sec::ALL
+        .into_iter()
+        .filter(|s| !s.is_cold())
+        .map(end)
+        .try_fold(format::HEADER_LEN as u64, |acc, e| e.map(|e| acc.max(e)))?;
+    let cold_start = Sec::ALL
+        .into_iter()
+        .filter(|s| s.is_cold())
+        .map(|s| header.sections[s as usize].off)
+        .min()
+        .unwrap_or(u64::MAX);
+    let hot_end = usize::try_from(hot_end).ok()?;
+    (hot_end as u64 <= cold_start && hot_end <= len).then_some(hot_end)
 }
 
 /// The zeroed image of a file opened from disk. Large ones are an anonymous mapping, whose
@@ -345,11 +374,20 @@ impl Snapshot {
         };
         let len = usize::try_from(file.metadata().map_err(io)?.len())
             .map_err(|_| io(std::io::Error::other("file too large")))?;
-        // Zeroed, so untouched (cold) pages are never committed.
-        let mut image = Image::zeroed(len);
         let head = len.min(format::HEADER_LEN);
-        file.read_exact_at(&mut image[..head], 0).map_err(io)?;
-        let header = Header::decode(&image)?;
+        let mut first = vec![0u8; head];
+        file.read_exact_at(&mut first, 0).map_err(io)?;
+        let header = Header::decode(&first)?;
+        // Zeroed, so untouched (cold) pages are never committed; only as long as the hot
+        // sections when they come first (a small file's image is then its hot bytes alone).
+        let mut image = Image::zeroed(hot_prefix(&header, len).unwrap_or(len));
+        image
+            .get_mut(..head)
+            .ok_or(SnapshotError::TooShort {
+                need: format::HEADER_LEN,
+                len,
+            })?
+            .copy_from_slice(&first);
         // The FST and the miss filter (the randomly accessed sections) go to huge pages.
         let mut own = Owned::default();
         for sec in Sec::ALL.into_iter().filter(|s| !s.is_cold()) {
@@ -377,7 +415,7 @@ impl Snapshot {
         } else {
             ColdFile::Path(path.to_path_buf())
         };
-        Snapshot::from_backing(Arc::new(Backing::Partial { image, file }), own)
+        Snapshot::from_backing(Arc::new(Backing::Partial { image, file, len }), own)
     }
 
     /// Check a snapshot's header and its hot sections' checksums without loading it (before
@@ -451,7 +489,15 @@ impl Snapshot {
         let file = backing.bytes();
         let header = Header::decode(file)?;
         for sec in Sec::ALL {
-            header.section(file, sec)?;
+            match &*backing {
+                // Cold sections past the image are checked against the file's length.
+                Backing::Partial { len, .. } if sec.is_cold() => {
+                    header.section_within(*len, sec)?;
+                }
+                _ => {
+                    header.section(file, sec)?;
+                }
+            }
             match own.slot(sec).and_then(|m| m.as_ref()) {
                 Some(m) => {
                     let expected = header.sections[sec as usize].crc;
@@ -745,6 +791,12 @@ impl Snapshot {
             .is_some_and(|f| !f.may_contain(self.filter_mem.bytes(), filter::key(d.index, local)))
     }
 
+    /// How many bytes of the file its image holds (tests: the hot prefix or the whole file).
+    #[cfg(test)]
+    pub(crate) fn image_len(&self) -> usize {
+        self.backing.bytes().len()
+    }
+
     /// The whole snapshot file image (what is persisted), when it is all in memory (a build,
     /// or [`Self::from_bytes`]); `None` for a snapshot opened from a file.
     pub fn image(&self) -> Option<&[u8]> {
@@ -787,7 +839,10 @@ impl Snapshot {
     pub fn file_bytes(&self) -> usize {
         match &self.set {
             Some(set) => set.loaded().map(|p| p.file_bytes()).sum(),
-            None => self.backing.bytes().len(),
+            None => match &*self.backing {
+                Backing::Partial { len, .. } => *len,
+                _ => self.backing.bytes().len(),
+            },
         }
     }
 
@@ -913,10 +968,10 @@ impl Snapshot {
     /// The whole file of a single snapshot opened from a file, read again and checked
     /// against the header it was opened with (to copy it into a set's directory).
     pub(super) fn read_back(&self) -> Result<Vec<u8>, SnapshotError> {
-        let Backing::Partial { image, file } = &*self.backing else {
+        let Backing::Partial { file, len, .. } = &*self.backing else {
             return Ok(self.backing.bytes().to_vec());
         };
-        let mut bytes = vec![0u8; image.len()];
+        let mut bytes = vec![0u8; *len];
         file.read_exact_at(&mut bytes, 0)
             .map_err(|source| SnapshotError::Io {
                 path: "segment".into(),
