@@ -346,19 +346,35 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
     }
 
     let sort_fst = Instant::now();
-    let results: Vec<Result<(ShardOut, Duration), BuildError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = parts
+    // One shard (every build under 500,000 addresses: a segment, a small directory) is built
+    // on this thread: a thread of its own would only add a spawn and a wake-up per build
+    // (thousands of segments in a full build).
+    let results: Vec<Result<(ShardOut, Duration), BuildError>> = if parts.len() == 1 {
+        parts
             .into_iter()
-            .map(|part| s.spawn(move || build_shard(part, key_width)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(BuildError::Fst("shard thread panicked".into())))
+            .map(|part| {
+                // A panic is the same error as a shard thread's.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    build_shard(part, key_width)
+                }))
+                .unwrap_or_else(|_| Err(BuildError::Fst("shard thread panicked".into())))
             })
             .collect()
-    });
+    } else {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = parts
+                .into_iter()
+                .map(|part| s.spawn(move || build_shard(part, key_width)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(BuildError::Fst("shard thread panicked".into())))
+                })
+                .collect()
+        })
+    };
     let mut shards = Vec::with_capacity(results.len());
     let mut sort_time = Duration::ZERO;
     let mut filter_time = Duration::ZERO;
