@@ -1495,6 +1495,7 @@ impl Loader {
 
 /// Give the heap's free pages back to the system (glibc's `malloc_trim`: each arena, the
 /// pool threads' included, returns the whole pages it holds free).
+///
 /// The crate's one `unsafe` block (a foreign call).
 #[allow(unsafe_code)]
 fn release_free_memory() {

@@ -154,9 +154,6 @@ fn groups(summaries: &[Vec<&Summary>]) -> Vec<usize> {
     (0..summaries.len()).map(|i| root(&mut parent, i)).collect()
 }
 
-/// The declared and touched domains of the MAP file at `path`, from a scan of its lines
-/// (`mapfile::scan_domains`); `None` when it cannot be read, is not UTF-8 or has no end
-/// marker (its parse then says why).
 /// [`Summary::scan`] of the sources at `todo`, on every core (a full build's first pass:
 /// reading through the text of every MAP file).
 fn scan_all(
@@ -185,6 +182,9 @@ fn scan_all(
     })
 }
 
+/// The declared and touched domains of the MAP file at `path`, from a scan of its lines
+/// (`mapfile::scan_domains`); `None` when it cannot be read, is not UTF-8 or has no end
+/// marker (its parse then says why).
 fn scan_map(
     path: &Path,
 ) -> Option<(
