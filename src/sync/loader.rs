@@ -929,7 +929,14 @@ impl Loader {
     }
 
     fn try_rebuild(&mut self, sync_all: bool) -> Result<Outcome, LoadError> {
+        // Segmented mode: a failed build must not leave the files' new stamps behind (the
+        // next build would take them for built), whether the incremental build or the full
+        // one failed.
+        let saved = self.cfg.segments.then(|| self.summaries.clone());
         let outcome = self.build_and_publish(sync_all);
+        if let (Err(_), Some(saved)) = (&outcome, saved) {
+            self.summaries = saved;
+        }
         // What a build of every source read and merged is freed now; without this the
         // allocator keeps it (every worker thread's arena) and the process holds a full
         // build's worth of memory beside the directory in service for good. (Not after an
@@ -967,16 +974,8 @@ impl Loader {
                 .sources
                 .iter()
                 .any(|s| !self.summaries.contains_key(&s.name));
-            // A failed build must not leave the files' new stamps behind: the next build
-            // would take them for built.
-            let saved = self.summaries.clone();
-            match self.try_incremental(sync_all || unknown) {
-                Ok(Some(outcome)) => return Ok(outcome),
-                Ok(None) => {}
-                Err(e) => {
-                    self.summaries = saved;
-                    return Err(e);
-                }
+            if let Some(outcome) = self.try_incremental(sync_all || unknown)? {
+                return Ok(outcome);
             }
         }
         // Segmented mode: each file's stamp before it is read (a change while it is read

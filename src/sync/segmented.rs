@@ -655,8 +655,7 @@ impl Loader {
                 continue;
             }
             let now_stamp = stamps[i].clone();
-            let known = self.summaries.get(&s.name).and_then(|x| x.stamp.clone());
-            if !all && now_stamp.is_some() && known == now_stamp {
+            if !all && unchanged(i) {
                 continue;
             }
             if all {
