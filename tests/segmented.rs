@@ -501,3 +501,32 @@ fn a_failed_build_leaves_its_changed_files_to_the_next() {
     assert_eq!((r.plan.removed, r.plan.tombstoned), (1, 1));
     assert_eq!(kind(&l, "u2@c1.test"), Some(Kind::Tombstone));
 }
+
+/// A full build that fails after reading every file (the first build after a restart without
+/// the sources' summaries file is a full one; every file emptied: refused as empty) does not
+/// keep the files' stamps: the next build reads them again and refuses again, rather than
+/// taking the emptied files for built and answering "unchanged".
+#[test]
+fn a_failed_full_build_leaves_its_files_to_the_next() {
+    let f = Fixture::new(3);
+    let mut l = f.loader();
+    published(l.rebuild());
+    drop(l);
+    std::fs::remove_file(f.dir.join("snap.bin.sources.json")).expect("summaries");
+    let mut l = f.loader();
+    for c in 0..3 {
+        f.write(c, "++++\n");
+    }
+    std::fs::write(f.dir.join("contacts.csv"), "PrimarySmtpAddress\n").expect("csv");
+    for attempt in 0..2 {
+        match l.rebuild() {
+            Err(LoadError::Empty(n)) => assert!(n > 0),
+            other => panic!("attempt {attempt}: not refused as empty: {other:?}"),
+        }
+        assert_eq!(
+            kind(&l, "u2@c1.test"),
+            Some(Kind::User),
+            "the set in service kept"
+        );
+    }
+}
