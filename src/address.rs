@@ -182,6 +182,58 @@ pub fn parse<'a>(input: &'a str, buf: &'a mut AddrBuf) -> Result<Addr<'a>, AddrE
     })
 }
 
+/// [`parse`] of an address expected in `domain`, a canonical domain name (as
+/// [`normalize_domain`] returns it): when `input` is a plain `local@domain` the domain is not
+/// checked again, only the local part. The result is the one [`parse`] gives (any other form
+/// of input goes through it); for the many addresses of one domain in a directory file.
+pub(crate) fn parse_in_domain<'a>(
+    input: &'a str,
+    domain: &'a str,
+    buf: &'a mut AddrBuf,
+) -> Result<Addr<'a>, AddrError> {
+    let Some(local_in) = local_before(input, domain) else {
+        return parse(input, buf);
+    };
+    let local = canonical_local(local_in, &mut buf.local)?;
+    if local.len() > MAX_LOCAL {
+        return Err(AddrError::LocalTooLong(local.len()));
+    }
+    let total = local.len() + 1 + domain.len();
+    if total > MAX_ADDRESS {
+        return Err(AddrError::AddressTooLong(total));
+    }
+    Ok(Addr {
+        local,
+        domain,
+        literal: false,
+    })
+}
+
+/// The local part of `input` when [`parse`] would take it as the text before `@domain` with
+/// nothing to strip and `domain` canonical as it is: no envelope, quotes or source route at
+/// the start, `domain` a lowercase LDH name without A-labels (which [`parse`] converts) or a
+/// literal, and within the input limit. `None` otherwise.
+fn local_before<'a>(input: &'a str, domain: &str) -> Option<&'a str> {
+    let first = *input.as_bytes().first()?;
+    if input.len() > MAX_INPUT
+        || first == b'"'
+        || first == b'<'
+        || first == b'@'
+        || first.is_ascii_whitespace()
+        || domain.is_empty()
+        || domain.len() > MAX_DOMAIN
+        || domain.ends_with('.')
+        || domain.contains("xn--")
+        || !domain
+            .bytes()
+            .all(|b| b == b'.' || CLASS[b as usize] & LDH != 0)
+    {
+        return None;
+    }
+    let local = input.strip_suffix(domain)?.strip_suffix('@')?;
+    Some(local)
+}
+
 /// Append the lookup form of a canonical local part to `out`: lowercased unless `keep_case`
 /// (Active Directory compares addresses case-insensitively), NFC for non-ASCII.
 pub fn fold_local_into(local: &str, keep_case: bool, out: &mut Vec<u8>) {
@@ -559,6 +611,57 @@ fn idna_domain<'a>(d: &str, scratch: &'a mut String) -> Result<&'a str, AddrErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parse_in_domain_takes_the_short_way_for_plain_addresses() {
+        assert_eq!(
+            local_before("Alice.B@contoso.com", "contoso.com"),
+            Some("Alice.B")
+        );
+        assert_eq!(local_before("a@b@contoso.com", "contoso.com"), Some("a@b"));
+        for (input, domain) in [
+            ("\"a b\"@contoso.com", "contoso.com"),
+            ("<a@contoso.com>", "contoso.com"),
+            (" a@contoso.com", "contoso.com"),
+            ("a@contoso.com", "CONTOSO.com"),
+            ("a@xn--bcher-kva.example", "xn--bcher-kva.example"),
+            ("a@sub.contoso.com", "contoso.com"),
+        ] {
+            assert_eq!(local_before(input, domain), None, "{input}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// `parse_in_domain` answers what `parse` answers, for addresses in the domain and
+        /// not (other domains, case, A-labels, literals, quotes, envelopes, source routes,
+        /// limits), whatever of it takes the short way.
+        #[test]
+        fn parse_in_domain_is_parse(
+            head in proptest::sample::select(vec![
+                "", "\"", "<", "@r.example:", " ", "\n", ".", "a.", "é", "\\", "x@",
+            ]),
+            local in "[a-zA-Z0-9.+\"@<> é\u{300}\\;-]{0,12}",
+            long in proptest::bool::weighted(0.05),
+            tail in proptest::sample::select(vec![
+                "@contoso.com", "@contoso.com", "@contoso.com", "@contoso.com", "@CONTOSO.com", "@contoso.com.", "@sub.contoso.com",
+                "@xn--bcher-kva.example", "@[192.0.2.1]", "contoso.com", "@contoso.com>",
+                "@contoso.com ", "@bücher.example", "@-bad.com", "@",
+            ]),
+            expected in proptest::sample::select(vec![
+                "contoso.com", "contoso.com", "contoso.com", "xn--bcher-kva.example",
+                "sub.contoso.com",
+            ]),
+        ) {
+            let local = if long { local.repeat(40) } else { local };
+            let input = format!("{head}{local}{tail}");
+            let domain = normalize_domain(expected).expect("canonical");
+            let (mut a, mut b) = (AddrBuf::default(), AddrBuf::default());
+            let fast = parse_in_domain(&input, &domain, &mut a);
+            let full = parse(&input, &mut b);
+            proptest::prop_assert_eq!(fast, full, "{:?}", input);
+        }
+    }
 
     fn norm(s: &str) -> Result<String, AddrError> {
         normalize(s)

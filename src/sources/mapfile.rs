@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use super::{
     Diagnostic, DomainDecl, Entry, Format, Location, Prehashed, SourceData, SourceError,
-    directory_address, directory_address_in, join_key, parse_flag,
+    directory_address_in, directory_address_in_domain, join_key, parse_flag,
 };
 use crate::address::{self, AddrBuf};
 use crate::directory::Kind;
@@ -168,9 +168,9 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
     let mut declared: FastMap<String, usize> = new_map(0);
     let mut undeclared: FastMap<String, Location> = new_map(0);
     let mut fields: Vec<(&str, usize)> = Vec::with_capacity(8);
-    // Lines of one domain come together: the last raw line domain and what it normalizes to
-    // (with its index in `line_domains`).
-    let mut last_domain: (&str, Result<(String, u32), String>) = ("", Err(String::new()));
+    // Each raw line domain normalized once (not once per line: the lines of a domain need not
+    // come together): its index in `line_domains`, or why it is invalid.
+    let mut raw_domains: FastMap<&str, Result<u32, String>> = new_map(0);
     let mut trailer: Option<u32> = None;
     let mut last_line = 0;
 
@@ -222,19 +222,17 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
             continue;
         }
         let dom_col = head_col + customer.len() + 1;
-        if last_domain.0 != line_domain || last_domain.0.is_empty() {
-            let normalized = address::normalize_domain(line_domain).map(|d| {
-                let next = line_domains.len() as u32;
-                let id = *line_domain_ids.entry(d.clone()).or_insert(next);
-                if id == next {
-                    line_domains.push(d.clone());
-                }
-                (d, id)
+        let resolved = raw_domains.entry(line_domain).or_insert_with(|| {
+            let d = address::normalize_domain(line_domain).map_err(|e| e.to_string())?;
+            let next = line_domains.len() as u32;
+            let id = *line_domain_ids.entry(d).or_insert_with_key(|d| {
+                line_domains.push(d.clone());
+                next
             });
-            last_domain = (line_domain, normalized.map_err(|e| e.to_string()));
-        }
-        let (line_domain, line_domain_id): (&str, u32) = match &last_domain.1 {
-            Ok((d, id)) => (d, *id),
+            Ok(id)
+        });
+        let (line_domain, line_domain_id): (&str, u32) = match resolved {
+            Ok(id) => (&line_domains[*id as usize], *id),
             Err(e) => {
                 out.diagnostics.push(Diagnostic::error(
                     at(dom_col),
@@ -261,9 +259,11 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
                 )),
             }
         };
-        // Parse an address field that must belong to the line's domain.
-        let addr = |(v, c): (&str, usize)| -> Result<(String, String), Diagnostic> {
-            in_line_domain(v, c, directory_address(v), line_domain, &at)
+        // The join key of an address field that must belong to the line's domain.
+        let addr = |(v, c): (&str, usize), abuf: &mut AddrBuf| -> Result<String, Diagnostic> {
+            let parsed = directory_address_in_domain(v, line_domain, abuf);
+            let (l, d) = in_line_domain(v, c, parsed, line_domain, &at)?;
+            Ok(join_key(l, d))
         };
         let result: Result<(), Diagnostic> = (|| {
             match rtype {
@@ -296,7 +296,7 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
                 "DIR:" => {
                     // The `addr` checks without a copy of the address until it is kept.
                     let (v, c) = need(0, "an address")?;
-                    let parsed = directory_address_in(v, &mut abuf);
+                    let parsed = directory_address_in_domain(v, line_domain, &mut abuf);
                     let (local, domain) = in_line_domain(v, c, parsed, line_domain, &at)?;
                     key.clear();
                     append_key(local, domain, &mut key);
@@ -320,25 +320,26 @@ pub fn parse(name: &Arc<str>, text: &str) -> Result<SourceData, SourceError> {
                     });
                 }
                 "MAP:" => {
-                    let (al, ad) = addr(need(0, "an alias address")?)?;
+                    let alias = addr(need(0, "an alias address")?, &mut abuf)?;
                     let (pv, pc) = need(1, "a primary address")?;
-                    let (pl, pd) = directory_address(pv).map_err(|(off, why)| {
+                    let (pl, pd) = directory_address_in(pv, &mut abuf).map_err(|(off, why)| {
                         Diagnostic::error(at(pc + off), format!("invalid address {pv:?}: {why}"))
                     })?;
-                    let e = extra.entry(join_key(&al, &ad)).or_default();
-                    e.owner = Some((join_key(&pl, &pd), at(pc)));
+                    let owner = join_key(pl, pd);
+                    let e = extra.entry(alias).or_default();
+                    e.owner = Some((owner, at(pc)));
                     e.loc.get_or_insert(at(rcol));
                 }
                 "PROFILE:" => {
-                    let (l, d) = addr(need(0, "an address")?)?;
+                    let key = addr(need(0, "an address")?, &mut abuf)?;
                     let (p, _) = need(1, "a profile name")?;
-                    let e = extra.entry(join_key(&l, &d)).or_default();
+                    let e = extra.entry(key).or_default();
                     e.profile = Some(p.to_owned());
                     e.loc.get_or_insert(at(rcol));
                 }
                 "UCFG:" | "P13N:" => {
-                    let (l, d) = addr(need(0, "an address")?)?;
-                    let e = extra.entry(join_key(&l, &d)).or_default();
+                    let key = addr(need(0, "an address")?, &mut abuf)?;
+                    let e = extra.entry(key).or_default();
                     e.loc.get_or_insert(at(rcol));
                     for &(kv, c) in &args[1..] {
                         let Some((k, v)) = kv.split_once('=') else {
@@ -449,8 +450,8 @@ pub type Domains = HashSet<Box<str>>;
 /// marker (which [`parse`] refuses).
 pub fn scan_domains(text: &str) -> Option<(Domains, Domains)> {
     let (mut declared, mut touched) = (HashSet::new(), HashSet::new());
-    // Lines of one domain come together: its name is normalized once per run of lines.
-    let (mut last_raw, mut last): (&str, Option<String>) = ("", None);
+    // Each raw line domain normalized once (`None`: invalid).
+    let mut normalized: FastMap<&str, Option<Box<str>>> = new_map(0);
     for raw in text.split('\n') {
         let line = raw.strip_suffix('\r').unwrap_or(raw);
         if line.trim() == TRAILER {
@@ -463,17 +464,18 @@ pub fn scan_domains(text: &str) -> Option<(Domains, Domains)> {
         let Some((_, raw_domain)) = fields.next().and_then(|h| h.split_once('|')) else {
             continue;
         };
-        if raw_domain != last_raw || last.is_none() {
-            last_raw = raw_domain;
-            last = address::normalize_domain(raw_domain.trim_end_matches(' ')).ok();
-            if let Some(d) = &last {
-                touched.insert(d.as_str().into());
+        let d = normalized.entry(raw_domain).or_insert_with(|| {
+            let d = address::normalize_domain(raw_domain.trim_end_matches(' ')).ok();
+            let d: Option<Box<str>> = d.map(String::into_boxed_str);
+            if let Some(d) = &d {
+                touched.insert(d.clone());
             }
-        }
-        if let Some(d) = &last
+            d
+        });
+        if let Some(d) = d
             && fields.next().map(|f| f.trim_end_matches(' ')) == Some("DOMAIN:")
         {
-            declared.insert(d.as_str().into());
+            declared.insert(d.clone());
         }
     }
     None

@@ -431,19 +431,47 @@ pub fn directory_address_in<'a>(
     raw: &'a str,
     buf: &'a mut AddrBuf,
 ) -> Result<(&'a str, &'a str), (usize, String)> {
+    directory_syntax(raw)?;
+    match address::parse(raw, buf) {
+        Ok(a) => Ok((a.local, a.domain)),
+        Err(e) => Err((error_offset(&e), e.to_string())),
+    }
+}
+
+/// [`directory_address_in`] of an address expected in `domain` (canonical, as
+/// `address::normalize_domain` returns it): the same result, without checking the domain
+/// again when the address is a plain `local@domain` (a directory file's many lines of one
+/// domain).
+pub(crate) fn directory_address_in_domain<'a>(
+    raw: &'a str,
+    domain: &'a str,
+    buf: &'a mut AddrBuf,
+) -> Result<(&'a str, &'a str), (usize, String)> {
+    directory_syntax(raw)?;
+    match address::parse_in_domain(raw, domain, buf) {
+        Ok(a) => Ok((a.local, a.domain)),
+        Err(e) => Err((error_offset(&e), e.to_string())),
+    }
+}
+
+/// The rules of a directory address on top of RFC 5321 syntax (see [`directory_address`]).
+fn directory_syntax(raw: &str) -> Result<(), (usize, String)> {
+    // Bytes, not chars: every character looked for is ASCII, and no byte of a multi-byte
+    // UTF-8 sequence is.
     let mut quoted = false;
     let mut prev_backslash = false;
-    for (i, c) in raw.char_indices() {
+    for (i, &b) in raw.as_bytes().iter().enumerate() {
         if quoted {
-            if c == '"' && !prev_backslash {
+            if b == b'"' && !prev_backslash {
                 quoted = false;
             }
-            prev_backslash = c == '\\' && !prev_backslash;
+            prev_backslash = b == b'\\' && !prev_backslash;
             continue;
         }
-        match c {
-            '"' if i == 0 => quoted = true,
-            ' ' | '\t' | '<' | '>' | '(' | ')' | ';' | ',' | '[' | ']' | '"' => {
+        match b {
+            b'"' if i == 0 => quoted = true,
+            b' ' | b'\t' | b'<' | b'>' | b'(' | b')' | b';' | b',' | b'[' | b']' | b'"' => {
+                let c = b as char;
                 return Err((
                     i,
                     format!("character {c:?} is not allowed in a directory address"),
@@ -455,10 +483,7 @@ pub fn directory_address_in<'a>(
     if raw.starts_with('@') || raw.ends_with('@') {
         return Err((0, "address starts or ends with '@'".into()));
     }
-    match address::parse(raw, buf) {
-        Ok(a) => Ok((a.local, a.domain)),
-        Err(e) => Err((error_offset(&e), e.to_string())),
-    }
+    Ok(())
 }
 
 fn error_offset(e: &AddrError) -> usize {

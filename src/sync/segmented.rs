@@ -37,6 +37,13 @@ pub(super) struct Stamp {
     ctime: (i64, i64),
 }
 
+/// Add `name` to `set`, copying it only when it is new (one domain has many addresses).
+fn add_name(set: &mut HashSet<Box<str>>, name: &str) {
+    if !set.contains(name) {
+        set.insert(name.into());
+    }
+}
+
 /// The stamp of `path` now (`None` when it cannot be read: then it counts as changed).
 pub(super) fn stamp(path: &Path) -> Option<Stamp> {
     use std::os::unix::fs::MetadataExt;
@@ -74,17 +81,16 @@ impl Summary {
         if d.role != Role::Exceptions {
             s.declared = d.domains.iter().map(|x| x.name.as_str().into()).collect();
             if d.derive_domains && d.role == Role::Directory {
-                s.declared.extend(
-                    d.entries
-                        .iter()
-                        .filter(|e| derives_domain(e.object))
-                        .map(|e| e.domain.as_str().into()),
-                );
+                for e in d.entries.iter().filter(|e| derives_domain(e.object)) {
+                    add_name(&mut s.declared, &e.domain);
+                }
             }
         }
-        s.touched = d.entries.iter().map(|e| e.domain.as_str().into()).collect();
-        // Collected from one item per address: the tables were sized for them, not for the
-        // few domains they hold (280 KB per 10,000-address source, kept for every source).
+        for e in &d.entries {
+            add_name(&mut s.touched, &e.domain);
+        }
+        // Kept for every source: no spare capacity (a table collected from one item per
+        // address was sized for them, not for its few domains: 280 KB per 10,000 addresses).
         s.declared.shrink_to_fit();
         s.touched.shrink_to_fit();
         s
