@@ -7,6 +7,7 @@ pub(crate) mod build;
 pub mod explain;
 mod filter;
 mod format;
+mod fstbuild;
 pub mod segments;
 mod snapshot;
 mod walk;
