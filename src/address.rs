@@ -223,10 +223,13 @@ fn local_before<'a>(input: &'a str, domain: &str) -> Option<&'a str> {
         || domain.is_empty()
         || domain.len() > MAX_DOMAIN
         || domain.ends_with('.')
-        || domain.contains("xn--")
         || !domain
             .bytes()
             .all(|b| b == b'.' || CLASS[b as usize] & LDH != 0)
+        // An A-label (`parse` converts those): "xn--" at the start of a label.
+        || domain
+            .split('.')
+            .any(|label| label.as_bytes().starts_with(b"xn--"))
     {
         return None;
     }

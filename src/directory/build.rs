@@ -4,11 +4,11 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use super::Kind;
-use super::fstbuild::FstBuildError;
 use super::format::{
     COLD_AMBIGUOUS, COLD_REC, DOMAIN_REC, HEADER_LEN, Header, SECTIONS, SHARD_REC, Sec, SectionRef,
     domain_hash, put_str,
 };
+use super::fstbuild::FstBuildError;
 
 /// "No string" / "no value" marker in every u32 reference.
 pub const NONE: u32 = u32::MAX;

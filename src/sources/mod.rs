@@ -458,27 +458,39 @@ pub(crate) fn directory_address_in_domain<'a>(
 fn directory_syntax(raw: &str) -> Result<(), (usize, String)> {
     // Bytes, not chars: every character looked for is ASCII, and no byte of a multi-byte
     // UTF-8 sequence is.
-    let mut quoted = false;
-    let mut prev_backslash = false;
-    for (i, &b) in raw.as_bytes().iter().enumerate() {
-        if quoted {
+    const FORBIDDEN: [bool; 256] = {
+        let mut t = [false; 256];
+        let bad = b" \t<>();,[]\"";
+        let mut i = 0;
+        while i < bad.len() {
+            t[bad[i] as usize] = true;
+            i += 1;
+        }
+        t
+    };
+    let bytes = raw.as_bytes();
+    // After a quoted local part (which may hold any of them), if there is one.
+    let mut from = 0;
+    if bytes.first() == Some(&b'"') {
+        let mut prev_backslash = false;
+        from = bytes.len();
+        for (i, &b) in bytes.iter().enumerate().skip(1) {
             if b == b'"' && !prev_backslash {
-                quoted = false;
+                from = i + 1;
+                break;
             }
             prev_backslash = b == b'\\' && !prev_backslash;
-            continue;
         }
-        match b {
-            b'"' if i == 0 => quoted = true,
-            b' ' | b'\t' | b'<' | b'>' | b'(' | b')' | b';' | b',' | b'[' | b']' | b'"' => {
-                let c = b as char;
-                return Err((
-                    i,
-                    format!("character {c:?} is not allowed in a directory address"),
-                ));
-            }
-            _ => {}
-        }
+    }
+    if let Some(i) = bytes[from..]
+        .iter()
+        .position(|&b| FORBIDDEN[usize::from(b)])
+    {
+        let c = char::from(bytes[from + i]);
+        return Err((
+            from + i,
+            format!("character {c:?} is not allowed in a directory address"),
+        ));
     }
     if raw.starts_with('@') || raw.ends_with('@') {
         return Err((0, "address starts or ends with '@'".into()));
@@ -538,4 +550,46 @@ pub fn derives_domain(kind: Kind) -> bool {
         kind,
         Kind::User | Kind::Group | Kind::Shared | Kind::PublicFolder | Kind::Addition
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The directory syntax rules as first written (over chars, quoted state kept).
+    fn reference(raw: &str) -> Result<(), (usize, String)> {
+        let mut quoted = false;
+        let mut prev_backslash = false;
+        for (i, c) in raw.char_indices() {
+            if quoted {
+                if c == '"' && !prev_backslash {
+                    quoted = false;
+                }
+                prev_backslash = c == '\\' && !prev_backslash;
+                continue;
+            }
+            match c {
+                '"' if i == 0 => quoted = true,
+                ' ' | '\t' | '<' | '>' | '(' | ')' | ';' | ',' | '[' | ']' | '"' => {
+                    return Err((
+                        i,
+                        format!("character {c:?} is not allowed in a directory address"),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if raw.starts_with('@') || raw.ends_with('@') {
+            return Err((0, "address starts or ends with '@'".into()));
+        }
+        Ok(())
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
+        #[test]
+        fn directory_syntax_is_the_reference(raw in "[\"\\\\a@. <>();,\\[\\]\t é]{0,12}") {
+            proptest::prop_assert_eq!(directory_syntax(&raw), reference(&raw));
+        }
+    }
 }
