@@ -28,13 +28,46 @@ pub fn fuzz_address(data: &[u8]) {
             assert_eq!(again.as_deref(), Ok(n.as_str()), "not idempotent: {s:?}");
         }
     }
+    // The parse of an address expected in a domain (the MAP parser's) is the parse, for the
+    // input's own domain and for another one.
+    let mut buf = address::AddrBuf::default();
+    // The input's own domain, its text after the last '@' as it is, and another domain.
+    let mut expected: Vec<String> = vec!["contoso.com".into()];
+    if let Ok(a) = address::parse(s, &mut buf) {
+        expected.push(a.domain.to_owned());
+    }
+    if let Some((_, d)) = s.rsplit_once('@') {
+        expected.push(d.to_owned());
+    }
+    for d in &expected {
+        let (mut a, mut b) = (address::AddrBuf::default(), address::AddrBuf::default());
+        assert_eq!(
+            address::parse_in_domain(s, d, &mut a),
+            address::parse(s, &mut b),
+            "{s:?} in {d:?}"
+        );
+    }
 }
 
 /// Parse arbitrary bytes as a source file of the given format.
 pub fn fuzz_source(format: Format, data: &[u8]) {
     let name: Arc<str> = Arc::from("fuzz");
     if let Ok(text) = sources::decode_utf8(&name, data) {
-        let _ = sources::parse_text(format, &name, text);
+        let parsed = sources::parse_text(format, &name, text);
+        // The first pass of a segmented build scans MAP files for their domains: it must
+        // find every domain the parse declares or lists addresses in.
+        if format == Format::Map
+            && let Ok(d) = &parsed
+        {
+            let (declared, touched) =
+                sources::mapfile::scan_domains(text).expect("a parsed file scans");
+            for x in &d.domains {
+                assert!(declared.contains(x.name.as_str()), "{}", x.name);
+            }
+            for e in &d.entries {
+                assert!(touched.contains(e.domain.as_str()), "{}", e.domain);
+            }
+        }
     }
 }
 

@@ -450,30 +450,44 @@ pub type Domains = HashSet<Box<str>>;
 /// marker (which [`parse`] refuses).
 pub fn scan_domains(text: &str) -> Option<(Domains, Domains)> {
     let (mut declared, mut touched) = (HashSet::new(), HashSet::new());
-    // Each raw line domain normalized once (`None`: invalid).
-    let mut normalized: FastMap<&str, Option<Box<str>>> = new_map(0);
+    // Each raw line domain normalized once (`None`: invalid), by index; the last one's
+    // index kept (a domain's lines usually come together).
+    let mut normalized: Vec<Option<Box<str>>> = Vec::new();
+    let mut index: FastMap<&str, usize> = new_map(0);
+    let mut last: (&str, usize) = ("", usize::MAX);
     for raw in text.split('\n') {
         let line = raw.strip_suffix('\r').unwrap_or(raw);
-        if line.trim() == TRAILER {
+        // Only a line that does not start with a letter or digit can trim to the marker.
+        if !line
+            .as_bytes()
+            .first()
+            .is_some_and(u8::is_ascii_alphanumeric)
+            && line.trim() == TRAILER
+        {
             return Some((declared, touched));
         }
         if line.starts_with('#') || line.len() > MAX_LINE {
             continue;
         }
-        let mut fields = line.split('\t');
-        let Some((_, raw_domain)) = fields.next().and_then(|h| h.split_once('|')) else {
+        let (head, rest) = line.split_once('\t').unwrap_or((line, ""));
+        let Some((_, raw_domain)) = head.split_once('|') else {
             continue;
         };
-        let d = normalized.entry(raw_domain).or_insert_with(|| {
-            let d = address::normalize_domain(raw_domain.trim_end_matches(' ')).ok();
-            let d: Option<Box<str>> = d.map(String::into_boxed_str);
-            if let Some(d) = &d {
-                touched.insert(d.clone());
-            }
-            d
-        });
-        if let Some(d) = d
-            && fields.next().map(|f| f.trim_end_matches(' ')) == Some("DOMAIN:")
+        if raw_domain != last.0 || last.1 == usize::MAX {
+            let i = *index.entry(raw_domain).or_insert_with(|| {
+                let d = address::normalize_domain(raw_domain.trim_end_matches(' ')).ok();
+                let d: Option<Box<str>> = d.map(String::into_boxed_str);
+                if let Some(d) = &d {
+                    touched.insert(d.clone());
+                }
+                normalized.push(d);
+                normalized.len() - 1
+            });
+            last = (raw_domain, i);
+        }
+        if rest.starts_with("DOMAIN:")
+            && let Some(Some(d)) = normalized.get(last.1)
+            && rest.split('\t').next().map(|f| f.trim_end_matches(' ')) == Some("DOMAIN:")
         {
             declared.insert(d.clone());
         }
