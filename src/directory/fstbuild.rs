@@ -104,14 +104,48 @@ impl Level {
 
 #[derive(Debug, Clone)]
 struct Cell {
+    /// The build this cell was filled in (an older one's cell counts as empty).
+    build: u64,
     addr: usize,
     node: Node,
 }
 
+/// The registry of compiled nodes. Kept per thread from build to build (allocating and
+/// freeing its 20,000 cells and their vectors cost a small segment's build as much as its
+/// nodes); a new build empties it by moving on to a new build number.
+struct Registry {
+    cells: Vec<Cell>,
+    build: u64,
+}
+
+impl Registry {
+    fn new() -> Registry {
+        Registry {
+            cells: vec![
+                Cell {
+                    build: 0,
+                    addr: NONE,
+                    node: Node::default(),
+                };
+                2 * REGISTRY_ROWS
+            ],
+            build: 0,
+        }
+    }
+}
+
+thread_local! {
+    static REGISTRY: std::cell::RefCell<Option<Registry>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Transitions a registry cell keeps room for between builds (the few large nodes near
+/// the roots would otherwise pin their vectors for good).
+const KEPT_CAPACITY: usize = 8;
+
 /// The output and the registry of compiled nodes.
 struct Writer {
     out: Vec<u8>,
-    cells: Vec<Cell>,
+    reg: Registry,
     /// Address of the last byte of the node written last.
     last_addr: usize,
 }
@@ -123,21 +157,23 @@ impl Writer {
             return EMPTY;
         }
         let row = 2 * registry_row(node);
-        if self.cells[row].addr != NONE && self.cells[row].node == *node {
-            return self.cells[row].addr;
+        let (build, cells) = (self.reg.build, &mut self.reg.cells);
+        if cells[row].build == build && cells[row].node == *node {
+            return cells[row].addr;
         }
-        if self.cells[row + 1].addr != NONE && self.cells[row + 1].node == *node {
-            let addr = self.cells[row + 1].addr;
-            self.cells.swap(row, row + 1);
+        if cells[row + 1].build == build && cells[row + 1].node == *node {
+            let addr = cells[row + 1].addr;
+            cells.swap(row, row + 1);
             return addr;
         }
         // Replace the least recently used cell and make it the most recent.
-        self.cells[row + 1].node.copy_from(node);
-        self.cells.swap(row, row + 1);
+        cells[row + 1].node.copy_from(node);
+        cells[row + 1].build = build;
+        cells.swap(row, row + 1);
         let start = self.out.len();
         self.write_node(node, start);
         self.last_addr = self.out.len() - 1;
-        self.cells[row].addr = self.last_addr;
+        self.reg.cells[row].addr = self.last_addr;
         self.last_addr
     }
 
@@ -275,16 +311,14 @@ impl FstBuilder {
         out.extend_from_slice(&VERSION.to_le_bytes());
         // The FST type: 0.
         out.extend_from_slice(&0u64.to_le_bytes());
+        let mut reg = REGISTRY
+            .with(|r| r.try_borrow_mut().ok().and_then(|mut r| r.take()))
+            .unwrap_or_else(Registry::new);
+        reg.build += 1;
         let mut b = FstBuilder {
             w: Writer {
                 out,
-                cells: vec![
-                    Cell {
-                        addr: NONE,
-                        node: Node::default(),
-                    };
-                    2 * REGISTRY_ROWS
-                ],
+                reg,
                 last_addr: NONE,
             },
             levels: Vec::with_capacity(64),
@@ -395,7 +429,17 @@ impl FstBuilder {
     pub fn finish(mut self) -> Vec<u8> {
         self.compile_from(0);
         let root = self.w.compile(&self.levels[0].node);
-        let mut out = self.w.out;
+        let Writer { mut out, mut reg, .. } = self.w;
+        for c in &mut reg.cells {
+            if c.node.trans.capacity() > KEPT_CAPACITY {
+                c.node.trans = Vec::new();
+            }
+        }
+        REGISTRY.with(|r| {
+            if let Ok(mut r) = r.try_borrow_mut() {
+                *r = Some(reg);
+            }
+        });
         out.extend_from_slice(&self.len.to_le_bytes());
         out.extend_from_slice(&(root as u64).to_le_bytes());
         let sum = crc32c(&out);
@@ -523,6 +567,24 @@ mod tests {
             .map(|i| (format!("{:06}@x{}.example", i, i % 97).into_bytes(), i % 5))
             .collect();
         same(keys);
+    }
+
+    #[test]
+    fn a_build_after_another_on_the_thread_starts_from_an_empty_registry() {
+        // The same suffixes in both: a registry kept with its first build's addresses would
+        // point the second build's nodes at bytes it never wrote.
+        let keys = |p: &str| -> Vec<(Vec<u8>, u64)> {
+            (0..500u64)
+                .map(|i| (format!("{p}{i:04}@example.com").into_bytes(), 0))
+                .collect()
+        };
+        same(keys("alpha"));
+        same(keys("b"));
+        let mut first = FstBuilder::new();
+        first.insert(b"zz", 1).expect("insert");
+        // A builder dropped without finishing does not lose the thread its registry.
+        drop(first);
+        same(keys("c"));
     }
 
     #[test]
