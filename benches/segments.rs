@@ -11,6 +11,9 @@
 //! its full build, its restart, and one customer's new file to its answer through
 //! `Loader::rebuild` (stamps, the group's read, merge, plan, build, write, publish).
 //!
+//! Last, this program runs itself again to open that set alone (every segment read) and
+//! report the memory a fresh process holds for it.
+//!
 //! `SEG_CUSTOMERS=0` runs the daemon's path alone; `SEG_LOADER_BUDGETS` (default
 //! `1MiB,1GiB`) are the `build_memory` budgets its full build is timed at, one after another.
 //!
@@ -260,6 +263,16 @@ fn loader_phase(customers: usize, per: usize, root: &Path) {
         changes.push(t.elapsed());
     }
     changes.sort();
+    // The set as a fresh process holds it: this program again, opening the set alone.
+    let fresh = std::env::current_exe().ok().and_then(|exe| {
+        let out = std::process::Command::new(exe)
+            .env("SEG_OPEN_SET", dir.join("directory.snap"))
+            .output()
+            .ok()?;
+        let text = String::from_utf8(out.stdout).ok()?;
+        let mut it = text.split_whitespace().map(str::parse::<f64>);
+        Some((it.next()?.ok()?, it.next()?.ok()?))
+    });
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
         "daemon path (Loader, segments = true): {customers} MAP files x {per} = {} addresses",
@@ -284,6 +297,12 @@ fn loader_phase(customers: usize, per: usize, root: &Path) {
     println!(
         "  in service after the restart, every segment read: anonymous memory {serving:.0} MiB (hot sections {hot:.0} MiB)"
     );
+    match fresh {
+        Some((anon, hot)) => println!(
+            "  a fresh process that opens the set (every segment read): anonymous memory {anon:.1} MiB (hot sections {hot:.1} MiB)"
+        ),
+        None => println!("  a fresh process that opens the set: not measured (the child failed)"),
+    }
     println!(
         "  one customer's new file to its answer: median {:.0} ms, max {:.0} ms (goal <= 1000 ms)",
         ms(changes[changes.len() / 2]),
@@ -292,6 +311,14 @@ fn loader_phase(customers: usize, per: usize, root: &Path) {
 }
 
 fn main() {
+    // The child of the daemon path's last step: open the set at SEG_OPEN_SET (every segment
+    // read) and print its anonymous memory and hot sections in MiB.
+    if let Ok(path) = std::env::var("SEG_OPEN_SET") {
+        let set = Snapshot::open(Path::new(&path)).expect("open the set");
+        let hot = set.hot_bytes() as f64 / (1u64 << 20) as f64;
+        println!("{} {hot}", status_mib("RssAnon:"));
+        return;
+    }
     // `cargo bench` passes --bench; `cargo test` runs it as a smoke test.
     let test_mode = !std::env::args().any(|a| a == "--bench");
     let (customers, per, baseline) = if test_mode {

@@ -429,7 +429,9 @@ impl FstBuilder {
     pub fn finish(mut self) -> Vec<u8> {
         self.compile_from(0);
         let root = self.w.compile(&self.levels[0].node);
-        let Writer { mut out, mut reg, .. } = self.w;
+        let Writer {
+            mut out, mut reg, ..
+        } = self.w;
         for c in &mut reg.cells {
             if c.node.trans.capacity() > KEPT_CAPACITY {
                 c.node.trans = Vec::new();
