@@ -106,6 +106,9 @@ impl Level {
 struct Cell {
     /// The build this cell was filled in (an older one's cell counts as empty).
     build: u64,
+    /// The node's full hash: most lookups miss, and a miss is told from this, without
+    /// reading the node's transitions (elsewhere in memory).
+    hash: u64,
     addr: usize,
     node: Node,
 }
@@ -124,6 +127,7 @@ impl Registry {
             cells: vec![
                 Cell {
                     build: 0,
+                    hash: 0,
                     addr: NONE,
                     node: Node::default(),
                 };
@@ -156,12 +160,14 @@ impl Writer {
         if node.is_final && node.trans.is_empty() && node.final_output == 0 {
             return EMPTY;
         }
-        let row = 2 * registry_row(node);
+        let hash = node_hash(node);
+        let row = 2 * ((hash as usize) % REGISTRY_ROWS);
         let (build, cells) = (self.reg.build, &mut self.reg.cells);
-        if cells[row].build == build && cells[row].node == *node {
+        let holds = |c: &Cell| c.build == build && c.hash == hash && c.node == *node;
+        if holds(&cells[row]) {
             return cells[row].addr;
         }
-        if cells[row + 1].build == build && cells[row + 1].node == *node {
+        if holds(&cells[row + 1]) {
             let addr = cells[row + 1].addr;
             cells.swap(row, row + 1);
             return addr;
@@ -169,6 +175,7 @@ impl Writer {
         // Replace the least recently used cell and make it the most recent.
         cells[row + 1].node.copy_from(node);
         cells[row + 1].build = build;
+        cells[row + 1].hash = hash;
         cells.swap(row, row + 1);
         let start = self.out.len();
         self.write_node(node, start);
@@ -251,8 +258,9 @@ impl Writer {
     }
 }
 
-/// `fst`'s registry hash (FNV-1a over the node's fields), as a row.
-fn registry_row(node: &Node) -> usize {
+/// `fst`'s registry hash (FNV-1a over the node's fields); its row is the hash modulo the
+/// number of rows.
+fn node_hash(node: &Node) -> u64 {
     const PRIME: u64 = 1_099_511_628_211;
     let mut h: u64 = 14_695_981_039_346_656_037;
     h = (h ^ u64::from(node.is_final)).wrapping_mul(PRIME);
@@ -262,7 +270,7 @@ fn registry_row(node: &Node) -> usize {
         h = (h ^ t.out).wrapping_mul(PRIME);
         h = (h ^ t.addr as u64).wrapping_mul(PRIME);
     }
-    (h as usize) % REGISTRY_ROWS
+    h
 }
 
 /// A transition's address as written: its distance back from the node, or 0 for the empty
