@@ -566,7 +566,7 @@ fn build_shard(
     let sort_time = t.elapsed();
 
     let w = key_width as usize;
-    // The fst crate's format, written by our builder (the same bytes, a third of the CPU).
+    // The fst crate's format, written by our builder (the same bytes, half the instructions).
     let mut builder = super::fstbuild::FstBuilder::new();
     let mut key: Vec<u8> = Vec::with_capacity(300);
     for r in &records {
