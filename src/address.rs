@@ -165,21 +165,26 @@ pub fn parse<'a>(input: &'a str, buf: &'a mut AddrBuf) -> Result<Addr<'a>, AddrE
     let AddrBuf { local, domain } = buf;
     let local = canonical_local(local_in, local)?;
     let (domain, literal) = canonical_domain(domain_in, domain)?;
-    if local.len() > MAX_LOCAL {
-        return Err(AddrError::LocalTooLong(local.len()));
-    }
-    if domain.len() > MAX_DOMAIN {
-        return Err(AddrError::DomainTooLong(domain.len()));
-    }
-    let total = local.len() + 1 + domain.len();
-    if total > MAX_ADDRESS {
-        return Err(AddrError::AddressTooLong(total));
-    }
-    Ok(Addr {
+    within_limits(Addr {
         local,
         domain,
         literal,
     })
+}
+
+/// `addr` when its parts and the whole are within the RFC 5321 limits.
+fn within_limits(addr: Addr<'_>) -> Result<Addr<'_>, AddrError> {
+    if addr.local.len() > MAX_LOCAL {
+        return Err(AddrError::LocalTooLong(addr.local.len()));
+    }
+    if addr.domain.len() > MAX_DOMAIN {
+        return Err(AddrError::DomainTooLong(addr.domain.len()));
+    }
+    let total = addr.local.len() + 1 + addr.domain.len();
+    if total > MAX_ADDRESS {
+        return Err(AddrError::AddressTooLong(total));
+    }
+    Ok(addr)
 }
 
 /// [`parse`] of an address expected in `domain` (a canonical domain name, as
@@ -196,14 +201,7 @@ pub fn parse_in_domain<'a>(
         return parse(input, buf);
     };
     let local = canonical_local(local_in, &mut buf.local)?;
-    if local.len() > MAX_LOCAL {
-        return Err(AddrError::LocalTooLong(local.len()));
-    }
-    let total = local.len() + 1 + domain.len();
-    if total > MAX_ADDRESS {
-        return Err(AddrError::AddressTooLong(total));
-    }
-    Ok(Addr {
+    within_limits(Addr {
         local,
         domain,
         literal: false,
