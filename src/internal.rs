@@ -28,10 +28,9 @@ pub fn fuzz_address(data: &[u8]) {
             assert_eq!(again.as_deref(), Ok(n.as_str()), "not idempotent: {s:?}");
         }
     }
-    // The parse of an address expected in a domain (the MAP parser's) is the parse, for the
-    // input's own domain and for another one.
+    // The parse of an address expected in a domain (the MAP parser's short way) is the
+    // parse: for the input's own domain, its text after the last '@' as it is, and another.
     let mut buf = address::AddrBuf::default();
-    // The input's own domain, its text after the last '@' as it is, and another domain.
     let mut expected: Vec<String> = vec!["contoso.com".into()];
     if let Ok(a) = address::parse(s, &mut buf) {
         expected.push(a.domain.to_owned());

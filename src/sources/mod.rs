@@ -438,10 +438,9 @@ pub fn directory_address_in<'a>(
     }
 }
 
-/// [`directory_address_in`] of an address expected in `domain` (canonical, as
-/// `address::normalize_domain` returns it): the same result, without checking the domain
-/// again when the address is a plain `local@domain` (a directory file's many lines of one
-/// domain).
+/// [`directory_address_in`] of an address expected in `domain` (a line's canonical domain):
+/// the same result, without canonicalizing the domain again when the address is a plain
+/// `local@domain` (a directory file's many lines of one domain; `address::parse_in_domain`).
 pub(crate) fn directory_address_in_domain<'a>(
     raw: &'a str,
     domain: &'a str,
