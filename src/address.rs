@@ -219,32 +219,14 @@ fn local_before<'a>(input: &'a str, domain: &str) -> Option<&'a str> {
         || first == b'<'
         || first == b'@'
         || first.is_ascii_whitespace()
-        || domain.is_empty()
         || domain.len() > MAX_DOMAIN
-        || domain.ends_with('.')
     {
         return None;
     }
-    // A host name `parse` keeps as it is: lowercase LDH labels of 1-63 octets without a
-    // hyphen at either end, and no A-label (`parse` converts those). One pass.
-    let d = domain.as_bytes();
-    let mut start = 0;
-    for i in 0..=d.len() {
-        let b = d.get(i).copied().unwrap_or(b'.');
-        if b == b'.' {
-            let label = &d[start..i];
-            if label.is_empty()
-                || label.len() > 63
-                || label.first() == Some(&b'-')
-                || label.last() == Some(&b'-')
-                || label.starts_with(b"xn--")
-            {
-                return None;
-            }
-            start = i + 1;
-        } else if CLASS[b as usize] & LDH == 0 {
-            return None;
-        }
+    // A host name `parse` keeps as it is: valid LDH labels (`check_ldh`, as `parse` checks
+    // them), no uppercase and no A-label (`parse` converts those).
+    if check_ldh(domain.as_bytes()) != Ok((false, false)) {
+        return None;
     }
     let local = input.strip_suffix(domain)?.strip_suffix('@')?;
     Some(local)

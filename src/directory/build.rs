@@ -358,7 +358,7 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     build_shard(part, key_width)
                 }))
-                .unwrap_or_else(|_| Err(BuildError::Fst("shard thread panicked".into())))
+                .unwrap_or_else(shard_panicked)
             })
             .collect()
     } else {
@@ -369,10 +369,7 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
                 .collect();
             handles
                 .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(BuildError::Fst("shard thread panicked".into())))
-                })
+                .map(|h| h.join().unwrap_or_else(shard_panicked))
                 .collect()
         })
     };
@@ -548,6 +545,11 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
         total_time: t0.elapsed(),
     };
     Ok((file, stats))
+}
+
+/// A shard build that panicked (on its own thread or this one), as an error.
+fn shard_panicked<T>(_: Box<dyn std::any::Any + Send>) -> Result<T, BuildError> {
+    Err(BuildError::Fst("shard thread panicked".into()))
 }
 
 /// The FST key of a record: the domain index (big-endian, `w` bytes), then the local part.

@@ -432,10 +432,7 @@ pub fn directory_address_in<'a>(
     buf: &'a mut AddrBuf,
 ) -> Result<(&'a str, &'a str), (usize, String)> {
     directory_syntax(raw)?;
-    match address::parse(raw, buf) {
-        Ok(a) => Ok((a.local, a.domain)),
-        Err(e) => Err((error_offset(&e), e.to_string())),
-    }
+    directory_parts(address::parse(raw, buf))
 }
 
 /// [`directory_address_in`] of an address expected in `domain` (a line's canonical domain):
@@ -447,10 +444,15 @@ pub(crate) fn directory_address_in_domain<'a>(
     buf: &'a mut AddrBuf,
 ) -> Result<(&'a str, &'a str), (usize, String)> {
     directory_syntax(raw)?;
-    match address::parse_in_domain(raw, domain, buf) {
-        Ok(a) => Ok((a.local, a.domain)),
-        Err(e) => Err((error_offset(&e), e.to_string())),
-    }
+    directory_parts(address::parse_in_domain(raw, domain, buf))
+}
+
+/// A parsed address's (local, domain), or the reason and its offset.
+fn directory_parts(
+    r: Result<address::Addr<'_>, AddrError>,
+) -> Result<(&str, &str), (usize, String)> {
+    r.map(|a| (a.local, a.domain))
+        .map_err(|e| (error_offset(&e), e.to_string()))
 }
 
 /// The rules of a directory address on top of RFC 5321 syntax (see [`directory_address`]).
