@@ -13,7 +13,10 @@ fn dot_atom() -> impl Strategy<Value = String> {
 }
 
 fn label() -> impl Strategy<Value = String> {
-    "[a-zA-Z0-9]([a-zA-Z0-9-]{0,8}[a-zA-Z0-9])?"
+    // A valid label: "xn--" would make it an A-label, which must also decode (IDNA).
+    "[a-zA-Z0-9]([a-zA-Z0-9-]{0,8}[a-zA-Z0-9])?".prop_filter("an A-label prefix", |l| {
+        !l.to_ascii_lowercase().starts_with("xn--")
+    })
 }
 
 fn domain() -> impl Strategy<Value = String> {
