@@ -23,6 +23,11 @@
 #[path = "common/mod.rs"]
 mod common;
 
+/// The daemon's allocator (`src/main.rs`), so that the daemon's path is measured as it runs.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::HashSet;
 use std::hint::black_box;
 use std::io::Write;
