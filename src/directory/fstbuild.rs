@@ -103,37 +103,50 @@ impl Level {
     }
 }
 
-#[derive(Debug, Clone)]
-struct Cell {
-    /// The build this cell was filled in (an older one's cell counts as empty).
-    build: u64,
-    /// The node's full hash: most lookups miss, and a miss is told from this, without
-    /// reading the node's transitions (elsewhere in memory).
-    hash: u64,
-    addr: usize,
-    node: Node,
+/// One row of the registry: two cells, the most recently used one first in `fst`'s order.
+/// `fst` keeps the cells in that order and swaps them on use; a row here notes which of its
+/// two cells is the most recent instead, and holds only what a lookup reads first (hashes,
+/// addresses, build numbers: one cache line), the nodes themselves in `Registry::nodes`.
+#[derive(Debug, Clone, Copy)]
+#[repr(align(64))]
+struct Row {
+    /// Each cell's node's full hash: most lookups miss, and a miss is told from this,
+    /// without reading the node (elsewhere in memory).
+    hash: [u64; 2],
+    /// Each cell's node's address in the output.
+    addr: [usize; 2],
+    /// The build each cell was filled in (an older one's cell counts as empty).
+    build: [u64; 2],
+    /// The cell used last (0 or 1).
+    mru: u8,
 }
 
 /// The registry of compiled nodes. Kept per thread from build to build (allocating and
 /// freeing its 20,000 cells and their vectors cost a small segment's build as much as its
 /// nodes); a new build empties it by moving on to a new build number.
 struct Registry {
-    cells: Vec<Cell>,
+    rows: Vec<Row>,
+    /// Cell `c` of row `r` holds `nodes[2 * r + c]`.
+    nodes: Vec<Node>,
+    /// Cells whose node's vector grew past [`KEPT_CAPACITY`] in this build.
+    grown: Vec<u32>,
     build: u64,
 }
 
 impl Registry {
     fn new() -> Registry {
         Registry {
-            cells: vec![
-                Cell {
-                    build: 0,
-                    hash: 0,
-                    addr: NONE,
-                    node: Node::default(),
+            rows: vec![
+                Row {
+                    hash: [0; 2],
+                    addr: [NONE; 2],
+                    build: [0; 2],
+                    mru: 0,
                 };
-                2 * REGISTRY_ROWS
+                REGISTRY_ROWS
             ],
+            nodes: vec![Node::default(); 2 * REGISTRY_ROWS],
+            grown: Vec::new(),
             build: 0,
         }
     }
@@ -162,26 +175,34 @@ impl Writer {
             return EMPTY;
         }
         let hash = node_hash(node);
-        let row = 2 * ((hash as usize) % REGISTRY_ROWS);
-        let (build, cells) = (self.reg.build, &mut self.reg.cells);
-        let holds = |c: &Cell| c.build == build && c.hash == hash && c.node == *node;
-        if holds(&cells[row]) {
-            return cells[row].addr;
+        let r = (hash as usize) % REGISTRY_ROWS;
+        let reg = &mut self.reg;
+        let row = &mut reg.rows[r];
+        let (mru, lru) = (usize::from(row.mru), usize::from(1 - row.mru));
+        let holds = |row: &Row, c: usize| {
+            row.build[c] == reg.build && row.hash[c] == hash && reg.nodes[2 * r + c] == *node
+        };
+        if holds(row, mru) {
+            return row.addr[mru];
         }
-        if holds(&cells[row + 1]) {
-            let addr = cells[row + 1].addr;
-            cells.swap(row, row + 1);
-            return addr;
+        if holds(row, lru) {
+            row.mru = lru as u8;
+            return row.addr[lru];
         }
         // Replace the least recently used cell and make it the most recent.
-        cells[row + 1].node.copy_from(node);
-        cells[row + 1].build = build;
-        cells[row + 1].hash = hash;
-        cells.swap(row, row + 1);
+        row.build[lru] = reg.build;
+        row.hash[lru] = hash;
+        row.mru = lru as u8;
+        let cell = &mut reg.nodes[2 * r + lru];
+        let small = cell.trans.capacity() <= KEPT_CAPACITY;
+        cell.copy_from(node);
+        if small && cell.trans.capacity() > KEPT_CAPACITY {
+            reg.grown.push((2 * r + lru) as u32);
+        }
         let start = self.out.len();
         self.write_node(node, start);
         self.last_addr = self.out.len() - 1;
-        self.reg.cells[row].addr = self.last_addr;
+        self.reg.rows[r].addr[lru] = self.last_addr;
         self.last_addr
     }
 
@@ -441,10 +462,8 @@ impl FstBuilder {
         let Writer {
             mut out, mut reg, ..
         } = self.w;
-        for c in &mut reg.cells {
-            if c.node.trans.capacity() > KEPT_CAPACITY {
-                c.node.trans = Vec::new();
-            }
+        for c in std::mem::take(&mut reg.grown) {
+            reg.nodes[c as usize].trans = Vec::new();
         }
         REGISTRY.with(|r| {
             if let Ok(mut r) = r.try_borrow_mut() {
