@@ -64,7 +64,7 @@ pub fn fuzz_source(format: Format, data: &[u8]) {
                 assert!(declared.contains(x.name.as_str()), "{}", x.name);
             }
             for e in &d.entries {
-                assert!(touched.contains(e.domain.as_str()), "{}", e.domain);
+                assert!(touched.contains(&*e.domain), "{}", e.domain);
             }
         }
     }

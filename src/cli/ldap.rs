@@ -92,7 +92,7 @@ pub fn sync(
         for e in &data.entries {
             *kinds.entry(e.kind.as_str()).or_default() += 1;
         }
-        let mut domains: Vec<&str> = data.entries.iter().map(|e| e.domain.as_str()).collect();
+        let mut domains: Vec<&str> = data.entries.iter().map(|e| &*e.domain).collect();
         domains.sort_unstable();
         domains.dedup();
         for d in &data.diagnostics {

@@ -1256,7 +1256,7 @@ mod tests {
         c.include_disabled = false;
         c.include_guests = true;
         let (data, _) = build_data(&name, &c, &objects);
-        assert!(data.entries.iter().any(|e| e.domain == "other.example"));
+        assert!(data.entries.iter().any(|e| &*e.domain == "other.example"));
         assert!(!data.entries.iter().any(|e| e.local == "info"));
     }
 

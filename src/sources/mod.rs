@@ -126,8 +126,9 @@ impl fmt::Display for Diagnostic {
 pub struct Entry {
     /// Canonical local part, case kept (the domain decides folding at merge time).
     pub local: String,
-    /// Normalized domain.
-    pub domain: String,
+    /// Normalized domain (shared by the entries of a domain: a file of one customer's
+    /// addresses names a few domains thousands of times).
+    pub domain: Arc<str>,
     /// `Alias` for a non-primary address; otherwise the object's kind.
     pub kind: Kind,
     /// Kind of the owning object (decides whether its domain is derived as accepted).
@@ -151,7 +152,7 @@ impl Entry {
     /// when this one is an alias (the entry's kind is then `Alias`).
     pub fn new(
         local: String,
-        domain: String,
+        domain: impl Into<Arc<str>>,
         object: Kind,
         owner: Option<String>,
         loc: Location,
@@ -159,7 +160,7 @@ impl Entry {
     ) -> Entry {
         Entry {
             local,
-            domain,
+            domain: domain.into(),
             kind: if owner.is_some() { Kind::Alias } else { object },
             object,
             owner,

@@ -185,11 +185,11 @@ pub fn merge(sources: &[SourceData], generation: u64) -> Merged {
         .filter(|s| s.derive_domains && s.role == Role::Directory)
     {
         for e in src.entries.iter().filter(|e| derives_domain(e.object)) {
-            if !by_name.contains_key(&e.domain) {
-                by_name.insert(e.domain.clone(), domains.len() as u32);
+            if !by_name.contains_key(&*e.domain) {
+                by_name.insert(e.domain.to_string(), domains.len() as u32);
                 domain_loc.push(e.loc.to_string());
                 domains.push(DomainSpec {
-                    name: e.domain.clone(),
+                    name: e.domain.to_string(),
                     customer: NONE,
                     profile: NONE,
                     route: NONE,
@@ -239,10 +239,10 @@ pub fn merge(sources: &[SourceData], generation: u64) -> Merged {
         for (ei, e) in src.entries.iter().enumerate() {
             // An object's addresses usually share a domain: look it up once.
             let d = match last_domain {
-                Some((name, d)) if name == e.domain => d,
-                _ => match by_name.get(&e.domain) {
+                Some((name, d)) if name == &*e.domain => d,
+                _ => match by_name.get(&*e.domain) {
                     Some(&d) => {
-                        last_domain = Some((e.domain.as_str(), d));
+                        last_domain = Some((&*e.domain, d));
                         d
                     }
                     None => {
