@@ -64,16 +64,6 @@ struct Node {
     trans: Vec<Trans>,
 }
 
-impl Node {
-    /// Make `self` equal to `other`, keeping its vector's capacity.
-    fn copy_from(&mut self, other: &Node) {
-        self.is_final = other.is_final;
-        self.final_output = other.final_output;
-        self.trans.clear();
-        self.trans.extend_from_slice(&other.trans);
-    }
-}
-
 /// One unfinished node on the path of the last key, with its last transition (input and
 /// output) whose target is not compiled yet.
 #[derive(Debug, Default)]
@@ -104,32 +94,31 @@ impl Level {
 }
 
 /// One row of the registry: two cells, the most recently used one first in `fst`'s order.
-/// `fst` keeps the cells in that order and swaps them on use; a row here notes which of its
-/// two cells is the most recent instead, and holds only what a lookup reads first (hashes,
-/// addresses, build numbers: one cache line), the nodes themselves in `Registry::nodes`.
+/// `fst` keeps the cells in that order, each with a copy of its node, and swaps them on use;
+/// a row here notes which of its two cells is the most recent instead, and keeps no copy
+/// of the nodes: a cell is where its node's bytes are in the output, and a node is told
+/// equal to it by being encoded there again (see [`Writer::holds`]). One cache line.
 #[derive(Debug, Clone, Copy)]
 #[repr(align(64))]
 struct Row {
     /// Each cell's node's full hash: most lookups miss, and a miss is told from this,
-    /// without reading the node (elsewhere in memory).
+    /// without reading the output.
     hash: [u64; 2],
-    /// Each cell's node's address in the output.
-    addr: [usize; 2],
+    /// Where each cell's node starts in the output.
+    start: [usize; 2],
     /// The build each cell was filled in (an older one's cell counts as empty).
     build: [u64; 2],
+    /// Each cell's node's length in bytes (at most a few KiB: 256 transitions).
+    len: [u32; 2],
     /// The cell used last (0 or 1).
     mru: u8,
 }
 
 /// The registry of compiled nodes. Kept per thread from build to build (allocating and
-/// freeing its 20,000 cells and their vectors cost a small segment's build as much as its
-/// nodes); a new build empties it by moving on to a new build number.
+/// freeing its 20,000 cells cost a small segment's build as much as its nodes); a new build
+/// empties it by moving on to a new build number.
 struct Registry {
     rows: Vec<Row>,
-    /// Cell `c` of row `r` holds `nodes[2 * r + c]`.
-    nodes: Vec<Node>,
-    /// Cells whose node's vector grew past [`KEPT_CAPACITY`] in this build.
-    grown: Vec<u32>,
     build: u64,
 }
 
@@ -139,14 +128,13 @@ impl Registry {
             rows: vec![
                 Row {
                     hash: [0; 2],
-                    addr: [NONE; 2],
+                    start: [0; 2],
                     build: [0; 2],
+                    len: [0; 2],
                     mru: 0,
                 };
                 REGISTRY_ROWS
             ],
-            nodes: vec![Node::default(); 2 * REGISTRY_ROWS],
-            grown: Vec::new(),
             build: 0,
         }
     }
@@ -156,16 +144,12 @@ thread_local! {
     static REGISTRY: std::cell::RefCell<Option<Registry>> = const { std::cell::RefCell::new(None) };
 }
 
-/// Transitions a registry cell keeps room for between builds (the few large nodes near
-/// the roots would otherwise pin their vectors for good).
-const KEPT_CAPACITY: usize = 8;
-
 /// The output and the registry of compiled nodes.
 struct Writer {
     out: Vec<u8>,
     reg: Registry,
-    /// Address of the last byte of the node written last.
-    last_addr: usize,
+    /// A node encoded again, to compare with the output.
+    scratch: Vec<u8>,
 }
 
 impl Writer {
@@ -176,108 +160,120 @@ impl Writer {
         }
         let hash = node_hash(node);
         let r = (hash as usize) % REGISTRY_ROWS;
-        let reg = &mut self.reg;
-        let row = &mut reg.rows[r];
+        let row = self.reg.rows[r];
         let (mru, lru) = (usize::from(row.mru), usize::from(1 - row.mru));
-        let holds = |row: &Row, c: usize| {
-            row.build[c] == reg.build && row.hash[c] == hash && reg.nodes[2 * r + c] == *node
-        };
-        if holds(row, mru) {
-            return row.addr[mru];
+        if self.holds(&row, mru, hash, node) {
+            return row.start[mru] + row.len[mru] as usize - 1;
         }
-        if holds(row, lru) {
-            row.mru = lru as u8;
-            return row.addr[lru];
+        if self.holds(&row, lru, hash, node) {
+            self.reg.rows[r].mru = lru as u8;
+            return row.start[lru] + row.len[lru] as usize - 1;
         }
         // Replace the least recently used cell and make it the most recent.
-        row.build[lru] = reg.build;
-        row.hash[lru] = hash;
-        row.mru = lru as u8;
-        let cell = &mut reg.nodes[2 * r + lru];
-        let small = cell.trans.capacity() <= KEPT_CAPACITY;
-        cell.copy_from(node);
-        if small && cell.trans.capacity() > KEPT_CAPACITY {
-            reg.grown.push((2 * r + lru) as u32);
-        }
         let start = self.out.len();
-        self.write_node(node, start);
-        self.last_addr = self.out.len() - 1;
-        self.reg.rows[r].addr[lru] = self.last_addr;
-        self.last_addr
+        encode(node, start, &mut self.out);
+        let row = &mut self.reg.rows[r];
+        row.build[lru] = self.reg.build;
+        row.hash[lru] = hash;
+        row.start[lru] = start;
+        row.len[lru] = (self.out.len() - start) as u32;
+        row.mru = lru as u8;
+        self.out.len() - 1
     }
 
-    fn write_node(&mut self, node: &Node, addr: usize) {
-        if node.trans.len() != 1 || node.is_final {
-            self.write_any(node, addr);
-            return;
+    /// Whether cell `c` of `row` holds `node`: same build, same hash, and `node` encoded
+    /// where the cell's node starts gives the bytes there. The encoding is a function of
+    /// the node and its start (each transition's target is written relative to it), and
+    /// an FST reader decodes those bytes back to that node, so equal bytes mean an equal
+    /// node, without a copy of every node kept to compare with.
+    fn holds(&mut self, row: &Row, c: usize, hash: u64, node: &Node) -> bool {
+        if row.build[c] != self.reg.build || row.hash[c] != hash {
+            return false;
         }
-        let t = node.trans[0];
-        let common = COMMON_IDX[usize::from(t.inp)];
-        if t.addr == self.last_addr && t.out == 0 {
-            // One transition to the node just written, no output.
-            if common == 0 {
-                self.out.push(t.inp);
-            }
-            self.out.push(0b11_000000 | common);
-            return;
-        }
-        let osize = if t.out == 0 {
-            0
-        } else {
-            pack(&mut self.out, t.out, pack_size(t.out))
+        let (start, len) = (row.start[c], row.len[c] as usize);
+        let Some(written) = self.out.get(start..start + len) else {
+            return false;
         };
-        let delta = delta(addr, t.addr);
-        let tsize = pack(&mut self.out, delta, pack_size(delta));
-        self.out.push((tsize << 4) | osize);
-        if common == 0 {
-            self.out.push(t.inp);
-        }
-        self.out.push(0b10_000000 | common);
+        self.scratch.clear();
+        encode(node, start, &mut self.scratch);
+        self.scratch == written
     }
+}
 
-    fn write_any(&mut self, node: &Node, addr: usize) {
-        let mut tsize = 0;
-        let mut osize = pack_size(node.final_output);
-        let mut any_outs = node.final_output != 0;
-        for t in &node.trans {
-            tsize = tsize.max(pack_size(delta(addr, t.addr)));
-            osize = osize.max(pack_size(t.out));
-            any_outs |= t.out != 0;
+/// Append `node`'s bytes to `out`, the node starting at address `start` (its address is
+/// that of its last byte).
+fn encode(node: &Node, start: usize, out: &mut Vec<u8>) {
+    if node.trans.len() != 1 || node.is_final {
+        encode_any(node, start, out);
+        return;
+    }
+    let t = node.trans[0];
+    let common = COMMON_IDX[usize::from(t.inp)];
+    // Nodes are written back to back: the node just before this one ends at `start - 1`.
+    if t.addr.wrapping_add(1) == start && t.out == 0 {
+        // One transition to the node just before, no output.
+        if common == 0 {
+            out.push(t.inp);
         }
-        let sizes = (tsize << 4) | if any_outs { osize } else { 0 };
-        let n = node.trans.len();
-        // The count in the state byte when it fits in six bits (256 wraps to 0: not there).
-        let mut state = if node.is_final { 0b01_000000 } else { 0 };
-        if (n as u8) <= 0b00_111111 {
-            state |= n as u8;
-        }
-        if any_outs {
-            if node.is_final {
-                pack(&mut self.out, node.final_output, osize);
-            }
-            for t in node.trans.iter().rev() {
-                pack(&mut self.out, t.out, osize);
-            }
+        out.push(0b11_000000 | common);
+        return;
+    }
+    let osize = if t.out == 0 {
+        0
+    } else {
+        pack(out, t.out, pack_size(t.out))
+    };
+    let delta = delta(start, t.addr);
+    let tsize = pack(out, delta, pack_size(delta));
+    out.push((tsize << 4) | osize);
+    if common == 0 {
+        out.push(t.inp);
+    }
+    out.push(0b10_000000 | common);
+}
+
+fn encode_any(node: &Node, start: usize, out: &mut Vec<u8>) {
+    let mut tsize = 0;
+    let mut osize = pack_size(node.final_output);
+    let mut any_outs = node.final_output != 0;
+    for t in &node.trans {
+        tsize = tsize.max(pack_size(delta(start, t.addr)));
+        osize = osize.max(pack_size(t.out));
+        any_outs |= t.out != 0;
+    }
+    let sizes = (tsize << 4) | if any_outs { osize } else { 0 };
+    let n = node.trans.len();
+    // The count in the state byte when it fits in six bits (256 wraps to 0: not there).
+    let mut state = if node.is_final { 0b01_000000 } else { 0 };
+    if (n as u8) <= 0b00_111111 {
+        state |= n as u8;
+    }
+    if any_outs {
+        if node.is_final {
+            pack(out, node.final_output, osize);
         }
         for t in node.trans.iter().rev() {
-            pack(&mut self.out, delta(addr, t.addr), tsize);
+            pack(out, t.out, osize);
         }
-        self.out.extend(node.trans.iter().rev().map(|t| t.inp));
-        if n > INDEX_THRESHOLD {
-            let mut index = [255u8; 256];
-            for (i, t) in node.trans.iter().enumerate() {
-                index[usize::from(t.inp)] = i as u8;
-            }
-            self.out.extend_from_slice(&index);
-        }
-        self.out.push(sizes);
-        if state & 0b00_111111 == 0 {
-            // 256 transitions cannot be counted in a byte; 1 never is here (one transition
-            // is always counted in the state byte).
-            self.out.push(if n == 256 { 1 } else { n as u8 });
-        }
-        self.out.push(state);
     }
+    for t in node.trans.iter().rev() {
+        pack(out, delta(start, t.addr), tsize);
+    }
+    out.extend(node.trans.iter().rev().map(|t| t.inp));
+    if n > INDEX_THRESHOLD {
+        let mut index = [255u8; 256];
+        for (i, t) in node.trans.iter().enumerate() {
+            index[usize::from(t.inp)] = i as u8;
+        }
+        out.extend_from_slice(&index);
+    }
+    out.push(sizes);
+    if state & 0b00_111111 == 0 {
+        // 256 transitions cannot be counted in a byte; 1 never is here (one transition
+        // is always counted in the state byte).
+        out.push(if n == 256 { 1 } else { n as u8 });
+    }
+    out.push(state);
 }
 
 /// `fst`'s registry hash (FNV-1a over the node's fields); its row is the hash modulo the
@@ -349,7 +345,7 @@ impl FstBuilder {
             w: Writer {
                 out,
                 reg,
-                last_addr: NONE,
+                scratch: Vec::with_capacity(64),
             },
             levels: Vec::with_capacity(64),
             depth: 0,
@@ -459,12 +455,7 @@ impl FstBuilder {
     pub fn finish(mut self) -> Vec<u8> {
         self.compile_from(0);
         let root = self.w.compile(&self.levels[0].node);
-        let Writer {
-            mut out, mut reg, ..
-        } = self.w;
-        for c in std::mem::take(&mut reg.grown) {
-            reg.nodes[c as usize].trans = Vec::new();
-        }
+        let Writer { mut out, reg, .. } = self.w;
         REGISTRY.with(|r| {
             if let Ok(mut r) = r.try_borrow_mut() {
                 *r = Some(reg);
