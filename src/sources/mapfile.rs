@@ -518,8 +518,8 @@ fn split_fields<'a>(line: &'a str, out: &mut Vec<(&'a str, usize)>) {
     }
 }
 
-/// `text.split(sep as char)` for an ASCII `sep`, found with `memchr` (`str::split` searches
-/// for a `char` one call at a time, a tenth of the parse).
+/// `text.split(sep as char)` for an ASCII `sep`, found with `memchr` (`str::split`'s search
+/// for a `char`, one call per piece, was a sixth of the parse's samples in a profile).
 fn split_bytes(text: &str, sep: u8) -> impl Iterator<Item = &str> {
     debug_assert!(sep.is_ascii());
     let mut start = 0;

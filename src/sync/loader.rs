@@ -1493,7 +1493,9 @@ impl Loader {
 }
 
 /// Give the heap's free pages back to the system (glibc's `malloc_trim`: each arena, the
-/// pool threads' included, returns the whole pages it holds free).
+/// pool threads' included, returns the whole pages it holds free). Under another global
+/// allocator (the daemon's mimalloc, which returns freed pages by itself after a short
+/// delay) glibc's arenas hold next to nothing and this is cheap.
 ///
 /// The crate's one `unsafe` block (a foreign call).
 #[allow(unsafe_code)]
