@@ -17,7 +17,7 @@ pub const NONE: u32 = u32::MAX;
 #[derive(Debug, Default, Clone)]
 pub struct Interner {
     /// Index of each string in `list`.
-    ids: HashMap<Box<str>, u32>,
+    ids: foldhash::HashMap<Box<str>, u32>,
     list: Vec<Box<str>>,
 }
 
@@ -283,7 +283,8 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
     }
 
     // Attribute sets: the effective (profile, route) of every record and domain.
-    let mut sets: HashMap<(u32, u32), u32> = HashMap::new();
+    // foldhash, not std's SipHash: a lookup per record (keys from the sources, so seeded).
+    let mut sets: foldhash::HashMap<(u32, u32), u32> = foldhash::HashMapExt::new();
     let mut set_list: Vec<(u32, u32)> = Vec::new();
     let mut set_id = |p: u32, r: u32| {
         *sets.entry((p, r)).or_insert_with(|| {
@@ -462,7 +463,7 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
     let total_records: usize = shards.iter().map(|s| s.records.len()).sum();
     let mut rows: Vec<(u64, [u32; 5])> = Vec::with_capacity(total_records);
     let mut blob = Vec::new();
-    let mut owners: HashMap<&str, u32> = HashMap::new();
+    let mut owners: foldhash::HashMap<&str, u32> = foldhash::HashMapExt::new();
     let mut key = Vec::with_capacity(300);
     for r in shards.iter().flat_map(|s| s.records.iter()) {
         fst_key(&mut key, r, key_width as usize);

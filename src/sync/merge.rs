@@ -136,7 +136,7 @@ pub fn merge(sources: &[SourceData], generation: u64) -> Merged {
     let mut strings = Interner::default();
     let mut domains: Vec<DomainSpec> = Vec::new();
     let mut domain_loc: Vec<String> = Vec::new();
-    let mut by_name: HashMap<String, u32> = HashMap::new();
+    let mut by_name: foldhash::HashMap<String, u32> = foldhash::HashMapExt::new();
 
     let opt = |s: &mut Interner, v: &Option<String>| v.as_deref().map_or(NONE, |v| s.intern(v));
     for src in sources {
