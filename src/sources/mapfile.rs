@@ -608,6 +608,31 @@ mod tests {
         Arc::from("test.map")
     }
 
+    /// Settings of a DIR: line in a domain without a DOMAIN: line are settings of no DIR:
+    /// line: warned about, whether they came before or after it.
+    #[test]
+    fn settings_of_an_undeclared_domain_are_warned_about() {
+        let text = "1|one.test\tDOMAIN:\tone.test\n\
+                    1|two.test\tMAP:\tx@two.test\ty@two.test\n\
+                    1|two.test\tDIR:\ta@two.test\n\
+                    1|two.test\tPROFILE:\ta@two.test\tp\n\
+                    1|one.test\tDIR:\tb@one.test\n\
+                    ++++\n";
+        let s = parse(&name(), text).expect("complete");
+        let said: Vec<String> = s.diagnostics.iter().map(|d| d.to_string()).collect();
+        assert_eq!(s.entries.len(), 1, "{said:?}");
+        for want in [
+            "test.map:2:12: warning: x@two.test has no DIR:",
+            "test.map:3: error: domain two.test has DIR: records but no DOMAIN:",
+            "test.map:4:12: warning: a@two.test has no DIR:",
+        ] {
+            assert!(
+                said.iter().any(|d| d.starts_with(want)),
+                "{want} in {said:?}"
+            );
+        }
+    }
+
     proptest::proptest! {
         /// The memchr split gives the pieces `str::split` gives, for any text (separators
         /// first, last, doubled, beside multi-byte characters, or none).
