@@ -114,6 +114,13 @@ struct Row {
     mru: u8,
 }
 
+impl Row {
+    /// The address of cell `c`'s node: its last byte.
+    fn addr(&self, c: usize) -> usize {
+        self.start[c] + self.len[c] as usize - 1
+    }
+}
+
 /// The registry of compiled nodes. Kept per thread from build to build (allocating and
 /// freeing its 20,000 cells cost a small segment's build as much as its nodes); a new build
 /// empties it by moving on to a new build number.
@@ -163,11 +170,11 @@ impl Writer {
         let row = self.reg.rows[r];
         let (mru, lru) = (usize::from(row.mru), usize::from(1 - row.mru));
         if self.holds(&row, mru, hash, node) {
-            return row.start[mru] + row.len[mru] as usize - 1;
+            return row.addr(mru);
         }
         if self.holds(&row, lru, hash, node) {
             self.reg.rows[r].mru = lru as u8;
-            return row.start[lru] + row.len[lru] as usize - 1;
+            return row.addr(lru);
         }
         // Replace the least recently used cell and make it the most recent.
         let start = self.out.len();
