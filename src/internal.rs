@@ -4,6 +4,7 @@
 pub use crate::directory::build::{
     BuildInput, DomainSpec, Interner, NONE, RecordSpec, build, name_order,
 };
+pub use crate::directory::filter::Keying;
 
 use std::sync::Arc;
 

@@ -306,6 +306,7 @@ pub fn generate(n: usize, seed: u64) -> Synthetic {
             domains,
             records,
             shards: 0,
+            filter_keying: Default::default(),
             excluded,
         },
         addresses,

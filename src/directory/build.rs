@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use super::Kind;
+use super::filter::Keying;
 use super::format::{
     COLD_AMBIGUOUS, COLD_REC, DOMAIN_REC, HEADER_LEN, Header, SECTIONS, SHARD_REC, Sec, SectionRef,
     domain_hash, put_str,
@@ -106,8 +107,12 @@ pub struct BuildInput {
     pub sources: Vec<String>,
     pub domains: Vec<DomainSpec>,
     pub records: Vec<RecordSpec>,
-    /// FST shards built in parallel (0 = one per core, capped by size).
+    /// FST shards built in parallel: 0 = automatic (one per core, at most 16, for 500,000
+    /// addresses or more; else one), n = n shards (at most 16; tests of several shards).
     pub shards: usize,
+    /// How the miss filter's keys are made: by domain name (every build's); by domain index
+    /// writes the format of earlier builds (tests of reading it).
+    pub filter_keying: super::filter::Keying,
     /// What the sources listed but the build left out, and why (for `explain`).
     pub excluded: Vec<super::explain::Excluded>,
 }
@@ -141,7 +146,7 @@ pub struct BuildStats {
     pub file_bytes: usize,
     pub sort_time: Duration,
     pub fst_time: Duration,
-    /// Building the miss filters (the slowest shard's).
+    /// Building the miss filters (their blocks in parallel, after the FSTs).
     pub filter_time: Duration,
     pub total_time: Duration,
 }
@@ -167,9 +172,9 @@ impl std::ops::AddAssign<&BuildStats> for BuildStats {
 /// What one shard thread returns.
 struct ShardOut {
     fst: Vec<u8>,
-    /// The shard's block of the filter section.
-    filter: Vec<u8>,
-    filter_time: Duration,
+    /// The filter keys of the shard's addresses, by filter block (`filter::block_of` their
+    /// domain name's hash).
+    keys: Vec<Vec<u64>>,
     /// Sorted by key.
     records: Vec<RecordSpec>,
 }
@@ -326,7 +331,7 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
     } else {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     };
-    let nshards = if input.records.len() < 500_000 {
+    let nshards = if input.shards == 0 && input.records.len() < 500_000 {
         1
     } else {
         threads.clamp(1, 16)
@@ -348,6 +353,18 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
     }
 
     let sort_fst = Instant::now();
+    // The miss filter's blocks are keyed by domain name (filter.rs): one per shard, each
+    // holding the domains whose names hash to it.
+    let name_hashes: Vec<u64> = domains
+        .iter()
+        .map(|d| domain_hash(d.name.as_bytes()))
+        .collect();
+    let blocks = parts.len();
+    let filter_keys = FilterKeys {
+        name_hashes: &name_hashes,
+        blocks,
+        keying: input.filter_keying,
+    };
     // One shard (every build under 500,000 addresses: a segment, a small directory) is built
     // on this thread: a thread of its own would only add a spawn and a wake-up per build
     // (thousands of segments in a full build).
@@ -357,7 +374,7 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
             .map(|part| {
                 // A panic is the same error as a shard thread's.
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    build_shard(part, key_width)
+                    build_shard(part, key_width, filter_keys)
                 }))
                 .unwrap_or_else(shard_panicked)
             })
@@ -366,7 +383,7 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
         std::thread::scope(|s| {
             let handles: Vec<_> = parts
                 .into_iter()
-                .map(|part| s.spawn(move || build_shard(part, key_width)))
+                .map(|part| s.spawn(move || build_shard(part, key_width, filter_keys)))
                 .collect();
             handles
                 .into_iter()
@@ -376,17 +393,53 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
     };
     let mut shards = Vec::with_capacity(results.len());
     let mut sort_time = Duration::ZERO;
-    let mut filter_time = Duration::ZERO;
     for r in results {
         let (out, st) = r?;
         sort_time = sort_time.max(st);
-        filter_time = filter_time.max(out.filter_time);
         shards.push(out);
     }
-    let fst_time = sort_fst
-        .elapsed()
-        .saturating_sub(sort_time)
-        .saturating_sub(filter_time);
+    let fst_time = sort_fst.elapsed().saturating_sub(sort_time);
+
+    // The filter blocks: each gathers its keys from every shard, built in parallel.
+    let tf = Instant::now();
+    let mut block_keys: Vec<Vec<u64>> = vec![Vec::new(); blocks];
+    for (n, s) in shards.iter_mut().enumerate() {
+        let mine = std::mem::take(&mut s.keys);
+        if input.filter_keying == Keying::Index {
+            block_keys[n] = mine.into_iter().next().unwrap_or_default();
+            continue;
+        }
+        for (all, mine) in block_keys.iter_mut().zip(mine) {
+            if all.is_empty() {
+                *all = mine;
+            } else {
+                all.extend_from_slice(&mine);
+            }
+        }
+    }
+    let kind = match input.filter_keying {
+        Keying::Name => super::filter::KIND_BY_NAME,
+        Keying::Index => super::filter::KIND_BY_INDEX,
+    };
+    let filter_blocks: Vec<Vec<u8>> = if blocks == 1 {
+        block_keys
+            .into_iter()
+            .map(|keys| super::filter::block_of_kind(keys, kind))
+            .collect()
+    } else {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = block_keys
+                .into_iter()
+                .map(|keys| s.spawn(move || super::filter::block_of_kind(keys, kind)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().map_err(|_| ()))
+                .collect::<Result<Vec<_>, ()>>()
+        })
+        .map_err(|()| BuildError::Internal("a filter thread panicked".into()))?
+    };
+    let filter_time = tf.elapsed();
 
     // Assemble sections.
     let mut strings = input.strings;
@@ -402,10 +455,7 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
         shard_table.extend_from_slice(&(s.fst.len() as u64).to_le_bytes());
     }
     debug_assert_eq!(shard_table.len(), bounds.len() * SHARD_REC);
-    sec[Sec::Filter as usize] = shards
-        .iter()
-        .flat_map(|s| s.filter.iter().copied())
-        .collect();
+    sec[Sec::Filter as usize] = filter_blocks.concat();
     let fst_bytes = sec[Sec::Fst as usize].len();
     sec[Sec::Shards as usize] = shard_table;
     {
@@ -591,9 +641,20 @@ fn sorted(records: Vec<RecordSpec>) -> Vec<RecordSpec> {
         .collect()
 }
 
+/// What a shard thread needs to make the filter keys of its addresses.
+#[derive(Clone, Copy)]
+struct FilterKeys<'a> {
+    /// Each domain's name hash, by domain index.
+    name_hashes: &'a [u64],
+    /// Filter blocks in the snapshot.
+    blocks: usize,
+    keying: Keying,
+}
+
 fn build_shard(
     records: Vec<RecordSpec>,
     key_width: u32,
+    filter_keys: FilterKeys<'_>,
 ) -> Result<(ShardOut, Duration), BuildError> {
     let t = Instant::now();
     let records = sorted(records);
@@ -619,21 +680,35 @@ fn build_shard(
     }
     let mut fst = builder.finish();
     fst.shrink_to_fit();
-    let tf = Instant::now();
-    let keys = records
-        .iter()
-        .map(|r| super::filter::key(r.domain, r.local.as_bytes()))
-        .collect();
-    let filter = super::filter::block(keys);
-    Ok((
-        ShardOut {
-            fst,
-            filter,
-            filter_time: tf.elapsed(),
-            records,
-        },
-        sort_time,
-    ))
+    let FilterKeys {
+        name_hashes,
+        blocks,
+        keying,
+    } = filter_keys;
+    let mut keys: Vec<Vec<u64>> = vec![Vec::new(); blocks];
+    if blocks == 1 {
+        keys[0].reserve_exact(records.len());
+    }
+    for r in &records {
+        let h = name_hashes
+            .get(r.domain as usize)
+            .copied()
+            .ok_or(BuildError::UnknownDomain(r.domain))?;
+        let local = r.local.as_bytes();
+        // Keyed by index (earlier builds), a shard's keys are its own block: the first one
+        // here, moved to the shard's place when the blocks are gathered.
+        let (block, key) = match keying {
+            Keying::Name => (
+                super::filter::block_of(h, blocks),
+                super::filter::key_by_name(h, local),
+            ),
+            Keying::Index => (0, super::filter::key(r.domain, local)),
+        };
+        if let Some(k) = keys.get_mut(block) {
+            k.push(key);
+        }
+    }
+    Ok((ShardOut { fst, keys, records }, sort_time))
 }
 
 #[cfg(test)]

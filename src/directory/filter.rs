@@ -1,18 +1,25 @@
-//! A membership filter per FST shard, checked before the FST walk: a miss in a domain we own
-//! (dictionary attacks, invented local parts: most lookups at a provider's MX) usually ends
-//! after three byte reads instead of a walk of several FST nodes.
+//! Membership filters checked before the FST walk: a miss in a domain we own (dictionary
+//! attacks, invented local parts: most lookups at a provider's MX) usually ends after three
+//! byte reads instead of a walk of several FST nodes.
 //!
-//! A binary fuse filter (`xorf::BinaryFuse8`, ~9 bits per key, false positives ~1/256) over a
-//! 64-bit key per address: [`key`] of (domain index, folded local part). It can only say
-//! "surely absent"; "maybe present" falls through to the FST, so an answer never depends on
-//! it. Every key a shard holds is in its filter (checked at build time for every key, and on
-//! a sample of the FST's keys when a snapshot is opened: a filter that fails the sample, e.g.
-//! written by a build whose hashing differs, is not used, and lookups stay exact).
+//! Binary fuse filters (`xorf::BinaryFuse8`, ~9 bits per key, false positives ~1/256) over a
+//! 64-bit key per address. They can only say "surely absent"; "maybe present" falls through
+//! to the FST, so an answer never depends on them. Every key is in its block's filter
+//! (checked at build time for every key, and on a sample of the FST's keys when a snapshot
+//! is opened: a filter that fails the sample, e.g. written by a build whose hashing differs,
+//! is not used, and lookups stay exact).
 //!
-//! Section layout, one block per shard in shard order: `kind u32` (0 = no filter, 1 =
-//! binary fuse 8), `length u64` of the fingerprints, the 20-byte descriptor (seed u64,
-//! segment length u32, segment length mask u32, segment count length u32), then the
-//! fingerprints.
+//! Builds write blocks keyed by name ([`KIND_BY_NAME`]): the key of an address is
+//! [`key_by_name`] of (its domain name's hash, folded local part), and its block is
+//! [`block_of`] that hash, so a lookup can ask the filter as soon as it has parsed the
+//! address, while the domain index is still being read. Snapshots of earlier builds have
+//! blocks keyed by index ([`KIND_BY_INDEX`]): one per FST shard, [`key`] of (domain index,
+//! folded local part); they are still read.
+//!
+//! Section layout, one block per FST shard (as many blocks as shards): `kind u32` (0 = no
+//! filter, 1 = binary fuse 8 keyed by index, 2 = keyed by name), `length u64` of the
+//! fingerprints, the 20-byte descriptor (seed u64, segment length u32, segment length mask
+//! u32, segment count length u32), then the fingerprints.
 
 use std::ops::Range;
 
@@ -25,10 +32,24 @@ pub const BLOCK_HEAD: usize = 4 + 8 + DESCRIPTOR;
 /// Bytes of a serialized binary fuse descriptor.
 const DESCRIPTOR: usize = 20;
 const KIND_NONE: u32 = 0;
-const KIND_BFUSE8: u32 = 1;
+/// A binary fuse filter of one FST shard's addresses, keyed by [`key`] (earlier builds).
+pub const KIND_BY_INDEX: u32 = 1;
+/// A binary fuse filter of the addresses whose domain names hash to the block
+/// ([`block_of`]), keyed by [`key_by_name`].
+pub const KIND_BY_NAME: u32 = 2;
 
-/// The filter key of an address: its folded local part's stable hash mixed with its domain's
-/// index (the filter hashes it again with its own seed).
+/// How a block's keys are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Keying {
+    /// [`key`] of the domain's index; the block is the domain's FST shard (earlier builds).
+    Index,
+    /// [`key_by_name`] of the domain name's hash; the block is [`block_of`] the hash.
+    #[default]
+    Name,
+}
+
+/// The filter key of an address in a block keyed by index: its folded local part's stable
+/// hash mixed with its domain's index (the filter hashes it again with its own seed).
 #[inline]
 pub fn key(domain: u32, local: &[u8]) -> u64 {
     domain_hash(local)
@@ -37,10 +58,35 @@ pub fn key(domain: u32, local: &[u8]) -> u64 {
             .wrapping_mul(0xD6E8_FEB8_6659_FD93)
 }
 
-/// A shard's block for `keys` (any order, duplicates allowed). A shard without keys, or one
-/// whose filter cannot be built (the construction failing is rare and only costs speed), gets
-/// an empty block: every lookup walks the FST.
-pub fn block(mut keys: Vec<u64>) -> Vec<u8> {
+/// The filter key of an address in a block keyed by name: its folded local part's stable
+/// hash mixed with its domain name's [`domain_hash`].
+#[inline]
+pub fn key_by_name(name_hash: u64, local: &[u8]) -> u64 {
+    domain_hash(local)
+        ^ name_hash
+            .rotate_left(23)
+            .wrapping_mul(0xD6E8_FEB8_6659_FD93)
+}
+
+/// The block (of `blocks`, at least one) holding the addresses of a domain whose name hashes
+/// to `name_hash`, in blocks keyed by name. Uses other bits of the hash than the domain
+/// index's slot does.
+#[inline]
+pub fn block_of(name_hash: u64, blocks: usize) -> usize {
+    ((name_hash >> 40) as usize) % blocks.max(1)
+}
+
+/// A block keyed by name for `keys` (any order, duplicates allowed).
+#[cfg(test)]
+fn block(keys: Vec<u64>) -> Vec<u8> {
+    block_of_kind(keys, KIND_BY_NAME)
+}
+
+/// A block of `kind` ([`KIND_BY_NAME`], or [`KIND_BY_INDEX`] for earlier builds' format) for
+/// `keys` (any order, duplicates allowed). A block without keys, or one whose filter cannot
+/// be built (the construction failing is rare and only costs speed), is empty: every lookup
+/// of its domains walks the FST.
+pub fn block_of_kind(mut keys: Vec<u64>, kind: u32) -> Vec<u8> {
     let mut out = Vec::new();
     keys.sort_unstable();
     keys.dedup();
@@ -53,7 +99,7 @@ pub fn block(mut keys: Vec<u64>) -> Vec<u8> {
     let filter = filter.filter(|f| keys.iter().all(|k| f.contains(k)));
     match filter {
         Some(f) => {
-            out.extend_from_slice(&KIND_BFUSE8.to_le_bytes());
+            out.extend_from_slice(&kind.to_le_bytes());
             out.extend_from_slice(&(f.fingerprints.len() as u64).to_le_bytes());
             let mut desc = [0u8; DESCRIPTOR];
             f.dma_copy_descriptor_to(&mut desc);
@@ -69,14 +115,20 @@ pub fn block(mut keys: Vec<u64>) -> Vec<u8> {
     out
 }
 
-/// One shard's filter inside a snapshot: where its fingerprints are in the snapshot's bytes.
+/// One block's filter inside a snapshot: where its fingerprints are in the snapshot's bytes.
 #[derive(Debug, Clone)]
 pub struct ShardFilter {
     descriptor: [u8; DESCRIPTOR],
     fingerprints: Range<usize>,
+    keying: Keying,
 }
 
 impl ShardFilter {
+    /// How the block's keys are made.
+    pub fn keying(&self) -> Keying {
+        self.keying
+    }
+
     /// False when `key` is surely not in the shard. `bytes` are the snapshot's bytes the
     /// ranges were parsed from (checked then, so the reads stay in bounds).
     #[inline]
@@ -120,7 +172,7 @@ pub fn parse(
         }
         match kind {
             KIND_NONE if len == 0 => out.push(None),
-            KIND_BFUSE8 => {
+            KIND_BY_INDEX | KIND_BY_NAME => {
                 let (seg_len, mask, count_len) = (u32_at(20), u32_at(24), u32_at(28));
                 // Lookups index fingerprints below count_len + 2 * seg_len (the fuse
                 // graph's three segments from a start below count_len, a whole number of
@@ -136,6 +188,11 @@ pub fn parse(
                 out.push(Some(ShardFilter {
                     descriptor,
                     fingerprints: base + start..base + end,
+                    keying: if kind == KIND_BY_INDEX {
+                        Keying::Index
+                    } else {
+                        Keying::Name
+                    },
                 }));
             }
             _ => return Err("unknown filter kind"),
@@ -144,6 +201,10 @@ pub fn parse(
     }
     if at != section.len() {
         return Err("bytes after the last shard's block");
+    }
+    let keyed = |k: Keying| out.iter().flatten().any(|f| f.keying == k);
+    if keyed(Keying::Index) && keyed(Keying::Name) {
+        return Err("blocks keyed by index and by name");
     }
     Ok(out)
 }
@@ -229,6 +290,42 @@ mod tests {
         let mut kind = good.clone();
         kind[0] = 9;
         assert!(parse(&kind, 0, 1).is_err(), "unknown kind");
+    }
+
+    #[test]
+    fn blocks_say_how_they_are_keyed_and_one_section_keys_one_way() {
+        let by_name = block(keys(300));
+        let by_index = block_of_kind(keys(300), KIND_BY_INDEX);
+        let name = parse(&by_name, 0, 1).expect("parse")[0].clone().expect("a");
+        let index = parse(&by_index, 0, 1).expect("parse")[0]
+            .clone()
+            .expect("a");
+        assert_eq!(
+            (name.keying(), index.keying()),
+            (Keying::Name, Keying::Index)
+        );
+        let mut mixed = by_name.clone();
+        mixed.extend_from_slice(&by_index);
+        assert!(parse(&mixed, 0, 2).is_err(), "blocks keyed two ways");
+        // An empty block goes with either.
+        let mut with_empty = by_index.clone();
+        with_empty.extend_from_slice(&block(Vec::new()));
+        assert!(parse(&with_empty, 0, 2).is_ok());
+    }
+
+    #[test]
+    fn blocks_by_name_spread_domains_and_keys_separate_them() {
+        assert_eq!(block_of(12345, 0), 0);
+        assert_eq!(block_of(u64::MAX, 1), 0);
+        let mut per_block = [0usize; 3];
+        for i in 0..3000u32 {
+            let h = domain_hash(format!("d{i}.example").as_bytes());
+            per_block[block_of(h, 3)] += 1;
+        }
+        assert!(per_block.iter().all(|&n| n > 800), "{per_block:?}");
+        let (a, b) = (domain_hash(b"a.example"), domain_hash(b"b.example"));
+        assert_ne!(key_by_name(a, b"alice"), key_by_name(b, b"alice"));
+        assert_ne!(key_by_name(a, b"alice"), key_by_name(a, b"alicf"));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 #[allow(missing_docs)]
 pub(crate) mod build;
 pub mod explain;
-mod filter;
+pub(crate) mod filter;
 mod format;
 mod fstbuild;
 pub mod segments;

@@ -15,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 
 use fst::raw::{CompiledAddr, Fst, Output};
 
-use super::filter::{self, ShardFilter};
+use super::filter::{self, Keying, ShardFilter};
 use super::format::{
     self, COLD_AMBIGUOUS, COLD_REC, DOMAIN_REC, Header, SHARD_REC, Sec, SnapshotError, domain_hash,
     get_str, u32_at,
@@ -210,20 +210,70 @@ impl DomainRec {
 }
 
 /// Longest domain name kept inline in [`DomainHot`]; longer ones compare via the string table.
-const INLINE_NAME: usize = 46;
+const INLINE_NAME: usize = 38;
 
 /// What a lookup needs of a domain, built at open so the domain step touches one entry
 /// instead of the slot table, the record, the string index and the string blob in turn.
+/// A lookup reads only its first cache line (the name when it fits, the FST start node, the
+/// index and flags); the second holds the rest of the record.
 #[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
 struct DomainHot {
-    rec: DomainRec,
-    /// FST node after the domain's key prefix, with the output gathered on the way (`None`
-    /// when the domain has no addresses).
-    start: Option<(CompiledAddr, Output)>,
-    name_len: u8,
     /// The name when it fits (`name_len <= INLINE_NAME`).
     name: [u8; INLINE_NAME],
+    name_len: u8,
+    /// The domain has addresses: `start_addr` and `start_out` are the FST node after its
+    /// key prefix and the output gathered on the way.
+    has_start: bool,
+    start_addr: CompiledAddr,
+    start_out: u64,
+    index: u32,
+    flags: u32,
+    rec: DomainRec,
+    /// [`domain_hash`] of the name (the key of filters keyed by name).
+    name_hash: u64,
 }
+
+// What a lookup reads of a domain's entry is its first cache line.
+const _: () = assert!(std::mem::offset_of!(DomainHot, rec) == 64);
+
+impl DomainHot {
+    /// FST node after the domain's key prefix and the output gathered on the way (`None`
+    /// when the domain has no addresses).
+    fn start(&self) -> Option<(CompiledAddr, u64)> {
+        self.has_start.then_some((self.start_addr, self.start_out))
+    }
+
+    fn shard(&self) -> usize {
+        ((self.flags >> 8) & 0xff) as usize
+    }
+}
+
+/// One slot of the in-memory domain index: the top 24 bits of the name's hash and, in the
+/// low byte, what a lookup needs before it reads the domain's entry (whether its local
+/// parts keep their case, its shard, see [`SLOT_KEEP_CASE`], [`SLOT_SHARD`]); the domain's
+/// index + 1 (0: an empty slot).
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    tag: u32,
+    v: u32,
+}
+
+/// Where a domain's addresses are in a snapshot's miss filters (see `filter.rs`).
+#[derive(Debug, Clone, Copy)]
+enum FilterAt {
+    /// Filters keyed by index: the domain's shard and index.
+    Index { shard: usize, domain: u32 },
+    /// Filters keyed by name: the name's [`domain_hash`].
+    Name(u64),
+}
+
+/// In a slot's tag: the domain's local parts keep their case.
+const SLOT_KEEP_CASE: u32 = 0x80;
+/// In a slot's tag: the domain's shard, or this value when the shard does not fit in it
+/// (more than 126 shards; the builder makes at most 16): the lookup then reads the entry
+/// before the filter.
+const SLOT_SHARD: u32 = 0x7f;
 
 /// A domain as the CLI and frontends see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -264,10 +314,12 @@ pub struct Snapshot {
     /// The miss filter of each shard, when it has a usable one (see `filter.rs`), and the
     /// memory its ranges point into (huge pages of its own, or the backing).
     filters: Vec<Option<ShardFilter>>,
+    /// How the filters' keys are made (every usable block is keyed the same way).
+    keying: Keying,
     filter_mem: Arc<Backing>,
-    /// In-memory domain index built at open: (hash fingerprint, domain index + 1) per slot,
-    /// same size and probe order as the persisted slots.
-    probe: Vec<(u32, u32)>,
+    /// In-memory domain index built at open (see [`Slot`]), same size and probe order as
+    /// the persisted slots.
+    probe: Vec<Slot>,
     /// Per domain, everything a lookup needs in one place (see `DomainHot`).
     hot: Vec<DomainHot>,
     /// Byte ranges of the hot sections inside `backing`, all checked at load.
@@ -524,6 +576,7 @@ impl Snapshot {
         let mut snap = Snapshot {
             shards: Vec::new(),
             filters: Vec::new(),
+            keying: Keying::Name,
             filter_mem: backing.clone(),
             probe: Vec::new(),
             hot: Vec::new(),
@@ -546,6 +599,10 @@ impl Snapshot {
         snap.validate_tables()?;
         snap.shards = snap.load_shards(&backing, own.fst.take())?;
         snap.filters = snap.load_filters(own.filter.take())?;
+        snap.keying = match snap.filters.iter().flatten().next() {
+            Some(f) => f.keying(),
+            None => Keying::Name,
+        };
         snap.hot = (0..snap.header.domains)
             .map(|i| {
                 snap.domain_hot(i).ok_or(SnapshotError::Malformed {
@@ -557,11 +614,23 @@ impl Snapshot {
         snap.probe = (0..snap.slots.len() / 4)
             .map(|i| {
                 let v = u32_at(snap.bytes(&snap.slots), 4, i, 0).unwrap_or(0);
-                let fp = v
+                let tag = v
                     .checked_sub(1)
-                    .and_then(|d| snap.string_bytes(snap.hot.get(d as usize)?.rec.name))
-                    .map_or(0, |n| domain_hash(n) as u32);
-                (fp, v)
+                    .and_then(|d| {
+                        let d = snap.hot.get(d as usize)?;
+                        let name = snap.string_bytes(d.rec.name)?;
+                        let shard = u32::try_from(d.rec.shard())
+                            .unwrap_or(SLOT_SHARD)
+                            .min(SLOT_SHARD);
+                        let case = if d.flags & FLAG_KEEP_CASE != 0 {
+                            SLOT_KEEP_CASE
+                        } else {
+                            0
+                        };
+                        Some((domain_hash(name) as u32 & !0xff) | case | shard)
+                    })
+                    .unwrap_or(0);
+                Slot { tag, v }
             })
             .collect();
         Ok(snap)
@@ -754,8 +823,11 @@ impl Snapshot {
             }
         })?;
         let w = self.header.key_width as usize;
-        for (n, ((_, fst), slot)) in self.shards.iter().zip(filters.iter_mut()).enumerate() {
-            let Some(f) = slot else { continue };
+        let blocks = filters.len();
+        let Some(keying) = filters.iter().flatten().next().map(ShardFilter::keying) else {
+            return Ok(filters);
+        };
+        for (n, (_, fst)) in self.shards.iter().enumerate() {
             let mut stream = fst.stream();
             let mut checked = 0;
             while let Some((key, _)) = fst::Streamer::next(&mut stream) {
@@ -763,15 +835,33 @@ impl Snapshot {
                     break;
                 };
                 let domain = prefix.iter().fold(0u32, |a, &b| a << 8 | u32::from(b));
-                if !f.may_contain(self.filter_mem.bytes(), filter::key(domain, local)) {
+                // The block and key of this address, as a lookup makes them.
+                let (block, k) = match keying {
+                    Keying::Index => (n, filter::key(domain, local)),
+                    Keying::Name => {
+                        let Some(h) = self
+                            .domain_rec(domain)
+                            .and_then(|d| self.string_bytes(d.name))
+                            .map(domain_hash)
+                        else {
+                            break;
+                        };
+                        (filter::block_of(h, blocks), filter::key_by_name(h, local))
+                    }
+                };
+                let Some(slot) = filters.get_mut(block) else {
+                    break;
+                };
+                if let Some(f) = slot
+                    && !f.may_contain(self.filter_mem.bytes(), k)
+                {
                     tracing::warn!(
-                        shard = n,
+                        block,
                         generation = self.header.generation,
                         "snapshot's miss filter disagrees with its FST (another build's \
                          hashing?): not used; lookups stay exact, misses cost an FST walk"
                     );
                     *slot = None;
-                    break;
                 }
                 checked += 1;
                 if checked == FILTER_SAMPLE {
@@ -782,13 +872,44 @@ impl Snapshot {
         Ok(filters)
     }
 
-    /// True when the shard's filter says `local` is surely not an address of the domain.
-    #[inline]
-    fn surely_absent(&self, d: &DomainRec, local: &[u8]) -> bool {
-        self.filters
-            .get(d.shard())
-            .and_then(Option::as_ref)
-            .is_some_and(|f| !f.may_contain(self.filter_mem.bytes(), filter::key(d.index, local)))
+    /// Blocks of the miss filter in use: 0 when the snapshot has none, or when its filter
+    /// failed the check at open (lookups are exact either way; without a filter a miss
+    /// costs an FST walk).
+    pub fn miss_filters(&self) -> usize {
+        match &self.set {
+            Some(set) => set.loaded().map(|p| p.miss_filters()).sum(),
+            None => self.filters.iter().flatten().count(),
+        }
+    }
+
+    /// True when the miss filter of `shard` says that neither `local` nor, with a subaddress
+    /// at `split`, its base address can be in domain `index`.
+    fn surely_absent(&self, at: FilterAt, local: &[u8], split: Option<usize>) -> bool {
+        let block = match at {
+            FilterAt::Index { shard, .. } => shard,
+            FilterAt::Name(h) => filter::block_of(h, self.filters.len()),
+        };
+        let Some(f) = self.filters.get(block).and_then(Option::as_ref) else {
+            return false;
+        };
+        let key = |l: &[u8]| match at {
+            FilterAt::Index { domain, .. } => filter::key(domain, l),
+            FilterAt::Name(h) => filter::key_by_name(h, l),
+        };
+        let bytes = self.filter_mem.bytes();
+        !f.may_contain(bytes, key(local))
+            && split.is_none_or(|p| !f.may_contain(bytes, key(local.get(..p).unwrap_or(local))))
+    }
+
+    /// Where domain `d`'s addresses are in this snapshot's filters.
+    fn filter_at(&self, d: &DomainHot) -> FilterAt {
+        match self.keying {
+            Keying::Index => FilterAt::Index {
+                shard: d.shard(),
+                domain: d.index,
+            },
+            Keying::Name => FilterAt::Name(d.name_hash),
+        }
     }
 
     /// How many bytes of the file its image holds (tests: the hot prefix or the whole file).
@@ -1017,32 +1138,33 @@ impl Snapshot {
     }
 
     fn find_domain(&self, name: &str) -> Option<&DomainHot> {
+        self.domain_slots(domain_hash(name.as_bytes()))
+            .find_map(|s| {
+                self.hot
+                    .get(s.v as usize - 1)
+                    .filter(|d| self.is_named(d, name))
+            })
+    }
+
+    /// The slots whose tag matches a name's hash `h`, in probe order (the domain is one of
+    /// them, if it is ours).
+    fn domain_slots(&self, h: u64) -> impl Iterator<Item = Slot> + '_ {
         let n = self.probe.len();
-        if n == 0 {
-            return None;
+        let mask = n.wrapping_sub(1);
+        let h = h as u32;
+        let start = h as usize & mask;
+        (0..n)
+            .map(move |i| self.probe[(start + i) & mask])
+            .take_while(|s| s.v != 0)
+            .filter(move |s| (s.tag ^ h) & !0xff == 0)
+    }
+
+    fn is_named(&self, d: &DomainHot, name: &str) -> bool {
+        if usize::from(d.name_len) <= INLINE_NAME {
+            d.name.get(..usize::from(d.name_len)) == Some(name.as_bytes())
+        } else {
+            self.string_bytes(d.rec.name) == Some(name.as_bytes())
         }
-        let mask = n - 1;
-        let h = domain_hash(name.as_bytes());
-        let mut at = h as usize & mask;
-        for _ in 0..n {
-            let (fp, v) = self.probe[at];
-            if v == 0 {
-                return None;
-            }
-            if fp == h as u32 {
-                let d = self.hot.get(v as usize - 1)?;
-                let same = if usize::from(d.name_len) <= INLINE_NAME {
-                    d.name.get(..usize::from(d.name_len)) == Some(name.as_bytes())
-                } else {
-                    self.string_bytes(d.rec.name) == Some(name.as_bytes())
-                };
-                if same {
-                    return Some(d);
-                }
-            }
-            at = (at + 1) & mask;
-        }
-        None
     }
 
     /// Index of an accepted domain (normalized form), if it is one of ours.
@@ -1055,13 +1177,9 @@ impl Snapshot {
 
     /// True when domain `index` of this (single) snapshot is named `name`.
     pub(super) fn domain_named(&self, index: u32, name: &str) -> bool {
-        self.hot.get(index as usize).is_some_and(|d| {
-            if usize::from(d.name_len) <= INLINE_NAME {
-                d.name.get(..usize::from(d.name_len)) == Some(name.as_bytes())
-            } else {
-                self.string_bytes(d.rec.name) == Some(name.as_bytes())
-            }
-        })
+        self.hot
+            .get(index as usize)
+            .is_some_and(|d| self.is_named(d, name))
     }
 
     /// A domain by its index (from a [`Hit`] or [`Self::domain_index`]).
@@ -1090,14 +1208,14 @@ impl Snapshot {
         (p, r)
     }
 
-    fn shard_of(&self, d: &DomainRec) -> Option<&Fst<FstBytes>> {
-        self.shards.get(d.shard()).map(|(_, m)| m)
+    fn shard_of(&self, shard: usize) -> Option<&Fst<FstBytes>> {
+        self.shards.get(shard).map(|(_, m)| m)
     }
 
     /// A domain's lookup entry; walks its key prefix from the root (once, at open).
     fn domain_hot(&self, index: u32) -> Option<DomainHot> {
         let rec = self.domain_rec(index)?;
-        let fst = self.shard_of(&rec)?;
+        let fst = self.shard_of(rec.shard())?;
         let w = self.header.key_width as usize;
         let prefix = index.to_be_bytes();
         let start = walk(fst, fst.root().addr(), Output::zero(), &prefix[4 - w..]);
@@ -1107,19 +1225,24 @@ impl Snapshot {
             dst.copy_from_slice(full);
         }
         Some(DomainHot {
-            rec,
-            start,
-            name_len: full.len().min(255) as u8,
             name,
+            name_len: full.len().min(255) as u8,
+            has_start: start.is_some(),
+            start_addr: start.map_or(0, |(a, _)| a),
+            start_out: start.map_or(0, |(_, o)| o.value()),
+            index: rec.index,
+            flags: rec.flags,
+            rec,
+            name_hash: domain_hash(full),
         })
     }
 
-    fn hit(&self, value: u64, d: &DomainRec, matched: Match, local_len: usize) -> Hit {
+    fn hit(&self, value: u64, domain: u32, matched: Match, local_len: usize) -> Hit {
         Hit {
             kind: Kind::from_code(value),
             matched,
             local_len: local_len as u16,
-            domain: d.index,
+            domain,
             attrs: (value >> Kind::BITS) as u32,
             generation: self.header.generation,
         }
@@ -1128,12 +1251,11 @@ impl Snapshot {
     /// Values of `local` and of its first `split` bytes in domain `d`, in one walk from the
     /// domain's start node (the shorter key is a prefix of the longer).
     fn get(&self, d: &DomainHot, local: &[u8], split: Option<usize>) -> (Option<u64>, Option<u64>) {
-        let (Some(fst), Some((addr, out))) = (self.shard_of(&d.rec), d.start) else {
+        let (Some(fst), Some((mut addr, mut out))) = (self.shard_of(d.shard()), d.start()) else {
             return (None, None);
         };
         // Our decoder of fst's node format: each step reads only what it needs (walk.rs).
         let w = Walker::new(fst.as_bytes());
-        let (mut addr, mut out) = (addr, out.value());
         let mut at_split = None;
         for (i, &b) in local.iter().enumerate() {
             if split == Some(i) {
@@ -1158,10 +1280,7 @@ impl Snapshot {
             return Verdict::NotOurs;
         }
         let (part, d, global) = match &self.set {
-            None => match self.find_domain(addr.domain) {
-                Some(d) => (self, d, None),
-                None => return Verdict::NotOurs,
-            },
+            None => return self.lookup_single(&addr, options),
             Some(set) => match set.find_loaded(addr.domain) {
                 // A segment that cannot be read: unsure, so a temporary failure.
                 Some((part, l, g)) => {
@@ -1173,16 +1292,11 @@ impl Snapshot {
                 None => return Verdict::NotOurs,
             },
         };
-        let keep_case = d.rec.flags & FLAG_KEEP_CASE != 0;
+        let keep_case = d.flags & FLAG_KEEP_CASE != 0;
         let mut key = [0u8; KEY_MAX];
-        let verdict = match address::fold_local_into_slice(addr.local, keep_case, &mut key) {
-            Some(n) => part.match_local(&key[..n], d, options),
-            None => {
-                let mut long = Vec::new();
-                address::fold_local_into(addr.local, keep_case, &mut long);
-                part.match_local(&long, d, options)
-            }
-        };
+        let mut long = Vec::new();
+        let local = fold_local(addr.local, keep_case, &mut key, &mut long);
+        let verdict = part.match_local(local, d, options, None);
         // A segment's hit, in the set's terms: its global domain and the set's generation.
         match (verdict, global) {
             (Verdict::Accept(hit), Some(g)) => Verdict::Accept(Hit {
@@ -1234,14 +1348,66 @@ impl Snapshot {
         }
     }
 
-    fn match_local(&self, local: &[u8], dh: &DomainHot, options: &LookupOptions) -> Verdict {
-        let d = &dh.rec;
+    /// A single snapshot's steps 3-5 and 8. The lookup waits on memory three times: the
+    /// domain index's slot, the domain's entry (to compare its name) and the miss filter.
+    /// Filters keyed by name (every build's since) are asked before the slot is read, with
+    /// the local part folded to lower case (all but keep-case domains); filters keyed by index
+    /// (earlier builds) as soon as the slot gives the index and shard. Issued in this order,
+    /// the reads wait together instead of one after the other. A candidate slot whose name
+    /// differs only costs its filter answer.
+    fn lookup_single(&self, addr: &address::Addr<'_>, options: &LookupOptions) -> Verdict {
+        let h = domain_hash(addr.domain.as_bytes());
+        let mut key = [0u8; KEY_MAX];
+        let mut long = Vec::new();
+        let lower = fold_local(addr.local, false, &mut key, &mut long);
+        let split = address::subaddress_split(lower, &options.separators);
+        let early = (self.keying == Keying::Name)
+            .then(|| self.surely_absent(FilterAt::Name(h), lower, split));
+        for slot in self.domain_slots(h) {
+            let index = slot.v - 1;
+            if slot.tag & SLOT_KEEP_CASE != 0 {
+                if let Some(d) = self.hot.get(index as usize)
+                    && self.is_named(d, addr.domain)
+                {
+                    let (mut key, mut long) = ([0u8; KEY_MAX], Vec::new());
+                    let local = fold_local(addr.local, true, &mut key, &mut long);
+                    return self.match_local(local, d, options, None);
+                }
+                continue;
+            }
+            let absent = early.or_else(|| {
+                let shard = slot.tag & SLOT_SHARD;
+                (shard != SLOT_SHARD).then(|| {
+                    let at = FilterAt::Index {
+                        shard: shard as usize,
+                        domain: index,
+                    };
+                    self.surely_absent(at, lower, split)
+                })
+            });
+            if let Some(d) = self.hot.get(index as usize)
+                && self.is_named(d, addr.domain)
+            {
+                return self.match_local(lower, d, options, absent);
+            }
+        }
+        Verdict::NotOurs
+    }
+
+    /// Steps 4-5 and 8 for `local` (folded) in domain `d`; `absent` is the miss filter's
+    /// answer when the caller asked it already.
+    fn match_local(
+        &self,
+        local: &[u8],
+        dh: &DomainHot,
+        options: &LookupOptions,
+        absent: Option<bool>,
+    ) -> Verdict {
         let split = address::subaddress_split(local, &options.separators);
         let excepted = |v: u64| Kind::from_code(v) == Kind::Exception;
         // The filter first: when neither the address nor its base address can be in the
         // shard, the FST walk is skipped (it would find nothing).
-        let absent = self.surely_absent(d, local)
-            && split.is_none_or(|p| self.surely_absent(d, local.get(..p).unwrap_or(local)));
+        let absent = absent.unwrap_or_else(|| self.surely_absent(self.filter_at(dh), local, split));
         let found = if absent {
             (None, None)
         } else {
@@ -1253,16 +1419,18 @@ impl Snapshot {
             (Some(v), _) | (None, Some(v)) if excepted(v) => {
                 return Verdict::Reject(Reject::Exception);
             }
-            (Some(v), _) => return Verdict::Accept(self.hit(v, d, Match::Exact, local.len())),
+            (Some(v), _) => {
+                return Verdict::Accept(self.hit(v, dh.index, Match::Exact, local.len()));
+            }
             (None, Some(v)) => {
                 let p = split.unwrap_or(local.len());
-                return Verdict::Accept(self.hit(v, d, Match::Subaddress, p));
+                return Verdict::Accept(self.hit(v, dh.index, Match::Subaddress, p));
             }
             (None, None) => {}
         }
         let reserved = options.is_reserved(local)
             || split.is_some_and(|p| options.is_reserved(local.get(..p).unwrap_or(local)));
-        if reserved || d.flags & FLAG_ACCEPT_ALL != 0 {
+        if reserved || dh.flags & FLAG_ACCEPT_ALL != 0 {
             let (kind, matched) = if reserved {
                 (Kind::Reserved, Match::Reserved)
             } else {
@@ -1272,8 +1440,8 @@ impl Snapshot {
                 kind,
                 matched,
                 local_len: if reserved { local.len() as u16 } else { 0 },
-                domain: d.index,
-                attrs: d.declared,
+                domain: dh.index,
+                attrs: dh.rec.declared,
                 generation: self.header.generation,
             });
         }
@@ -1470,7 +1638,7 @@ impl Snapshot {
         let Some(rec) = self.domain_rec(index) else {
             return Vec::new();
         };
-        let Some(fst) = self.shard_of(&rec) else {
+        let Some(fst) = self.shard_of(rec.shard()) else {
             return Vec::new();
         };
         let w = self.header.key_width as usize;
@@ -1654,7 +1822,7 @@ impl Snapshot {
                 text.push_str(local);
                 text.push('@');
                 text.push_str(domain);
-                f(&text, self.hit(value, &d, Match::Exact, local.len()));
+                f(&text, self.hit(value, d.index, Match::Exact, local.len()));
             }
         }
     }
@@ -1777,8 +1945,26 @@ impl AddressCursor<'_> {
         let d = self.snap.domain_rec(self.domain)?;
         Some(
             self.snap
-                .hit(self.value, &d, Match::Exact, self.local.len()),
+                .hit(self.value, d.index, Match::Exact, self.local.len()),
         )
+    }
+}
+
+/// `local` in its lookup form ([`address::fold_local_into`]): in `key` when it fits, else in
+/// `long`.
+fn fold_local<'k>(
+    local: &str,
+    keep_case: bool,
+    key: &'k mut [u8; KEY_MAX],
+    long: &'k mut Vec<u8>,
+) -> &'k [u8] {
+    match address::fold_local_into_slice(local, keep_case, key) {
+        Some(n) => key.get(..n).unwrap_or_default(),
+        None => {
+            long.clear();
+            address::fold_local_into(local, keep_case, long);
+            long
+        }
     }
 }
 

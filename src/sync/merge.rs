@@ -375,6 +375,7 @@ pub fn merge(sources: &[SourceData], generation: u64) -> Merged {
         domains,
         records,
         shards: 0,
+        filter_keying: Default::default(),
         excluded,
     };
     m
