@@ -340,7 +340,8 @@ pub fn build(mut input: BuildInput) -> Result<(Vec<u8>, BuildStats), BuildError>
     let target = input.records.len().div_ceil(nshards.max(1));
     let mut acc = 0;
     for (i, &n) in per_domain.iter().enumerate() {
-        if acc >= target && bounds.len() < nshards {
+        // Never a shard without domains (a bound equal to the first).
+        if acc >= target && bounds.len() < nshards && i > 0 {
             bounds.push(i as u32);
             acc = 0;
         }
