@@ -1296,7 +1296,14 @@ impl Snapshot {
         let mut key = [0u8; KEY_MAX];
         let mut long = Vec::new();
         let local = fold_local(addr.local, keep_case, &mut key, &mut long);
-        let verdict = part.match_local(local, d, options, None);
+        // The segment's filter keyed by name: the name's hash is made again here rather than
+        // read from the second line of the domain's entry.
+        let absent = (part.keying == Keying::Name).then(|| {
+            let split = address::subaddress_split(local, &options.separators);
+            let h = domain_hash(addr.domain.as_bytes());
+            part.surely_absent(FilterAt::Name(h), local, split)
+        });
+        let verdict = part.match_local(local, d, options, absent);
         // A segment's hit, in the set's terms: its global domain and the set's generation.
         match (verdict, global) {
             (Verdict::Accept(hit), Some(g)) => Verdict::Accept(Hit {
