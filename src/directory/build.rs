@@ -112,7 +112,7 @@ pub struct BuildInput {
     pub shards: usize,
     /// How the miss filter's keys are made: by domain name (every build's); by domain index
     /// writes the format of earlier builds (tests of reading it).
-    pub filter_keying: super::filter::Keying,
+    pub filter_keying: Keying,
     /// What the sources listed but the build left out, and why (for `explain`).
     pub excluded: Vec<super::explain::Excluded>,
 }

@@ -41,9 +41,9 @@ pub const KIND_BY_NAME: u32 = 2;
 /// How a block's keys are made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Keying {
-    /// [`key`] of the domain's index; the block is the domain's FST shard (earlier builds).
+    /// Keys of the domain's index; a domain's block is its FST shard (earlier builds).
     Index,
-    /// [`key_by_name`] of the domain name's hash; the block is [`block_of`] the hash.
+    /// Keys of the domain name's hash; a domain's block is chosen by that hash.
     #[default]
     Name,
 }

@@ -882,8 +882,8 @@ impl Snapshot {
         }
     }
 
-    /// True when the miss filter of `shard` says that neither `local` nor, with a subaddress
-    /// at `split`, its base address can be in domain `index`.
+    /// True when the miss filter says that neither `local` nor, with a subaddress at `split`,
+    /// its base address can be in the domain at `at`.
     fn surely_absent(&self, at: FilterAt, local: &[u8], split: Option<usize>) -> bool {
         let block = match at {
             FilterAt::Index { shard, .. } => shard,
