@@ -205,8 +205,13 @@ const FLAG_KEEP_CASE: u32 = 2;
 
 impl DomainRec {
     fn shard(&self) -> usize {
-        ((self.flags >> 8) & 0xff) as usize
+        shard_in(self.flags)
     }
+}
+
+/// The FST shard a domain's flags name.
+fn shard_in(flags: u32) -> usize {
+    ((flags >> 8) & 0xff) as usize
 }
 
 /// Longest domain name kept inline in [`DomainHot`]; longer ones compare via the string table.
@@ -244,8 +249,9 @@ impl DomainHot {
         self.has_start.then_some((self.start_addr, self.start_out))
     }
 
+    /// Its FST shard, from the copy of the flags in the first line.
     fn shard(&self) -> usize {
-        ((self.flags >> 8) & 0xff) as usize
+        shard_in(self.flags)
     }
 }
 
@@ -599,10 +605,6 @@ impl Snapshot {
         snap.validate_tables()?;
         snap.shards = snap.load_shards(&backing, own.fst.take())?;
         snap.filters = snap.load_filters(own.filter.take())?;
-        snap.keying = match snap.filters.iter().flatten().next() {
-            Some(f) => f.keying(),
-            None => Keying::Name,
-        };
         snap.hot = (0..snap.header.domains)
             .map(|i| {
                 snap.domain_hot(i).ok_or(SnapshotError::Malformed {
@@ -616,10 +618,9 @@ impl Snapshot {
                 let v = u32_at(snap.bytes(&snap.slots), 4, i, 0).unwrap_or(0);
                 let tag = v
                     .checked_sub(1)
-                    .and_then(|d| {
-                        let d = snap.hot.get(d as usize)?;
-                        let name = snap.string_bytes(d.rec.name)?;
-                        let shard = u32::try_from(d.rec.shard())
+                    .and_then(|d| snap.hot.get(d as usize))
+                    .map_or(0, |d| {
+                        let shard = u32::try_from(d.shard())
                             .unwrap_or(SLOT_SHARD)
                             .min(SLOT_SHARD);
                         let case = if d.flags & FLAG_KEEP_CASE != 0 {
@@ -627,9 +628,8 @@ impl Snapshot {
                         } else {
                             0
                         };
-                        Some((domain_hash(name) as u32 & !0xff) | case | shard)
-                    })
-                    .unwrap_or(0);
+                        (d.name_hash as u32 & !0xff) | case | shard
+                    });
                 Slot { tag, v }
             })
             .collect();
@@ -796,7 +796,8 @@ impl Snapshot {
     }
 
     /// The shards' miss filters, each checked against a sample of its FST's keys: one that
-    /// disagrees (built with other hashing) is left unused rather than trusted.
+    /// disagrees (built with other hashing) is left unused rather than trusted. Sets
+    /// `self.keying` from the blocks (Name, the default, when there are none).
     ///
     /// `own`: the section in memory of its own (huge pages), else it is read in the backing.
     fn load_filters(
@@ -827,6 +828,7 @@ impl Snapshot {
         let Some(keying) = filters.iter().flatten().next().map(ShardFilter::keying) else {
             return Ok(filters);
         };
+        self.keying = keying;
         for (n, (_, fst)) in self.shards.iter().enumerate() {
             let mut stream = fst.stream();
             let mut checked = 0;
@@ -1298,12 +1300,12 @@ impl Snapshot {
         let local = fold_local(addr.local, keep_case, &mut key, &mut long);
         // The segment's filter keyed by name: the name's hash is made again here rather than
         // read from the second line of the domain's entry.
+        let split = address::subaddress_split(local, &options.separators);
         let absent = (part.keying == Keying::Name).then(|| {
-            let split = address::subaddress_split(local, &options.separators);
             let h = domain_hash(addr.domain.as_bytes());
             part.surely_absent(FilterAt::Name(h), local, split)
         });
-        let verdict = part.match_local(local, d, options, absent);
+        let verdict = part.match_local(local, split, d, options, absent);
         // A segment's hit, in the set's terms: its global domain and the set's generation.
         match (verdict, global) {
             (Verdict::Accept(hit), Some(g)) => Verdict::Accept(Hit {
@@ -1372,45 +1374,50 @@ impl Snapshot {
             .then(|| self.surely_absent(FilterAt::Name(h), lower, split));
         for slot in self.domain_slots(h) {
             let index = slot.v - 1;
-            if slot.tag & SLOT_KEEP_CASE != 0 {
-                if let Some(d) = self.hot.get(index as usize)
-                    && self.is_named(d, addr.domain)
-                {
-                    let (mut key, mut long) = ([0u8; KEY_MAX], Vec::new());
-                    let local = fold_local(addr.local, true, &mut key, &mut long);
-                    return self.match_local(local, d, options, None);
-                }
-                continue;
-            }
-            let absent = early.or_else(|| {
-                let shard = slot.tag & SLOT_SHARD;
-                (shard != SLOT_SHARD).then(|| {
-                    let at = FilterAt::Index {
-                        shard: shard as usize,
-                        domain: index,
-                    };
-                    self.surely_absent(at, lower, split)
+            let keep_case = slot.tag & SLOT_KEEP_CASE != 0;
+            let shard = slot.tag & SLOT_SHARD;
+            // A keep-case domain's local part is folded again below; its filter is asked then.
+            let absent = if keep_case {
+                None
+            } else {
+                early.or_else(|| {
+                    (shard != SLOT_SHARD).then(|| {
+                        let at = FilterAt::Index {
+                            shard: shard as usize,
+                            domain: index,
+                        };
+                        self.surely_absent(at, lower, split)
+                    })
                 })
-            });
-            if let Some(d) = self.hot.get(index as usize)
-                && self.is_named(d, addr.domain)
-            {
-                return self.match_local(lower, d, options, absent);
+            };
+            let Some(d) = self
+                .hot
+                .get(index as usize)
+                .filter(|d| self.is_named(d, addr.domain))
+            else {
+                continue;
+            };
+            if keep_case {
+                let (mut key, mut long) = ([0u8; KEY_MAX], Vec::new());
+                let local = fold_local(addr.local, true, &mut key, &mut long);
+                let split = address::subaddress_split(local, &options.separators);
+                return self.match_local(local, split, d, options, None);
             }
+            return self.match_local(lower, split, d, options, absent);
         }
         Verdict::NotOurs
     }
 
-    /// Steps 4-5 and 8 for `local` (folded) in domain `d`; `absent` is the miss filter's
-    /// answer when the caller asked it already.
+    /// Steps 4-5 and 8 for `local` (folded, its subaddress separator at `split`) in domain
+    /// `d`; `absent` is the miss filter's answer when the caller asked it already.
     fn match_local(
         &self,
         local: &[u8],
+        split: Option<usize>,
         dh: &DomainHot,
         options: &LookupOptions,
         absent: Option<bool>,
     ) -> Verdict {
-        let split = address::subaddress_split(local, &options.separators);
         let excepted = |v: u64| Kind::from_code(v) == Kind::Exception;
         // The filter first: when neither the address nor its base address can be in the
         // shard, the FST walk is skipped (it would find nothing).
