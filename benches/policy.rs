@@ -1,15 +1,23 @@
 //! The policy service over loopback TCP and over a unix socket: requests per second and
 //! latency p50/p99 with 1, 8 and 64 concurrent connections, and the server's CPU time per
-//! request (read from the server runtime's own threads in /proc; on loopback TCP that
-//! includes the kernel's receive processing of each reply, done in the sender's context). Clients and server share this 2-core machine, so the
-//! rates are a floor; CPU per request is the server's alone.
+//! request (each server thread's time on a CPU, from /proc; on loopback TCP that includes the
+//! kernel's receive processing of each reply, done in the sender's context). Clients and
+//! server share this 2-core machine, so the rates are a floor; CPU per request is the
+//! server's alone.
 //!
-//! `cargo bench --bench policy` (a directory of 100k synthetic addresses, 3 s per level);
-//! under `cargo test` it runs briefly as a smoke test.
+//! Every level also runs against two floors on the same transport: a tokio server of one
+//! worker and a blocking thread per connection, both writing a fixed reply without reading the
+//! request. Their CPU per request is what the runtime and the kernel cost any server here;
+//! rcptgate's own share is its figure minus the tokio floor's.
+//!
+//! `cargo bench --bench policy` (a directory of 100k synthetic addresses, 3 s per level and
+//! server; `POLICY_SECS` changes it, `POLICY_ONLY=unix:8` runs one level); under `cargo test`
+//! it runs briefly as a smoke test.
 
 mod common;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -21,24 +29,109 @@ use rcptgate::proto::policy::Texts;
 use rcptgate::server::{Context, Limits, Protocol, serve};
 
 const SERVER_THREAD: &str = "rcptgate-srv";
+/// The floors' threads: a server that only reads a request and writes a fixed reply.
+const FLOOR_TOKIO_THREAD: &str = "floor-tokio";
+const FLOOR_BLOCKING_THREAD: &str = "floor-blk";
 
-/// CPU seconds used so far by the threads named `SERVER_THREAD` (Linux /proc).
-fn server_cpu() -> Option<f64> {
-    let ticks = 100.0; // USER_HZ on Linux
+/// Nanoseconds on a CPU of one thread, from its `schedstat` (Linux /proc).
+fn thread_cpu_ns(task: &std::path::Path) -> Option<u64> {
+    let stat = std::fs::read_to_string(task.join("schedstat")).ok()?;
+    stat.split_whitespace().next()?.parse().ok()
+}
+
+/// CPU nanoseconds used so far by the live threads named `name`, plus what the exited
+/// blocking floor threads left in `FLOOR_EXITED_NS`.
+fn cpu_ns(name: &str) -> Option<u64> {
     let mut total = 0u64;
     for task in std::fs::read_dir("/proc/self/task").ok()? {
         let path = task.ok()?.path();
         let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
-        if comm.trim() != SERVER_THREAD {
+        if comm.trim() != name {
             continue;
         }
-        let stat = std::fs::read_to_string(path.join("stat")).ok()?;
-        let after = stat.rsplit_once(')')?.1;
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        // Fields after the command: state is [0]; utime is [11], stime [12].
-        total += fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        total += thread_cpu_ns(&path)?;
     }
-    Some(total as f64 / ticks)
+    if name == FLOOR_BLOCKING_THREAD {
+        total += FLOOR_EXITED_NS.load(Ordering::SeqCst);
+    }
+    Some(total)
+}
+
+/// CPU time of the blocking floor's connection threads that have ended.
+static FLOOR_EXITED_NS: AtomicU64 = AtomicU64::new(0);
+/// Blocking floor connection threads still running.
+static FLOOR_LIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// The end of the first request in `buf` (a policy request ends with an empty line).
+fn request_end(buf: &[u8]) -> Option<usize> {
+    memchr::memmem::find(buf, b"\n\n").map(|i| i + 2)
+}
+
+/// The floor's answer to every request.
+const FLOOR_REPLY: &[u8] = b"action=DUNNO\n\n";
+
+/// A tokio server that answers every request with `FLOOR_REPLY`: the runtime and the kernel,
+/// without decoding, lookup, metrics or timeouts.
+async fn floor_conn<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) {
+    let mut buf = Vec::with_capacity(4096);
+    loop {
+        buf.reserve(4096);
+        match s.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        while let Some(end) = request_end(&buf) {
+            if s.write_all(FLOOR_REPLY).await.is_err() {
+                return;
+            }
+            buf.drain(..end);
+        }
+    }
+}
+
+/// A blocking thread per connection answering `FLOOR_REPLY`: the kernel's part alone (one
+/// read and one write per request, no event loop).
+fn floor_blocking_conn<S: std::io::Read + std::io::Write>(mut s: S) {
+    let mut buf = vec![0u8; 8192];
+    let mut have = 0;
+    loop {
+        if have == buf.len() {
+            return;
+        }
+        match s.read(&mut buf[have..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => have += n,
+        }
+        while let Some(end) = request_end(&buf[..have]) {
+            if s.write_all(FLOOR_REPLY).is_err() {
+                have = 0;
+                break;
+            }
+            buf.copy_within(end..have, 0);
+            have -= end;
+        }
+    }
+    if let Some(ns) = thread_cpu_ns(std::path::Path::new("/proc/thread-self")) {
+        FLOOR_EXITED_NS.fetch_add(ns, Ordering::SeqCst);
+    }
+    FLOOR_LIVE.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Spawn a blocking floor thread for each connection `accept` gives.
+fn spawn_blocking_floor<S, F>(accept: F)
+where
+    S: std::io::Read + std::io::Write + Send + 'static,
+    F: Fn() -> std::io::Result<S> + Send + 'static,
+{
+    std::thread::spawn(move || {
+        while let Ok(s) = accept() {
+            FLOOR_LIVE.fetch_add(1, Ordering::SeqCst);
+            std::thread::Builder::new()
+                .name(FLOOR_BLOCKING_THREAD.into())
+                .spawn(move || floor_blocking_conn(s))
+                .expect("floor thread");
+        }
+    });
 }
 
 /// A client connection, TCP or unix.
@@ -83,7 +176,11 @@ fn main() {
     let (n, secs) = if test_mode {
         (10_000, 0.2)
     } else {
-        (100_000, 3.0)
+        let secs = std::env::var("POLICY_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3.0);
+        (100_000, secs)
     };
     let syn = common::generate(n, 42);
     let hits = common::hits(&syn, 10_000, 7, false);
@@ -125,6 +222,41 @@ fn main() {
     };
     server_rt.spawn(serve(unix, Protocol::Policy, ctx, rx));
 
+    // The floors, on the same transports: a tokio server of one worker and blocking threads,
+    // both answering a fixed reply without reading the request.
+    let floor_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(FLOOR_TOKIO_THREAD)
+        .enable_all()
+        .build()
+        .expect("floor runtime");
+    let floor_sock = sock_dir.path().join("floor.sock");
+    let (floor_addr, floor_unix) = {
+        let _guard = floor_rt.enter();
+        let tcp = floor_rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind floor");
+        let addr = tcp.local_addr().expect("floor addr");
+        let unix = tokio::net::UnixListener::bind(&floor_sock).expect("bind floor unix");
+        floor_rt.spawn(async move {
+            while let Ok((s, _)) = tcp.accept().await {
+                tokio::spawn(floor_conn(s));
+            }
+        });
+        floor_rt.spawn(async move {
+            while let Ok((s, _)) = unix.accept().await {
+                tokio::spawn(floor_conn(s));
+            }
+        });
+        (addr, floor_sock)
+    };
+    let blk_tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind blocking floor");
+    let blk_addr = blk_tcp.local_addr().expect("blocking floor addr");
+    spawn_blocking_floor(move || blk_tcp.accept().map(|(s, _)| s));
+    let blk_sock = sock_dir.path().join("floor-blk.sock");
+    let blk_unix = std::os::unix::net::UnixListener::bind(&blk_sock).expect("bind");
+    spawn_blocking_floor(move || blk_unix.accept().map(|(s, _)| s));
+
     let client_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -151,7 +283,17 @@ instance=1a2b.5f3c.0\npolicy_context=\ncompatibility_level=3.6\n\n"
             .collect(),
     );
 
-    println!("\n=== policy service, {n} addresses, loopback, server on 1 thread ===");
+    println!("\n=== policy service, {n} addresses, loopback, server on {workers} thread(s) ===");
+    println!(
+        "floors: a tokio server (1 worker) and a blocking thread per connection, each writing a \
+         fixed reply without reading the request; rcptgate's own share is its CPU minus the \
+         tokio floor's"
+    );
+    let servers = [
+        ("rcptgate", SERVER_THREAD, addr, sock.clone()),
+        ("tokio floor", FLOOR_TOKIO_THREAD, floor_addr, floor_unix),
+        ("blocking floor", FLOOR_BLOCKING_THREAD, blk_addr, blk_sock),
+    ];
     for (transport, conns) in [
         ("tcp", 1usize),
         ("tcp", 8),
@@ -160,46 +302,68 @@ instance=1a2b.5f3c.0\npolicy_context=\ncompatibility_level=3.6\n\n"
         ("unix", 8),
         ("unix", 64),
     ] {
-        let cpu0 = server_cpu();
-        let started = Instant::now();
-        let deadline = started + Duration::from_secs_f64(secs);
-        let latencies: Vec<u64> = client_rt.block_on(async {
-            let mut tasks = Vec::new();
-            for c in 0..conns {
-                let requests = requests.clone();
-                let sock = sock.clone();
-                tasks.push(tokio::spawn(async move {
-                    let stream: Box<dyn Stream> = if transport == "tcp" {
-                        Box::new(TcpStream::connect(addr).await.expect("connect"))
-                    } else {
-                        Box::new(UnixStream::connect(&sock).await.expect("connect"))
-                    };
-                    client(stream, &requests, c * 997, deadline).await
-                }));
+        // `POLICY_ONLY=unix:8` runs one level (for a profile of it).
+        if let Ok(only) = std::env::var("POLICY_ONLY")
+            && only != format!("{transport}:{conns}")
+        {
+            continue;
+        }
+        let mut own = [0f64; 2];
+        for (k, (server, thread, addr, sock)) in servers.iter().enumerate() {
+            let cpu0 = cpu_ns(thread);
+            let started = Instant::now();
+            let deadline = started + Duration::from_secs_f64(secs);
+            let latencies: Vec<u64> = client_rt.block_on(async {
+                let mut tasks = Vec::new();
+                for c in 0..conns {
+                    let requests = requests.clone();
+                    let sock = sock.clone();
+                    let addr = *addr;
+                    tasks.push(tokio::spawn(async move {
+                        let stream: Box<dyn Stream> = if transport == "tcp" {
+                            Box::new(TcpStream::connect(addr).await.expect("connect"))
+                        } else {
+                            Box::new(UnixStream::connect(&sock).await.expect("connect"))
+                        };
+                        client(stream, &requests, c * 997, deadline).await
+                    }));
+                }
+                let mut all = Vec::new();
+                for t in tasks {
+                    all.extend(t.await.expect("client"));
+                }
+                all
+            });
+            let elapsed = started.elapsed().as_secs_f64();
+            // The blocking floor's threads add their time as they end: wait for all of them.
+            while FLOOR_LIVE.load(Ordering::SeqCst) > 0 {
+                std::thread::yield_now();
             }
-            let mut all = Vec::new();
-            for t in tasks {
-                all.extend(t.await.expect("client"));
+            let cpu = match (cpu0, cpu_ns(thread)) {
+                (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+                _ => None,
+            };
+            let mut sorted = latencies;
+            sorted.sort_unstable();
+            let count = sorted.len();
+            let per_request = cpu.map(|c| c as f64 / count as f64 / 1000.0);
+            if let Some(p) = per_request
+                && k < 2
+            {
+                own[k] = p;
             }
-            all
-        });
-        let elapsed = started.elapsed().as_secs_f64();
-        let cpu = match (cpu0, server_cpu()) {
-            (Some(a), Some(b)) => Some(b - a),
-            _ => None,
-        };
-        let mut sorted = latencies;
-        sorted.sort_unstable();
-        let count = sorted.len();
+            println!(
+                "{transport:<4} {conns:>3} connections, {server:<14}: {:>8.0} requests/s, latency p50 {:>6.1} µs p99 {:>6.1} µs, server CPU {}",
+                count as f64 / elapsed,
+                percentile(&sorted, 0.5),
+                percentile(&sorted, 0.99),
+                per_request.map_or("n/a".to_owned(), |c| format!("{c:.1} µs/request")),
+            );
+        }
         println!(
-            "{transport:<4} {conns:>3} connections: {:>8.0} requests/s, latency p50 {:>6.1} µs p99 {:>6.1} µs, server CPU {}",
-            count as f64 / elapsed,
-            percentile(&sorted, 0.5),
-            percentile(&sorted, 0.99),
-            cpu.map_or("n/a".to_owned(), |c| format!(
-                "{:.1} µs/request",
-                c / count as f64 * 1e6
-            )),
+            "{transport:<4} {conns:>3} connections: rcptgate's own share {:.1} µs/request \
+             (goal at 1 connection: rcptgate's CPU <= 10 µs/request)",
+            own[0] - own[1]
         );
     }
 }
