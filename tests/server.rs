@@ -217,6 +217,62 @@ async fn idle_connections_are_closed() {
     assert_eq!(n, 0);
 }
 
+/// Send `request` in two pieces, `pause` apart, and read its answer.
+async fn send_in_two_pieces(s: &mut TcpStream, request: &str, pause: Duration) -> Vec<String> {
+    let (a, b) = request.as_bytes().split_at(request.len() / 2);
+    s.write_all(a).await.expect("write");
+    tokio::time::sleep(pause).await;
+    s.write_all(b).await.expect("write");
+    read_policy_replies(s, 1).await
+}
+
+/// A connection keeps one timer for its reads: a request that came in pieces set it to the
+/// request timeout, and the idle wait after the answer must not be cut at that deadline.
+#[tokio::test]
+async fn an_idle_connection_outlives_an_earlier_request_deadline() {
+    let limits = Limits {
+        idle_timeout: Duration::from_secs(30),
+        request_timeout: Duration::from_millis(200),
+        ..Limits::default()
+    };
+    let srv = start(Protocol::Policy, example_directory(true), limits).await;
+    let mut s = TcpStream::connect(srv.addr).await.expect("connect");
+    let request = policy_request("alice@contoso.com", "RCPT");
+    assert_eq!(
+        send_in_two_pieces(&mut s, &request, Duration::from_millis(50)).await,
+        vec!["action=DUNNO"]
+    );
+    // Idle well past the first request's deadline, then ask again on the same connection.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    s.write_all(request.as_bytes()).await.expect("write");
+    assert_eq!(read_policy_replies(&mut s, 1).await, vec!["action=DUNNO"]);
+}
+
+/// The other way round: a request whose pieces come further apart than the idle timeout moves
+/// the timer to the long request timeout; the idle wait after its answer must still close the
+/// connection at the idle timeout.
+#[tokio::test]
+async fn the_idle_timeout_holds_after_a_request_in_pieces() {
+    let limits = Limits {
+        idle_timeout: Duration::from_millis(300),
+        request_timeout: Duration::from_secs(20),
+        ..Limits::default()
+    };
+    let srv = start(Protocol::Policy, example_directory(true), limits).await;
+    let mut s = TcpStream::connect(srv.addr).await.expect("connect");
+    let request = policy_request("alice@contoso.com", "RCPT");
+    assert_eq!(
+        send_in_two_pieces(&mut s, &request, Duration::from_millis(500)).await,
+        vec!["action=DUNNO"]
+    );
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("closed at the idle timeout, not the request timeout")
+        .expect("read");
+    assert_eq!(n, 0);
+}
+
 /// Regression (slowloris): clients that trickle one byte at a time, each within the idle
 /// timeout, held every slot for as long as they liked, and real clients got no answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -211,7 +211,7 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     protocol: Protocol,
     ctx: &Context,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
     if protocol == Protocol::Milter {
         return handle_milter(stream, ctx, shutdown).await;
@@ -224,6 +224,8 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     // When the first byte of the request not yet complete arrived.
     let mut request_started: Option<tokio::time::Instant> = None;
     let mut tls_key: Option<Vec<u8>> = None;
+    let mut timer = ReadTimer::new(limits);
+    let mut stopping = std::pin::pin!(stopped(shutdown.clone()));
     loop {
         loop {
             out.clear();
@@ -258,13 +260,14 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         }
         let idle = buf.is_empty();
         tokio::select! {
-            more = read_bounded(&mut stream, &mut buf, &mut request_started, limits) => {
+            biased;
+            more = read_bounded(&mut stream, &mut buf, &mut request_started, limits, &mut timer) => {
                 if !more? {
                     return Ok(());
                 }
             }
             // Between requests, a shutdown ends the connection at once.
-            _ = shutdown.changed(), if idle => return Ok(()),
+            () = &mut stopping, if idle => return Ok(()),
         }
     }
 }
@@ -275,7 +278,7 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
 async fn handle_milter<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     ctx: &Context,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
     let _open = ctx.metrics.connection(Protocol::Milter);
     let limits = &ctx.limits;
@@ -286,6 +289,8 @@ async fn handle_milter<S: AsyncRead + AsyncWrite + Unpin>(
     let mut out: Vec<u8> = Vec::with_capacity(512);
     let mut scratch = AddrBuf::default();
     let mut request_started: Option<tokio::time::Instant> = None;
+    let mut timer = ReadTimer::new(limits);
+    let mut stopping = std::pin::pin!(stopped(shutdown.clone()));
     loop {
         while let milter::Decoded::Frame {
             command,
@@ -334,13 +339,19 @@ async fn handle_milter<S: AsyncRead + AsyncWrite + Unpin>(
             return Ok(());
         }
         tokio::select! {
-            more = read_bounded(&mut stream, &mut buf, &mut request_started, limits) => {
+            biased;
+            more = read_bounded(&mut stream, &mut buf, &mut request_started, limits, &mut timer) => {
                 if !more? {
                     return Ok(());
                 }
             }
             // The loop's top answers a message in progress with a temporary failure.
-            _ = shutdown.changed() => {}
+            () = &mut stopping => {
+                if !*shutdown.borrow() {
+                    // The daemon dropped its side without asking for a stop: end as before.
+                    return Ok(());
+                }
+            }
         }
     }
 }
@@ -402,6 +413,28 @@ fn judge_rcpt(
     (verdict, milter::RcptAnswer { reply, headers })
 }
 
+/// Resolves once a stop is asked for (or the sender is gone). A connection pins one for its
+/// life, so waiting between requests registers no new waiter each time.
+async fn stopped(mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// The one timer of a connection's reads, kept for the connection's life. Each read moves
+/// its deadline; a later deadline (the next idle wait, after every request) is not written to
+/// the timer but checked when the timer fires, which then waits again for what is left. So a
+/// request that arrives whole costs no timer registration (DESIGN.md §7: every wait bounded).
+struct ReadTimer {
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl ReadTimer {
+    fn new(limits: &Limits) -> ReadTimer {
+        ReadTimer {
+            sleep: Box::pin(tokio::time::sleep(limits.idle_timeout)),
+        }
+    }
+}
+
 /// Read more bytes into `buf`, every wait bounded: `idle_timeout` while no request has
 /// started, `request_timeout` from a request's first byte (`started`) however slowly the rest
 /// comes. `Ok(false)` at the end of the stream.
@@ -410,6 +443,7 @@ async fn read_bounded<S: AsyncRead + Unpin>(
     buf: &mut Vec<u8>,
     started: &mut Option<tokio::time::Instant>,
     limits: &Limits,
+    timer: &mut ReadTimer,
 ) -> Result<bool, ConnError> {
     let now = tokio::time::Instant::now();
     let deadline = if buf.is_empty() {
@@ -417,13 +451,32 @@ async fn read_bounded<S: AsyncRead + Unpin>(
     } else {
         *started.get_or_insert(now) + limits.request_timeout
     };
+    if deadline < timer.sleep.deadline() {
+        timer.sleep.as_mut().reset(deadline);
+    }
     buf.reserve(4096);
-    match tokio::time::timeout_at(deadline, stream.read_buf(buf)).await {
-        Err(_) if buf.is_empty() => Err(ConnError::Idle(limits.idle_timeout)),
-        Err(_) => Err(ConnError::RequestTimeout(limits.request_timeout)),
-        Ok(Ok(0)) => Ok(false),
-        Ok(Ok(_)) => Ok(true),
-        Ok(Err(e)) => Err(e.into()),
+    loop {
+        tokio::select! {
+            biased;
+            read = stream.read_buf(buf) => {
+                return match read {
+                    Ok(0) => Ok(false),
+                    Ok(_) => Ok(true),
+                    Err(e) => Err(e.into()),
+                };
+            }
+            () = timer.sleep.as_mut() => {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(if buf.is_empty() {
+                        ConnError::Idle(limits.idle_timeout)
+                    } else {
+                        ConnError::RequestTimeout(limits.request_timeout)
+                    });
+                }
+                // Armed for an earlier wait: wait for this one's deadline.
+                timer.sleep.as_mut().reset(deadline);
+            }
+        }
     }
 }
 
