@@ -308,45 +308,57 @@ instance=1a2b.5f3c.0\npolicy_context=\ncompatibility_level=3.6\n\n"
         {
             continue;
         }
-        let mut own = [0f64; 2];
-        for (k, (server, thread, addr, sock)) in servers.iter().enumerate() {
-            let cpu0 = cpu_ns(thread);
-            let started = Instant::now();
-            let deadline = started + Duration::from_secs_f64(secs);
-            let latencies: Vec<u64> = client_rt.block_on(async {
-                let mut tasks = Vec::new();
-                for c in 0..conns {
-                    let requests = requests.clone();
-                    let sock = sock.clone();
-                    let addr = *addr;
-                    tasks.push(tokio::spawn(async move {
-                        let stream: Box<dyn Stream> = if transport == "tcp" {
-                            Box::new(TcpStream::connect(addr).await.expect("connect"))
-                        } else {
-                            Box::new(UnixStream::connect(&sock).await.expect("connect"))
-                        };
-                        client(stream, &requests, c * 997, deadline).await
-                    }));
+        // The servers take turns in short slices, so that a change in the machine's speed
+        // during the level falls on all of them alike.
+        const SLICES: u32 = 6;
+        let slice = Duration::from_secs_f64(secs / f64::from(SLICES));
+        let mut latencies: Vec<Vec<u64>> = vec![Vec::new(); servers.len()];
+        let mut cpu: Vec<Option<u64>> = vec![Some(0); servers.len()];
+        let mut elapsed = vec![0f64; servers.len()];
+        for _ in 0..SLICES {
+            for (k, (_, thread, addr, sock)) in servers.iter().enumerate() {
+                let cpu0 = cpu_ns(thread);
+                let started = Instant::now();
+                let deadline = started + slice;
+                let got: Vec<u64> = client_rt.block_on(async {
+                    let mut tasks = Vec::new();
+                    for c in 0..conns {
+                        let requests = requests.clone();
+                        let sock = sock.clone();
+                        let addr = *addr;
+                        tasks.push(tokio::spawn(async move {
+                            let stream: Box<dyn Stream> = if transport == "tcp" {
+                                Box::new(TcpStream::connect(addr).await.expect("connect"))
+                            } else {
+                                Box::new(UnixStream::connect(&sock).await.expect("connect"))
+                            };
+                            client(stream, &requests, c * 997, deadline).await
+                        }));
+                    }
+                    let mut all = Vec::new();
+                    for t in tasks {
+                        all.extend(t.await.expect("client"));
+                    }
+                    all
+                });
+                elapsed[k] += started.elapsed().as_secs_f64();
+                // The blocking floor's threads add their time as they end: wait for them.
+                while FLOOR_LIVE.load(Ordering::SeqCst) > 0 {
+                    std::thread::yield_now();
                 }
-                let mut all = Vec::new();
-                for t in tasks {
-                    all.extend(t.await.expect("client"));
-                }
-                all
-            });
-            let elapsed = started.elapsed().as_secs_f64();
-            // The blocking floor's threads add their time as they end: wait for all of them.
-            while FLOOR_LIVE.load(Ordering::SeqCst) > 0 {
-                std::thread::yield_now();
+                cpu[k] = match (cpu[k], cpu0, cpu_ns(thread)) {
+                    (Some(sum), Some(a), Some(b)) => Some(sum + b.saturating_sub(a)),
+                    _ => None,
+                };
+                latencies[k].extend(got);
             }
-            let cpu = match (cpu0, cpu_ns(thread)) {
-                (Some(a), Some(b)) => Some(b.saturating_sub(a)),
-                _ => None,
-            };
-            let mut sorted = latencies;
+        }
+        let mut own = [0f64; 2];
+        for (k, (server, ..)) in servers.iter().enumerate() {
+            let sorted = &mut latencies[k];
             sorted.sort_unstable();
             let count = sorted.len();
-            let per_request = cpu.map(|c| c as f64 / count as f64 / 1000.0);
+            let per_request = cpu[k].map(|c| c as f64 / count as f64 / 1000.0);
             if let Some(p) = per_request
                 && k < 2
             {
@@ -354,9 +366,9 @@ instance=1a2b.5f3c.0\npolicy_context=\ncompatibility_level=3.6\n\n"
             }
             println!(
                 "{transport:<4} {conns:>3} connections, {server:<14}: {:>8.0} requests/s, latency p50 {:>6.1} µs p99 {:>6.1} µs, server CPU {}",
-                count as f64 / elapsed,
-                percentile(&sorted, 0.5),
-                percentile(&sorted, 0.99),
+                count as f64 / elapsed[k],
+                percentile(sorted, 0.5),
+                percentile(sorted, 0.99),
                 per_request.map_or("n/a".to_owned(), |c| format!("{c:.1} µs/request")),
             );
         }
