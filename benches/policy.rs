@@ -39,9 +39,13 @@ fn thread_cpu_ns(task: &std::path::Path) -> Option<u64> {
     stat.split_whitespace().next()?.parse().ok()
 }
 
-/// CPU nanoseconds used so far by the live threads named `name`, plus what the exited
-/// blocking floor threads left in `FLOOR_EXITED_NS`.
+/// CPU nanoseconds used so far by the threads named `name`. The blocking floor's threads
+/// each add their own time to `FLOOR_EXITED_NS` as they end (the caller waits for that), so
+/// they are not read here: a thread on its way out would be counted twice or not at all.
 fn cpu_ns(name: &str) -> Option<u64> {
+    if name == FLOOR_BLOCKING_THREAD {
+        return Some(FLOOR_EXITED_NS.load(Ordering::SeqCst));
+    }
     let mut total = 0u64;
     for task in std::fs::read_dir("/proc/self/task").ok()? {
         let path = task.ok()?.path();
@@ -50,9 +54,6 @@ fn cpu_ns(name: &str) -> Option<u64> {
             continue;
         }
         total += thread_cpu_ns(&path)?;
-    }
-    if name == FLOOR_BLOCKING_THREAD {
-        total += FLOOR_EXITED_NS.load(Ordering::SeqCst);
     }
     Some(total)
 }
