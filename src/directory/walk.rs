@@ -67,6 +67,20 @@ impl<'a> Walker<'a> {
     /// transition's output, or `None` when the node has no transition on `b`.
     #[inline]
     pub fn step(&self, addr: usize, b: u8) -> Option<(usize, u64)> {
+        self.step_with(addr, b, false)
+            .map(|(next, out, _)| (next, out))
+    }
+
+    /// As [`Self::step`], and the node that the node's transition before it (on the next
+    /// smaller input) leads to, when there is one. fst writes a node's subtrees in the order
+    /// of their inputs, so what a transition leads to was written above that node.
+    #[inline]
+    pub fn step_and_sibling(&self, addr: usize, b: u8) -> Option<(usize, u64, Option<usize>)> {
+        self.step_with(addr, b, true)
+    }
+
+    #[inline(always)]
+    fn step_with(&self, addr: usize, b: u8, sibling: bool) -> Option<(usize, u64, Option<usize>)> {
         if addr == EMPTY {
             return None;
         }
@@ -77,7 +91,7 @@ impl<'a> Walker<'a> {
                 if input != b {
                     return None;
                 }
-                Some((addr.checked_sub(ilen + 1)?, 0))
+                Some((addr.checked_sub(ilen + 1)?, 0, None))
             }
             0b10 => {
                 let (input, ilen) = self.one_input(addr, state)?;
@@ -91,7 +105,7 @@ impl<'a> Walker<'a> {
                 let delta = self.uint(delta_at, tsize)?;
                 let out_at = delta_at.checked_sub(osize)?;
                 let out = self.uint(out_at, osize)?;
-                Some((next(out_at, delta)?, out))
+                Some((next(out_at, delta)?, out, None))
             }
             _ => {
                 let any = self.any(addr, state)?;
@@ -123,7 +137,14 @@ impl<'a> Walker<'a> {
                 } else {
                     any.outs_start
                 };
-                Some((next(end, delta)?, out))
+                let before = match i.checked_sub(1) {
+                    Some(_) if sibling => {
+                        let at = any.inputs_start.checked_sub(i.checked_mul(any.tsize)?)?;
+                        Some(next(end, self.uint(at, any.tsize)?)?)
+                    }
+                    _ => None,
+                };
+                Some((next(end, delta)?, out, before))
             }
         }
     }
@@ -244,12 +265,21 @@ mod tests {
                 .then(|| out.cat(node.final_output()).value());
             let our_final = w.final_output(addr).map(|f| ours.wrapping_add(f));
             assert_eq!(our_final, theirs_final, "final at {i} of {key:?}");
-            let theirs = node.find_input(b).map(|t| node.transition(t));
+            let found = node.find_input(b);
+            let theirs = found.map(|t| node.transition(t));
             let step = w.step(addr, b);
             assert_eq!(
                 step,
                 theirs.map(|t| (t.addr, t.out.value())),
                 "byte {i} of {key:?}"
+            );
+            let sibling = found
+                .and_then(|t| t.checked_sub(1))
+                .map(|t| node.transition(t).addr);
+            assert_eq!(
+                w.step_and_sibling(addr, b),
+                step.map(|(a, o)| (a, o, sibling)),
+                "sibling at byte {i} of {key:?}"
             );
             let Some(t) = theirs else { return };
             out = out.cat(t.out);
