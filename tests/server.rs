@@ -226,22 +226,38 @@ async fn send_in_two_pieces(s: &mut TcpStream, request: &str, pause: Duration) -
     read_policy_replies(s, 1).await
 }
 
-/// A connection keeps one timer for its reads: a request that came in pieces set it to the
-/// request timeout, and the idle wait after the answer must not be cut at that deadline.
-#[tokio::test]
-async fn an_idle_connection_outlives_an_earlier_request_deadline() {
+/// A policy connection under `idle` and `request` timeouts that has had one request, sent in
+/// two pieces `pause` apart, answered. The server runs as long as the `Running` is kept.
+async fn answered_in_pieces(
+    idle: Duration,
+    request: Duration,
+    pause: Duration,
+) -> (Running, TcpStream, String) {
     let limits = Limits {
-        idle_timeout: Duration::from_secs(30),
-        request_timeout: Duration::from_millis(200),
+        idle_timeout: idle,
+        request_timeout: request,
         ..Limits::default()
     };
     let srv = start(Protocol::Policy, example_directory(true), limits).await;
     let mut s = TcpStream::connect(srv.addr).await.expect("connect");
-    let request = policy_request("alice@contoso.com", "RCPT");
+    let text = policy_request("alice@contoso.com", "RCPT");
     assert_eq!(
-        send_in_two_pieces(&mut s, &request, Duration::from_millis(50)).await,
+        send_in_two_pieces(&mut s, &text, pause).await,
         vec!["action=DUNNO"]
     );
+    (srv, s, text)
+}
+
+/// A connection keeps one timer for its reads: a request that came in pieces set it to the
+/// request timeout, and the idle wait after the answer must not be cut at that deadline.
+#[tokio::test]
+async fn an_idle_connection_outlives_an_earlier_request_deadline() {
+    let (_srv, mut s, request) = answered_in_pieces(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        Duration::from_millis(50),
+    )
+    .await;
     // Idle well past the first request's deadline, then ask again on the same connection.
     tokio::time::sleep(Duration::from_millis(600)).await;
     s.write_all(request.as_bytes()).await.expect("write");
@@ -253,18 +269,12 @@ async fn an_idle_connection_outlives_an_earlier_request_deadline() {
 /// connection at the idle timeout.
 #[tokio::test]
 async fn the_idle_timeout_holds_after_a_request_in_pieces() {
-    let limits = Limits {
-        idle_timeout: Duration::from_millis(300),
-        request_timeout: Duration::from_secs(20),
-        ..Limits::default()
-    };
-    let srv = start(Protocol::Policy, example_directory(true), limits).await;
-    let mut s = TcpStream::connect(srv.addr).await.expect("connect");
-    let request = policy_request("alice@contoso.com", "RCPT");
-    assert_eq!(
-        send_in_two_pieces(&mut s, &request, Duration::from_millis(500)).await,
-        vec!["action=DUNNO"]
-    );
+    let (_srv, mut s, _) = answered_in_pieces(
+        Duration::from_millis(300),
+        Duration::from_secs(20),
+        Duration::from_millis(500),
+    )
+    .await;
     let mut rest = Vec::new();
     let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
         .await
