@@ -348,7 +348,8 @@ async fn handle_milter<S: AsyncRead + AsyncWrite + Unpin>(
             // The loop's top answers a message in progress with a temporary failure.
             () = &mut stopping => {
                 if !*shutdown.borrow() {
-                    // The daemon dropped its side without asking for a stop: end as before.
+                    // The sender is gone without asking for a stop, so none can come: end
+                    // the connection, as the other protocols do.
                     return Ok(());
                 }
             }
