@@ -18,6 +18,8 @@ struct Customer {
     domains: Vec<String>,
     records: Vec<(usize, String, Kind, Option<String>)>,
     accept_all: bool,
+    /// Local parts compared with their case (`keep_case`), and written with capitals.
+    keep_case: bool,
 }
 
 fn customer(c: usize, users: usize, tag: &str) -> Customer {
@@ -32,13 +34,19 @@ fn customer(c: usize, users: usize, tag: &str) -> Customer {
             _ => Kind::User,
         };
         let route = (u % 4 == 0).then(|| format!("[cloud{}.example]", c % 2));
-        records.push((u % domains.len(), format!("{tag}user{u}"), kind, route));
+        let local = if c == 2 {
+            format!("{tag}User{u}")
+        } else {
+            format!("{tag}user{u}")
+        };
+        records.push((u % domains.len(), local, kind, route));
     }
     Customer {
         name: format!("customer{c}"),
         domains,
         records,
         accept_all: c == 3,
+        keep_case: c == 2,
     }
 }
 
@@ -58,7 +66,7 @@ fn image(customers: &[&Customer], generation: u64) -> Vec<u8> {
                 profile,
                 route: NONE,
                 accept_all: c.accept_all,
-                keep_case: false,
+                keep_case: c.keep_case,
             });
         }
         for (d, local, kind, route) in &c.records {
@@ -100,6 +108,8 @@ fn probes(customers: &[&Customer]) -> Vec<String> {
         for (d, local, _, _) in &c.records {
             out.push(format!("{local}@{}", c.domains[*d]));
             out.push(format!("{local}+tag@{}", c.domains[*d].to_uppercase()));
+            // In a keep-case domain a local part in other case is another address.
+            out.push(format!("{}@{}", local.to_lowercase(), c.domains[*d]));
         }
     }
     out

@@ -182,7 +182,7 @@ impl SetIndex {
     /// The segment (number) holding domain `name` (normalized), its index there and its
     /// global index; no segment is read.
     pub(super) fn find(&self, name: &str) -> Option<(usize, u32, u32)> {
-        self.probe_for(name, |part, l| {
+        self.probe_for(domain_hash(name.as_bytes()), |part, l| {
             part.names.get(l as usize).is_some_and(|n| **n == *name)
         })
         .map(|(_, p, l, g)| (p, l, g))
@@ -190,11 +190,21 @@ impl SetIndex {
 
     /// [`Self::find`] for a lookup: the segment read (on first use), and the name compared
     /// with the copy in its domain entry, which the lookup reads next anyway. `None` for the
-    /// segment when it cannot be read (the name is then compared with the index's).
+    /// segment when it cannot be read (the name is then compared with the index's). `hash`
+    /// is the name's `domain_hash`; `early` is given each candidate segment before its domain
+    /// entry is read: what it reads waits on memory together with that entry.
     #[inline]
-    pub(super) fn find_loaded(&self, name: &str) -> Option<(Option<&Arc<Snapshot>>, u32, u32)> {
-        self.probe_for(name, |part, l| match part.get() {
-            Some(s) => s.domain_named(l, name),
+    pub(super) fn find_loaded(
+        &self,
+        name: &str,
+        hash: u64,
+        early: impl Fn(&Snapshot),
+    ) -> Option<(Option<&Arc<Snapshot>>, u32, u32)> {
+        self.probe_for(hash, |part, l| match part.get() {
+            Some(s) => {
+                early(s);
+                s.domain_named(l, name)
+            }
             None => part.names.get(l as usize).is_some_and(|n| **n == *name),
         })
         .map(|(part, _, l, g)| (part.get(), l, g))
@@ -203,11 +213,10 @@ impl SetIndex {
     #[inline]
     fn probe_for(
         &self,
-        name: &str,
+        h: u64,
         same: impl Fn(&Part, u32) -> bool,
     ) -> Option<(&Part, usize, u32, u32)> {
         let mask = self.probe.len() - 1;
-        let h = domain_hash(name.as_bytes());
         let mut at = h as usize & mask;
         loop {
             let (fp, v) = *self.probe.get(at)?;

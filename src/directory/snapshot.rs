@@ -1318,30 +1318,45 @@ impl Snapshot {
         if addr.literal {
             return Verdict::NotOurs;
         }
-        let (part, d, global) = match &self.set {
-            None => return self.lookup_single(&addr, options),
-            Some(set) => match set.find_loaded(addr.domain) {
-                // A segment that cannot be read: unsure, so a temporary failure.
-                Some((part, l, g)) => {
-                    match part.and_then(|part| Some((part, part.hot.get(l as usize)?))) {
-                        Some((part, d)) => (&**part, d, Some(g)),
-                        None => return Verdict::Tempfail(super::Tempfail::Internal),
-                    }
-                }
-                None => return Verdict::NotOurs,
-            },
+        let Some(set) = &self.set else {
+            return self.lookup_single(&addr, options);
         };
-        let keep_case = d.flags & FLAG_KEEP_CASE != 0;
+        // The local part folded as most domains want it (lower case), and the candidate
+        // segment's filter keyed by name asked with it before the segment's domain entry is
+        // read: the two wait on memory together. A keep-case domain folds again below and
+        // asks its filter afterwards.
         let mut key = [0u8; KEY_MAX];
         let mut long = Vec::new();
-        let local = fold_local(addr.local, keep_case, &mut key, &mut long);
-        // The segment's filter keyed by name: the name's hash is made again here rather than
-        // read from the second line of the domain's entry.
-        let split = address::subaddress_split(local, &options.separators);
-        let absent = (part.keying == Keying::Name).then(|| {
-            let h = domain_hash(addr.domain.as_bytes());
-            part.surely_absent(FilterAt::Name(h), local, split)
+        let lower = fold_local(addr.local, false, &mut key, &mut long);
+        let lower_split = address::subaddress_split(lower, &options.separators);
+        let h = domain_hash(addr.domain.as_bytes());
+        let early = std::cell::Cell::new(None);
+        let found = set.find_loaded(addr.domain, h, |part| {
+            early.set(
+                (part.keying == Keying::Name)
+                    .then(|| part.surely_absent(FilterAt::Name(h), lower, lower_split)),
+            );
         });
+        let (part, d, global) = match found {
+            // A segment that cannot be read: unsure, so a temporary failure.
+            Some((part, l, g)) => {
+                match part.and_then(|part| Some((part, part.hot.get(l as usize)?))) {
+                    Some((part, d)) => (&**part, d, Some(g)),
+                    None => return Verdict::Tempfail(super::Tempfail::Internal),
+                }
+            }
+            None => return Verdict::NotOurs,
+        };
+        let mut key_case: [u8; KEY_MAX];
+        let mut long_case = Vec::new();
+        let (local, split, absent) = if d.flags & FLAG_KEEP_CASE != 0 {
+            key_case = [0u8; KEY_MAX];
+            let local = fold_local(addr.local, true, &mut key_case, &mut long_case);
+            let split = address::subaddress_split(local, &options.separators);
+            (local, split, None)
+        } else {
+            (lower, lower_split, early.get())
+        };
         let verdict = part.match_local(local, split, d, options, absent);
         // A segment's hit, in the set's terms: its global domain and the set's generation.
         match (verdict, global) {
