@@ -1318,23 +1318,23 @@ impl Snapshot {
         if addr.literal {
             return Verdict::NotOurs;
         }
-        let Some(set) = &self.set else {
-            return self.lookup_single(&addr, options);
-        };
-        // The local part folded as most domains want it (lower case), and the candidate
-        // segment's filter keyed by name asked with it before the segment's domain entry is
-        // read: the two wait on memory together. A keep-case domain folds again below and
-        // asks its filter afterwards.
+        // The local part folded as most domains want it (lower case): the miss filter keyed
+        // by name is asked with it before the domain's entry is read, so the two wait on
+        // memory together. A keep-case domain folds again and asks its filter afterwards.
+        let h = domain_hash(addr.domain.as_bytes());
         let mut key = [0u8; KEY_MAX];
         let mut long = Vec::new();
         let lower = fold_local(addr.local, false, &mut key, &mut long);
-        let lower_split = address::subaddress_split(lower, &options.separators);
-        let h = domain_hash(addr.domain.as_bytes());
+        let split = address::subaddress_split(lower, &options.separators);
+        let Some(set) = &self.set else {
+            return self.lookup_single(&addr, h, lower, split, options);
+        };
+        // In a set, the candidate segment's filter is asked before its domain entry is read.
         let early = std::cell::Cell::new(None);
         let found = set.find_loaded(addr.domain, h, |part| {
             early.set(
                 (part.keying == Keying::Name)
-                    .then(|| part.surely_absent(FilterAt::Name(h), lower, lower_split)),
+                    .then(|| part.surely_absent(FilterAt::Name(h), lower, split)),
             );
         });
         let (part, d, global) = match found {
@@ -1347,17 +1347,11 @@ impl Snapshot {
             }
             None => return Verdict::NotOurs,
         };
-        let mut key_case: [u8; KEY_MAX];
-        let mut long_case = Vec::new();
-        let (local, split, absent) = if d.flags & FLAG_KEEP_CASE != 0 {
-            key_case = [0u8; KEY_MAX];
-            let local = fold_local(addr.local, true, &mut key_case, &mut long_case);
-            let split = address::subaddress_split(local, &options.separators);
-            (local, split, None)
+        let verdict = if d.flags & FLAG_KEEP_CASE != 0 {
+            part.match_keeping_case(addr.local, d, options)
         } else {
-            (lower, lower_split, early.get())
+            part.match_local(lower, split, d, options, early.get())
         };
-        let verdict = part.match_local(local, split, d, options, absent);
         // A segment's hit, in the set's terms: its global domain and the set's generation.
         match (verdict, global) {
             (Verdict::Accept(hit), Some(g)) => Verdict::Accept(Hit {
@@ -1416,12 +1410,16 @@ impl Snapshot {
     /// (earlier builds) as soon as the slot gives the index and shard. Issued in this order,
     /// the reads wait together instead of one after the other. A candidate slot whose name
     /// differs only costs its filter answer.
-    fn lookup_single(&self, addr: &address::Addr<'_>, options: &LookupOptions) -> Verdict {
-        let h = domain_hash(addr.domain.as_bytes());
-        let mut key = [0u8; KEY_MAX];
-        let mut long = Vec::new();
-        let lower = fold_local(addr.local, false, &mut key, &mut long);
-        let split = address::subaddress_split(lower, &options.separators);
+    /// `h` is the domain name's hash; `lower` the local part folded to lower case, its
+    /// subaddress separator at `split`.
+    fn lookup_single(
+        &self,
+        addr: &address::Addr<'_>,
+        h: u64,
+        lower: &[u8],
+        split: Option<usize>,
+        options: &LookupOptions,
+    ) -> Verdict {
         let early = (self.keying == Keying::Name)
             .then(|| self.surely_absent(FilterAt::Name(h), lower, split));
         for slot in self.domain_slots(h) {
@@ -1450,14 +1448,20 @@ impl Snapshot {
                 continue;
             };
             if keep_case {
-                let (mut key, mut long) = ([0u8; KEY_MAX], Vec::new());
-                let local = fold_local(addr.local, true, &mut key, &mut long);
-                let split = address::subaddress_split(local, &options.separators);
-                return self.match_local(local, split, d, options, None);
+                return self.match_keeping_case(addr.local, d, options);
             }
             return self.match_local(lower, split, d, options, absent);
         }
         Verdict::NotOurs
+    }
+
+    /// [`Self::match_local`] in a keep-case domain: the local part folded keeping its case,
+    /// and the miss filter asked with that.
+    fn match_keeping_case(&self, local: &str, d: &DomainHot, options: &LookupOptions) -> Verdict {
+        let (mut key, mut long) = ([0u8; KEY_MAX], Vec::new());
+        let local = fold_local(local, true, &mut key, &mut long);
+        let split = address::subaddress_split(local, &options.separators);
+        self.match_local(local, split, d, options, None)
     }
 
     /// Steps 4-5 and 8 for `local` (folded, its subaddress separator at `split`) in domain
