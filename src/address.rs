@@ -97,6 +97,18 @@ pub struct AddrBuf {
     domain: String,
 }
 
+impl AddrBuf {
+    /// An empty buffer that allocates only when an address needs it (a quoted or non-ASCII
+    /// local part, a domain with capitals, A-labels or a literal), then keeps the memory;
+    /// [`Default`] allocates up front.
+    pub const fn new() -> AddrBuf {
+        AddrBuf {
+            local: String::new(),
+            domain: String::new(),
+        }
+    }
+}
+
 impl Default for AddrBuf {
     fn default() -> Self {
         AddrBuf {
@@ -299,10 +311,12 @@ pub fn subaddress_split(local: &[u8], separators: &[u8]) -> Option<usize> {
     if separators.is_empty() || local.first() == Some(&b'"') {
         return None;
     }
-    local
-        .iter()
-        .position(|b| separators.contains(b))
-        .filter(|&p| p > 0)
+    // One separator (`+`, the usual setting) is a byte search.
+    let found = match separators {
+        [one] => local.iter().position(|b| b == one),
+        _ => local.iter().position(|b| separators.contains(b)),
+    };
+    found.filter(|&p| p > 0)
 }
 
 /// Remove whitespace, angle brackets and a source route; refuse over-long input early.

@@ -379,7 +379,7 @@ impl Default for Directory {
 }
 
 thread_local! {
-    static BUF: RefCell<AddrBuf> = RefCell::new(AddrBuf::default());
+    static BUF: RefCell<AddrBuf> = const { RefCell::new(AddrBuf::new()) };
 }
 
 impl Directory {

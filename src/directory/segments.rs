@@ -203,7 +203,7 @@ impl SetIndex {
         self.probe_for(hash, |part, l| match part.get() {
             Some(s) => {
                 early(s);
-                s.domain_named(l, name)
+                s.domain_named(hash, l, name)
             }
             None => part.names.get(l as usize).is_some_and(|n| **n == *name),
         })

@@ -217,10 +217,10 @@ fn shard_in(flags: u32) -> usize {
 /// Longest domain name kept inline in [`DomainHot`]; longer ones compare via the string table.
 const INLINE_NAME: usize = 38;
 
-/// What a lookup needs of a domain, built at open so the domain step touches one entry
-/// instead of the slot table, the record, the string index and the string blob in turn.
-/// A lookup reads only its first cache line (the name when it fits, the FST start node, the
-/// index and flags); the second holds the rest of the record.
+/// What a lookup needs of a domain, in one cache line, built at open: the domain table's
+/// slots are these lines themselves (see [`Snapshot::find_hot`]), so the domain step is one
+/// read instead of a slot, then an entry, then the record, the string index and the blob.
+/// The rest of the record is in [`DomainMore`], by index.
 #[derive(Debug, Clone, Copy)]
 #[repr(C, align(64))]
 struct DomainHot {
@@ -234,13 +234,32 @@ struct DomainHot {
     start_out: u64,
     index: u32,
     flags: u32,
-    rec: DomainRec,
+}
+
+// A lookup reads one cache line of the domain table.
+const _: () = assert!(std::mem::size_of::<DomainHot>() == 64);
+
+/// A free slot of the domain table (no domain name is empty).
+const NO_DOMAIN: DomainHot = DomainHot {
+    name: [0; INLINE_NAME],
+    name_len: 0,
+    has_start: false,
+    start_addr: 0,
+    start_out: 0,
+    index: 0,
+    flags: 0,
+};
+
+/// The rest of a domain's record, by index, for the steps after the domain step.
+#[derive(Debug, Clone, Copy)]
+struct DomainMore {
+    /// String id of the name (read when it is too long for [`DomainHot`]).
+    name: u32,
+    /// Attribute set declared on the domain.
+    declared: u32,
     /// [`domain_hash`] of the name (the key of filters keyed by name).
     name_hash: u64,
 }
-
-// What a lookup reads of a domain's entry is its first cache line.
-const _: () = assert!(std::mem::offset_of!(DomainHot, rec) == 64);
 
 impl DomainHot {
     /// FST node after the domain's key prefix and the output gathered on the way (`None`
@@ -255,16 +274,6 @@ impl DomainHot {
     }
 }
 
-/// One slot of the in-memory domain index: the top 24 bits of the name's hash and, in the
-/// low byte, what a lookup needs before it reads the domain's entry (whether its local
-/// parts keep their case, its shard, see [`SLOT_KEEP_CASE`], [`SLOT_SHARD`]); the domain's
-/// index + 1 (0: an empty slot).
-#[derive(Debug, Clone, Copy)]
-struct Slot {
-    tag: u32,
-    v: u32,
-}
-
 /// Where a domain's addresses are in a snapshot's miss filters (see `filter.rs`).
 #[derive(Debug, Clone, Copy)]
 enum FilterAt {
@@ -273,13 +282,6 @@ enum FilterAt {
     /// Filters keyed by name: the name's [`domain_hash`].
     Name(u64),
 }
-
-/// In a slot's tag: the domain's local parts keep their case.
-const SLOT_KEEP_CASE: u32 = 0x80;
-/// In a slot's tag: the domain's shard, or this value when the shard does not fit in it
-/// (more than 126 shards; the builder makes at most 16): the lookup then reads the entry
-/// before the filter.
-const SLOT_SHARD: u32 = 0x7f;
 
 /// A domain as the CLI and frontends see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -320,14 +322,18 @@ pub struct Snapshot {
     /// The miss filter of each shard, when it has a usable one (see `filter.rs`), and the
     /// memory its ranges point into (huge pages of its own, or the backing).
     filters: Vec<Option<ShardFilter>>,
+    /// Which of `filters` holds a domain, by its name's hash (keyed by name).
+    block_of: filter::BlockOf,
     /// How the filters' keys are made (every usable block is keyed the same way).
     keying: Keying,
     filter_mem: Arc<Backing>,
-    /// In-memory domain index built at open (see [`Slot`]), same size and probe order as
-    /// the persisted slots.
-    probe: Vec<Slot>,
-    /// Per domain, everything a lookup needs in one place (see `DomainHot`).
+    /// The domain table built at open: each domain's [`DomainHot`] at the first free slot
+    /// from its name's hash on (linear probing, a power of two, at most two thirds full).
     hot: Vec<DomainHot>,
+    /// Per domain index, its slot in `hot`.
+    hot_at: Vec<u32>,
+    /// Per domain index, the rest of its record.
+    more: Vec<DomainMore>,
     /// Per domain, how many bytes of its FST shard lie at or below its start node and above
     /// every earlier domain's (see [`Snapshot::node_spans`]); 0 when unknown.
     spans: Vec<u32>,
@@ -585,10 +591,12 @@ impl Snapshot {
         let mut snap = Snapshot {
             shards: Vec::new(),
             filters: Vec::new(),
+            block_of: filter::BlockOf::new(0),
             keying: Keying::Name,
             filter_mem: backing.clone(),
-            probe: Vec::new(),
             hot: Vec::new(),
+            hot_at: Vec::new(),
+            more: Vec::new(),
             spans: Vec::new(),
             str_index: range(Sec::StrIndex),
             str_blob: range(Sec::StrBlob),
@@ -609,35 +617,9 @@ impl Snapshot {
         snap.validate_tables()?;
         snap.shards = snap.load_shards(&backing, own.fst.take())?;
         snap.filters = snap.load_filters(own.filter.take())?;
-        snap.hot = (0..snap.header.domains)
-            .map(|i| {
-                snap.domain_hot(i).ok_or(SnapshotError::Malformed {
-                    section: Sec::Domains.name(),
-                    what: "domain record unreadable",
-                })
-            })
-            .collect::<Result<_, _>>()?;
+        snap.block_of = filter::BlockOf::new(snap.filters.len());
+        snap.build_domain_table()?;
         snap.spans = snap.node_spans();
-        snap.probe = (0..snap.slots.len() / 4)
-            .map(|i| {
-                let v = u32_at(snap.bytes(&snap.slots), 4, i, 0).unwrap_or(0);
-                let tag = v
-                    .checked_sub(1)
-                    .and_then(|d| snap.hot.get(d as usize))
-                    .map_or(0, |d| {
-                        let shard = u32::try_from(d.shard())
-                            .unwrap_or(SLOT_SHARD)
-                            .min(SLOT_SHARD);
-                        let case = if d.flags & FLAG_KEEP_CASE != 0 {
-                            SLOT_KEEP_CASE
-                        } else {
-                            0
-                        };
-                        (d.name_hash as u32 & !0xff) | case | shard
-                    });
-                Slot { tag, v }
-            })
-            .collect();
         Ok(snap)
     }
 
@@ -894,7 +876,7 @@ impl Snapshot {
     fn surely_absent(&self, at: FilterAt, local: &[u8], split: Option<usize>) -> bool {
         let block = match at {
             FilterAt::Index { shard, .. } => shard,
-            FilterAt::Name(h) => filter::block_of(h, self.filters.len()),
+            FilterAt::Name(h) => self.block_of.of(h),
         };
         let Some(f) = self.filters.get(block).and_then(Option::as_ref) else {
             return false;
@@ -908,14 +890,15 @@ impl Snapshot {
             && split.is_none_or(|p| !f.may_contain(bytes, key(local.get(..p).unwrap_or(local))))
     }
 
-    /// Where domain `d`'s addresses are in this snapshot's filters.
-    fn filter_at(&self, d: &DomainHot) -> FilterAt {
+    /// Where domain `d`'s addresses are in this snapshot's filters (`None`: not known, so
+    /// the filter is not asked).
+    fn filter_at(&self, d: &DomainHot) -> Option<FilterAt> {
         match self.keying {
-            Keying::Index => FilterAt::Index {
+            Keying::Index => Some(FilterAt::Index {
                 shard: d.shard(),
                 domain: d.index,
-            },
-            Keying::Name => FilterAt::Name(d.name_hash),
+            }),
+            Keying::Name => Some(FilterAt::Name(self.more.get(d.index as usize)?.name_hash)),
         }
     }
 
@@ -1145,32 +1128,15 @@ impl Snapshot {
     }
 
     fn find_domain(&self, name: &str) -> Option<&DomainHot> {
-        self.domain_slots(domain_hash(name.as_bytes()))
-            .find_map(|s| {
-                self.hot
-                    .get(s.v as usize - 1)
-                    .filter(|d| self.is_named(d, name))
-            })
-    }
-
-    /// The slots whose tag matches a name's hash `h`, in probe order (the domain is one of
-    /// them, if it is ours).
-    fn domain_slots(&self, h: u64) -> impl Iterator<Item = Slot> + '_ {
-        let n = self.probe.len();
-        let mask = n.wrapping_sub(1);
-        let h = h as u32;
-        let start = h as usize & mask;
-        (0..n)
-            .map(move |i| self.probe[(start + i) & mask])
-            .take_while(|s| s.v != 0)
-            .filter(move |s| (s.tag ^ h) & !0xff == 0)
+        self.find_hot(domain_hash(name.as_bytes()), name)
     }
 
     fn is_named(&self, d: &DomainHot, name: &str) -> bool {
         if usize::from(d.name_len) <= INLINE_NAME {
             d.name.get(..usize::from(d.name_len)) == Some(name.as_bytes())
         } else {
-            self.string_bytes(d.rec.name) == Some(name.as_bytes())
+            let id = self.more.get(d.index as usize).map(|m| m.name);
+            id.and_then(|id| self.string_bytes(id)) == Some(name.as_bytes())
         }
     }
 
@@ -1178,15 +1144,14 @@ impl Snapshot {
     pub fn domain_index(&self, normalized: &str) -> Option<u32> {
         match &self.set {
             Some(set) => set.find(normalized).map(|(_, _, g)| g),
-            None => self.find_domain(normalized).map(|d| d.rec.index),
+            None => self.find_domain(normalized).map(|d| d.index),
         }
     }
 
-    /// True when domain `index` of this (single) snapshot is named `name`.
-    pub(super) fn domain_named(&self, index: u32, name: &str) -> bool {
-        self.hot
-            .get(index as usize)
-            .is_some_and(|d| self.is_named(d, name))
+    /// True when domain `index` of this (single) snapshot is named `name`, whose
+    /// [`domain_hash`] is `h`.
+    pub(super) fn domain_named(&self, h: u64, index: u32, name: &str) -> bool {
+        self.domain_hashed(h, name, index).is_some()
     }
 
     /// A domain by its index (from a [`Hit`] or [`Self::domain_index`]).
@@ -1219,8 +1184,9 @@ impl Snapshot {
         self.shards.get(shard).map(|(_, m)| m)
     }
 
-    /// A domain's lookup entry; walks its key prefix from the root (once, at open).
-    fn domain_hot(&self, index: u32) -> Option<DomainHot> {
+    /// A domain's lookup line and the rest; walks its key prefix from the root (once, at
+    /// open).
+    fn domain_hot(&self, index: u32) -> Option<(DomainHot, DomainMore)> {
         let rec = self.domain_rec(index)?;
         let fst = self.shard_of(rec.shard())?;
         let w = self.header.key_width as usize;
@@ -1231,7 +1197,7 @@ impl Snapshot {
         if let Some(dst) = name.get_mut(..full.len()) {
             dst.copy_from_slice(full);
         }
-        Some(DomainHot {
+        let hot = DomainHot {
             name,
             name_len: full.len().min(255) as u8,
             has_start: start.is_some(),
@@ -1239,9 +1205,74 @@ impl Snapshot {
             start_out: start.map_or(0, |(_, o)| o.value()),
             index: rec.index,
             flags: rec.flags,
-            rec,
+        };
+        let more = DomainMore {
+            name: rec.name,
+            declared: rec.declared,
             name_hash: domain_hash(full),
-        })
+        };
+        // An empty name would read as a free slot; the format has none (names are checked).
+        (!full.is_empty()).then_some((hot, more))
+    }
+
+    /// Build the domain table (`hot`, `hot_at`, `more`) from the domain records.
+    fn build_domain_table(&mut self) -> Result<(), SnapshotError> {
+        let n = self.header.domains as usize;
+        let size = (n + n / 2).max(2).next_power_of_two();
+        let mask = size - 1;
+        let mut hot = vec![NO_DOMAIN; size];
+        let mut hot_at = Vec::with_capacity(n);
+        let mut more = Vec::with_capacity(n);
+        for i in 0..self.header.domains {
+            let (h, m) = self.domain_hot(i).ok_or(SnapshotError::Malformed {
+                section: Sec::Domains.name(),
+                what: "domain record unreadable",
+            })?;
+            let mut at = m.name_hash as usize & mask;
+            // At most two thirds full: a free slot is always found.
+            while hot.get(at).is_some_and(|d: &DomainHot| d.name_len != 0) {
+                at = (at + 1) & mask;
+            }
+            if let Some(slot) = hot.get_mut(at) {
+                *slot = h;
+            }
+            hot_at.push(at as u32);
+            more.push(m);
+        }
+        (self.hot, self.hot_at, self.more) = (hot, hot_at, more);
+        Ok(())
+    }
+
+    /// Domain `index`'s line when it is named `name`, whose [`domain_hash`] is `h` (a set's
+    /// lookup in a segment: the read is the one [`Self::find_hot`] makes).
+    #[inline]
+    fn domain_hashed(&self, h: u64, name: &str, index: u32) -> Option<&DomainHot> {
+        self.find_hot(h, name).filter(|d| d.index == index)
+    }
+
+    /// Domain `index`'s line in the domain table.
+    fn hot_of(&self, index: u32) -> Option<&DomainHot> {
+        let at = *self.hot_at.get(index as usize)?;
+        self.hot.get(at as usize)
+    }
+
+    /// The domain named `name` (normalized), whose [`domain_hash`] is `h`: one read of the
+    /// domain table, more only when slots from `h` on are taken by other names.
+    #[inline]
+    fn find_hot(&self, h: u64, name: &str) -> Option<&DomainHot> {
+        let mask = self.hot.len().wrapping_sub(1);
+        let mut at = h as usize & mask;
+        for _ in 0..self.hot.len() {
+            let d = self.hot.get(at)?;
+            if d.name_len == 0 {
+                return None;
+            }
+            if self.is_named(d, name) {
+                return Some(d);
+            }
+            at = (at + 1) & mask;
+        }
+        None
     }
 
     /// Where each domain's own FST nodes are. Keys are sorted by domain index, and fst
@@ -1250,9 +1281,11 @@ impl Snapshot {
     /// node (suffixes shared with earlier keys point further down and are not counted).
     fn node_spans(&self) -> Vec<u32> {
         let mut seen = vec![0usize; self.shards.len()];
-        self.hot
-            .iter()
-            .map(|d| {
+        (0..self.header.domains)
+            .map(|i| {
+                let Some(d) = self.hot_of(i) else {
+                    return 0;
+                };
                 let (Some(floor), Some((start, _))) = (seen.get_mut(d.shard()), d.start()) else {
                     return 0;
                 };
@@ -1340,7 +1373,7 @@ impl Snapshot {
         let (part, d, global) = match found {
             // A segment that cannot be read: unsure, so a temporary failure.
             Some((part, l, g)) => {
-                match part.and_then(|part| Some((part, part.hot.get(l as usize)?))) {
+                match part.and_then(|part| Some((part, part.domain_hashed(h, addr.domain, l)?))) {
                     Some((part, d)) => (&**part, d, Some(g)),
                     None => return Verdict::Tempfail(super::Tempfail::Internal),
                 }
@@ -1403,13 +1436,11 @@ impl Snapshot {
         }
     }
 
-    /// A single snapshot's steps 3-5 and 8. The lookup waits on memory three times: the
-    /// domain index's slot, the domain's entry (to compare its name) and the miss filter.
-    /// Filters keyed by name (every build's since) are asked before the slot is read, with
-    /// the local part folded to lower case (all but keep-case domains); filters keyed by index
-    /// (earlier builds) as soon as the slot gives the index and shard. Issued in this order,
-    /// the reads wait together instead of one after the other. A candidate slot whose name
-    /// differs only costs its filter answer.
+    /// A single snapshot's steps 3-5 and 8. The lookup waits on memory twice, together: the
+    /// domain table's slot (the domain's line itself) and the miss filter. Filters keyed by
+    /// name (every build's since) are asked before the slot is read, with the local part
+    /// folded to lower case (all but keep-case domains, which fold again and ask afterwards);
+    /// filters keyed by index (earlier builds) once the slot gives the index and shard.
     /// `h` is the domain name's hash; `lower` the local part folded to lower case, its
     /// subaddress separator at `split`.
     fn lookup_single(
@@ -1422,37 +1453,13 @@ impl Snapshot {
     ) -> Verdict {
         let early = (self.keying == Keying::Name)
             .then(|| self.surely_absent(FilterAt::Name(h), lower, split));
-        for slot in self.domain_slots(h) {
-            let index = slot.v - 1;
-            let keep_case = slot.tag & SLOT_KEEP_CASE != 0;
-            let shard = slot.tag & SLOT_SHARD;
-            // A keep-case domain's local part is folded again below; its filter is asked then.
-            let absent = if keep_case {
-                None
-            } else {
-                early.or_else(|| {
-                    (shard != SLOT_SHARD).then(|| {
-                        let at = FilterAt::Index {
-                            shard: shard as usize,
-                            domain: index,
-                        };
-                        self.surely_absent(at, lower, split)
-                    })
-                })
-            };
-            let Some(d) = self
-                .hot
-                .get(index as usize)
-                .filter(|d| self.is_named(d, addr.domain))
-            else {
-                continue;
-            };
-            if keep_case {
-                return self.match_keeping_case(addr.local, d, options);
-            }
-            return self.match_local(lower, split, d, options, absent);
+        let Some(d) = self.find_hot(h, addr.domain) else {
+            return Verdict::NotOurs;
+        };
+        if d.flags & FLAG_KEEP_CASE != 0 {
+            return self.match_keeping_case(addr.local, d, options);
         }
-        Verdict::NotOurs
+        self.match_local(lower, split, d, options, early)
     }
 
     /// [`Self::match_local`] in a keep-case domain: the local part folded keeping its case,
@@ -1477,7 +1484,10 @@ impl Snapshot {
         let excepted = |v: u64| Kind::from_code(v) == Kind::Exception;
         // The filter first: when neither the address nor its base address can be in the
         // shard, the FST walk is skipped (it would find nothing).
-        let absent = absent.unwrap_or_else(|| self.surely_absent(self.filter_at(dh), local, split));
+        let absent = absent.unwrap_or_else(|| {
+            self.filter_at(dh)
+                .is_some_and(|at| self.surely_absent(at, local, split))
+        });
         let found = if absent {
             (None, None)
         } else {
@@ -1511,7 +1521,10 @@ impl Snapshot {
                 matched,
                 local_len: if reserved { local.len() as u16 } else { 0 },
                 domain: dh.index,
-                attrs: dh.rec.declared,
+                attrs: self
+                    .more
+                    .get(dh.index as usize)
+                    .map_or(super::NONE, |m| m.declared),
                 generation: self.header.generation,
             });
         }
@@ -2162,6 +2175,62 @@ fn prefetch(data: &[u8], lo: usize, hi: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The domain table finds every domain, long names (compared through the string table)
+    /// and names that share a slot alike, and nothing else: names one character off, a
+    /// prefix, a suffix, or whose hash starts at a taken slot.
+    #[test]
+    fn the_domain_table_finds_each_domain_and_only_them() {
+        let mut text = String::new();
+        let mut names = Vec::new();
+        for d in 0..700u32 {
+            let domain = if d % 7 == 0 {
+                format!("a-rather-long-subsidiary-name-{d:04}.onmicrosoft.example")
+            } else {
+                format!("t{d}.example")
+            };
+            text.push_str(&format!("1|{domain}\tDOMAIN:\t{domain}\n"));
+            if d % 3 != 0 {
+                text.push_str(&format!("1|{domain}\tDIR:\tuser@{domain}\n"));
+            }
+            names.push(domain);
+        }
+        text.push_str("++++\n");
+        let name: Arc<str> = "t.map".into();
+        let data = crate::sources::mapfile::parse(&name, &text).expect("parse");
+        let (image, _) = crate::sync::merge(&[data], 3).build().expect("build");
+        let snap = Snapshot::from_bytes(image).expect("open");
+        assert!(snap.hot.len().is_power_of_two() && snap.hot.len() * 2 >= names.len() * 3);
+        let mask = snap.hot.len() - 1;
+        let mut displaced = 0;
+        for domain in &names {
+            let d = snap.find_domain(domain).expect(domain);
+            let h = domain_hash(domain.as_bytes());
+            assert!(snap.domain_named(h, d.index, domain), "{domain}");
+            assert!(!snap.domain_named(h, d.index + 1, domain), "{domain}");
+            assert_eq!(snap.hot_of(d.index).map(|h| h.index), Some(d.index));
+            let home = h as usize & mask;
+            displaced += usize::from(snap.hot_at[d.index as usize] as usize != home);
+            for other in [
+                format!("x{domain}"),
+                format!("{domain}x"),
+                domain[1..].to_string(),
+                domain[..domain.len() - 1].to_string(),
+                domain.replace('e', "f"),
+            ] {
+                assert!(snap.find_domain(&other).is_none(), "{other}");
+            }
+        }
+        // Some domains did not get their home slot: probing past taken slots was tested.
+        assert!(displaced > 10, "{displaced} displaced");
+        // Names whose home slot is taken by a domain, and names not ours at all.
+        let strangers = (0..20_000).map(|i| format!("s{i}.example"));
+        assert!(
+            strangers
+                .into_iter()
+                .all(|n| snap.find_domain(&n).is_none())
+        );
+    }
 
     /// The node ranges a lookup prefetches hold what walks of the domain's own addresses
     /// read: fst writes a domain's nodes between the previous domains' start nodes and its
