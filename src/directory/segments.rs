@@ -129,8 +129,9 @@ pub(super) struct SetIndex {
     pub(super) domains: Vec<(u32, u32)>,
     /// Per segment, its domains' global indices.
     pub(super) global: Vec<Vec<u32>>,
-    /// Open-addressing index: (hash fingerprint, global domain + 1), 0 = empty.
-    probe: Vec<(u32, u32)>,
+    /// Open-addressing index: (hash fingerprint, global domain + 1 (0: empty), segment,
+    /// domain index in the segment), so a lookup reaches the segment in one read less.
+    probe: Vec<(u32, u32, u32, u32)>,
 }
 
 impl SetIndex {
@@ -160,7 +161,7 @@ impl SetIndex {
         let mut global: Vec<Vec<u32>> = parts.iter().map(|p| vec![0; p.names.len()]).collect();
         let mut domains = Vec::with_capacity(all.len());
         let slots = (all.len() * 2).next_power_of_two().max(2);
-        let mut probe = vec![(0u32, 0u32); slots];
+        let mut probe = vec![(0u32, 0u32, 0u32, 0u32); slots];
         for (g, &(name, p, l)) in all.iter().enumerate() {
             domains.push((p, l));
             global[p as usize][l as usize] = g as u32;
@@ -169,7 +170,7 @@ impl SetIndex {
             while probe[at].1 != 0 {
                 at = (at + 1) & (slots - 1);
             }
-            probe[at] = (h as u32, g as u32 + 1);
+            probe[at] = (h as u32, g as u32 + 1, p, l);
         }
         Ok(SetIndex {
             parts,
@@ -219,13 +220,12 @@ impl SetIndex {
         let mask = self.probe.len() - 1;
         let mut at = h as usize & mask;
         loop {
-            let (fp, v) = *self.probe.get(at)?;
+            let (fp, v, p, l) = *self.probe.get(at)?;
             if v == 0 {
                 return None;
             }
             if fp == h as u32 {
                 let g = v - 1;
-                let &(p, l) = self.domains.get(g as usize)?;
                 let part = self.parts.get(p as usize)?;
                 if same(part, l) {
                     return Some((part, p as usize, l, g));
