@@ -488,9 +488,13 @@ pub fn domain_hash(s: &[u8]) -> u64 {
     }
     let rest = chunks.remainder();
     if !rest.is_empty() {
-        let mut w = [0u8; 8];
-        w[..rest.len()].copy_from_slice(rest);
-        h = (h ^ u64::from_le_bytes(w)).wrapping_mul(K).rotate_left(29);
+        // The tail as a little-endian word padded with zeros, gathered byte by byte: a copy
+        // of a variable length would be a call to `memcpy` on every lookup.
+        let w = rest
+            .iter()
+            .rev()
+            .fold(0u64, |w, &b| (w << 8) | u64::from(b));
+        h = (h ^ w).wrapping_mul(K).rotate_left(29);
     }
     h ^= h >> 32;
     h = h.wrapping_mul(K);
@@ -500,6 +504,43 @@ pub fn domain_hash(s: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The hash is persisted (domain index, miss filter keys): it must not change. Values
+    /// of the first definition, whose tail was copied into a zeroed word.
+    #[test]
+    fn domain_hash_is_stable() {
+        fn reference(s: &[u8]) -> u64 {
+            const K: u64 = 0x9E37_79B9_7F4A_7C15;
+            let mut h: u64 = 0x243F_6A88_85A3_08D3 ^ (s.len() as u64).wrapping_mul(K);
+            let mut chunks = s.chunks_exact(8);
+            for c in &mut chunks {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(c);
+                h = (h ^ u64::from_le_bytes(w)).wrapping_mul(K).rotate_left(29);
+            }
+            let rest = chunks.remainder();
+            if !rest.is_empty() {
+                let mut w = [0u8; 8];
+                w[..rest.len()].copy_from_slice(rest);
+                h = (h ^ u64::from_le_bytes(w)).wrapping_mul(K).rotate_left(29);
+            }
+            h ^= h >> 32;
+            h = h.wrapping_mul(K);
+            h ^ (h >> 29)
+        }
+        let bytes: Vec<u8> = (0..64u32).map(|i| (i * 37 + 11) as u8 | 0x80).collect();
+        for len in 0..=bytes.len() {
+            assert_eq!(
+                domain_hash(&bytes[..len]),
+                reference(&bytes[..len]),
+                "{len}"
+            );
+        }
+        // Pinned values (computed independently of this code).
+        assert_eq!(domain_hash(b"contoso.com"), 0x846a_9473_c4c2_a879);
+        assert_eq!(domain_hash(b""), 0x4486_4e3d_b0f4_548b);
+        assert_eq!(domain_hash(b"a"), 0x6989_9dcc_b45d_f1a0);
+    }
 
     #[test]
     fn strings_round_trip_and_reject_out_of_range() {
