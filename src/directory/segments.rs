@@ -186,37 +186,40 @@ impl SetIndex {
         self.probe_for(domain_hash(name.as_bytes()), |part, l| {
             part.names.get(l as usize).is_some_and(|n| **n == *name)
         })
-        .map(|(_, p, l, g)| (p, l, g))
     }
 
-    /// [`Self::find`] for a lookup: the segment read (on first use), and the name compared
-    /// with the copy in its domain entry, which the lookup reads next anyway. `None` for the
-    /// segment when it cannot be read (the name is then compared with the index's). `hash`
-    /// is the name's `domain_hash`; `early` is given each candidate segment before its domain
-    /// entry is read: what it reads waits on memory together with that entry.
+    /// [`Self::find`] for a lookup: the candidate segment read (on first use) and handed to
+    /// `in_segment` with the domain's index there, which answers what the lookup needs of
+    /// the domain when the segment's own entry is named `name` (`None` sends the probe on).
+    /// `hash` is the name's `domain_hash`. Returns that answer, `None` in its place when the
+    /// segment cannot be read (the name is then compared with the index's), and the global
+    /// domain index.
     #[inline]
-    pub(super) fn find_loaded(
-        &self,
+    pub(super) fn find_loaded<'a, T>(
+        &'a self,
         name: &str,
         hash: u64,
-        early: impl Fn(&Snapshot),
-    ) -> Option<(Option<&Arc<Snapshot>>, u32, u32)> {
-        self.probe_for(hash, |part, l| match part.get() {
+        in_segment: impl Fn(&'a Arc<Snapshot>, u32) -> Option<T>,
+    ) -> Option<(Option<T>, u32)> {
+        let answer = std::cell::Cell::new(None);
+        let (_, _, g) = self.probe_for(hash, |part, l| match part.get() {
             Some(s) => {
-                early(s);
-                s.domain_named(hash, l, name)
+                let t = in_segment(s, l);
+                let named = t.is_some();
+                answer.set(t);
+                named
             }
             None => part.names.get(l as usize).is_some_and(|n| **n == *name),
-        })
-        .map(|(part, _, l, g)| (part.get(), l, g))
+        })?;
+        Some((answer.into_inner(), g))
     }
 
     #[inline]
-    fn probe_for(
-        &self,
+    fn probe_for<'a>(
+        &'a self,
         h: u64,
-        same: impl Fn(&Part, u32) -> bool,
-    ) -> Option<(&Part, usize, u32, u32)> {
+        same: impl Fn(&'a Part, u32) -> bool,
+    ) -> Option<(usize, u32, u32)> {
         let mask = self.probe.len() - 1;
         let mut at = h as usize & mask;
         loop {
@@ -228,7 +231,7 @@ impl SetIndex {
                 let g = v - 1;
                 let part = self.parts.get(p as usize)?;
                 if same(part, l) {
-                    return Some((part, p as usize, l, g));
+                    return Some((p as usize, l, g));
                 }
             }
             at = (at + 1) & mask;

@@ -330,12 +330,10 @@ pub struct Snapshot {
     /// The domain table built at open: each domain's [`DomainHot`] at the first free slot
     /// from its name's hash on (linear probing, a power of two, at most two thirds full).
     hot: Vec<DomainHot>,
-    /// Per domain index, its slot in `hot`.
-    hot_at: Vec<u32>,
     /// Per domain index, the rest of its record.
     more: Vec<DomainMore>,
     /// Per domain, how many bytes of its FST shard lie at or below its start node and above
-    /// every earlier domain's (see [`Snapshot::node_spans`]); 0 when unknown.
+    /// every earlier domain's (see [`node_spans`]); 0 when unknown.
     spans: Vec<u32>,
     /// Byte ranges of the hot sections inside `backing`, all checked at load.
     str_index: Range<usize>,
@@ -595,7 +593,6 @@ impl Snapshot {
             keying: Keying::Name,
             filter_mem: backing.clone(),
             hot: Vec::new(),
-            hot_at: Vec::new(),
             more: Vec::new(),
             spans: Vec::new(),
             str_index: range(Sec::StrIndex),
@@ -619,7 +616,6 @@ impl Snapshot {
         snap.filters = snap.load_filters(own.filter.take())?;
         snap.block_of = filter::BlockOf::new(snap.filters.len());
         snap.build_domain_table()?;
-        snap.spans = snap.node_spans();
         Ok(snap)
     }
 
@@ -1148,12 +1144,6 @@ impl Snapshot {
         }
     }
 
-    /// True when domain `index` of this (single) snapshot is named `name`, whose
-    /// [`domain_hash`] is `h`.
-    pub(super) fn domain_named(&self, h: u64, index: u32, name: &str) -> bool {
-        self.domain_hashed(h, name, index).is_some()
-    }
-
     /// A domain by its index (from a [`Hit`] or [`Self::domain_index`]).
     pub fn domain_info(&self, index: u32) -> Option<DomainInfo<'_>> {
         if let Some(set) = &self.set {
@@ -1215,13 +1205,13 @@ impl Snapshot {
         (!full.is_empty()).then_some((hot, more))
     }
 
-    /// Build the domain table (`hot`, `hot_at`, `more`) from the domain records.
+    /// Build the domain table (`hot`, `more`) from the domain records, and `spans`.
     fn build_domain_table(&mut self) -> Result<(), SnapshotError> {
         let n = self.header.domains as usize;
         let size = (n + n / 2).max(2).next_power_of_two();
         let mask = size - 1;
         let mut hot = vec![NO_DOMAIN; size];
-        let mut hot_at = Vec::with_capacity(n);
+        let mut order = Vec::with_capacity(n);
         let mut more = Vec::with_capacity(n);
         for i in 0..self.header.domains {
             let (h, m) = self.domain_hot(i).ok_or(SnapshotError::Malformed {
@@ -1236,10 +1226,14 @@ impl Snapshot {
             if let Some(slot) = hot.get_mut(at) {
                 *slot = h;
             }
-            hot_at.push(at as u32);
+            order.push(at);
             more.push(m);
         }
-        (self.hot, self.hot_at, self.more) = (hot, hot_at, more);
+        self.spans = node_spans(
+            self.shards.len(),
+            order.iter().filter_map(|&at| hot.get(at)),
+        );
+        (self.hot, self.more) = (hot, more);
         Ok(())
     }
 
@@ -1248,12 +1242,6 @@ impl Snapshot {
     #[inline]
     fn domain_hashed(&self, h: u64, name: &str, index: u32) -> Option<&DomainHot> {
         self.find_hot(h, name).filter(|d| d.index == index)
-    }
-
-    /// Domain `index`'s line in the domain table.
-    fn hot_of(&self, index: u32) -> Option<&DomainHot> {
-        let at = *self.hot_at.get(index as usize)?;
-        self.hot.get(at as usize)
     }
 
     /// The domain named `name` (normalized), whose [`domain_hash`] is `h`: one read of the
@@ -1273,27 +1261,6 @@ impl Snapshot {
             at = (at + 1) & mask;
         }
         None
-    }
-
-    /// Where each domain's own FST nodes are. Keys are sorted by domain index, and fst
-    /// writes a node once the keys after it no longer pass through it, so a domain's nodes
-    /// lie above the start nodes of every domain before it in its shard, up to its own start
-    /// node (suffixes shared with earlier keys point further down and are not counted).
-    fn node_spans(&self) -> Vec<u32> {
-        let mut seen = vec![0usize; self.shards.len()];
-        (0..self.header.domains)
-            .map(|i| {
-                let Some(d) = self.hot_of(i) else {
-                    return 0;
-                };
-                let (Some(floor), Some((start, _))) = (seen.get_mut(d.shard()), d.start()) else {
-                    return 0;
-                };
-                let span = start.saturating_sub(*floor);
-                *floor = (*floor).max(start);
-                u32::try_from(span).unwrap_or(0)
-            })
-            .collect()
     }
 
     fn hit(&self, value: u64, domain: u32, matched: Match, local_len: usize) -> Hit {
@@ -1364,20 +1331,17 @@ impl Snapshot {
         };
         // In a set, the candidate segment's filter is asked before its domain entry is read.
         let early = std::cell::Cell::new(None);
-        let found = set.find_loaded(addr.domain, h, |part| {
+        let found = set.find_loaded(addr.domain, h, |part, l| {
             early.set(
                 (part.keying == Keying::Name)
                     .then(|| part.surely_absent(FilterAt::Name(h), lower, split)),
             );
+            Some((&**part, part.domain_hashed(h, addr.domain, l)?))
         });
         let (part, d, global) = match found {
+            Some((Some((part, d)), g)) => (part, d, Some(g)),
             // A segment that cannot be read: unsure, so a temporary failure.
-            Some((part, l, g)) => {
-                match part.and_then(|part| Some((part, part.domain_hashed(h, addr.domain, l)?))) {
-                    Some((part, d)) => (&**part, d, Some(g)),
-                    None => return Verdict::Tempfail(super::Tempfail::Internal),
-                }
-            }
+            Some((None, _)) => return Verdict::Tempfail(super::Tempfail::Internal),
             None => return Verdict::NotOurs,
         };
         let verdict = if d.flags & FLAG_KEEP_CASE != 0 {
@@ -2096,7 +2060,7 @@ const PREFETCH_MAX: usize = 4096;
 /// asked for all at once rather than one by one as the walk reaches each of them: at once for
 /// a small domain, else after a step or two. fst writes a node's subtrees in input order, so
 /// the subtree a walk enters lies above the node its previous sibling leads to (or above the
-/// domain's floor, see `Snapshot::node_spans`), up to the subtree's own root. Suffixes shared
+/// domain's floor, see `node_spans`), up to the subtree's own root. Suffixes shared
 /// with earlier keys lie below; a walk that enters one stops looking.
 #[derive(Debug, Clone, Copy)]
 struct Ahead {
@@ -2135,6 +2099,25 @@ impl Ahead {
             self.floor = (next > lo).then_some(lo);
         }
     }
+}
+
+/// Where each domain's own FST nodes are, from their lines in domain index order. Keys are
+/// sorted by domain index, and fst writes a node once the keys after it no longer pass
+/// through it, so a domain's nodes lie above the start nodes of every domain before it in its
+/// shard, up to its own start node (suffixes shared with earlier keys point further down and
+/// are not counted).
+fn node_spans<'a>(shards: usize, lines: impl Iterator<Item = &'a DomainHot>) -> Vec<u32> {
+    let mut seen = vec![0usize; shards];
+    lines
+        .map(|d| {
+            let (Some(floor), Some((start, _))) = (seen.get_mut(d.shard()), d.start()) else {
+                return 0;
+            };
+            let span = start.saturating_sub(*floor);
+            *floor = (*floor).max(start);
+            u32::try_from(span).unwrap_or(0)
+        })
+        .collect()
 }
 
 /// Ask the CPU to bring `data[lo..=hi]` into its cache, from the top down (the order a walk
@@ -2206,11 +2189,18 @@ mod tests {
         for domain in &names {
             let d = snap.find_domain(domain).expect(domain);
             let h = domain_hash(domain.as_bytes());
-            assert!(snap.domain_named(h, d.index, domain), "{domain}");
-            assert!(!snap.domain_named(h, d.index + 1, domain), "{domain}");
-            assert_eq!(snap.hot_of(d.index).map(|h| h.index), Some(d.index));
+            assert!(snap.domain_hashed(h, domain, d.index).is_some(), "{domain}");
+            assert!(
+                snap.domain_hashed(h, domain, d.index + 1).is_none(),
+                "{domain}"
+            );
             let home = h as usize & mask;
-            displaced += usize::from(snap.hot_at[d.index as usize] as usize != home);
+            let at = snap
+                .hot
+                .iter()
+                .position(|x| std::ptr::eq(x, d))
+                .expect("in table");
+            displaced += usize::from(at != home);
             for other in [
                 format!("x{domain}"),
                 format!("{domain}x"),
