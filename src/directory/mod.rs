@@ -2,6 +2,7 @@
 //! [`Verdict`] every frontend renders (DESIGN.md §4).
 
 // Reachable from outside only through the hidden `internal` module (benchmarks).
+mod arena;
 #[allow(missing_docs)]
 pub(crate) mod build;
 pub mod explain;

@@ -82,6 +82,9 @@ fn hot_prefix(header: &Header, len: usize) -> Option<usize> {
 enum Image {
     Heap(Vec<u8>),
     Anon(memmap2::MmapMut),
+    /// Carved from huge pages shared with other small images (a set's segments: see
+    /// `arena.rs`).
+    Slab(super::arena::Slab),
 }
 
 impl Image {
@@ -91,7 +94,11 @@ impl Image {
     /// them hot) 3 pages where a zeroed heap block could commit all 12.
     const MAPPED: usize = 16 << 10;
 
-    fn zeroed(len: usize) -> Image {
+    /// `huge_pages`: a small image is carved from the shared huge pages when it can be.
+    fn zeroed(len: usize, huge_pages: bool) -> Image {
+        if huge_pages && let Some(s) = super::arena::slab(len) {
+            return Image::Slab(s);
+        }
         if len >= Image::MAPPED
             && let Ok(m) = memmap2::MmapOptions::new().len(len).map_anon()
         {
@@ -107,6 +114,7 @@ impl std::ops::Deref for Image {
         match self {
             Image::Heap(v) => v,
             Image::Anon(m) => m,
+            Image::Slab(s) => s,
         }
     }
 }
@@ -116,6 +124,7 @@ impl std::ops::DerefMut for Image {
         match self {
             Image::Heap(v) => v,
             Image::Anon(m) => m,
+            Image::Slab(s) => s,
         }
     }
 }
@@ -147,6 +156,49 @@ impl Backing {
             Backing::Anon(m) => m,
             Backing::Heap(v) => v,
             Backing::Partial { image, .. } => image,
+        }
+    }
+}
+
+/// A backing's bytes with their address kept beside the `Arc` that owns them, so reading
+/// them reads no more than the struct holding the view: a lookup in a set's segment reaches
+/// the miss filter's fingerprints without a trip to the backing's allocation (10,000
+/// segments' are not in cache).
+struct View {
+    ptr: *const u8,
+    len: usize,
+    /// Keeps the bytes alive and unmoved.
+    _owner: Arc<Backing>,
+}
+
+// SAFETY: a `View` is an `Arc<Backing>` (`Send` and `Sync`) plus the address and length of
+// the bytes that backing owns, read only (see `View::bytes`); sending or sharing it shares
+// nothing the `Arc` does not.
+#[allow(unsafe_code)]
+unsafe impl Send for View {}
+#[allow(unsafe_code)]
+unsafe impl Sync for View {}
+
+impl View {
+    fn of(owner: Arc<Backing>) -> View {
+        let bytes = owner.bytes();
+        View {
+            ptr: bytes.as_ptr(),
+            len: bytes.len(),
+            _owner: owner,
+        }
+    }
+
+    #[inline]
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `ptr` and `len` are those of `self._owner.bytes()`, taken when the view was
+        // made. A `Backing` is never changed once it is in an `Arc` (no `&mut` to one is
+        // taken after: every variant's bytes are a heap buffer or a mapping, neither moved
+        // nor resized nor written while borrowed shared), and `self._owner` keeps it alive as
+        // long as `self`, so the bytes are still there, unchanged, for the borrow's life.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::slice::from_raw_parts(self.ptr, self.len)
         }
     }
 }
@@ -326,7 +378,10 @@ pub struct Snapshot {
     block_of: filter::BlockOf,
     /// How the filters' keys are made (every usable block is keyed the same way).
     keying: Keying,
-    filter_mem: Arc<Backing>,
+    filter_mem: View,
+    /// `filters[0]` when it is the only block (a small snapshot, a set's segment): read
+    /// from this struct, without a trip to the list's allocation.
+    only_filter: Option<ShardFilter>,
     /// The domain table built at open: each domain's [`DomainHot`] at the first free slot
     /// from its name's hash on (linear probing, a power of two, at most two thirds full).
     hot: Vec<DomainHot>,
@@ -445,7 +500,7 @@ impl Snapshot {
         let header = Header::decode(&first)?;
         // Zeroed, so untouched (cold) pages are never committed; only as long as the hot
         // sections when they come first (a small file's image is then its hot bytes alone).
-        let mut image = Image::zeroed(hot_prefix(&header, len).unwrap_or(len));
+        let mut image = Image::zeroed(hot_prefix(&header, len).unwrap_or(len), huge_pages);
         image
             .get_mut(..head)
             .ok_or(SnapshotError::TooShort {
@@ -461,9 +516,9 @@ impl Snapshot {
             // Only a section of at least one huge page gains from memory of its own (a small
             // segment's would be one more mapping for nothing).
             if huge_pages
-                && range.len() >= HUGE_PAGE
+                && range.len() >= super::arena::HUGE_PAGE
                 && let Some(slot) = own.slot(sec)
-                && let Some(mut anon) = huge_page_memory(range.len())
+                && let Some(mut anon) = super::arena::huge_page_memory(range.len())
             {
                 file.read_exact_at(&mut anon[..range.len()], at)
                     .map_err(io)?;
@@ -591,7 +646,8 @@ impl Snapshot {
             filters: Vec::new(),
             block_of: filter::BlockOf::new(0),
             keying: Keying::Name,
-            filter_mem: backing.clone(),
+            filter_mem: View::of(backing.clone()),
+            only_filter: None,
             hot: Vec::new(),
             more: Vec::new(),
             spans: Vec::new(),
@@ -615,6 +671,9 @@ impl Snapshot {
         snap.shards = snap.load_shards(&backing, own.fst.take())?;
         snap.filters = snap.load_filters(own.filter.take())?;
         snap.block_of = filter::BlockOf::new(snap.filters.len());
+        if let [only] = &snap.filters[..] {
+            snap.only_filter = only.clone();
+        }
         snap.build_domain_table()?;
         Ok(snap)
     }
@@ -790,7 +849,7 @@ impl Snapshot {
         let r = self.header.sections[Sec::Filter as usize];
         let base = match own {
             Some(m) => {
-                self.filter_mem = Arc::new(Backing::Anon(m));
+                self.filter_mem = View::of(Arc::new(Backing::Anon(m)));
                 0
             }
             None => r.off as usize,
@@ -874,8 +933,12 @@ impl Snapshot {
             FilterAt::Index { shard, .. } => shard,
             FilterAt::Name(h) => self.block_of.of(h),
         };
-        let Some(f) = self.filters.get(block).and_then(Option::as_ref) else {
-            return false;
+        let f = match &self.only_filter {
+            Some(f) => f,
+            None => match self.filters.get(block).and_then(Option::as_ref) {
+                Some(f) => f,
+                None => return false,
+            },
         };
         let key = |l: &[u8]| match at {
             FilterAt::Index { domain, .. } => filter::key(domain, l),
@@ -2013,20 +2076,6 @@ fn fold_local<'k>(
             long
         }
     }
-}
-
-/// The size of a transparent huge page on x86-64.
-const HUGE_PAGE: usize = 2 << 20;
-
-/// Anonymous memory of `len` bytes advised to use transparent huge pages.
-fn huge_page_memory(len: usize) -> Option<memmap2::MmapMut> {
-    let anon = memmap2::MmapOptions::new()
-        .len(len.max(1))
-        .map_anon()
-        .ok()?;
-    #[cfg(target_os = "linux")]
-    let _ = anon.advise(memmap2::Advice::HugePage);
-    Some(anon)
 }
 
 /// The byte range of a section, checked against the file's length.
