@@ -78,7 +78,8 @@ fn hot_prefix(header: &Header, len: usize) -> Option<usize> {
 /// (Zeroed memory from the heap does not promise that: below the allocator's threshold for
 /// mappings — which rises up to 32 MiB as large blocks are freed — a zeroed allocation is
 /// recycled memory written with zeros, so a set of small segments had every file resident,
-/// cold sections included: 47 bytes per address where 10 are hot.)
+/// cold sections included: 47 bytes per address where 10 are hot.) Small images of hot
+/// bytes alone are carved from huge pages shared with other images instead (`arena.rs`).
 enum Image {
     Heap(Vec<u8>),
     Anon(memmap2::MmapMut),
@@ -500,7 +501,10 @@ impl Snapshot {
         let header = Header::decode(&first)?;
         // Zeroed, so untouched (cold) pages are never committed; only as long as the hot
         // sections when they come first (a small file's image is then its hot bytes alone).
-        let mut image = Image::zeroed(hot_prefix(&header, len).unwrap_or(len), huge_pages);
+        // Huge pages shared with other images only for hot bytes alone (in another layout
+        // the image spans the cold ranges too, which a huge page would commit).
+        let prefix = hot_prefix(&header, len);
+        let mut image = Image::zeroed(prefix.unwrap_or(len), huge_pages && prefix.is_some());
         image
             .get_mut(..head)
             .ok_or(SnapshotError::TooShort {
