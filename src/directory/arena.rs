@@ -1,4 +1,5 @@
-//! Transparent huge pages shared by the small images of a set's segments.
+//! Transparent huge pages shared by small snapshot images: a set's segments, and any other
+//! snapshot of at most [`MAX_IMAGE`] hot bytes opened from a file.
 //!
 //! A set of 10,000 customers is 10,000 segment images of ~100 KB. Each in a mapping of its
 //! own sits in 4 KiB pages: a lookup's few reads (domain line, filter fingerprints, FST
@@ -11,7 +12,7 @@
 //! replaced. To bound that, a new chunk is only mapped while the chunks mapped are at most
 //! [`WASTE`] times the bytes of the images alive in them (plus one chunk); otherwise the
 //! image gets memory of its own (4 KiB pages: slower, never more memory than it needs). The
-//! arena's memory is so at most about [`WASTE`] times what it holds at its peak.
+//! chunks so never take more than [`WASTE`] times the most they held, plus two chunks.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,8 +21,8 @@ use std::sync::{Arc, Mutex};
 /// Bytes per chunk: two huge pages (a small chunk is freed sooner once its segments are
 /// replaced).
 const CHUNK: usize = 4 << 20;
-/// Largest image carved from a chunk (larger ones are mappings of their own anyway, and
-/// their FST and filter get huge pages of their own).
+/// Largest image carved from a chunk (larger ones are mappings of their own, and their FST
+/// and filter get huge pages of their own from 2 MiB up).
 pub(super) const MAX_IMAGE: usize = 1 << 20;
 /// How many times the bytes alive in chunks the chunks may take before no new one is
 /// mapped.
