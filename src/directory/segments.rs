@@ -194,11 +194,8 @@ impl SetIndex {
     /// The segment (number) holding domain `name` (normalized), its index there and its
     /// global index; no segment is read.
     pub(super) fn find(&self, name: &str) -> Option<(usize, u32, u32)> {
-        self.probe_for(domain_hash(name.as_bytes()), |p, l| {
-            self.parts
-                .get(p)
-                .and_then(|part| part.names.get(l as usize))
-                .is_some_and(|n| **n == *name)
+        self.probe_for(domain_hash(name.as_bytes()), |p, l, g| {
+            self.index_names(p, l, name).then_some((p, l, g))
         })
     }
 
@@ -215,25 +212,24 @@ impl SetIndex {
         hash: u64,
         in_segment: impl Fn(&'a Arc<Snapshot>, u32) -> Option<T>,
     ) -> Option<(Option<T>, u32)> {
-        let answer = std::cell::Cell::new(None);
-        let (_, _, g) = self.probe_for(hash, |p, l| match self.part(p) {
-            Some(s) => {
-                let t = in_segment(s, l);
-                let named = t.is_some();
-                answer.set(t);
-                named
-            }
-            None => self
-                .parts
-                .get(p)
-                .and_then(|part| part.names.get(l as usize))
-                .is_some_and(|n| **n == *name),
-        })?;
-        Some((answer.into_inner(), g))
+        self.probe_for(hash, |p, l, g| match self.part(p) {
+            Some(s) => in_segment(s, l).map(|t| (Some(t), g)),
+            None => self.index_names(p, l, name).then_some((None, g)),
+        })
     }
 
+    /// True when the index's copy of segment `p`'s domain names has `name` at `l`.
+    fn index_names(&self, p: usize, l: u32, name: &str) -> bool {
+        self.parts
+            .get(p)
+            .and_then(|part| part.names.get(l as usize))
+            .is_some_and(|n| **n == *name)
+    }
+
+    /// Probe the slots from hash `h`: `found` gets each candidate whose fingerprint matches
+    /// (segment, domain index there, global index) and says whether it is the one.
     #[inline]
-    fn probe_for(&self, h: u64, same: impl Fn(usize, u32) -> bool) -> Option<(usize, u32, u32)> {
+    fn probe_for<T>(&self, h: u64, found: impl Fn(usize, u32, u32) -> Option<T>) -> Option<T> {
         let mask = self.probe.len() - 1;
         let mut at = h as usize & mask;
         loop {
@@ -241,11 +237,10 @@ impl SetIndex {
             if v == 0 {
                 return None;
             }
-            if fp == h as u32 {
-                let g = v - 1;
-                if same(p as usize, l) {
-                    return Some((p as usize, l, g));
-                }
+            if fp == h as u32
+                && let Some(t) = found(p as usize, l, v - 1)
+            {
+                return Some(t);
             }
             at = (at + 1) & mask;
         }

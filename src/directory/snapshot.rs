@@ -937,12 +937,9 @@ impl Snapshot {
             FilterAt::Index { shard, .. } => shard,
             FilterAt::Name(h) => self.block_of.of(h),
         };
-        let f = match &self.only_filter {
-            Some(f) => f,
-            None => match self.filters.get(block).and_then(Option::as_ref) {
-                Some(f) => f,
-                None => return false,
-            },
+        let only = self.only_filter.as_ref();
+        let Some(f) = only.or_else(|| self.filters.get(block).and_then(Option::as_ref)) else {
+            return false;
         };
         let key = |l: &[u8]| match at {
             FilterAt::Index { domain, .. } => filter::key(domain, l),
@@ -1397,16 +1394,13 @@ impl Snapshot {
             return self.lookup_single(&addr, h, lower, split, options);
         };
         // In a set, the candidate segment's filter is asked before its domain entry is read.
-        let early = std::cell::Cell::new(None);
         let found = set.find_loaded(addr.domain, h, |part, l| {
-            early.set(
-                (part.keying == Keying::Name)
-                    .then(|| part.surely_absent(FilterAt::Name(h), lower, split)),
-            );
-            Some((&**part, part.domain_hashed(h, addr.domain, l)?))
+            let early = (part.keying == Keying::Name)
+                .then(|| part.surely_absent(FilterAt::Name(h), lower, split));
+            Some((&**part, part.domain_hashed(h, addr.domain, l)?, early))
         });
-        let (part, d, global) = match found {
-            Some((Some((part, d)), g)) => (part, d, Some(g)),
+        let (part, d, early, global) = match found {
+            Some((Some((part, d, early)), g)) => (part, d, early, Some(g)),
             // A segment that cannot be read: unsure, so a temporary failure.
             Some((None, _)) => return Verdict::Tempfail(super::Tempfail::Internal),
             None => return Verdict::NotOurs,
@@ -1414,7 +1408,7 @@ impl Snapshot {
         let verdict = if d.flags & FLAG_KEEP_CASE != 0 {
             part.match_keeping_case(addr.local, d, options)
         } else {
-            part.match_local(lower, split, d, options, early.get())
+            part.match_local(lower, split, d, options, early)
         };
         // A segment's hit, in the set's terms: its global domain and the set's generation.
         match (verdict, global) {
