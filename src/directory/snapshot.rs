@@ -1301,13 +1301,6 @@ impl Snapshot {
         Ok(())
     }
 
-    /// Domain `index`'s line when it is named `name`, whose [`domain_hash`] is `h` (a set's
-    /// lookup in a segment: the read is the one [`Self::find_hot`] makes).
-    #[inline]
-    fn domain_hashed(&self, h: u64, name: &str, index: u32) -> Option<&DomainHot> {
-        self.find_hot(h, name).filter(|d| d.index == index)
-    }
-
     /// The domain named `name` (normalized), whose [`domain_hash`] is `h`: one read of the
     /// domain table, more only when slots from `h` on are taken by other names.
     #[inline]
@@ -1394,13 +1387,13 @@ impl Snapshot {
             return self.lookup_single(&addr, h, lower, split, options);
         };
         // In a set, the candidate segment's filter is asked before its domain entry is read.
-        let found = set.find_loaded(addr.domain, h, |part, l| {
+        let found = set.find_loaded(addr.domain, h, |part| {
             let early = (part.keying == Keying::Name)
                 .then(|| part.surely_absent(FilterAt::Name(h), lower, split));
-            Some((&**part, part.domain_hashed(h, addr.domain, l)?, early))
+            Some((&**part, part.find_hot(h, addr.domain)?, early))
         });
-        let (part, d, early, global) = match found {
-            Some((Some((part, d, early)), g)) => (part, d, early, Some(g)),
+        let (part, d, early, p) = match found {
+            Some((Some((part, d, early)), p)) => (part, d, early, p),
             // A segment that cannot be read: unsure, so a temporary failure.
             Some((None, _)) => return Verdict::Tempfail(super::Tempfail::Internal),
             None => return Verdict::NotOurs,
@@ -1411,13 +1404,17 @@ impl Snapshot {
             part.match_local(lower, split, d, options, early)
         };
         // A segment's hit, in the set's terms: its global domain and the set's generation.
-        match (verdict, global) {
-            (Verdict::Accept(hit), Some(g)) => Verdict::Accept(Hit {
-                domain: g,
-                generation: self.header.generation,
-                ..hit
-            }),
-            (v, _) => v,
+        match verdict {
+            Verdict::Accept(hit) => match set.global_of(p, hit.domain) {
+                Some(g) => Verdict::Accept(Hit {
+                    domain: g,
+                    generation: self.header.generation,
+                    ..hit
+                }),
+                // The segment's domain is not in the set's index: unsure.
+                None => Verdict::Tempfail(super::Tempfail::Internal),
+            },
+            v => v,
         }
     }
 
@@ -2236,9 +2233,8 @@ mod tests {
         for domain in &names {
             let d = snap.find_domain(domain).expect(domain);
             let h = domain_hash(domain.as_bytes());
-            assert!(snap.domain_hashed(h, domain, d.index).is_some(), "{domain}");
             assert!(
-                snap.domain_hashed(h, domain, d.index + 1).is_none(),
+                snap.find_hot(h, domain).is_some_and(|x| std::ptr::eq(x, d)),
                 "{domain}"
             );
             let home = h as usize & mask;
