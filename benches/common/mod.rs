@@ -341,6 +341,16 @@ pub fn hits(syn: &Synthetic, count: usize, seed: u64, tag: bool) -> Vec<String> 
         .collect()
 }
 
+/// `items` in a random order (Fisher-Yates, from `seed`).
+pub fn shuffled<T: Clone>(items: &[T], seed: u64) -> Vec<T> {
+    let mut rng = Rng::new(seed);
+    let mut out = items.to_vec();
+    for i in (1..out.len()).rev() {
+        out.swap(i, rng.below(i + 1));
+    }
+    out
+}
+
 // Timing of single lookups, shared by the lookup and segments benchmarks.
 
 pub fn percentiles(mut ns: Vec<f64>) -> (f64, f64) {

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use super::format::{HEADER_LEN, SnapshotError, domain_hash, write_atomic};
-use super::snapshot::Snapshot;
+use super::snapshot::{SegmentHandle, Snapshot};
 
 /// First bytes of an index file.
 pub const SET_MAGIC: &[u8; 8] = b"RCPTSETS";
@@ -127,15 +127,18 @@ pub(super) struct SetIndex {
     parts: Vec<Arc<Part>>,
     /// Per global domain: (segment, domain index in the segment).
     pub(super) domains: Vec<(u32, u32)>,
-    /// Per segment, its domains' global indices.
-    pub(super) global: Vec<Vec<u32>>,
+    /// Every segment's domains' global indices, segment after segment (one allocation, so
+    /// a hit reads one place for its global index), and where each segment's start.
+    global: Vec<u32>,
+    first: Vec<u32>,
     /// Open-addressing index: (hash fingerprint, segment + 1; 0: empty). A lookup reads one
     /// slot and goes to the segment, which finds the domain in its own table; at 8 bytes a
     /// slot the index takes 4 MB at 200,000 domains.
     probe: Vec<(u32, u32)>,
-    /// Per segment, this set's copy of the segment once read: side by side (16 bytes
-    /// each), so a lookup reaches a segment without a trip to its `Part`.
-    loaded: Vec<OnceLock<Option<Arc<Snapshot>>>>,
+    /// Per segment, this set's handle of the segment once read, side by side: a lookup
+    /// reaches the segment's filter, domain table and FST without a trip to its `Part` or
+    /// to the segment's struct.
+    loaded: Vec<OnceLock<Option<SegmentHandle>>>,
 }
 
 impl SetIndex {
@@ -169,13 +172,19 @@ impl SetIndex {
         if all.windows(2).any(|w| w[0].0 == w[1].0) {
             return Err(malformed("a domain is in two segments"));
         }
-        let mut global: Vec<Vec<u32>> = parts.iter().map(|p| vec![0; p.names.len()]).collect();
+        let mut first = Vec::with_capacity(parts.len());
+        let mut total = 0usize;
+        for part in &parts {
+            first.push(u32::try_from(total).map_err(|_| malformed("too many domains"))?);
+            total += part.names.len();
+        }
+        let mut global = vec![0u32; total];
         let mut domains = Vec::with_capacity(all.len());
         let slots = (all.len() * 2).next_power_of_two().max(2);
         let mut probe = vec![(0u32, 0u32); slots];
         for (g, &(name, p, l)) in all.iter().enumerate() {
             domains.push((p, l));
-            global[p as usize][l as usize] = g as u32;
+            global[first[p as usize] as usize + l as usize] = g as u32;
             let h = domain_hash(name.as_bytes());
             let mut at = h as usize & (slots - 1);
             while probe[at].1 != 0 {
@@ -186,7 +195,7 @@ impl SetIndex {
         let loaded = parts
             .iter()
             .map(|p| match p.cell.get() {
-                Some(s) => OnceLock::from(s.clone()),
+                Some(s) => OnceLock::from(s.clone().map(SegmentHandle::new)),
                 None => OnceLock::new(),
             })
             .collect();
@@ -194,6 +203,7 @@ impl SetIndex {
             parts,
             domains,
             global,
+            first,
             probe,
             loaded,
         })
@@ -218,9 +228,9 @@ impl SetIndex {
         &'a self,
         name: &str,
         hash: u64,
-        in_segment: impl Fn(&'a Arc<Snapshot>) -> Option<T>,
+        in_segment: impl Fn(&'a SegmentHandle) -> Option<T>,
     ) -> Option<(Option<T>, usize)> {
-        self.probe_for(hash, |p| match self.part(p) {
+        self.probe_for(hash, |p| match self.handle(p) {
             Some(s) => in_segment(s).map(|t| (Some(t), p)),
             None => self.local_of(p, name).map(|_| (None, p)),
         })
@@ -256,9 +266,15 @@ impl SetIndex {
     /// Segment `p`, read on first use (`None` if it cannot be read).
     #[inline]
     pub(super) fn part(&self, p: usize) -> Option<&Arc<Snapshot>> {
+        self.handle(p).map(SegmentHandle::snap)
+    }
+
+    /// Segment `p`'s handle, the segment read on first use (`None` if it cannot be read).
+    #[inline]
+    fn handle(&self, p: usize) -> Option<&SegmentHandle> {
         self.loaded
             .get(p)?
-            .get_or_init(|| self.parts.get(p)?.get().cloned())
+            .get_or_init(|| self.parts.get(p)?.get().cloned().map(SegmentHandle::new))
             .as_ref()
     }
 
@@ -303,7 +319,13 @@ impl SetIndex {
 
     /// Global index of domain `local` of segment `part`.
     pub(super) fn global_of(&self, part: usize, local: u32) -> Option<u32> {
-        self.global.get(part)?.get(local as usize).copied()
+        let start = *self.first.get(part)? as usize;
+        let end = self
+            .first
+            .get(part + 1)
+            .map_or(self.global.len(), |&e| e as usize);
+        let at = start.checked_add(local as usize)?;
+        (at < end).then(|| self.global.get(at).copied()).flatten()
     }
 }
 

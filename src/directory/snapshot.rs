@@ -161,10 +161,11 @@ impl Backing {
     }
 }
 
-/// A backing's bytes with their address kept beside the `Arc` that owns them, so reading
-/// them reads no more than the struct holding the view: a lookup in a set's segment reaches
-/// the miss filter's fingerprints without a trip to the backing's allocation (10,000
-/// segments' are not in cache).
+/// A backing's bytes (or a range of them) with their address kept beside the `Arc` that
+/// owns them, so reading them reads no more than the struct holding the view: a lookup in a
+/// set's segment reaches the miss filter's fingerprints and the FST's nodes without a trip
+/// to the backing's allocation (10,000 segments' are not in cache).
+#[derive(Clone)]
 struct View {
     ptr: *const u8,
     len: usize,
@@ -190,10 +191,20 @@ impl View {
         }
     }
 
+    /// A view of `range` of `owner`'s bytes (`None` when out of bounds).
+    fn of_range(owner: Arc<Backing>, range: Range<usize>) -> Option<View> {
+        let bytes = owner.bytes().get(range)?;
+        Some(View {
+            ptr: bytes.as_ptr(),
+            len: bytes.len(),
+            _owner: owner,
+        })
+    }
+
     #[inline]
     fn bytes(&self) -> &[u8] {
-        // SAFETY: `ptr` and `len` are those of `self._owner.bytes()`, taken when the view was
-        // made. A `Backing` is never changed once it is in an `Arc` (no `&mut` to one is
+        // SAFETY: `ptr` and `len` are those of `self._owner.bytes()` or of a range of them
+        // (checked with `get` in `of_range`), taken when the view was made. A `Backing` is never changed once it is in an `Arc` (no `&mut` to one is
         // taken after: every variant's bytes are a heap buffer or a mapping, neither moved
         // nor resized nor written while borrowed shared), and `self._owner` keeps it alive as
         // long as `self`, so the bytes are still there, unchanged, for the borrow's life.
@@ -385,12 +396,13 @@ pub struct Snapshot {
     only_filter: Option<ShardFilter>,
     /// The domain table built at open: each domain's [`DomainHot`] at the first free slot
     /// from its name's hash on (linear probing, a power of two, at most two thirds full).
-    hot: Vec<DomainHot>,
+    /// Shared with a set's [`SegmentHandle`] of this snapshot.
+    hot: Arc<[DomainHot]>,
     /// Per domain index, the rest of its record.
     more: Vec<DomainMore>,
     /// Per domain, how many bytes of its FST shard lie at or below its start node and above
     /// every earlier domain's (see [`node_spans`]); 0 when unknown.
-    spans: Vec<u32>,
+    spans: Arc<[u32]>,
     /// Byte ranges of the hot sections inside `backing`, all checked at load.
     str_index: Range<usize>,
     str_blob: Range<usize>,
@@ -652,9 +664,9 @@ impl Snapshot {
             keying: Keying::Name,
             filter_mem: View::of(backing.clone()),
             only_filter: None,
-            hot: Vec::new(),
+            hot: Arc::from(Vec::new()),
             more: Vec::new(),
-            spans: Vec::new(),
+            spans: Arc::from(Vec::new()),
             str_index: range(Sec::StrIndex),
             str_blob: range(Sec::StrBlob),
             domains: range(Sec::Domains),
@@ -1293,11 +1305,11 @@ impl Snapshot {
             order.push(at);
             more.push(m);
         }
-        self.spans = node_spans(
+        self.spans = Arc::from(node_spans(
             self.shards.len(),
             order.iter().filter_map(|&at| hot.get(at)),
-        );
-        (self.hot, self.more) = (hot, more);
+        ));
+        (self.hot, self.more) = (hot.into(), more);
         Ok(())
     }
 
@@ -1305,65 +1317,20 @@ impl Snapshot {
     /// domain table, more only when slots from `h` on are taken by other names.
     #[inline]
     fn find_hot(&self, h: u64, name: &str) -> Option<&DomainHot> {
-        let mask = self.hot.len().wrapping_sub(1);
-        let mut at = h as usize & mask;
-        for _ in 0..self.hot.len() {
-            let d = self.hot.get(at)?;
-            if d.name_len == 0 {
-                return None;
-            }
-            if self.is_named(d, name) {
-                return Some(d);
-            }
-            at = (at + 1) & mask;
-        }
-        None
+        find_in(&self.hot, h, |d| self.is_named(d, name))
     }
 
     fn hit(&self, value: u64, domain: u32, matched: Match, local_len: usize) -> Hit {
-        Hit {
-            kind: Kind::from_code(value),
-            matched,
-            local_len: local_len as u16,
-            domain,
-            attrs: (value >> Kind::BITS) as u32,
-            generation: self.header.generation,
-        }
+        hit_of(value, domain, matched, local_len, self.header.generation)
     }
 
     /// Values of `local` and of its first `split` bytes in domain `d`, in one walk from the
     /// domain's start node (the shorter key is a prefix of the longer).
     fn get(&self, d: &DomainHot, local: &[u8], split: Option<usize>) -> (Option<u64>, Option<u64>) {
-        let (Some(fst), Some((mut addr, mut out))) = (self.shard_of(d.shard()), d.start()) else {
-            return (None, None);
-        };
-        // Our decoder of fst's node format: each step reads only what it needs (walk.rs).
-        let w = Walker::new(fst.as_bytes());
-        let span = self.spans.get(d.index as usize).copied().unwrap_or(0) as usize;
-        let mut ahead = Ahead::new(addr, span);
-        let mut at_split = None;
-        for (i, &b) in local.iter().enumerate() {
-            if let Some((lo, hi)) = ahead.fits(addr) {
-                prefetch(fst.as_bytes(), lo, hi);
-            }
-            if split == Some(i) {
-                at_split = w.final_output(addr).map(|f| out.wrapping_add(f));
-            }
-            let step = if ahead.looking() {
-                w.step_and_sibling(addr, b).map(|(next, o, sibling)| {
-                    ahead.stepped(next, sibling);
-                    (next, o)
-                })
-            } else {
-                w.step(addr, b)
-            };
-            let Some((next, o)) = step else {
-                return (None, at_split);
-            };
-            addr = next;
-            out = out.wrapping_add(o);
+        match self.shard_of(d.shard()) {
+            Some(fst) => walk_domain(fst.as_bytes(), &self.spans, d, local, split),
+            None => (None, None),
         }
-        (w.final_output(addr).map(|f| out.wrapping_add(f)), at_split)
     }
 
     /// Steps 2-5 and 8 of DESIGN.md §4 (the [`super::Directory`] adds 1 and 7).
@@ -1387,21 +1354,20 @@ impl Snapshot {
             return self.lookup_single(&addr, h, lower, split, options);
         };
         // In a set, the candidate segment's filter is asked before its domain entry is read.
-        let found = set.find_loaded(addr.domain, h, |part| {
-            let early = (part.keying == Keying::Name)
-                .then(|| part.surely_absent(FilterAt::Name(h), lower, split));
-            Some((&**part, part.find_hot(h, addr.domain)?, early))
+        let found = set.find_loaded(addr.domain, h, |seg| {
+            let early = seg.surely_absent(h, lower, split);
+            Some((seg, seg.find_hot(h, addr.domain)?, early))
         });
-        let (part, d, early, p) = match found {
-            Some((Some((part, d, early)), p)) => (part, d, early, p),
+        let (seg, d, early, p) = match found {
+            Some((Some((seg, d, early)), p)) => (seg, d, early, p),
             // A segment that cannot be read: unsure, so a temporary failure.
             Some((None, _)) => return Verdict::Tempfail(super::Tempfail::Internal),
             None => return Verdict::NotOurs,
         };
         let verdict = if d.flags & FLAG_KEEP_CASE != 0 {
-            part.match_keeping_case(addr.local, d, options)
+            seg.snap().match_keeping_case(addr.local, d, options)
         } else {
-            part.match_local(lower, split, d, options, early)
+            seg.match_local(lower, split, d, options, early, self.header.generation)
         };
         // A segment's hit, in the set's terms: its global domain and the set's generation.
         match verdict {
@@ -1503,18 +1469,36 @@ impl Snapshot {
         options: &LookupOptions,
         absent: Option<bool>,
     ) -> Verdict {
-        let excepted = |v: u64| Kind::from_code(v) == Kind::Exception;
         // The filter first: when neither the address nor its base address can be in the
         // shard, the FST walk is skipped (it would find nothing).
-        let absent = absent.unwrap_or_else(|| {
-            self.filter_at(dh)
-                .is_some_and(|at| self.surely_absent(at, local, split))
-        });
+        let absent = absent.unwrap_or_else(|| self.absent_at(dh, local, split));
         let found = if absent {
             (None, None)
         } else {
             self.get(dh, local, split)
         };
+        self.verdict_of(found, local, split, dh, options, self.header.generation)
+    }
+
+    /// True when the miss filter says that neither `local` nor its base address (a
+    /// subaddress at `split`) can be in domain `dh`.
+    fn absent_at(&self, dh: &DomainHot, local: &[u8], split: Option<usize>) -> bool {
+        self.filter_at(dh)
+            .is_some_and(|at| self.surely_absent(at, local, split))
+    }
+
+    /// Step 8 for `local` (its subaddress separator at `split`) in domain `dh`, from the
+    /// values `found` for it and its base address; a hit is of generation `generation`.
+    fn verdict_of(
+        &self,
+        found: (Option<u64>, Option<u64>),
+        local: &[u8],
+        split: Option<usize>,
+        dh: &DomainHot,
+        options: &LookupOptions,
+        generation: u64,
+    ) -> Verdict {
+        let excepted = |v: u64| Kind::from_code(v) == Kind::Exception;
         match found {
             // An exception wins over everything: the address itself, or its base address
             // when only that is listed.
@@ -1522,11 +1506,12 @@ impl Snapshot {
                 return Verdict::Reject(Reject::Exception);
             }
             (Some(v), _) => {
-                return Verdict::Accept(self.hit(v, dh.index, Match::Exact, local.len()));
+                let hit = hit_of(v, dh.index, Match::Exact, local.len(), generation);
+                return Verdict::Accept(hit);
             }
             (None, Some(v)) => {
                 let p = split.unwrap_or(local.len());
-                return Verdict::Accept(self.hit(v, dh.index, Match::Subaddress, p));
+                return Verdict::Accept(hit_of(v, dh.index, Match::Subaddress, p, generation));
             }
             (None, None) => {}
         }
@@ -1547,7 +1532,7 @@ impl Snapshot {
                     .more
                     .get(dh.index as usize)
                     .map_or(super::NONE, |m| m.declared),
-                generation: self.header.generation,
+                generation,
             });
         }
         Verdict::Reject(Reject::UnknownUser)
@@ -2162,6 +2147,168 @@ fn node_spans<'a>(shards: usize, lines: impl Iterator<Item = &'a DomainHot>) -> 
             u32::try_from(span).unwrap_or(0)
         })
         .collect()
+}
+
+/// Values of `local` and of its first `split` bytes in domain `d`, in one walk from the
+/// domain's start node in `fst`, its shard's FST (the shorter key is a prefix of the
+/// longer); `spans` are the snapshot's [`node_spans`].
+fn walk_domain(
+    fst: &[u8],
+    spans: &[u32],
+    d: &DomainHot,
+    local: &[u8],
+    split: Option<usize>,
+) -> (Option<u64>, Option<u64>) {
+    let Some((mut addr, mut out)) = d.start() else {
+        return (None, None);
+    };
+    // Our decoder of fst's node format: each step reads only what it needs (walk.rs).
+    let w = Walker::new(fst);
+    let span = spans.get(d.index as usize).copied().unwrap_or(0) as usize;
+    let mut ahead = Ahead::new(addr, span);
+    let mut at_split = None;
+    for (i, &b) in local.iter().enumerate() {
+        if let Some((lo, hi)) = ahead.fits(addr) {
+            prefetch(fst, lo, hi);
+        }
+        if split == Some(i) {
+            at_split = w.final_output(addr).map(|f| out.wrapping_add(f));
+        }
+        let step = if ahead.looking() {
+            w.step_and_sibling(addr, b).map(|(next, o, sibling)| {
+                ahead.stepped(next, sibling);
+                (next, o)
+            })
+        } else {
+            w.step(addr, b)
+        };
+        let Some((next, o)) = step else {
+            return (None, at_split);
+        };
+        addr = next;
+        out = out.wrapping_add(o);
+    }
+    (w.final_output(addr).map(|f| out.wrapping_add(f)), at_split)
+}
+
+/// The hit of a record of value `value` in domain `domain` of generation `generation`.
+fn hit_of(value: u64, domain: u32, matched: Match, local_len: usize, generation: u64) -> Hit {
+    Hit {
+        kind: Kind::from_code(value),
+        matched,
+        local_len: local_len as u16,
+        domain,
+        attrs: (value >> Kind::BITS) as u32,
+        generation,
+    }
+}
+
+/// The slot of domain table `hot` that `named` accepts, for a name whose [`domain_hash`] is
+/// `h`: one read, more only when slots from `h` on are taken by other names.
+#[inline]
+fn find_in(hot: &[DomainHot], h: u64, named: impl Fn(&DomainHot) -> bool) -> Option<&DomainHot> {
+    let mask = hot.len().wrapping_sub(1);
+    let mut at = h as usize & mask;
+    for _ in 0..hot.len() {
+        let d = hot.get(at)?;
+        if d.name_len == 0 {
+            return None;
+        }
+        if named(d) {
+            return Some(d);
+        }
+        at = (at + 1) & mask;
+    }
+    None
+}
+
+/// What a set's lookup reads of a segment, kept by the set side by side with the other
+/// segments' handles: the segment's one miss filter block (keyed by name) and the address
+/// of its fingerprints, its domain table, its FST's bytes and node spans. A lookup goes from
+/// the set's index to these without reading the segment's struct, its lists' allocations or
+/// its backing's (10,000 segments' are not in cache).
+pub(super) struct SegmentHandle {
+    /// The filter block, when the segment has one block keyed by name (every build's
+    /// segment); otherwise the lookup asks through `snap`.
+    filter: Option<ShardFilter>,
+    filter_mem: View,
+    hot: Arc<[DomainHot]>,
+    /// The FST's bytes, when the segment has one shard (every segment but a huge one).
+    fst: Option<View>,
+    spans: Arc<[u32]>,
+    snap: Arc<Snapshot>,
+}
+
+impl SegmentHandle {
+    /// The handle of segment `snap`.
+    pub(super) fn new(snap: Arc<Snapshot>) -> SegmentHandle {
+        let filter = (snap.keying == Keying::Name)
+            .then(|| snap.only_filter.clone())
+            .flatten();
+        let fst = match snap.shards.as_slice() {
+            [(_, fst)] => {
+                let bytes = fst.as_inner();
+                View::of_range(bytes.backing.clone(), bytes.range.clone())
+            }
+            _ => None,
+        };
+        SegmentHandle {
+            filter,
+            filter_mem: snap.filter_mem.clone(),
+            hot: snap.hot.clone(),
+            fst,
+            spans: snap.spans.clone(),
+            snap,
+        }
+    }
+
+    /// The segment.
+    #[inline]
+    pub(super) fn snap(&self) -> &Arc<Snapshot> {
+        &self.snap
+    }
+
+    /// [`Snapshot::surely_absent`] for an address of a domain whose name hashes to `h`, asked
+    /// before the domain's line is read; `None` when the segment's filters are keyed by
+    /// index (the lookup asks them once it has the line).
+    #[inline]
+    fn surely_absent(&self, h: u64, local: &[u8], split: Option<usize>) -> Option<bool> {
+        let Some(f) = &self.filter else {
+            return (self.snap.keying == Keying::Name)
+                .then(|| self.snap.surely_absent(FilterAt::Name(h), local, split));
+        };
+        let bytes = self.filter_mem.bytes();
+        let absent = |l: &[u8]| !f.may_contain(bytes, filter::key_by_name(h, l));
+        Some(absent(local) && split.is_none_or(|p| absent(local.get(..p).unwrap_or(local))))
+    }
+
+    /// [`Snapshot::find_hot`] in the segment.
+    #[inline]
+    fn find_hot(&self, h: u64, name: &str) -> Option<&DomainHot> {
+        find_in(&self.hot, h, |d| self.snap.is_named(d, name))
+    }
+
+    /// [`Snapshot::match_local`] in the segment, the FST read through the handle; a hit is
+    /// of generation `generation` (the set's: the segment's struct is not read for it).
+    #[inline]
+    fn match_local(
+        &self,
+        local: &[u8],
+        split: Option<usize>,
+        dh: &DomainHot,
+        options: &LookupOptions,
+        absent: Option<bool>,
+        generation: u64,
+    ) -> Verdict {
+        let snap = &self.snap;
+        let absent = absent.unwrap_or_else(|| snap.absent_at(dh, local, split));
+        let found = match &self.fst {
+            _ if absent => (None, None),
+            Some(fst) if dh.shard() == 0 => walk_domain(fst.bytes(), &self.spans, dh, local, split),
+            _ => snap.get(dh, local, split),
+        };
+        snap.verdict_of(found, local, split, dh, options, generation)
+    }
 }
 
 /// Ask the CPU to bring `data[lo..=hi]` into its cache, from the top down (the order a walk
