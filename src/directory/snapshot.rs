@@ -1364,10 +1364,19 @@ impl Snapshot {
             Some((None, _)) => return Verdict::Tempfail(super::Tempfail::Internal),
             None => return Verdict::NotOurs,
         };
+        let part = seg.snap();
         let verdict = if d.flags & FLAG_KEEP_CASE != 0 {
-            seg.snap().match_keeping_case(addr.local, d, options)
+            part.match_keeping_case(addr.local, d, options)
         } else {
-            seg.match_local(lower, split, d, options, early, self.header.generation)
+            // Snapshot::match_local, the FST read through the handle and a hit of the set's
+            // generation (the segment's struct is not read for either).
+            let absent = early.unwrap_or_else(|| part.absent_at(d, lower, split));
+            let found = if absent {
+                (None, None)
+            } else {
+                seg.get(d, lower, split)
+            };
+            part.verdict_of(found, lower, split, d, options, self.header.generation)
         };
         // A segment's hit, in the set's terms: its global domain and the set's generation.
         match verdict {
@@ -2288,26 +2297,18 @@ impl SegmentHandle {
         find_in(&self.hot, h, |d| self.snap.is_named(d, name))
     }
 
-    /// [`Snapshot::match_local`] in the segment, the FST read through the handle; a hit is
-    /// of generation `generation` (the set's: the segment's struct is not read for it).
+    /// [`Snapshot::get`] in the segment, the FST read through the handle.
     #[inline]
-    fn match_local(
+    fn get(
         &self,
+        dh: &DomainHot,
         local: &[u8],
         split: Option<usize>,
-        dh: &DomainHot,
-        options: &LookupOptions,
-        absent: Option<bool>,
-        generation: u64,
-    ) -> Verdict {
-        let snap = &self.snap;
-        let absent = absent.unwrap_or_else(|| snap.absent_at(dh, local, split));
-        let found = match &self.fst {
-            _ if absent => (None, None),
+    ) -> (Option<u64>, Option<u64>) {
+        match &self.fst {
             Some(fst) if dh.shard() == 0 => walk_domain(fst.bytes(), &self.spans, dh, local, split),
-            _ => snap.get(dh, local, split),
-        };
-        snap.verdict_of(found, local, split, dh, options, generation)
+            _ => self.snap.get(dh, local, split),
+        }
     }
 }
 
