@@ -128,7 +128,7 @@ pub(super) struct SetIndex {
     /// Per global domain: (segment, domain index in the segment).
     pub(super) domains: Vec<(u32, u32)>,
     /// Every segment's domains' global indices, segment after segment (one allocation, so
-    /// a hit reads one place for its global index), and where each segment's start.
+    /// a hit reads one place for its global index), and where each segment's indices start.
     global: Vec<u32>,
     first: Vec<u32>,
     /// Open-addressing index: (hash fingerprint, segment + 1; 0: empty). A lookup reads one

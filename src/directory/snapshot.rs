@@ -204,10 +204,11 @@ impl View {
     #[inline]
     fn bytes(&self) -> &[u8] {
         // SAFETY: `ptr` and `len` are those of `self._owner.bytes()` or of a range of them
-        // (checked with `get` in `of_range`), taken when the view was made. A `Backing` is never changed once it is in an `Arc` (no `&mut` to one is
-        // taken after: every variant's bytes are a heap buffer or a mapping, neither moved
-        // nor resized nor written while borrowed shared), and `self._owner` keeps it alive as
-        // long as `self`, so the bytes are still there, unchanged, for the borrow's life.
+        // (checked with `get` in `of_range`), taken when the view was made. A `Backing` is
+        // never changed once it is in an `Arc` (no `&mut` to one is taken after: every
+        // variant's bytes are a heap buffer or a mapping, neither moved nor resized nor
+        // written while borrowed shared), and `self._owner` keeps it alive as long as
+        // `self`, so the bytes are still there, unchanged, for the borrow's life.
         #[allow(unsafe_code)]
         unsafe {
             std::slice::from_raw_parts(self.ptr, self.len)
