@@ -392,9 +392,6 @@ pub struct Snapshot {
     /// How the filters' keys are made (every usable block is keyed the same way).
     keying: Keying,
     filter_mem: View,
-    /// `filters[0]` when it is the only block (a small snapshot, a set's segment): read
-    /// from this struct, without a trip to the list's allocation.
-    only_filter: Option<ShardFilter>,
     /// The domain table built at open: each domain's [`DomainHot`] at the first free slot
     /// from its name's hash on (linear probing, a power of two, at most two thirds full).
     /// Shared with a set's [`SegmentHandle`] of this snapshot.
@@ -664,7 +661,6 @@ impl Snapshot {
             block_of: filter::BlockOf::new(0),
             keying: Keying::Name,
             filter_mem: View::of(backing.clone()),
-            only_filter: None,
             hot: Arc::from(Vec::new()),
             more: Vec::new(),
             spans: Arc::from(Vec::new()),
@@ -688,9 +684,6 @@ impl Snapshot {
         snap.shards = snap.load_shards(&backing, own.fst.take())?;
         snap.filters = snap.load_filters(own.filter.take())?;
         snap.block_of = filter::BlockOf::new(snap.filters.len());
-        if let [only] = &snap.filters[..] {
-            snap.only_filter = only.clone();
-        }
         snap.build_domain_table()?;
         Ok(snap)
     }
@@ -950,17 +943,14 @@ impl Snapshot {
             FilterAt::Index { shard, .. } => shard,
             FilterAt::Name(h) => self.block_of.of(h),
         };
-        let only = self.only_filter.as_ref();
-        let Some(f) = only.or_else(|| self.filters.get(block).and_then(Option::as_ref)) else {
+        let Some(f) = self.filters.get(block).and_then(Option::as_ref) else {
             return false;
         };
         let key = |l: &[u8]| match at {
             FilterAt::Index { domain, .. } => filter::key(domain, l),
             FilterAt::Name(h) => filter::key_by_name(h, l),
         };
-        let bytes = self.filter_mem.bytes();
-        !f.may_contain(bytes, key(local))
-            && split.is_none_or(|p| !f.may_contain(bytes, key(local.get(..p).unwrap_or(local))))
+        absent_in(f, self.filter_mem.bytes(), key, local, split)
     }
 
     /// Where domain `d`'s addresses are in this snapshot's filters (`None`: not known, so
@@ -2201,6 +2191,20 @@ fn walk_domain(
     (w.final_output(addr).map(|f| out.wrapping_add(f)), at_split)
 }
 
+/// True when filter `f` (its fingerprints in `bytes`) says that neither `local` nor, with a
+/// subaddress at `split`, its base address can be stored; `key` makes a local part's key.
+#[inline]
+fn absent_in(
+    f: &ShardFilter,
+    bytes: &[u8],
+    key: impl Fn(&[u8]) -> u64,
+    local: &[u8],
+    split: Option<usize>,
+) -> bool {
+    !f.may_contain(bytes, key(local))
+        && split.is_none_or(|p| !f.may_contain(bytes, key(local.get(..p).unwrap_or(local))))
+}
+
 /// The hit of a record of value `value` in domain `domain` of generation `generation`.
 fn hit_of(value: u64, domain: u32, matched: Match, local_len: usize, generation: u64) -> Hit {
     Hit {
@@ -2252,9 +2256,10 @@ pub(super) struct SegmentHandle {
 impl SegmentHandle {
     /// The handle of segment `snap`.
     pub(super) fn new(snap: Arc<Snapshot>) -> SegmentHandle {
-        let filter = (snap.keying == Keying::Name)
-            .then(|| snap.only_filter.clone())
-            .flatten();
+        let filter = match &snap.filters[..] {
+            [Some(only)] if snap.keying == Keying::Name => Some(only.clone()),
+            _ => None,
+        };
         let fst = match snap.shards.as_slice() {
             [(_, fst)] => {
                 let bytes = fst.as_inner();
@@ -2287,9 +2292,8 @@ impl SegmentHandle {
             return (self.snap.keying == Keying::Name)
                 .then(|| self.snap.surely_absent(FilterAt::Name(h), local, split));
         };
-        let bytes = self.filter_mem.bytes();
-        let absent = |l: &[u8]| !f.may_contain(bytes, filter::key_by_name(h, l));
-        Some(absent(local) && split.is_none_or(|p| absent(local.get(..p).unwrap_or(local))))
+        let key = |l: &[u8]| filter::key_by_name(h, l);
+        Some(absent_in(f, self.filter_mem.bytes(), key, local, split))
     }
 
     /// [`Snapshot::find_hot`] in the segment.
