@@ -4,7 +4,9 @@
 //! time), written as a set, opened warm, and looked up; then one customer uploads a new MAP
 //! file and the time from the file being complete to its new address being answered is
 //! measured. The baseline in the same run: one snapshot of `SEG_BASELINE` addresses (default
-//! 10M; 0 skips it), the lookup benchmark's directory.
+//! 10M; 0 skips it), the lookup benchmark's directory, and the machine's floor beside them:
+//! what one dependent random read costs in memory of the baseline's hot size and of the
+//! set's (`common::dependent_read_ns`).
 //!
 //! Then the daemon's path: `SEG_LOADER_CUSTOMERS` MAP files (default 1,000 x
 //! `SEG_PER_CUSTOMER` = 10M) as sources of a `Loader` in segmented mode (`segments = true`):
@@ -366,8 +368,10 @@ fn main() {
         rcptgate::directory::write_atomic(&file, &image).expect("write baseline");
         drop(image);
         let dir = Directory::new(options.clone());
-        dir.publish(Arc::new(Snapshot::open(&file).expect("open baseline")));
-        base = Some((baseline, lookups(&dir, &hits)));
+        let snap = Arc::new(Snapshot::open(&file).expect("open baseline"));
+        let hot = snap.hot_bytes() as usize;
+        dir.publish(snap);
+        base = Some((baseline, lookups(&dir, &hits), hot));
         let _ = std::fs::remove_file(&file);
     }
 
@@ -517,7 +521,7 @@ fn main() {
         "  hit p50/p99 {:.2}/{:.2} µs, miss p50/p99 {:.2}/{:.2} µs",
         seg[0].0, seg[0].1, seg[1].0, seg[1].1
     );
-    if let Some((n, b)) = base {
+    if let Some((n, b, base_hot)) = base {
         println!(
             "  baseline, one snapshot of {n}: hit p50/p99 {:.2}/{:.2} µs, miss p50/p99 {:.2}/{:.2} µs (goal: set p50 within 1.3x: hit {:.2}x, miss {:.2}x)",
             b[0].0,
@@ -526,6 +530,18 @@ fn main() {
             b[1].1,
             seg[0].0 / b[0].0,
             seg[1].0 / b[1].0
+        );
+        // What this machine charges for one read of a chain in memory of each size: a
+        // snapshot's miss waits for one (its filter and its domain's line, side by side), a
+        // set's for the index slot and the segment's handle before those.
+        let hops = if test_mode { 10_000 } else { 5_000_000 };
+        let set_hot = set.hot_bytes() as usize;
+        println!(
+            "  memory floor, one dependent random read (huge pages): {:.0} ns in {:.1} MB (the baseline's hot data), {:.0} ns in {:.1} MB (the set's)",
+            common::dependent_read_ns(base_hot, hops),
+            base_hot as f64 / 1e6,
+            common::dependent_read_ns(set_hot, hops),
+            set_hot as f64 / 1e6
         );
     }
     drop(dir);

@@ -392,3 +392,44 @@ pub fn time_each(queries: &[String], overhead: f64, mut f: impl FnMut(&str)) -> 
         .collect();
     percentiles(ns)
 }
+
+/// The machine's floor for a random lookup in `bytes` of memory: nanoseconds per dependent
+/// read (each read's address comes from the one before, as a lookup's chain of reads does),
+/// over one random cycle through every 64-byte line of an anonymous mapping in transparent
+/// huge pages, as the snapshots' hot sections are. Reported beside the lookups it bounds.
+pub fn dependent_read_ns(bytes: usize, hops: usize) -> f64 {
+    const LINE: usize = 64;
+    let lines = (bytes / LINE).max(2);
+    let Ok(mut mem) = memmap2::MmapOptions::new().len(lines * LINE).map_anon() else {
+        return f64::NAN;
+    };
+    let _ = mem.advise(memmap2::Advice::HugePage);
+    // Sattolo's shuffle: one cycle through all lines.
+    let mut order: Vec<u64> = (0..lines as u64).collect();
+    let mut rng = Rng::new(0xF100);
+    for i in (1..lines).rev() {
+        order.swap(i, rng.below(i));
+    }
+    for (w, &from) in order.iter().enumerate() {
+        let to = order[(w + 1) % lines];
+        let at = from as usize * LINE;
+        mem[at..at + 8].copy_from_slice(&to.to_le_bytes());
+    }
+    drop(order);
+    let next = |at: u64| {
+        let i = at as usize * LINE;
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&mem[i..i + 8]);
+        u64::from_le_bytes(word)
+    };
+    let mut at = 0;
+    for _ in 0..hops.min(lines) {
+        at = next(at);
+    }
+    let t = Instant::now();
+    for _ in 0..hops {
+        at = next(at);
+    }
+    black_box(at);
+    t.elapsed().as_nanos() as f64 / hops.max(1) as f64
+}
