@@ -404,11 +404,12 @@ pub fn dependent_read_ns(bytes: usize, hops: usize) -> f64 {
         return f64::NAN;
     };
     let _ = mem.advise(memmap2::Advice::HugePage);
-    // Sattolo's shuffle: one cycle through all lines.
+    // All lines in a random order (Fisher-Yates), each pointing to the next and the last to
+    // the first: one cycle through every line.
     let mut order: Vec<u64> = (0..lines as u64).collect();
     let mut rng = Rng::new(0xF100);
     for i in (1..lines).rev() {
-        order.swap(i, rng.below(i));
+        order.swap(i, rng.below(i + 1));
     }
     for (w, &from) in order.iter().enumerate() {
         let to = order[(w + 1) % lines];
