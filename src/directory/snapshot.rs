@@ -1361,12 +1361,7 @@ impl Snapshot {
         } else {
             // Snapshot::match_local, the FST read through the handle and a hit of the set's
             // generation (the segment's struct is not read for either).
-            let absent = early.unwrap_or_else(|| part.absent_at(d, lower, split));
-            let found = if absent {
-                (None, None)
-            } else {
-                seg.get(d, lower, split)
-            };
+            let found = part.unless_absent(d, lower, split, early, || seg.get(d, lower, split));
             part.verdict_of(found, lower, split, d, options, self.header.generation)
         };
         // A segment's hit, in the set's terms: its global domain and the set's generation.
@@ -1469,15 +1464,27 @@ impl Snapshot {
         options: &LookupOptions,
         absent: Option<bool>,
     ) -> Verdict {
-        // The filter first: when neither the address nor its base address can be in the
-        // shard, the FST walk is skipped (it would find nothing).
-        let absent = absent.unwrap_or_else(|| self.absent_at(dh, local, split));
-        let found = if absent {
+        let found = self.unless_absent(dh, local, split, absent, || self.get(dh, local, split));
+        self.verdict_of(found, local, split, dh, options, self.header.generation)
+    }
+
+    /// The filter first: `walk`'s values for `local` and its base address (a subaddress at
+    /// `split`) in domain `dh`, unless the miss filter says neither can be there (`absent`,
+    /// when the caller asked it already), when the walk is skipped (it would find nothing).
+    #[inline]
+    fn unless_absent(
+        &self,
+        dh: &DomainHot,
+        local: &[u8],
+        split: Option<usize>,
+        absent: Option<bool>,
+        walk: impl FnOnce() -> (Option<u64>, Option<u64>),
+    ) -> (Option<u64>, Option<u64>) {
+        if absent.unwrap_or_else(|| self.absent_at(dh, local, split)) {
             (None, None)
         } else {
-            self.get(dh, local, split)
-        };
-        self.verdict_of(found, local, split, dh, options, self.header.generation)
+            walk()
+        }
     }
 
     /// True when the miss filter says that neither `local` nor its base address (a
